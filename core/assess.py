@@ -1,0 +1,64 @@
+"""Zero-shot assessment in the house format: objective checks, rates with 95% intervals, and a
+paired McNemar test between the stage's input model and its merged model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from core.backend import SamplingSettings
+from core.constraints import constraint_from_dict
+from core.generation import GenerationCache, GenRequest, generate_all
+from core.guards import TemplateGuard
+from core.prompting import RESPONSE_STOPS, house_prompt
+from core.stats import mcnemar_exact, rate
+from core.text import degenerate_reason
+
+
+def greedy(max_new_tokens: int) -> SamplingSettings:
+    """Assessment decodes greedily so before/after differ only by the model."""
+    return SamplingSettings(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
+                            stop=RESPONSE_STOPS)
+
+
+def score_response(text: str, constraints: list[dict]) -> dict:
+    """Per-constraint outcomes and whether the response passes them all."""
+    results = [constraint_from_dict(c).check(text) for c in constraints]
+    return {"constraint_results": results, "passed": all(results) and bool(results),
+            "degenerate": degenerate_reason(text)}
+
+
+def assess_instructions(backend, guard: TemplateGuard, items: list[dict], cache_path: Path,
+                        max_new_tokens: int, batch_size: int, where: str) -> dict:
+    """Generate a zero-shot response for each held-out item and score it."""
+    requests = [GenRequest(item["id"], house_prompt(item["prompt_instruction"]), 0)
+                for item in items]
+    cache = GenerationCache(cache_path)
+    try:
+        results = generate_all(backend, requests, greedy(max_new_tokens), cache, guard,
+                               batch_size, where)
+    finally:
+        cache.close()
+    scored = []
+    for item in items:
+        text = results[item["id"]]["text"]
+        scored.append({"id": item["id"], "response": text,
+                       **score_response(text, item["constraints"])})
+    return {"summary": summarize(items, scored), "items": scored}
+
+
+def summarize(items: list[dict], scored: list[dict]) -> dict:
+    constrained = [s for item, s in zip(items, scored) if item["constraints"]]
+    checks = [ok for s in constrained for ok in s["constraint_results"]]
+    return {
+        "prompt_level": rate(sum(s["passed"] for s in constrained), len(constrained)),
+        "constraint_level": rate(sum(checks), len(checks)),
+        "non_degenerate": rate(sum(s["degenerate"] is None for s in scored), len(scored)),
+    }
+
+
+def paired_comparison(before: dict, after: dict) -> dict:
+    """McNemar on prompt-level outcomes of the same constrained items."""
+    b = {s["id"]: s["passed"] for s in before["items"] if s["constraint_results"]}
+    a = {s["id"]: s["passed"] for s in after["items"] if s["constraint_results"]}
+    ids = sorted(set(a) & set(b))
+    return {"prompt_level_mcnemar": mcnemar_exact([b[i] for i in ids], [a[i] for i in ids]),
+            "items": len(ids)}

@@ -1,0 +1,166 @@
+"""Model backends behind one small interface: load, batched generate, next-token log-probabilities, and a
+trainable LoRA model for DPO. Merging lives in core/merge.py (it never touches 4-bit weights).
+
+- `HFBackend`: transformers + PEFT on CPU or GPU (optionally bitsandbytes 4-bit on CUDA).
+- `UnslothBackend`: Unsloth on a CUDA GPU; `unsloth` is imported only when CUDA is available,
+  and before `trl`, as Unsloth requires.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from registry.models import ModelProfile
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How one generation call samples. Part of every cache key."""
+
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    stop: tuple[str, ...]
+
+    def as_dict(self) -> dict:
+        return {"temperature": self.temperature, "top_p": self.top_p,
+                "max_new_tokens": self.max_new_tokens, "stop": list(self.stop)}
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish: str  # "stop" (a stop string), "eos", or "length"
+    tokens: int
+
+
+class HFBackend:
+    """transformers + PEFT."""
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer, source: str, profile: ModelProfile):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.source = source
+        self.profile = profile
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+
+    @classmethod
+    def load(cls, path: str, profile: ModelProfile) -> "HFBackend":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        kwargs: dict = {"dtype": DTYPES[profile.dtype]}
+        if torch.cuda.is_available():
+            kwargs["device_map"] = "auto"
+            if profile.load_in_4bit:
+                kwargs["quantization_config"] = _bnb_4bit_config(profile)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model.eval()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        return cls(model, tokenizer, path, profile)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def generate(self, prompts: list[str], settings: SamplingSettings,
+                 seeds: list[int]) -> list[Completion]:
+        """Sample one completion per prompt in one batch (see core.generation.sample_batch)."""
+        from core.generation import sample_batch
+
+        self.tokenizer.padding_side = "left"
+        return sample_batch(self.model, self.tokenizer, prompts, settings, seeds)
+
+    def next_token_logprobs(self, prompts: list[str]) -> torch.Tensor:
+        """Log-probabilities of the next token after each prompt, shape [n, vocab] (float32)."""
+        return next_token_logprobs(self.model, self.tokenizer, prompts)
+
+    def trainable_model(self, lora: dict, seed: int):
+        """(model, peft_config) for TRL's DPOTrainer: TRL wraps the model with the adapter."""
+        from peft import LoraConfig
+
+        torch.manual_seed(seed)  # LoRA A matrices are initialised from the global RNG
+        return self.model, LoraConfig(task_type="CAUSAL_LM", **lora)
+
+
+class UnslothBackend(HFBackend):
+    """Unsloth (CUDA only): fast 4-bit loading, generation and LoRA training."""
+
+    name = "unsloth"
+
+    @classmethod
+    def load(cls, path: str, profile: ModelProfile) -> "UnslothBackend":
+        FastLanguageModel = import_unsloth().FastLanguageModel
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=path, max_seq_length=profile.max_length + profile.max_new_tokens,
+            dtype=DTYPES[profile.dtype], load_in_4bit=profile.load_in_4bit,
+        )
+        FastLanguageModel.for_inference(model)
+        return cls(model, tokenizer, path, profile)
+
+    def generate(self, prompts: list[str], settings: SamplingSettings,
+                 seeds: list[int]) -> list[Completion]:
+        # Unsloth's trainers set padding right; batched generation needs left.
+        self.tokenizer.padding_side = "left"
+        return super().generate(prompts, settings, seeds)
+
+    def trainable_model(self, lora: dict, seed: int):
+        """Unsloth's patched trainers ignore `peft_config`: the adapter is attached here."""
+        FastLanguageModel = import_unsloth().FastLanguageModel
+        model = FastLanguageModel.get_peft_model(
+            self.model, r=lora["r"], lora_alpha=lora["lora_alpha"],
+            lora_dropout=lora["lora_dropout"], target_modules=lora["target_modules"],
+            use_gradient_checkpointing="unsloth", random_state=seed,
+        )
+        FastLanguageModel.for_training(model)
+        return model, None
+
+
+def import_unsloth():
+    """Import unsloth, which raises without a GPU; callers reach this only on CUDA machines."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "the Unsloth backend needs a CUDA GPU; on this machine use a CPU profile "
+            "(--model gemma-3-270m) or install the GPU extra on a GPU host (docs/runpod.md)"
+        )
+    import unsloth  # noqa: F401  (must precede trl)
+
+    return unsloth
+
+
+@torch.no_grad()
+def next_token_logprobs(model, tokenizer, prompts: list[str]) -> torch.Tensor:
+    """Next-token log-probabilities after each left-padded prompt, [n, vocab], float32 on CPU."""
+    tokenizer.padding_side = "left"
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+    position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    logits = model(**enc, position_ids=position_ids, logits_to_keep=1).logits[:, -1, :]
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
+def _bnb_4bit_config(profile: ModelProfile):
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=DTYPES[profile.dtype],
+    )
+
+
+def backend_class(profile: ModelProfile) -> type[HFBackend]:
+    """Unsloth where the profile asks for it and CUDA exists; transformers otherwise."""
+    if profile.backend == "unsloth" and torch.cuda.is_available():
+        return UnslothBackend
+    return HFBackend
+
+
+def load_backend(path: str, profile: ModelProfile) -> HFBackend:
+    torch.manual_seed(0)
+    return backend_class(profile).load(path, profile)

@@ -1,0 +1,63 @@
+"""What a stage needs while it runs: its folder, its input model, settings, guard and logger."""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from core.backend import HFBackend, SamplingSettings, load_backend
+from core.constitution import Constitution
+from core.guards import TemplateGuard
+from registry.models import ModelProfile
+
+
+@dataclass
+class StageContext:
+    """One stage of one run. The input model is loaded lazily, once, when a step needs it."""
+
+    run_dir: Path
+    number: int
+    model_path: str  # loadable path or HF id of the stage's input model
+    profile: ModelProfile
+    seed: int
+    limit: int
+    heldout: int
+    constitution: Constitution
+    log: Callable[[str], None] = print
+    _backend: HFBackend | None = field(default=None, repr=False)
+    _guard: TemplateGuard | None = field(default=None, repr=False)
+
+    @property
+    def stage_dir(self) -> Path:
+        return self.run_dir / f"stage_{self.number}"
+
+    def path(self, name: str) -> Path:
+        return self.stage_dir / name
+
+    def backend(self) -> HFBackend:
+        if self._backend is None:
+            self.log(f"loading {self.model_path} ({self.profile.dtype}, "
+                     f"{'4-bit' if self.profile.load_in_4bit else 'full precision'})")
+            self._backend = load_backend(self.model_path, self.profile)
+        return self._backend
+
+    def release_backend(self) -> None:
+        """Free the input model (training wraps it in place; later steps reload what they need)."""
+        self._backend = None
+        gc.collect()
+
+    def guard(self) -> TemplateGuard:
+        """The template guard, built from the input model's own tokenizer."""
+        if self._guard is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = self._backend.tokenizer if self._backend else \
+                AutoTokenizer.from_pretrained(self.model_path)
+            self._guard = TemplateGuard(tokenizer)
+        return self._guard
+
+    def sampling(self, temperature: float, max_new_tokens: int,
+                 stop: tuple[str, ...]) -> SamplingSettings:
+        return SamplingSettings(temperature=temperature, top_p=self.profile.top_p,
+                                max_new_tokens=max_new_tokens, stop=stop)

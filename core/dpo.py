@@ -1,0 +1,111 @@
+"""DPO with TRL on LoRA, resumable from its own checkpoints.
+
+Records are plain strings (prompt / chosen / rejected); TRL never applies a chat template to
+string data and appends EOS to chosen and rejected. Every record passes the template guard
+before training starts. With a `peft_config` the reference model is the base with the adapter
+disabled, so no second copy of the model is held.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from core.guards import TemplateGuard
+from core.io import write_json, write_jsonl
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass(frozen=True)
+class DPOSettings:
+    learning_rate: float
+    beta: float
+    epochs: int
+    batch_size: int
+    grad_accum: int
+    max_length: int
+    save_steps: int
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    seed: int
+
+    def lora(self) -> dict:
+        return {"r": self.lora_r, "lora_alpha": self.lora_alpha,
+                "lora_dropout": self.lora_dropout, "target_modules": list(LORA_TARGETS)}
+
+
+def last_checkpoint(folder: Path) -> str | None:
+    """The newest complete `checkpoint-N` folder (trainer_state.json is written last)."""
+    done = [p for p in folder.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    if not done:
+        return None
+    return str(max(done, key=lambda p: int(p.name.split("-")[1])))
+
+
+def train_dpo(backend, records: list[dict], settings: DPOSettings, work_dir: Path,
+              adapter_dir: Path, guard: TemplateGuard) -> dict:
+    """Train a LoRA with DPO; save the adapter to `adapter_dir`; return the per-step metrics."""
+    for i, record in enumerate(records):
+        guard.check_record(record, f"pairs.jsonl line {i + 1}")
+    from datasets import Dataset
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+    from trl import DPOConfig, DPOTrainer
+
+    on_cpu = not torch.cuda.is_available()
+    args = DPOConfig(
+        output_dir=str(work_dir / "checkpoints"),
+        learning_rate=settings.learning_rate,
+        beta=settings.beta,
+        num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        max_length=settings.max_length,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=2,
+        seed=settings.seed,
+        data_seed=settings.seed,
+        report_to="none",
+        use_cpu=on_cpu,
+        bf16=not on_cpu and torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=not on_cpu,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    model, peft_config = backend.trainable_model(settings.lora(), settings.seed)
+    dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records])
+    writer = SummaryWriter(log_dir=str(work_dir / "tensorboard"))
+    trainer = DPOTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=backend.tokenizer,
+        peft_config=peft_config, callbacks=[TensorBoardCallback(tb_writer=writer)],
+    )
+    trainer.train(resume_from_checkpoint=last_checkpoint(work_dir / "checkpoints"))
+    writer.close()
+    trainer.model.save_pretrained(str(adapter_dir))
+    backend.tokenizer.save_pretrained(str(adapter_dir))
+    steps = [entry for entry in trainer.state.log_history if "loss" in entry]
+    write_jsonl(work_dir / "dpo_log.jsonl", steps)
+    summary = summarize(steps, trainer.state.log_history)
+    write_json(work_dir / "dpo_metrics.json", summary)
+    return summary
+
+
+def summarize(steps: list[dict], history: list[dict]) -> dict:
+    """Per-step loss / reward accuracy / margin, plus first and last values."""
+    keys = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+    per_step = [{"step": e.get("step"), **{k: e[k] for k in keys if k in e}} for e in steps]
+    final = next((e for e in reversed(history) if "train_loss" in e), {})
+    return {
+        "steps": len(per_step),
+        "first": per_step[0] if per_step else None,
+        "last": per_step[-1] if per_step else None,
+        "train_loss": final.get("train_loss"),
+        "per_step": per_step,
+    }

@@ -1,0 +1,77 @@
+"""A log-probability A/B self-judge, asked in both orders.
+
+The model reads a few-shot judge prompt ending in "Answer:" and we compare the log-probabilities
+of the single next tokens " A" and " B". Each comparison is asked twice with the responses
+swapped; a verdict counts only when both orders agree (otherwise it is a position-bias tie).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+JUDGE_TEMPLATE = (
+    "Instruction: {instruction}\n\nResponse A:\n{a}\n\nResponse B:\n{b}\n\n"
+    "Which response follows the instruction better, A or B?\nAnswer:"
+)
+JUDGE_END = "\n###\n\n"
+OPTIONS = (" A", " B")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Preference between `x` and `y`: "x", "y" or "tie" (orders disagree)."""
+
+    winner: str
+    margin_xy: float  # log p(A) - log p(B) with x shown as A
+    margin_yx: float  # log p(B) - log p(A) with y shown as A (positive favours x too)
+
+    @property
+    def margin(self) -> float:
+        return (self.margin_xy + self.margin_yx) / 2
+
+
+def judge_prefix(exemplars: list[dict]) -> str:
+    """Few-shot judge blocks: instruction, two responses, the answer."""
+    return "".join(
+        JUDGE_TEMPLATE.format(instruction=e["instruction"], a=e["response_a"].strip(),
+                              b=e["response_b"].strip()) + " " + e["better"] + JUDGE_END
+        for e in exemplars
+    )
+
+
+def judge_prompt(prefix: str, instruction: str, a: str, b: str) -> str:
+    return prefix + JUDGE_TEMPLATE.format(instruction=instruction, a=a.strip(), b=b.strip())
+
+
+def option_token_ids(tokenizer) -> tuple[int, int]:
+    """Token ids of " A" and " B" right after "Answer:" (each must be one token)."""
+    base = tokenizer("Answer:", add_special_tokens=False)["input_ids"]
+    ids = []
+    for option in OPTIONS:
+        full = tokenizer("Answer:" + option, add_special_tokens=False)["input_ids"]
+        if full[: len(base)] != base or len(full) != len(base) + 1:
+            raise ValueError(f"the judge needs {option!r} to be one token after 'Answer:' "
+                             f"for this tokenizer; got {full[len(base):]}")
+        ids.append(full[-1])
+    return ids[0], ids[1]
+
+
+def judge_many(backend, guard, prefix: str, items: list[tuple[str, str, str]],
+               batch_size: int, where: str) -> list[Verdict]:
+    """Judge (instruction, x, y) items in both orders with batched next-token log-probs."""
+    a_id, b_id = option_token_ids(backend.tokenizer)
+    prompts = []
+    for instruction, x, y in items:
+        prompts.append(judge_prompt(prefix, instruction, x, y))
+        prompts.append(judge_prompt(prefix, instruction, y, x))
+    for i, prompt in enumerate(prompts):
+        guard.check_prompt(prompt, f"{where} judge prompt {i}")
+    margins: list[float] = []
+    for start in range(0, len(prompts), batch_size):
+        logp = backend.next_token_logprobs(prompts[start : start + batch_size])
+        margins += (logp[:, a_id] - logp[:, b_id]).tolist()
+    verdicts = []
+    for i in range(len(items)):
+        xy, yx = margins[2 * i], -margins[2 * i + 1]
+        winner = "x" if xy > 0 and yx > 0 else "y" if xy < 0 and yx < 0 else "tie"
+        verdicts.append(Verdict(winner, xy, yx))
+    return verdicts

@@ -1,0 +1,125 @@
+"""Turn a command's options into a validated stage run. Everything is checked before anything is
+written: a bad constitution, an unknown profile, a missing model path or a wrong stage number
+leave no trace in the run directory."""
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+
+from core.constitution import load_constitution
+from core.context import StageContext
+from core.models import PROJECT_ROOT, ResolvedModel, local_model_dir, resolve_model
+from core.run import (RunLock, StageSteps, check_resume, default_run_dir, git_commit,
+                      package_versions, read_config, write_config)
+from registry.stages import STAGES, StageEntry, stage_by_number
+
+DEFAULT_SEED = 0
+
+
+class StageSelectionError(ValueError):
+    """The stage number names no built stage."""
+
+
+def select_stage(number: int) -> StageEntry:
+    entry = stage_by_number(number)
+    known = ", ".join(str(s.number) for s in STAGES)
+    if entry is None:
+        raise StageSelectionError(f"there is no stage {number}; the stages are {known} "
+                                  f"(see `python cli.py stage list`)")
+    if entry.module is None:
+        raise StageSelectionError(f"stage {number} ({entry.name}) is not built yet; "
+                                  f"built stages: " + ", ".join(
+                                      str(s.number) for s in STAGES if s.module))
+    return entry
+
+
+def default_heldout(limit: int) -> int:
+    return max(8, limit // 4)
+
+
+def plan_stage_run(number: int, run_dir: Path | None, model: str | None, limit: int | None,
+                   seed: int | None, heldout: int | None, constitution_path: Path,
+                   log=print) -> tuple[StageEntry, StageContext, dict, bool]:
+    """Validate every option; return (stage, context, config, is_new). Writes nothing."""
+    entry = select_stage(number)
+    constitution = load_constitution(constitution_path)
+    run_dir = (run_dir or default_run_dir(PROJECT_ROOT)).resolve()
+    saved = read_config(run_dir)
+    requested = {"model": model, "seed": seed, "limit": limit, "heldout": heldout,
+                 "constitution_sha256": constitution.sha256}
+    if saved:
+        check_resume(saved, requested)
+        settings = {k: saved["run"][k] if requested[k] is None else requested[k]
+                    for k in ("model", "seed", "limit", "heldout")}
+    else:
+        settings = {"model": model, "seed": seed, "limit": limit, "heldout": heldout}
+    resolved = resolve_model(settings["model"])
+    settings["model"] = settings["model"] or resolved.reference
+    settings["seed"] = DEFAULT_SEED if settings["seed"] is None else settings["seed"]
+    settings["limit"] = settings["limit"] or resolved.profile.default_limit
+    settings["heldout"] = settings["heldout"] or default_heldout(settings["limit"])
+    for key in ("limit", "heldout"):
+        if settings[key] < 1:
+            raise StageSelectionError(f"--{key} must be a positive number, got {settings[key]}")
+    log(f"model: {resolved.profile.name} ({resolved.source}) - {resolved.reason}")
+    model_path = local_model_dir(resolved)
+    ctx = StageContext(run_dir=run_dir, number=number, model_path=model_path,
+                       profile=resolved.profile, seed=settings["seed"], limit=settings["limit"],
+                       heldout=settings["heldout"], constitution=constitution, log=log)
+    config = saved or build_config(settings, resolved, model_path, constitution_path, constitution)
+    return entry, ctx, config, saved is None
+
+
+def build_config(settings: dict, resolved: ResolvedModel, model_path: str,
+                 constitution_path: Path, constitution) -> dict:
+    """The resolved config saved as runs/NAME/config.yaml."""
+    return {
+        "created": datetime.now(timezone.utc).isoformat(),
+        "command": " ".join(sys.argv),
+        "run": settings,
+        "model": {"reference": resolved.reference, "profile": resolved.profile.name,
+                  "source": resolved.source, "path": model_path, "reason": resolved.reason},
+        "profile": asdict(resolved.profile),
+        "constitution": {"path": str(constitution_path), "version": constitution.version,
+                         "sha256": constitution.sha256},
+        "versions": package_versions(),
+        "git_commit": git_commit(PROJECT_ROOT),
+    }
+
+
+def run_stage(number: int, run_dir: Path | None = None, model: str | None = None,
+              limit: int | None = None, seed: int | None = None, heldout: int | None = None,
+              constitution_path: Path = PROJECT_ROOT / "constitution.yaml", log=print) -> Path:
+    """Run or resume one stage; returns the run directory."""
+    entry, ctx, config, is_new = plan_stage_run(number, run_dir, model, limit, seed, heldout,
+                                                constitution_path, log)
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(ctx.run_dir / ".lock"):
+        if is_new:
+            write_config(ctx.run_dir, config)
+        log(f"run directory: {ctx.run_dir}")
+        entry.module.run(ctx)
+    return ctx.run_dir
+
+
+def run_status(run_dir: Path) -> list[tuple[int, str, list[tuple[str, str]], bool]]:
+    """(stage number, name, [(step, state)], DONE) for every built stage."""
+    rows = []
+    for entry in STAGES:
+        if entry.module is None:
+            continue
+        stage_dir = run_dir / f"stage_{entry.number}"
+        steps = StageSteps(stage_dir, entry.module.STEPS)
+        states = [(name, steps.state(name, lambda n: _has_partial(stage_dir, n)))
+                  for name in entry.module.STEPS]
+        rows.append((entry.number, entry.name, states, (stage_dir / "DONE").is_file()))
+    return rows
+
+
+def _has_partial(stage_dir: Path, step: str) -> bool:
+    """A step is partial when it left resumable work behind (a cache or checkpoints)."""
+    candidates = {"train": stage_dir / "train" / "checkpoints"}
+    path = candidates.get(step, stage_dir / "cache" / f"{step}.jsonl")
+    return path.exists() and any(True for _ in ([path] if path.is_file() else path.iterdir()))

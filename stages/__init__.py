@@ -1,0 +1,1 @@
+"""One module per curriculum stage, each readable top to bottom."""

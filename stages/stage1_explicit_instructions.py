@@ -1,0 +1,493 @@
+"""Stage 1 - explicit instructions.
+
+The base model learns to follow imperative instructions that carry verifiable constraints,
+zero-shot, in the house format. Steps (each resumable, each marked done only when complete):
+
+1. instructions  The model writes instructions by few-shot *list continuation*: a numbered list of
+                 pool seeds plus a few already-accepted instructions (steering it away from
+                 repeats), and it writes the next item. Degenerate items, chat markup, and
+                 near-duplicates (ROUGE-L > 0.7 against everything kept, pool seeds included) are
+                 dropped. Each instruction gets 0-2 constraints from core/constraints.py. The set
+                 is split train / held-out by a hash of the normalized instruction, and checked
+                 for leakage.
+2. responses     K samples per training instruction from a few-shot completion prompt (3-4
+                 exemplars drawn at random from the pool, then the target).
+3. scores        Constraint checkers on every sample; a log-probability A/B self-judge, asked in
+                 both orders, ranks samples where the checkers cannot (several passers, or an
+                 instruction without constraints) and is audited against the checkers.
+4. pairs         chosen = passes, rejected = fails (the failure closest to passing); for
+                 unconstrained instructions the judge's consistent winner and loser. Ties,
+                 identical, degenerate, contaminated and exemplar-copying pairs are dropped. The
+                 training prompt is the zero-shot house prompt: exemplars never reach it.
+5. train         DPO on a LoRA (core/dpo.py).
+6. merge         into a full-precision copy of the input model, with a parity check.
+7. assess        input model vs merged model on the held-out instructions, zero-shot, greedy.
+8. report        metrics.json and report.md; then DONE.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import re
+from functools import partial
+from pathlib import Path
+
+import yaml
+
+from core.assess import assess_instructions, paired_comparison
+from core.constraints import constraint_from_dict, sample_constraints
+from core.context import StageContext
+from core.dpo import DPOSettings, train_dpo
+from core.generation import GenerationCache, GenRequest, generate_all
+from core.io import atomic_write_text, read_json, read_jsonl, write_json, write_jsonl
+from core.judge import judge_many, judge_prefix
+from core.merge import merge_adapter
+from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
+from core.run import StageSteps
+from core.text import NearDuplicateFilter, copies_exemplar, degenerate_reason, normalize, rouge_l
+
+NUMBER = 1
+NAME = "explicit-instructions"
+SUMMARY = "follow imperative instructions with verifiable constraints, zero-shot"
+STEPS = ["instructions", "responses", "scores", "pairs", "train", "merge", "assess", "report"]
+
+POOL_PATH = Path(__file__).with_name("pools") / "stage1.yaml"
+INSTRUCTION_TEMPERATURE = 0.9
+MAX_INSTRUCTION_ROUNDS = 6
+OVERSAMPLE = 2.0
+CONSTRAINT_COUNT_WEIGHTS = {0: 0.2, 1: 0.5, 2: 0.3}
+NEAR_DUPLICATE = 0.7
+
+
+def load_pool() -> dict:
+    """The project-written exemplar pool (seeds, response exemplars, judge exemplars)."""
+    return yaml.safe_load(POOL_PATH.read_text(encoding="utf-8"))
+
+
+def full_instruction(instruction: str, constraints: list[dict]) -> str:
+    """The instruction text with each constraint's sentence appended."""
+    sentences = [constraint_from_dict(c).describe() for c in constraints]
+    return " ".join([instruction.strip(), *sentences])
+
+
+def exemplar_texts(pool: dict) -> list[str]:
+    """Every exemplar string, for the exemplar-copy filter."""
+    texts = list(pool["instruction_seeds"])
+    for ex in pool["response_exemplars"]:
+        texts += [ex["instruction"], ex["response"]]
+    return texts
+
+
+def run(ctx: StageContext) -> None:
+    """Run (or resume) every step of stage 1, then write DONE."""
+    pool = load_pool()
+    steps = StageSteps(ctx.stage_dir, STEPS)
+    actions = {
+        "instructions": make_instructions, "responses": make_responses, "scores": make_scores,
+        "pairs": make_pairs, "train": train, "merge": merge, "assess": assess, "report": report,
+    }
+    steps.run([(name, partial(actions[name], ctx, pool)) for name in STEPS], ctx.log)
+    atomic_write_text(ctx.path("DONE"), "stage 1 complete\n")
+
+
+# 1. instructions ---------------------------------------------------------------------------------
+
+def list_prompt(items: list[str]) -> str:
+    """A numbered task list the base model continues with one more item."""
+    lines = ["Below is a list of different tasks that people gave to a helpful assistant. "
+             "Every task is new and different from the others.", ""]
+    lines += [f"Task {i}: {item}" for i, item in enumerate(items, start=1)]
+    lines.append(f"Task {len(items) + 1}:")
+    return "\n".join(lines)
+
+
+def clean_instruction(text: str) -> str:
+    return " ".join(text.strip().split())
+
+
+def instruction_problem(text: str, guard, filter_: NearDuplicateFilter) -> str | None:
+    """Why a generated instruction is dropped (None when it is kept; keeping it records it)."""
+    reason = degenerate_reason(text, min_words=4, max_words=60)
+    if reason:
+        return reason
+    if not guard.is_clean(text):
+        return "chat markup"
+    if text.lower().startswith(("task ", "instruction", "response")):
+        return "list scaffolding"
+    if not filter_.offer(text):
+        return "near-duplicate"
+    return None
+
+
+def make_instructions(ctx: StageContext, pool: dict) -> None:
+    needed = ctx.limit + ctx.heldout
+    seeds = list(pool["instruction_seeds"])
+    filter_ = NearDuplicateFilter(NEAR_DUPLICATE)
+    filter_.kept.extend(seeds)  # exemplar copies count as duplicates
+    backend, guard = ctx.backend(), ctx.guard()
+    settings = ctx.sampling(INSTRUCTION_TEMPERATURE, ctx.profile.instruction_max_new_tokens, ("\n",))
+    accepted: list[str] = []
+    audit: list[dict] = []
+    cache = GenerationCache(ctx.path("cache/instructions.jsonl"))
+    for round_ in range(MAX_INSTRUCTION_ROUNDS):
+        missing = needed - len(accepted)
+        if missing <= 0:
+            break
+        requests = []
+        for i in range(math.ceil(missing * OVERSAMPLE)):
+            rng = random.Random(seed_for(ctx.seed, "instruction-prompt", round_, i))
+            items = draw(seeds, rng, 3, 4) + rng.sample(accepted, min(2, len(accepted)))
+            rng.shuffle(items)
+            requests.append(GenRequest(f"r{round_}-{i}", list_prompt(items),
+                                       seed_for(ctx.seed, "instruction", round_, i)))
+        results = generate_all(backend, requests, settings, cache, guard,
+                               ctx.profile.gen_batch_size, "stage 1 instructions")
+        for request in requests:
+            text = clean_instruction(results[request.id]["text"])
+            problem = instruction_problem(text, guard, filter_)
+            audit.append({"id": request.id, "text": text, "dropped": problem})
+            if problem is None:
+                accepted.append(text)
+        ctx.log(f"instructions round {round_}: {len(accepted)}/{needed} accepted")
+    cache.close()
+    write_jsonl(ctx.path("instructions_audit.jsonl"), audit)
+    if len(accepted) < 3:
+        raise RuntimeError(
+            f"stage 1 kept only {len(accepted)} usable instructions after "
+            f"{MAX_INSTRUCTION_ROUNDS} rounds (see {ctx.path('instructions_audit.jsonl')}); the "
+            f"model is not producing distinct instructions - try another --seed or model")
+    tasks = split_tasks(attach_constraints(accepted[:needed], ctx.seed), ctx.heldout)
+    check_leakage(tasks)
+    write_jsonl(ctx.path("instructions.jsonl"), tasks)
+
+
+def attach_constraints(instructions: list[str], seed: int) -> list[dict]:
+    """0-2 constraints per instruction, seeded by the instruction itself."""
+    tasks = []
+    for instruction in instructions:
+        rng = random.Random(seed_for(seed, "constraints", normalize(instruction)))
+        count = rng.choices(list(CONSTRAINT_COUNT_WEIGHTS), list(CONSTRAINT_COUNT_WEIGHTS.values()))[0]
+        constraints = [c.to_dict() for c in sample_constraints(rng, count)]
+        tasks.append({
+            "id": "t" + hashlib.sha256(normalize(instruction).encode()).hexdigest()[:10],
+            "instruction": instruction,
+            "constraints": constraints,
+            "prompt_instruction": full_instruction(instruction, constraints),
+        })
+    return tasks
+
+
+def split_tasks(tasks: list[dict], heldout: int) -> list[dict]:
+    """Held-out = the `heldout` tasks with the smallest id hashes (stable under resume)."""
+    order = sorted(tasks, key=lambda t: t["id"])
+    held = {t["id"] for t in order[:heldout]}
+    if len(tasks) - len(held) < 2:
+        held = set(list(held)[: max(1, len(tasks) // 4)])
+    return [{**t, "split": "heldout" if t["id"] in held else "train"} for t in tasks]
+
+
+def check_leakage(tasks: list[dict]) -> None:
+    """No held-out instruction may equal or nearly equal a training one."""
+    train = [t["instruction"] for t in tasks if t["split"] == "train"]
+    for task in tasks:
+        if task["split"] != "heldout":
+            continue
+        for other in train:
+            if normalize(other) == normalize(task["instruction"]) or \
+                    rouge_l(other, task["instruction"]) > NEAR_DUPLICATE:
+                raise RuntimeError(f"held-out instruction {task['id']} leaks into training: "
+                                   f"{task['instruction']!r} ~ {other!r}")
+
+
+def load_tasks(ctx: StageContext, split: str) -> list[dict]:
+    return [t for t in read_jsonl(ctx.path("instructions.jsonl")) if t["split"] == split]
+
+
+# 2. responses ------------------------------------------------------------------------------------
+
+def response_requests(ctx: StageContext, pool: dict, tasks: list[dict]) -> list[GenRequest]:
+    exemplars = pool["response_exemplars"]
+    requests = []
+    for task in tasks:
+        for k in range(ctx.profile.responses_per_task):
+            rng = random.Random(seed_for(ctx.seed, "response-exemplars", task["id"], k))
+            shots = [(full_instruction(e["instruction"], e.get("constraints") or []), e["response"])
+                     for e in draw(exemplars, rng, 3, 4)]
+            requests.append(GenRequest(f"{task['id']}-{k}",
+                                       few_shot_prompt(shots, task["prompt_instruction"]),
+                                       seed_for(ctx.seed, "response", task["id"], k)))
+    return requests
+
+
+def make_responses(ctx: StageContext, pool: dict) -> None:
+    tasks = load_tasks(ctx, "train")
+    requests = response_requests(ctx, pool, tasks)
+    settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
+                            RESPONSE_STOPS)
+    cache = GenerationCache(ctx.path("cache/responses.jsonl"))
+    try:
+        results = generate_all(ctx.backend(), requests, settings, cache, ctx.guard(),
+                               ctx.profile.gen_batch_size, "stage 1 responses")
+    finally:
+        cache.close()
+    records = []
+    for task in tasks:
+        for k in range(ctx.profile.responses_per_task):
+            result = results[f"{task['id']}-{k}"]
+            records.append({"task_id": task["id"], "sample": k, "text": result["text"].strip(),
+                            "finish": result["finish"]})
+    write_jsonl(ctx.path("responses.jsonl"), records)
+
+
+# 3. scores ---------------------------------------------------------------------------------------
+
+SCAFFOLDING = re.compile(r"^(Task \d+:|Instruction:|Response( [AB])?:|Answer:)", re.MULTILINE)
+
+
+def unusable_reason(text: str, guard, exemplars: list[str]) -> str | None:
+    """Why a sampled response can be neither chosen nor rejected (None when usable)."""
+    if reason := degenerate_reason(text):
+        return reason
+    if not guard.is_clean(text):
+        return "chat markup"
+    if SCAFFOLDING.search(text):
+        return "prompt scaffolding"
+    if copies_exemplar(text, exemplars):
+        return "copies an exemplar"
+    return None
+
+
+def score_sample(text: str, constraints: list[dict], guard, exemplars: list[str]) -> dict:
+    results = [constraint_from_dict(c).check(text) for c in constraints]
+    unusable = unusable_reason(text, guard, exemplars)
+    return {"constraint_results": results, "passed": bool(results) and all(results),
+            "pass_fraction": sum(results) / len(results) if results else None,
+            "unusable": unusable}
+
+
+def comparisons_for(task: dict, samples: list[dict]) -> list[tuple[int, int]]:
+    """Which sample pairs the judge compares: passers among themselves (to pick the best
+    passer), the best-ranked passer against the hardest failure (an audit of the judge), or,
+    without constraints, every usable pair."""
+    usable = [s for s in samples if s["unusable"] is None]
+    distinct = first_of_each_text(usable)
+    if not task["constraints"]:
+        ids = [s["sample"] for s in distinct]
+        return [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]]
+    passers = [s["sample"] for s in distinct if s["passed"]]
+    failers = [s["sample"] for s in distinct if not s["passed"]]
+    pairs = [(a, b) for i, a in enumerate(passers) for b in passers[i + 1:]]
+    if passers and failers:
+        pairs.append((passers[0], hardest_failure(distinct)["sample"]))
+    return pairs
+
+
+def same_text(text: str) -> str:
+    """Identity key: whitespace-folded but case and punctuation kept (they carry constraints)."""
+    return " ".join(text.split())
+
+
+def first_of_each_text(samples: list[dict]) -> list[dict]:
+    """Drop repeated texts, keeping the first sample of each."""
+    seen: set[str] = set()
+    kept = []
+    for sample in samples:
+        if same_text(sample["text"]) not in seen:
+            seen.add(same_text(sample["text"]))
+            kept.append(sample)
+    return kept
+
+
+def hardest_failure(samples: list[dict]) -> dict:
+    failers = [s for s in samples if not s["passed"] and s["unusable"] is None]
+    return max(failers, key=lambda s: (s["pass_fraction"], -s["sample"]))
+
+
+def make_scores(ctx: StageContext, pool: dict) -> None:
+    tasks = {t["id"]: t for t in load_tasks(ctx, "train")}
+    guard, exemplars = ctx.guard(), exemplar_texts(pool)
+    scored = [{**r, **score_sample(r["text"], tasks[r["task_id"]]["constraints"], guard, exemplars)}
+              for r in read_jsonl(ctx.path("responses.jsonl"))]
+    by_task: dict[str, list[dict]] = {}
+    for s in scored:
+        by_task.setdefault(s["task_id"], []).append(s)
+    jobs = [(task_id, a, b) for task_id, samples in by_task.items()
+            for a, b in comparisons_for(tasks[task_id], samples)]
+    items = [(tasks[t]["prompt_instruction"], by_task[t][a]["text"], by_task[t][b]["text"])
+             for t, a, b in jobs]
+    verdicts = judge_many(ctx.backend(), guard, judge_prefix(pool["judge_exemplars"]), items,
+                          ctx.profile.judge_batch_size, "stage 1 scores") if items else []
+    judgments = [{"task_id": t, "x": a, "y": b, "winner": v.winner,
+                  "margin_xy": v.margin_xy, "margin_yx": v.margin_yx}
+                 for (t, a, b), v in zip(jobs, verdicts)]
+    write_jsonl(ctx.path("judgments.jsonl"), judgments)
+    write_jsonl(ctx.path("scores.jsonl"), scored)
+
+
+# 4. pairs ----------------------------------------------------------------------------------------
+
+def judge_wins(judgments: list[dict]) -> dict[int, float]:
+    """Consistent wins minus losses per sample (ties count for nobody)."""
+    wins: dict[int, float] = {}
+    for j in judgments:
+        if j["winner"] == "tie":
+            continue
+        winner, loser = (j["x"], j["y"]) if j["winner"] == "x" else (j["y"], j["x"])
+        wins[winner] = wins.get(winner, 0) + 1
+        wins[loser] = wins.get(loser, 0) - 1
+    return wins
+
+
+def choose_pair(task: dict, samples: list[dict], judgments: list[dict]) -> tuple[dict | None, str]:
+    """(pair, reason): the stage's pair rule applied to one task's scored samples."""
+    usable = [s for s in samples if s["unusable"] is None]
+    if not task["constraints"]:
+        consistent = [j for j in judgments if j["winner"] != "tie"]
+        if not consistent:
+            return None, "judge tie in both orders" if judgments else "fewer than two usable samples"
+        best = max(consistent, key=lambda j: abs(j["margin_xy"] + j["margin_yx"]))
+        win, lose = (best["x"], best["y"]) if best["winner"] == "x" else (best["y"], best["x"])
+        by_id = {s["sample"]: s for s in samples}
+        return _pair(task, by_id[win], by_id[lose], "judge"), "ok"
+    passers = [s for s in usable if s["passed"]]
+    if not passers:
+        return None, "no sample passes the checks"
+    if not any(not s["passed"] for s in usable):
+        return None, "every usable sample passes (no rejected)"
+    wins = judge_wins(judgments)
+    chosen = max(passers, key=lambda s: (wins.get(s["sample"], 0), -s["sample"]))
+    return _pair(task, chosen, hardest_failure(usable), "checks"), "ok"
+
+
+def _pair(task: dict, chosen: dict, rejected: dict, source: str) -> dict:
+    return {"prompt": house_prompt(task["prompt_instruction"]), "chosen": chosen["text"],
+            "rejected": rejected["text"], "task_id": task["id"], "source": source,
+            "constraints": task["constraints"],
+            "chosen_sample": chosen["sample"], "rejected_sample": rejected["sample"]}
+
+
+def pair_problem(pair: dict, guard, exemplars: list[str]) -> str | None:
+    """Shared last filter: identical, degenerate, contaminated or exemplar-copying pairs."""
+    if same_text(pair["chosen"]) == same_text(pair["rejected"]):
+        return "identical"
+    if not guard.is_clean(pair["prompt"]):
+        return "chat markup in prompt"
+    for side in ("chosen", "rejected"):
+        if reason := unusable_reason(pair[side], guard, exemplars):
+            return f"{side}: {reason}"
+    return None
+
+
+def make_pairs(ctx: StageContext, pool: dict) -> None:
+    tasks = load_tasks(ctx, "train")
+    scored = read_jsonl(ctx.path("scores.jsonl"))
+    judgments = read_jsonl(ctx.path("judgments.jsonl"))
+    guard, exemplars = ctx.guard(), exemplar_texts(pool)
+    pairs, dropped = [], []
+    for task in tasks:
+        samples = [s for s in scored if s["task_id"] == task["id"]]
+        pair, reason = choose_pair(task, samples, [j for j in judgments if j["task_id"] == task["id"]])
+        if pair is not None:
+            reason = pair_problem(pair, guard, exemplars) or "ok"
+        if reason == "ok":
+            pairs.append(pair)
+        else:
+            dropped.append({"task_id": task["id"], "reason": reason})
+    write_jsonl(ctx.path("pairs_dropped.jsonl"), dropped)
+    if not pairs:
+        raise RuntimeError(
+            f"stage 1 produced no preference pairs from {len(tasks)} tasks (reasons in "
+            f"{ctx.path('pairs_dropped.jsonl')}); raise --limit so more tasks yield a pair")
+    write_jsonl(ctx.path("pairs.jsonl"), pairs)
+    ctx.log(f"pairs: {len(pairs)} kept, {len(dropped)} dropped")
+
+
+# 5-6. train and merge ----------------------------------------------------------------------------
+
+def dpo_settings(ctx: StageContext) -> DPOSettings:
+    p = ctx.profile
+    return DPOSettings(learning_rate=p.learning_rate, beta=p.beta, epochs=p.epochs,
+                       batch_size=p.train_batch_size, grad_accum=p.grad_accum,
+                       max_length=p.max_length, save_steps=p.save_steps, lora_r=p.lora_r,
+                       lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, seed=ctx.seed)
+
+
+def train(ctx: StageContext, pool: dict) -> None:
+    records = read_jsonl(ctx.path("pairs.jsonl"))
+    train_dpo(ctx.backend(), records, dpo_settings(ctx), ctx.path("train"), ctx.path("adapter"),
+              ctx.guard())
+    ctx.release_backend()
+
+
+def parity_probes(ctx: StageContext) -> list[str]:
+    tasks = read_jsonl(ctx.path("instructions.jsonl"))
+    return [house_prompt(t["prompt_instruction"]) for t in tasks[:8]]
+
+
+def merge(ctx: StageContext, pool: dict) -> None:
+    ctx.release_backend()
+    parity = merge_adapter(ctx.model_path, ctx.path("adapter"), ctx.path("merged"),
+                           ctx.profile.dtype, parity_probes(ctx), ctx.profile.parity_tolerance)
+    write_json(ctx.path("merge.json"), {"base": ctx.model_path, "parity": parity})
+    ctx.log(f"merge parity: max |dlogp| {parity['max_abs_logprob_diff']:.2e} "
+            f"(tolerance {parity['tolerance']})")
+
+
+# 7. assess ---------------------------------------------------------------------------------------
+
+def assess(ctx: StageContext, pool: dict) -> None:
+    from core.backend import load_backend
+
+    items = load_tasks(ctx, "heldout")
+    outcomes = {}
+    for label, path in (("before", ctx.model_path), ("after", str(ctx.path("merged")))):
+        backend = load_backend(path, ctx.profile)
+        outcomes[label] = assess_instructions(
+            backend, ctx.guard(), items, ctx.path(f"cache/assess_{label}.jsonl"),
+            ctx.profile.max_new_tokens, ctx.profile.gen_batch_size, f"stage 1 assess {label}")
+        outcomes[label]["model"] = path
+        del backend
+    outcomes["paired"] = paired_comparison(outcomes["before"], outcomes["after"])
+    write_json(ctx.path("assessment.json"), outcomes)
+
+
+# 8. report ---------------------------------------------------------------------------------------
+
+def report(ctx: StageContext, pool: dict) -> None:
+    from core.report import plot_dpo, stage_report
+
+    pairs = read_jsonl(ctx.path("pairs.jsonl"))
+    judgments = read_jsonl(ctx.path("judgments.jsonl"))
+    metrics = {
+        "stage": NUMBER,
+        "name": NAME,
+        "data": {
+            "tasks_train": len(load_tasks(ctx, "train")),
+            "tasks_heldout": len(load_tasks(ctx, "heldout")),
+            "responses": len(read_jsonl(ctx.path("responses.jsonl"))),
+            "pairs": len(pairs),
+            "pairs_dropped": len(read_jsonl(ctx.path("pairs_dropped.jsonl"))),
+            "judge": judge_audit(judgments, read_jsonl(ctx.path("scores.jsonl"))),
+        },
+        "dpo": read_json(ctx.path("train/dpo_metrics.json")),
+        "merge": read_json(ctx.path("merge.json"))["parity"],
+        "assessment": read_json(ctx.path("assessment.json")),
+    }
+    plot_dpo(metrics["dpo"]["per_step"], ctx.path("dpo_curves.png"))
+    write_json(ctx.path("metrics.json"), metrics)
+    atomic_write_text(ctx.path("report.md"), stage_report(NUMBER, NAME, metrics, pairs[:3]))
+
+
+def judge_audit(judgments: list[dict], scored: list[dict]) -> dict:
+    """How often the judge was order-consistent, and how often it agreed with the checkers."""
+    passed = {(s["task_id"], s["sample"]): s["passed"] for s in scored}
+    consistent = [j for j in judgments if j["winner"] != "tie"]
+    checkable = [j for j in consistent
+                 if passed[(j["task_id"], j["x"])] != passed[(j["task_id"], j["y"])]]
+    agree = sum(1 for j in checkable
+                if passed[(j["task_id"], j["x"] if j["winner"] == "x" else j["y"])])
+    from core.stats import rate
+
+    return {"comparisons": len(judgments), "order_consistent": rate(len(consistent), len(judgments)),
+            "agrees_with_checkers": rate(agree, len(checkable))}

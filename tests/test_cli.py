@@ -1,0 +1,70 @@
+"""The CLI: stage list, and one clear error + non-zero exit + nothing written for bad input."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_stage_list_prints_six_stages_in_order():
+    out = cli("stage", "list")
+    assert out.returncode == 0
+    lines = out.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["1", "2", "3", "4", "5", "6"]
+    assert "explicit-instructions" in lines[0] and "built" in lines[0]
+    assert "constitutional-integration" in lines[5] and "not built yet" in lines[5]
+
+
+def _assert_clean_failure(out, run_dir: Path, *phrases: str):
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("error:") == 1 and "Traceback" not in out.stderr
+    for phrase in phrases:
+        assert phrase in out.stderr
+    assert not run_dir.exists()
+
+
+def test_bad_constitution(tmp_path):
+    bad = tmp_path / "constitution.yaml"
+    bad.write_text("version: 0\nprinciples:\n  - name: Bad Name\n    category: helpfull\n")
+    run_dir = tmp_path / "run"
+    out = cli("stage", "run", "1", "--model", "tiny-qwen2", "--run-dir", str(run_dir),
+              "--constitution", str(bad))
+    _assert_clean_failure(out, run_dir, "is invalid", "version", "principles[0].category")
+
+
+def test_unknown_profile(tmp_path):
+    out = cli("stage", "run", "1", "--model", "no-such-model", "--run-dir", str(tmp_path / "run"))
+    _assert_clean_failure(out, tmp_path / "run", "'no-such-model' is not a profile", "tiny-qwen2")
+
+
+def test_missing_model_path(tmp_path):
+    out = cli("stage", "run", "1", "--model", str(tmp_path / "nowhere" / "merged"),
+              "--run-dir", str(tmp_path / "run"))
+    _assert_clean_failure(out, tmp_path / "run", "not an existing local directory")
+
+
+def test_directory_without_a_model(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = cli("stage", "run", "1", "--model", str(tmp_path / "empty"), "--run-dir",
+              str(tmp_path / "run"))
+    _assert_clean_failure(out, tmp_path / "run", "holds no config.json")
+
+
+@pytest.mark.parametrize("number, phrase", [(7, "there is no stage 7"), (0, "there is no stage 0"),
+                                            (2, "stage 2 (implicit-instructions) is not built")])
+def test_wrong_stage_number(tmp_path, number, phrase):
+    out = cli("stage", "run", str(number), "--model", "tiny-qwen2", "--run-dir",
+              str(tmp_path / "run"))
+    _assert_clean_failure(out, tmp_path / "run", phrase)
+
+
+def test_gpu_profile_without_cuda(tmp_path):
+    out = cli("stage", "run", "1", "--model", "qwen2.5-32b", "--run-dir", str(tmp_path / "run"))
+    _assert_clean_failure(out, tmp_path / "run", "needs a CUDA GPU")

@@ -1,0 +1,175 @@
+"""Stage 1 end to end on the tiny model, through the CLI: interface files, guards, and resume
+after SIGKILL in the middle of generation and of training."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parent.parent
+ARGS = ["--model", "tiny-qwen2", "--limit", "8", "--seed", "0"]
+pytestmark = pytest.mark.slow
+
+
+def command(run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "cli.py"), "stage", "run", "1", "--run-dir", str(run_dir),
+            *ARGS, *extra]
+
+
+def run_to_end(run_dir: Path) -> subprocess.CompletedProcess:
+    out = subprocess.run(command(run_dir), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def kill_when(run_dir: Path, ready) -> None:
+    """Start the stage and SIGKILL it as soon as `ready(stage_dir)` holds."""
+    proc = subprocess.Popen(command(run_dir), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    stage = run_dir / "stage_1"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ready(stage):
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"the run ended (rc={proc.poll()}) before the kill point was reached")
+
+
+def merged_weights(run_dir: Path) -> dict:
+    weights = {}
+    for shard in sorted((run_dir / "stage_1" / "merged").glob("*.safetensors")):
+        weights.update(load_file(str(shard)))
+    return weights
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_dir) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run_to_end(run_dir)
+    return run_dir
+
+
+def test_interface_files(reference):
+    stage = reference / "stage_1"
+    for name in ("pairs.jsonl", "metrics.json", "report.md", "DONE", "adapter/adapter_config.json",
+                 "merged/config.json", "dpo_curves.png", "train/dpo_log.jsonl"):
+        assert (stage / name).exists(), name
+    pairs = [json.loads(line) for line in (stage / "pairs.jsonl").read_text().splitlines()]
+    assert pairs and all({"prompt", "chosen", "rejected"} <= set(p) for p in pairs)
+    assert len({p["task_id"] for p in pairs}) == len(pairs)
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert metrics["dpo"]["steps"] > 0 and metrics["dpo"]["per_step"][0]["loss"] > 0
+    for side in ("before", "after"):
+        summary = metrics["assessment"][side]["summary"]
+        assert set(summary) == {"prompt_level", "constraint_level", "non_degenerate"}
+        assert summary["non_degenerate"]["n"] == metrics["data"]["tasks_heldout"] == 8
+    assert metrics["data"]["tasks_train"] == 8
+    config = yaml.safe_load((reference / "config.yaml").read_text())
+    assert config["run"] == {"model": "tiny-qwen2", "seed": 0, "limit": 8, "heldout": 8}
+    assert config["versions"]["trl"] and config["versions"]["transformers"]
+    assert config["constitution"]["version"] == 1 and "git_commit" in config
+    assert "Stage 1" in (stage / "report.md").read_text()
+
+
+def test_merged_model_loads_and_differs_from_base(reference, tiny_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(reference / "stage_1" / "merged"))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
+    assert model.config.model_type == "qwen2"
+    diffs = [float((p - b).abs().max()) for p, b in zip(model.parameters(), base.parameters())]
+    assert max(diffs) > 0
+
+
+def test_pairs_pass_guards_and_hold_no_exemplars(reference, tiny_backend):
+    from core.guards import TemplateGuard
+    from stages.stage1_explicit_instructions import exemplar_texts, load_pool
+
+    guard = TemplateGuard(tiny_backend.tokenizer)
+    exemplars = exemplar_texts(load_pool())
+    for line in (reference / "stage_1" / "pairs.jsonl").read_text().splitlines():
+        pair = json.loads(line)
+        guard.check_record(pair, "pairs.jsonl")
+        assert pair["prompt"].count("Instruction:") == 1
+        assert not any(ex.strip() and ex.strip() in pair["prompt"] for ex in exemplars[60:])
+
+
+def test_heldout_never_trains(reference):
+    stage = reference / "stage_1"
+    tasks = [json.loads(l) for l in (stage / "instructions.jsonl").read_text().splitlines()]
+    held = {t["prompt_instruction"] for t in tasks if t["split"] == "heldout"}
+    for line in (stage / "pairs.jsonl").read_text().splitlines():
+        assert not any(h in json.loads(line)["prompt"] for h in held)
+
+
+def test_rerun_of_a_finished_stage_changes_nothing(reference):
+    before = (reference / "stage_1" / "pairs.jsonl").read_bytes()
+    out = run_to_end(reference)
+    assert "step train: done (skipped)" in out.stdout
+    assert (reference / "stage_1" / "pairs.jsonl").read_bytes() == before
+
+
+def test_status_shows_steps(reference):
+    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "status", "--run-dir",
+                          str(reference)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    assert "stage 1 (explicit-instructions): DONE" in out.stdout
+    assert out.stdout.count(" done") >= 8
+
+
+def test_resume_with_another_model_is_refused(reference):
+    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "stage", "run", "1", "--run-dir",
+                          str(reference), "--model", "gemma-3-270m"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "model: the run has 'tiny-qwen2', this command asks for 'gemma-3-270m'" in out.stderr
+
+
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def assert_same_as_reference(run_dir: Path, reference: Path) -> None:
+    stage, ref = run_dir / "stage_1", reference / "stage_1"
+    assert (stage / "pairs.jsonl").read_bytes() == (ref / "pairs.jsonl").read_bytes()
+    ours, theirs = merged_weights(run_dir), merged_weights(reference)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
+
+
+def test_kill_during_generation_then_resume(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    cache = run_dir / "stage_1" / "cache" / "responses.jsonl"
+    kill_when(run_dir, lambda stage: _lines(cache) >= 3)
+    stage = run_dir / "stage_1"
+    assert not (stage / "steps" / "responses.done").exists()
+    partial = _lines(cache)
+    assert 3 <= partial < 32  # killed inside the step, with finished work on disk
+    run_to_end(run_dir)
+    keys = [json.loads(line)["key"] for line in cache.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 32  # nothing generated twice
+    assert_same_as_reference(run_dir, reference)
+
+
+def test_kill_during_training_then_resume(tmp_path, reference):
+    run_dir = tmp_path / "run"
+    checkpoints = run_dir / "stage_1" / "train" / "checkpoints"
+    kill_when(run_dir, lambda stage: any(checkpoints.glob("checkpoint-*/trainer_state.json")))
+    assert not (run_dir / "stage_1" / "steps" / "train.done").exists()
+    assert (run_dir / "stage_1" / "steps" / "pairs.done").exists()
+    run_to_end(run_dir)
+    log = [json.loads(l) for l in (run_dir / "stage_1" / "train" / "dpo_log.jsonl").read_text().splitlines()]
+    ref_log = [json.loads(l) for l in
+               (reference / "stage_1" / "train" / "dpo_log.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in log] == [e["step"] for e in ref_log]
+    assert_same_as_reference(run_dir, reference)

@@ -1,0 +1,129 @@
+"""Stage 1's instruction, split and pair rules on hand-written cases."""
+import pytest
+
+from core.guards import TemplateGuard
+from stages import stage1_explicit_instructions as s1
+
+LOWER = [{"kind": "lowercase", "params": {}}]
+POOL_EXEMPLAR = "The water cycle moves water between oceans, air and land through evaporation and rain."
+
+
+def sample(i, text, passed, unusable=None, fraction=None):
+    return {"sample": i, "text": text, "passed": passed, "unusable": unusable,
+            "pass_fraction": fraction if fraction is not None else float(passed),
+            "constraint_results": [passed]}
+
+
+def task(constraints):
+    return {"id": "t1", "instruction": "Describe rain.", "constraints": constraints,
+            "prompt_instruction": s1.full_instruction("Describe rain.", constraints)}
+
+
+def test_chosen_passes_and_rejected_fails():
+    samples = [sample(0, "Rain Falls From Clouds.", False), sample(1, "rain falls from clouds.", True)]
+    pair, reason = s1.choose_pair(task(LOWER), samples, [])
+    assert reason == "ok"
+    assert pair["chosen"] == "rain falls from clouds." and pair["rejected"] == "Rain Falls From Clouds."
+    assert pair["prompt"] == "Instruction: Describe rain. " + s1.full_instruction("", LOWER).strip() \
+        + "\n\nResponse:\n"
+
+
+def test_training_prompt_is_zero_shot_house_format():
+    pair, _ = s1.choose_pair(task(LOWER), [sample(0, "rain is wet.", True),
+                                           sample(1, "Rain is wet.", False)], [])
+    assert pair["prompt"].startswith("Instruction: Describe rain.")
+    assert pair["prompt"].count("Instruction:") == 1 and "###" not in pair["prompt"]
+
+
+def test_no_pair_when_nothing_passes_or_everything_passes():
+    assert s1.choose_pair(task(LOWER), [sample(0, "A.", False), sample(1, "B.", False)], [])[0] is None
+    assert s1.choose_pair(task(LOWER), [sample(0, "a b.", True), sample(1, "c d.", True)], [])[1] \
+        == "every usable sample passes (no rejected)"
+
+
+def test_unusable_samples_are_never_used():
+    samples = [sample(0, "rain.", True, unusable="empty"), sample(1, "Rain.", False)]
+    assert s1.choose_pair(task(LOWER), samples, [])[1] == "no sample passes the checks"
+
+
+def test_hardest_failure_is_rejected():
+    two = LOWER + [{"kind": "no_commas", "params": {}}]
+    samples = [sample(0, "rain falls softly.", True), sample(1, "Rain, Rain.", False, fraction=0.0),
+               sample(2, "Rain falls softly.", False, fraction=0.5)]
+    pair, _ = s1.choose_pair(task(two), samples, [])
+    assert pair["rejected_sample"] == 2
+
+
+def test_judge_tie_drops_unconstrained_task():
+    samples = [sample(0, "Rain is water falling.", False), sample(1, "It rains a lot.", False)]
+    tie = [{"task_id": "t1", "x": 0, "y": 1, "winner": "tie", "margin_xy": 0.4, "margin_yx": -0.2}]
+    pair, reason = s1.choose_pair(task([]), samples, tie)
+    assert pair is None and reason == "judge tie in both orders"
+
+
+def test_judge_wrong_order_verdict_is_respected():
+    # y wins in both orders: y is chosen even though x was shown first.
+    samples = [sample(0, "Rain is water falling.", False), sample(1, "It rains a lot.", False)]
+    verdict = [{"task_id": "t1", "x": 0, "y": 1, "winner": "y", "margin_xy": -0.4, "margin_yx": -0.3}]
+    pair, _ = s1.choose_pair(task([]), samples, verdict)
+    assert pair["chosen"] == "It rains a lot." and pair["source"] == "judge"
+
+
+def test_judge_ranks_passers():
+    samples = [sample(0, "rain falls.", True), sample(1, "rain is wet and cold.", True),
+               sample(2, "RAIN.", False)]
+    verdict = [{"task_id": "t1", "x": 0, "y": 1, "winner": "y", "margin_xy": -1, "margin_yx": -1}]
+    assert s1.choose_pair(task(LOWER), samples, verdict)[0]["chosen_sample"] == 1
+
+
+@pytest.fixture(scope="module")
+def guard(tiny_backend):
+    return TemplateGuard(tiny_backend.tokenizer)
+
+
+def test_pair_filter_drops_identical_markup_scaffolding_and_exemplar_copies(guard):
+    base = {"prompt": "Instruction: Describe rain.\n\nResponse:\n", "chosen": "rain falls.",
+            "rejected": "Rain falls."}
+    assert s1.pair_problem(base, guard, [POOL_EXEMPLAR]) is None
+    assert s1.pair_problem({**base, "rejected": "rain  falls."}, guard, []) == "identical"
+    assert s1.pair_problem({**base, "chosen": "<|im_start|>assistant rain"}, guard, []) \
+        == "chosen: chat markup"
+    assert s1.pair_problem({**base, "rejected": "ok\nTask 4: write"}, guard, []) \
+        == "rejected: prompt scaffolding"
+    assert s1.pair_problem({**base, "chosen": POOL_EXEMPLAR}, guard, [POOL_EXEMPLAR]) \
+        == "chosen: copies an exemplar"
+    assert s1.pair_problem({**base, "chosen": ""}, guard, []) == "chosen: empty"
+
+
+def test_instruction_filter(guard):
+    f = s1.NearDuplicateFilter(0.7)
+    f.kept.append("Explain why the sky looks blue during the day.")
+    assert s1.instruction_problem("Explain why the sky looks blue during the day time.", guard, f) \
+        == "near-duplicate"
+    assert s1.instruction_problem("Task 5: write a poem", guard, f) == "list scaffolding"
+    assert s1.instruction_problem("hi", guard, f) == "fewer than 4 words"
+    assert s1.instruction_problem("Write a haiku about autumn leaves falling.", guard, f) is None
+    assert "Write a haiku about autumn leaves falling." in f.kept
+
+
+def test_split_is_stable_and_leakage_checked():
+    tasks = s1.attach_constraints([f"Write a story about a {w} who learns to fly." for w in
+                                   ["cat", "dog", "fish", "horse", "bird", "cow"]], seed=0)
+    split = s1.split_tasks(tasks, heldout=2)
+    assert sum(t["split"] == "heldout" for t in split) == 2
+    assert s1.split_tasks(list(reversed(tasks)), heldout=2) == sorted(
+        split, key=lambda t: [x["id"] for x in reversed(tasks)].index(t["id"]))
+    with pytest.raises(RuntimeError, match="leaks into training"):
+        s1.check_leakage(split)  # these six differ by one word: ROUGE-L > 0.7
+
+
+def test_constraints_are_attached_deterministically():
+    a = s1.attach_constraints(["Describe a sunny day at the beach."], seed=3)
+    b = s1.attach_constraints(["Describe a sunny day at the beach."], seed=3)
+    assert a == b and 0 <= len(a[0]["constraints"]) <= 2
+    assert a[0]["prompt_instruction"].startswith("Describe a sunny day at the beach.")
+
+
+def test_list_prompt_is_a_numbered_continuation():
+    prompt = s1.list_prompt(["A.", "B."])
+    assert prompt.endswith("Task 2: B.\nTask 3:")
