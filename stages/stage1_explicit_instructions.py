@@ -55,7 +55,7 @@ STEPS = ["instructions", "responses", "scores", "pairs", "train", "merge", "asse
 POOL_PATH = Path(__file__).with_name("pools") / "stage1.yaml"
 INSTRUCTION_TEMPERATURE = 0.9
 MAX_INSTRUCTION_ROUNDS = 6
-OVERSAMPLE = 2.0
+OVERSAMPLE = 1.3
 CONSTRAINT_COUNT_WEIGHTS = {0: 0.2, 1: 0.5, 2: 0.3}
 NEAR_DUPLICATE = 0.7
 
