@@ -69,13 +69,14 @@ class HFBackend:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def generate(self, prompts: list[str], settings: SamplingSettings,
-                 seeds: list[int]) -> list[Completion]:
-        """Sample one completion per prompt in one batch (see core.generation.sample_batch)."""
+    def generate(self, prompts: list[str], settings: SamplingSettings, seeds: list[int],
+                 on_finish=None) -> list[Completion]:
+        """Sample one completion per prompt in one batch (see core.generation.sample_batch);
+        `on_finish(i, completion)` fires as each sequence ends."""
         from core.generation import sample_batch
 
         self.tokenizer.padding_side = "left"
-        return sample_batch(self.model, self.tokenizer, prompts, settings, seeds)
+        return sample_batch(self.model, self.tokenizer, prompts, settings, seeds, on_finish)
 
     def next_token_logprobs(self, prompts: list[str]) -> torch.Tensor:
         """Log-probabilities of the next token after each prompt, shape [n, vocab] (float32)."""
@@ -104,11 +105,11 @@ class UnslothBackend(HFBackend):
         FastLanguageModel.for_inference(model)
         return cls(model, tokenizer, path, profile)
 
-    def generate(self, prompts: list[str], settings: SamplingSettings,
-                 seeds: list[int]) -> list[Completion]:
+    def generate(self, prompts: list[str], settings: SamplingSettings, seeds: list[int],
+                 on_finish=None) -> list[Completion]:
         # Unsloth's trainers set padding right; batched generation needs left.
         self.tokenizer.padding_side = "left"
-        return super().generate(prompts, settings, seeds)
+        return super().generate(prompts, settings, seeds, on_finish)
 
     def trainable_model(self, lora: dict, seed: int):
         """Unsloth's patched trainers ignore `peft_config`: the adapter is attached here."""

@@ -422,3 +422,9 @@ def sample_constraints(rng: random.Random, count: int) -> list[Constraint]:
         others = frozenset(kinds) - {kind}
         result.append(Constraint(kind, _SPECS[kind].sample(rng, others)))
     return result
+
+
+def instruction_with_constraints(instruction: str, constraints: list[dict]) -> str:
+    """The instruction text with each constraint's sentence appended (as a model sees it)."""
+    sentences = [constraint_from_dict(c).describe() for c in constraints]
+    return " ".join([instruction.strip(), *sentences])

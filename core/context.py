@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from core.backend import HFBackend, SamplingSettings, load_backend
 from core.constitution import Constitution
 from core.guards import TemplateGuard
@@ -46,6 +48,8 @@ class StageContext:
         """Free the input model (training wraps it in place; later steps reload what they need)."""
         self._backend = None
         gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def guard(self) -> TemplateGuard:
         """The template guard, built from the input model's own tokenizer."""

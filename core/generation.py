@@ -23,6 +23,9 @@ from core.guards import TemplateGuard
 from core.io import AppendLog, read_jsonl
 
 
+OnFinish = Callable[[int, Completion], None]
+
+
 @dataclass(frozen=True)
 class GenRequest:
     """One item to generate: `id` names it in outputs; `seed` makes its sampling reproducible."""
@@ -63,28 +66,34 @@ class GenerationCache:
 
 def generate_all(backend, requests: list[GenRequest], settings: SamplingSettings,
                  cache: GenerationCache, guard: TemplateGuard, batch_size: int,
-                 where: str, on_batch: Callable[[int], None] | None = None) -> dict[str, dict]:
+                 where: str) -> dict[str, dict]:
     """Generate every request not yet in the cache; return {request id: cached record}."""
+    from tqdm.auto import tqdm
+
     for request in requests:
         guard.check_prompt(request.prompt, f"{where} item {request.id}")
     keyed = [(cache_key(backend.source, r.prompt, settings, r.seed), r) for r in requests]
     todo = [(key, r) for key, r in keyed if cache.get(key) is None]
     todo.sort(key=lambda kr: (-len(kr[1].prompt), kr[1].id))
+    progress = tqdm(total=len(requests), initial=len(requests) - len(todo), desc=where,
+                    unit="item", disable=None)
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
-        completions = backend.generate([r.prompt for _, r in batch], settings,
-                                       [r.seed for _, r in batch])
-        for (key, _), completion in zip(batch, completions):
-            cache.put(key, completion)
-        if on_batch:
-            on_batch(len(batch))
+        def finished(index: int, completion: Completion, batch=batch) -> None:
+            cache.put(batch[index][0], completion)  # on disk the moment the sequence ends
+            progress.update(1)
+
+        backend.generate([r.prompt for _, r in batch], settings, [r.seed for _, r in batch],
+                         on_finish=finished)
+    progress.close()
     return {r.id: cache.get(key) for key, r in keyed}
 
 
 @torch.no_grad()
 def sample_batch(model, tokenizer, prompts: list[str], settings: SamplingSettings,
-                 seeds: list[int]) -> list[Completion]:
-    """Decode a left-padded batch with a KV cache, one RNG per sequence, stop strings on text."""
+                 seeds: list[int], on_finish: OnFinish | None = None) -> list[Completion]:
+    """Decode a left-padded batch with a KV cache, one RNG per sequence, stop strings on text.
+    `on_finish(i, completion)` is called as soon as sequence i ends."""
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     input_ids = enc["input_ids"].to(device)
@@ -109,13 +118,19 @@ def sample_batch(model, tokenizer, prompts: list[str], settings: SamplingSetting
             token = pick_token(logits[i], settings, generators[i])
             next_ids.append(token)
             results[i] = _finish_if_done(tokenizer, tokens[i], token, eos_ids, settings.stop)
+            if results[i] is not None and on_finish:
+                on_finish(i, results[i])
         if all(r is not None for r in results):
             break
         input_ids = torch.tensor(next_ids, device=device)[:, None]
         mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
         position_ids = position_ids[:, -1:] + 1
-    return [r if r is not None else _completion(tokenizer, tokens[i], "length")
-            for i, r in enumerate(results)]
+    for i, result in enumerate(results):
+        if result is None:
+            results[i] = _completion(tokenizer, tokens[i], "length")
+            if on_finish:
+                on_finish(i, results[i])
+    return results
 
 
 def pick_token(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator) -> int:

@@ -42,25 +42,27 @@ def judge_prompt(prefix: str, instruction: str, a: str, b: str) -> str:
     return prefix + JUDGE_TEMPLATE.format(instruction=instruction, a=a.strip(), b=b.strip())
 
 
-def option_token_ids(tokenizer) -> tuple[int, int]:
-    """Token ids of " A" and " B" right after "Answer:" (each must be one token)."""
-    base = tokenizer("Answer:", add_special_tokens=False)["input_ids"]
+def option_token_ids(tokenizer, lead: str = "Answer:",
+                     options: tuple[str, str] = OPTIONS) -> tuple[int, int]:
+    """Token ids of the two options right after `lead` (each must be one token)."""
+    base = tokenizer(lead, add_special_tokens=False)["input_ids"]
     ids = []
-    for option in OPTIONS:
-        full = tokenizer("Answer:" + option, add_special_tokens=False)["input_ids"]
+    for option in options:
+        full = tokenizer(lead + option, add_special_tokens=False)["input_ids"]
         if full[: len(base)] != base or len(full) != len(base) + 1:
-            raise ValueError(f"the judge needs {option!r} to be one token after 'Answer:' "
+            raise ValueError(f"the judge needs {option!r} to be one token after {lead!r} "
                              f"for this tokenizer; got {full[len(base):]}")
         ids.append(full[-1])
     return ids[0], ids[1]
 
 
-def judge_many(backend, guard, prefix: str, items: list[tuple[str, str, str]],
+def judge_many(backend, guard, items: list[tuple[str, str, str, str]],
                batch_size: int, where: str) -> list[Verdict]:
-    """Judge (instruction, x, y) items in both orders with batched next-token log-probs."""
+    """Judge (few-shot prefix, instruction, x, y) items in both orders with batched next-token
+    log-probabilities."""
     a_id, b_id = option_token_ids(backend.tokenizer)
     prompts = []
-    for instruction, x, y in items:
+    for prefix, instruction, x, y in items:
         prompts.append(judge_prompt(prefix, instruction, x, y))
         prompts.append(judge_prompt(prefix, instruction, y, x))
     for i, prompt in enumerate(prompts):

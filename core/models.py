@@ -12,6 +12,8 @@ Built-in sources are made locally, once, under `artifacts/models/`:
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -101,7 +103,7 @@ def local_model_dir(resolved: ResolvedModel, artifacts: Path | None = None) -> s
     if resolved.source == "builtin:gemma-3-270m":
         return str(ensure_gemma_270m(artifacts / "models" / "gemma-3-270m"))
     if resolved.source == "builtin:tiny-qwen2":
-        return str(ensure_tiny_qwen2(artifacts / "models" / "tiny-qwen2"))
+        return str(ensure_tiny_qwen2(artifacts / "models"))
     return resolved.source
 
 
@@ -174,11 +176,12 @@ def tiny_corpus() -> list[str]:
 def _formatted_exemplars() -> list[str]:
     """The pool's exemplars in the prompt formats the stages use (house, list, judge)."""
     from core.judge import judge_prefix
-    from stages.stage1_explicit_instructions import full_instruction, list_prompt, load_pool
+    from core.constraints import instruction_with_constraints
+    from stages.stage1_explicit_instructions import list_prompt, load_pool
     from core.prompting import few_shot_prompt
 
     pool = load_pool()
-    shots = [(full_instruction(e["instruction"], e.get("constraints") or []), e["response"])
+    shots = [(instruction_with_constraints(e["instruction"], e.get("constraints") or []), e["response"])
              for e in pool["response_exemplars"]]
     seeds = pool["instruction_seeds"]
     return ([few_shot_prompt(shots[i : i + 3], shots[i + 3][0]) + shots[i + 3][1]
@@ -197,15 +200,21 @@ def _strings(node) -> list[str]:
     return []
 
 
-def ensure_tiny_qwen2(target: Path, pretrain_steps: int = 800) -> Path:
-    """Build the tiny Qwen2 model and tokenizer (deterministic, about half a minute on CPU)."""
+TINY_PRETRAIN_STEPS = 800
+
+
+def ensure_tiny_qwen2(models_dir: Path) -> Path:
+    """Build the tiny Qwen2 model and tokenizer once per corpus version (deterministic, about
+    20 s on CPU). The folder name carries a hash of the corpus, so editing the pools rebuilds."""
+    texts = tiny_corpus()
+    digest = hashlib.sha256(json.dumps([TINY_PRETRAIN_STEPS, texts]).encode()).hexdigest()[:12]
+    target = models_dir / f"tiny-qwen2-{digest}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-build-"))
-    texts = tiny_corpus()
     tokenizer = _train_tiny_tokenizer(texts)
-    model = _pretrain_tiny_model(tokenizer, texts, pretrain_steps)
+    model = _pretrain_tiny_model(tokenizer, texts, TINY_PRETRAIN_STEPS)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     return _publish_dir(tmp, target)

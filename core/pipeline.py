@@ -8,6 +8,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from core.backend import UnslothBackend, backend_class, import_unsloth
 from core.constitution import load_constitution
 from core.context import StageContext
 from core.models import PROJECT_ROOT, ResolvedModel, local_model_dir, resolve_model
@@ -95,6 +96,8 @@ def run_stage(number: int, run_dir: Path | None = None, model: str | None = None
     """Run or resume one stage; returns the run directory."""
     entry, ctx, config, is_new = plan_stage_run(number, run_dir, model, limit, seed, heldout,
                                                 constitution_path, log)
+    if backend_class(ctx.profile) is UnslothBackend:
+        import_unsloth()  # before anything imports trl or loads a tokenizer, as Unsloth requires
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(ctx.run_dir / ".lock"):
         if is_new:
@@ -120,6 +123,6 @@ def run_status(run_dir: Path) -> list[tuple[int, str, list[tuple[str, str]], boo
 
 def _has_partial(stage_dir: Path, step: str) -> bool:
     """A step is partial when it left resumable work behind (a cache or checkpoints)."""
-    candidates = {"train": stage_dir / "train" / "checkpoints"}
-    path = candidates.get(step, stage_dir / "cache" / f"{step}.jsonl")
-    return path.exists() and any(True for _ in ([path] if path.is_file() else path.iterdir()))
+    if step == "train":
+        return any((stage_dir / "train" / "checkpoints").glob("checkpoint-*"))
+    return any((stage_dir / "cache").glob(f"{step}*.jsonl"))

@@ -36,7 +36,7 @@ from pathlib import Path
 import yaml
 
 from core.assess import assess_instructions, paired_comparison
-from core.constraints import constraint_from_dict, sample_constraints
+from core.constraints import constraint_from_dict, instruction_with_constraints, sample_constraints
 from core.context import StageContext
 from core.dpo import DPOSettings, train_dpo
 from core.generation import GenerationCache, GenRequest, generate_all
@@ -58,17 +58,12 @@ MAX_INSTRUCTION_ROUNDS = 6
 OVERSAMPLE = 1.3
 CONSTRAINT_COUNT_WEIGHTS = {0: 0.2, 1: 0.5, 2: 0.3}
 NEAR_DUPLICATE = 0.7
+MAX_JUDGED_SAMPLES = 3  # round-robin among at most 3 samples: 3 comparisons, 6 judge prompts
 
 
 def load_pool() -> dict:
     """The project-written exemplar pool (seeds, response exemplars, judge exemplars)."""
     return yaml.safe_load(POOL_PATH.read_text(encoding="utf-8"))
-
-
-def full_instruction(instruction: str, constraints: list[dict]) -> str:
-    """The instruction text with each constraint's sentence appended."""
-    sentences = [constraint_from_dict(c).describe() for c in constraints]
-    return " ".join([instruction.strip(), *sentences])
 
 
 def exemplar_texts(pool: dict) -> list[str]:
@@ -173,7 +168,7 @@ def attach_constraints(instructions: list[str], seed: int) -> list[dict]:
             "id": "t" + hashlib.sha256(normalize(instruction).encode()).hexdigest()[:10],
             "instruction": instruction,
             "constraints": constraints,
-            "prompt_instruction": full_instruction(instruction, constraints),
+            "prompt_instruction": instruction_with_constraints(instruction, constraints),
         })
     return tasks
 
@@ -181,9 +176,9 @@ def attach_constraints(instructions: list[str], seed: int) -> list[dict]:
 def split_tasks(tasks: list[dict], heldout: int) -> list[dict]:
     """Held-out = the `heldout` tasks with the smallest id hashes (stable under resume)."""
     order = sorted(tasks, key=lambda t: t["id"])
+    if len(tasks) - heldout < 2:  # too few to honour --heldout: keep three quarters for training
+        heldout = max(1, len(tasks) // 4)
     held = {t["id"] for t in order[:heldout]}
-    if len(tasks) - len(held) < 2:
-        held = set(list(held)[: max(1, len(tasks) // 4)])
     return [{**t, "split": "heldout" if t["id"] in held else "train"} for t in tasks]
 
 
@@ -212,7 +207,7 @@ def response_requests(ctx: StageContext, pool: dict, tasks: list[dict]) -> list[
     for task in tasks:
         for k in range(ctx.profile.responses_per_task):
             rng = random.Random(seed_for(ctx.seed, "response-exemplars", task["id"], k))
-            shots = [(full_instruction(e["instruction"], e.get("constraints") or []), e["response"])
+            shots = [(instruction_with_constraints(e["instruction"], e.get("constraints") or []), e["response"])
                      for e in draw(exemplars, rng, 3, 4)]
             requests.append(GenRequest(f"{task['id']}-{k}",
                                        few_shot_prompt(shots, task["prompt_instruction"]),
@@ -268,14 +263,14 @@ def score_sample(text: str, constraints: list[dict], guard, exemplars: list[str]
 
 def comparisons_for(task: dict, samples: list[dict]) -> list[tuple[int, int]]:
     """Which sample pairs the judge compares: passers among themselves (to pick the best
-    passer), the best-ranked passer against the hardest failure (an audit of the judge), or,
-    without constraints, every usable pair."""
+    passer), the first passer against the hardest failure (an audit of the judge), or, without
+    constraints, every pair of the first usable samples."""
     usable = [s for s in samples if s["unusable"] is None]
     distinct = first_of_each_text(usable)
     if not task["constraints"]:
-        ids = [s["sample"] for s in distinct]
+        ids = [s["sample"] for s in distinct][:MAX_JUDGED_SAMPLES]
         return [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]]
-    passers = [s["sample"] for s in distinct if s["passed"]]
+    passers = [s["sample"] for s in distinct if s["passed"]][:MAX_JUDGED_SAMPLES]
     failers = [s["sample"] for s in distinct if not s["passed"]]
     pairs = [(a, b) for i, a in enumerate(passers) for b in passers[i + 1:]]
     if passers and failers:
@@ -304,6 +299,16 @@ def hardest_failure(samples: list[dict]) -> dict:
     return max(failers, key=lambda s: (s["pass_fraction"], -s["sample"]))
 
 
+def judge_shots(ctx: StageContext, pool: dict, task_id: str, a: int, b: int) -> str:
+    """Two judge exemplars drawn per comparison (one says A, one says B: no answer prior)."""
+    rng = random.Random(seed_for(ctx.seed, "judge-exemplars", task_id, a, b))
+    shots = [rng.choice([e for e in pool["judge_exemplars"] if e["better"] == side])
+             for side in ("A", "B")]
+    rng.shuffle(shots)
+    return judge_prefix([{**e, "instruction": instruction_with_constraints(
+        e["instruction"], e["constraints"])} for e in shots])
+
+
 def make_scores(ctx: StageContext, pool: dict) -> None:
     tasks = {t["id"]: t for t in load_tasks(ctx, "train")}
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
@@ -314,10 +319,10 @@ def make_scores(ctx: StageContext, pool: dict) -> None:
         by_task.setdefault(s["task_id"], []).append(s)
     jobs = [(task_id, a, b) for task_id, samples in by_task.items()
             for a, b in comparisons_for(tasks[task_id], samples)]
-    items = [(tasks[t]["prompt_instruction"], by_task[t][a]["text"], by_task[t][b]["text"])
-             for t, a, b in jobs]
-    verdicts = judge_many(ctx.backend(), guard, judge_prefix(pool["judge_exemplars"]), items,
-                          ctx.profile.judge_batch_size, "stage 1 scores") if items else []
+    items = [(judge_shots(ctx, pool, t, a, b), tasks[t]["prompt_instruction"],
+              by_task[t][a]["text"], by_task[t][b]["text"]) for t, a, b in jobs]
+    verdicts = judge_many(ctx.backend(), guard, items, ctx.profile.judge_batch_size,
+                          "stage 1 scores") if items else []
     judgments = [{"task_id": t, "x": a, "y": b, "winner": v.winner,
                   "margin_xy": v.margin_xy, "margin_yx": v.margin_yx}
                  for (t, a, b), v in zip(jobs, verdicts)]
@@ -355,7 +360,8 @@ def choose_pair(task: dict, samples: list[dict], judgments: list[dict]) -> tuple
         return None, "no sample passes the checks"
     if not any(not s["passed"] for s in usable):
         return None, "every usable sample passes (no rejected)"
-    wins = judge_wins(judgments)
+    passer_ids = {s["sample"] for s in passers}
+    wins = judge_wins([j for j in judgments if {j["x"], j["y"]} <= passer_ids])
     chosen = max(passers, key=lambda s: (wins.get(s["sample"], 0), -s["sample"]))
     return _pair(task, chosen, hardest_failure(usable), "checks"), "ok"
 

@@ -12,7 +12,7 @@ def tiny_dir() -> Path:
     """The tiny Qwen2 model, built once under artifacts/ (no download)."""
     from core.models import ensure_tiny_qwen2
 
-    return ensure_tiny_qwen2(ROOT / "artifacts" / "models" / "tiny-qwen2")
+    return ensure_tiny_qwen2(ROOT / "artifacts" / "models")
 
 
 @pytest.fixture(scope="session")

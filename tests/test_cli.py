@@ -65,6 +65,7 @@ def test_wrong_stage_number(tmp_path, number, phrase):
     _assert_clean_failure(out, tmp_path / "run", phrase)
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_gpu_profile_without_cuda(tmp_path):
     out = cli("stage", "run", "1", "--model", "qwen2.5-32b", "--run-dir", str(tmp_path / "run"))
     _assert_clean_failure(out, tmp_path / "run", "needs a CUDA GPU")

@@ -41,7 +41,7 @@ def test_cache_skips_finished_items_and_survives_a_torn_line(tiny_backend, tmp_p
         handle.write('{"key": "torn')  # a crash mid-append
     calls = []
     original = tiny_backend.generate
-    tiny_backend.generate = lambda *a: calls.append(a) or original(*a)
+    tiny_backend.generate = lambda *a, **k: calls.append(a) or original(*a, **k)
     try:
         cache = GenerationCache(path)
         second = generate_all(tiny_backend, requests, settings, cache, guard, 2, "t")

@@ -11,12 +11,16 @@ from registry.models import profile_by_name
 ROOT = Path(__file__).resolve().parent.parent
 
 
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU fallback")
+
+
+@NO_CUDA
 def test_unsloth_profile_falls_back_to_transformers_without_cuda():
-    assert not torch.cuda.is_available()
     assert backends.backend_class(profile_by_name("qwen2.5-32b")) is backends.HFBackend
     assert backends.backend_class(profile_by_name("gemma-3-270m")) is backends.HFBackend
 
 
+@NO_CUDA
 def test_unsloth_is_never_imported_without_cuda():
     with pytest.raises(RuntimeError, match="needs a CUDA GPU"):
         backends.import_unsloth()

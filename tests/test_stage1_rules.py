@@ -16,7 +16,7 @@ def sample(i, text, passed, unusable=None, fraction=None):
 
 def task(constraints):
     return {"id": "t1", "instruction": "Describe rain.", "constraints": constraints,
-            "prompt_instruction": s1.full_instruction("Describe rain.", constraints)}
+            "prompt_instruction": s1.instruction_with_constraints("Describe rain.", constraints)}
 
 
 def test_chosen_passes_and_rejected_fails():
@@ -24,7 +24,7 @@ def test_chosen_passes_and_rejected_fails():
     pair, reason = s1.choose_pair(task(LOWER), samples, [])
     assert reason == "ok"
     assert pair["chosen"] == "rain falls from clouds." and pair["rejected"] == "Rain Falls From Clouds."
-    assert pair["prompt"] == "Instruction: Describe rain. " + s1.full_instruction("", LOWER).strip() \
+    assert pair["prompt"] == "Instruction: Describe rain. " + s1.instruction_with_constraints("", LOWER).strip() \
         + "\n\nResponse:\n"
 
 

@@ -1,0 +1,190 @@
+"""Contamination detection between stages.
+
+- template: the tokenizer's chat-template state, chat markup in prompts and training records,
+  EOS agreement between tokenizer and generation config, and a model-level probe of how much the
+  chat template changes behaviour versus the raw house format.
+- data: normalized 13-gram overlap (as in GPT-3's decontamination) between generated training
+  text and every evaluation set in use; contaminated records are removed before training.
+- exemplar leakage: outputs that copy few-shot exemplar text verbatim are excluded.
+
+`apply_chat_template` appears here only to *measure* the template's effect in the probe.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.guards import TemplateGuard, chat_special_tokens, template_injected_text
+from core.text import copies_exemplar
+
+DEFAULT_N = 13
+_TOKEN = re.compile(r"[a-z0-9]+")
+
+
+def ngrams(text: str, n: int = DEFAULT_N) -> set[tuple[str, ...]]:
+    """Word n-grams of lower-cased alphanumeric tokens (punctuation and case ignored)."""
+    tokens = _TOKEN.findall(text.lower())
+    return {tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)}
+
+
+@dataclass
+class NgramIndex:
+    """Every n-gram of the evaluation texts, mapped to where it came from."""
+
+    n: int = DEFAULT_N
+    grams: dict[tuple[str, ...], tuple[str, str]] = field(default_factory=dict)
+    sources: dict[str, int] = field(default_factory=dict)
+
+    def add(self, source: str, item_id: str, text: str) -> None:
+        for gram in ngrams(text, self.n):
+            self.grams.setdefault(gram, (source, item_id))
+        self.sources[source] = self.sources.get(source, 0) + 1
+
+    def first_hit(self, text: str) -> tuple[str, str, str] | None:
+        """(source, item id, the shared n-gram) for the first overlap, or None."""
+        for gram in ngrams(text, self.n):
+            if gram in self.grams:
+                source, item_id = self.grams[gram]
+                return source, item_id, " ".join(gram)
+        return None
+
+
+# evaluation sets -------------------------------------------------------------------------------
+
+def load_eval_texts(data_dir: Path) -> dict[str, list[tuple[str, str]]]:
+    """{set name: [(item id, text)]} for the shared evaluation sets that are present."""
+    sets: dict[str, list[tuple[str, str]]] = {}
+    ifeval = data_dir / "ifeval" / "input_data.jsonl"
+    if ifeval.is_file():
+        rows = [json.loads(line) for line in ifeval.read_text(encoding="utf-8").splitlines() if line]
+        sets["ifeval"] = [(str(r["key"]), r["prompt"]) for r in rows]
+    ailuminate = data_dir / "ailuminate" / "airr_official_1.0_demo_en_us_prompt_set_release.csv"
+    if ailuminate.is_file():
+        with open(ailuminate, newline="", encoding="utf-8") as handle:
+            sets["ailuminate"] = [(r["release_prompt_id"], r["prompt_text"])
+                                  for r in csv.DictReader(handle)]
+    harmless = data_dir / "hh-rlhf-harmless" / "harmless-base-test.jsonl.gz"
+    if harmless.is_file():
+        with gzip.open(harmless, "rt", encoding="utf-8") as handle:
+            sets["hh-rlhf-harmless-test"] = [(str(i), first_human_turn(json.loads(line)["chosen"]))
+                                             for i, line in enumerate(handle) if line.strip()]
+    return sets
+
+
+def first_human_turn(transcript: str) -> str:
+    """The first human turn of an HH-RLHF transcript."""
+    text = transcript.split("\n\nHuman:", 1)[-1]
+    return text.split("\n\nAssistant:", 1)[0].strip()
+
+
+def build_index(eval_sets: dict[str, list[tuple[str, str]]], n: int = DEFAULT_N) -> NgramIndex:
+    index = NgramIndex(n)
+    for source, items in eval_sets.items():
+        for item_id, text in items:
+            index.add(source, item_id, text)
+    return index
+
+
+# data + exemplar checks on training records ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Finding:
+    record: int  # 0-based line in the records list
+    check: str  # "data" | "exemplar" | "template"
+    field: str
+    source: str
+    item: str
+    evidence: str
+
+
+def check_records(records: list[dict], index: NgramIndex, exemplars: list[str],
+                  guard: TemplateGuard) -> list[Finding]:
+    """Every contamination finding in training records (prompt, chosen, rejected)."""
+    findings = []
+    for i, record in enumerate(records):
+        for name in ("prompt", "chosen", "rejected"):
+            text = record[name]
+            markup = guard.find(text)
+            if markup:
+                findings.append(Finding(i, "template", name, "chat markup", "-", markup[0].marker))
+            hit = index.first_hit(text)
+            if hit:
+                findings.append(Finding(i, "data", name, hit[0], hit[1], hit[2]))
+            if name != "prompt" and copies_exemplar(text, exemplars):
+                findings.append(Finding(i, "exemplar", name, "exemplar pool", "-", text[:80]))
+    return findings
+
+
+def write_findings_tsv(path: Path, findings: list[Finding], records: list[dict]) -> None:
+    """One row per finding: record, check, field, source, item, evidence, task id."""
+    from core.io import atomic_write_text
+
+    rows = ["record\tcheck\tfield\tsource\titem\tevidence\ttask_id"]
+    for f in findings:
+        evidence = f.evidence.replace("\t", " ").replace("\n", " ")
+        task = records[f.record].get("task_id", "")
+        rows.append(f"{f.record}\t{f.check}\t{f.field}\t{f.source}\t{f.item}\t{evidence}\t{task}")
+    atomic_write_text(path, "\n".join(rows) + "\n")
+
+
+# template state --------------------------------------------------------------------------------
+
+def template_state(tokenizer, generation_config) -> dict:
+    """What the tokenizer's template would inject, and whether EOS agrees across configs."""
+    configured = generation_config.eos_token_id if generation_config is not None else None
+    configured_ids = [configured] if isinstance(configured, int) else list(configured or [])
+    eos_ok = tokenizer.eos_token_id is not None and (
+        not configured_ids or tokenizer.eos_token_id in configured_ids)
+    return {
+        "has_chat_template": bool(tokenizer.chat_template),
+        "template_injects": template_injected_text(tokenizer),
+        "chat_special_tokens": chat_special_tokens(tokenizer),
+        "eos": {"tokenizer": tokenizer.eos_token, "tokenizer_id": tokenizer.eos_token_id,
+                "generation_config_ids": configured_ids, "consistent": eos_ok},
+    }
+
+
+def template_problems(state: dict) -> list[str]:
+    """Failures in the template state (a chat template existing is reported, not a failure)."""
+    eos = state["eos"]
+    if eos["consistent"]:
+        return []
+    return [f"EOS disagreement: the tokenizer ends sequences with {eos['tokenizer']!r} "
+            f"(id {eos['tokenizer_id']}) but generation_config.eos_token_id is "
+            f"{eos['generation_config_ids']}; DPO appends the tokenizer's EOS to every chosen "
+            f"response, so a trained model would never emit the token generation stops on. Fix "
+            f"generation_config.json or the tokenizer's eos_token in the model directory."]
+
+
+def chat_template_probe(backend, prompts: list[str], max_new_tokens: int = 32) -> dict:
+    """How much wrapping the same requests in the tokenizer's chat template changes behaviour:
+    mean KL between first-token distributions and the share of greedy outputs that differ."""
+    tokenizer = backend.tokenizer
+    if not tokenizer.chat_template:
+        return {"has_chat_template": False,
+                "finding": "no chat template: the raw house format is the only format"}
+    from core.backend import SamplingSettings
+    from core.prompting import RESPONSE_STOPS, house_prompt
+
+    raw = [house_prompt(p) for p in prompts]
+    templated = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts]
+    p_raw, p_chat = backend.next_token_logprobs(raw), backend.next_token_logprobs(templated)
+    kl = float((p_raw.exp() * (p_raw - p_chat)).sum(-1).mean())
+    greedy = SamplingSettings(0.0, 1.0, max_new_tokens, RESPONSE_STOPS)
+    out_raw = backend.generate(raw, greedy, [0] * len(raw))
+    out_chat = backend.generate(templated, greedy, [0] * len(raw))
+    differ = sum(a.text.strip() != b.text.strip() for a, b in zip(out_raw, out_chat))
+    eos_chat = sum(c.finish == "eos" for c in out_chat)
+    return {
+        "has_chat_template": True, "probes": len(prompts), "mean_first_token_kl": kl,
+        "greedy_outputs_differ": differ, "chat_outputs_ending_in_eos": eos_chat,
+        "finding": (f"the chat template changes behaviour (KL {kl:.3g}, {differ}/{len(prompts)} "
+                    f"greedy outputs differ): the model reacts to chat markup, which is why "
+                    f"base-model prompts never carry it") if kl > 0.05 or differ else
+                   "the chat template barely changes behaviour",
+    }
