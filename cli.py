@@ -7,15 +7,17 @@ from pathlib import Path
 import click
 
 from core.constitution import ConstitutionError
+from core.contamination import ContaminationError
 from core.guards import TemplateContaminationError
 from core.merge import MergeParityError
 from core.models import PROJECT_ROOT, ModelResolutionError
-from core.pipeline import StageSelectionError, run_stage, run_status
+from core.pipeline import DEFAULT_DATA_DIR, StageSelectionError, run_stage, run_status
 from core.run import RunDirError
 from registry.stages import STAGES
 
 USER_ERRORS = (ConstitutionError, ModelResolutionError, StageSelectionError, RunDirError,
-               TemplateContaminationError, MergeParityError)
+               TemplateContaminationError, MergeParityError, ContaminationError,
+               FileNotFoundError)
 
 
 def fail(error: Exception) -> None:
@@ -53,11 +55,17 @@ def stage_list() -> None:
 @click.option("--seed", type=int, default=None, help="Seed for every random choice (default 0).")
 @click.option("--constitution", "constitution_path", type=click.Path(path_type=Path),
               default=PROJECT_ROOT / "constitution.yaml", show_default=True)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help=f"Evaluation sets for decontamination (default {DEFAULT_DATA_DIR} if present).")
+@click.option("--allow-contamination", is_flag=True,
+              help="Train even if a template contamination check fails (recorded in config.yaml).")
 def stage_run(number: int, run_dir: Path | None, model: str | None, limit: int | None,
-              heldout: int | None, seed: int | None, constitution_path: Path) -> None:
+              heldout: int | None, seed: int | None, constitution_path: Path,
+              data_dir: Path | None, allow_contamination: bool) -> None:
     """Run (or resume) stage NUMBER."""
     try:
-        done = run_stage(number, run_dir, model, limit, seed, heldout, constitution_path)
+        done = run_stage(number, run_dir, model, limit, seed, heldout, constitution_path,
+                         data_dir, allow_contamination)
     except USER_ERRORS as error:
         fail(error)
     click.echo(f"stage {number} complete: {done / f'stage_{number}'}")
@@ -72,6 +80,76 @@ def status(run_dir: Path) -> None:
         click.echo(f"stage {number} ({name}): {'DONE' if done else 'not done'}")
         for step, state in steps:
             click.echo(f"  {step:<13} {state}")
+
+
+@main.command()
+@click.option("--model", required=True,
+              help="Profile, HF id, local model directory, or a run's stage directory "
+                   "(runs/NAME/stage_1 means its merged model).")
+@click.option("--suite", type=click.Choice(["baseline", "ifeval", "fewshot-reference"]),
+              default="baseline", show_default=True)
+@click.option("--limit", type=int, default=None,
+              help="Items to run (per capability for baseline suites).")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="JSON result file (default artifacts/assess/MODEL-SUITE.json).")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=DEFAULT_DATA_DIR,
+              show_default=True, help="Folder holding ifeval/input_data.jsonl.")
+@click.option("--max-new-tokens", type=int, default=None)
+@click.option("--compare-to", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              default=None, help="An earlier result of the same suite: adds paired McNemar tests.")
+def assess(model: str, suite: str, limit: int | None, out: Path | None, data_dir: Path,
+           max_new_tokens: int | None, compare_to: Path | None) -> None:
+    """Run an assessment suite on any model and print its rates with 95% intervals."""
+    from core.commands import assess_model, summary_rows
+
+    try:
+        result = assess_model(model, suite, limit, out, data_dir, max_new_tokens, compare_to)
+    except USER_ERRORS as error:
+        fail(error)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{suite} on {result['model']} ({result['seconds']} s)")
+    table.add_column("metric")
+    table.add_column("rate [95% CI] (k/n)")
+    for name, value in summary_rows(result):
+        table.add_row(name, value)
+    Console().print(table)
+    for group, test in result.get("paired_vs", {}).get("tests", {}).items():
+        click.echo(f"paired vs {result['paired_vs']['file']}: {group}: +{test['gained']} "
+                   f"-{test['lost']} p={test['p_value']:.3g}")
+    click.echo(f"written: {result['out']}")
+
+
+@main.group()
+def check() -> None:
+    """Checks between stages."""
+
+
+@check.command("contamination")
+@click.option("--run-dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              required=True)
+@click.option("--stage", type=int, default=1, show_default=True)
+@click.option("--probe/--no-probe", default=False,
+              help="Also load the models and measure the chat template's effect.")
+def check_contamination_command(run_dir: Path, stage: int, probe: bool) -> None:
+    """Template, data (13-gram) and exemplar contamination of a stage's training records."""
+    from core.commands import check_contamination
+
+    try:
+        result = check_contamination(run_dir, stage, probe)
+    except USER_ERRORS as error:
+        fail(error)
+    click.echo(f"{result['records']}: {result['count']} records, {result['findings']} findings "
+               f"{result['by_check']}")
+    for problem in result["template_problems"]:
+        click.echo(f"template problem: {problem}")
+    for label, probe_result in result.get("probes", {}).items():
+        click.echo(f"chat-template probe ({label}): {probe_result['finding']}")
+    if not result["ok"]:
+        click.echo("contamination check FAILED (details in contamination_check.tsv)", err=True)
+        sys.exit(1)
+    click.echo("contamination check passed")
 
 
 if __name__ == "__main__":

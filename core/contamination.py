@@ -22,13 +22,18 @@ from core.guards import TemplateGuard, chat_special_tokens, template_injected_te
 from core.text import copies_exemplar
 
 DEFAULT_N = 13
+MIN_SHORT = 6  # evaluation items shorter than n tokens are matched whole, if at least this long
 _TOKEN = re.compile(r"[a-z0-9]+")
+
+
+def tokens(text: str) -> list[str]:
+    return _TOKEN.findall(text.lower())
 
 
 def ngrams(text: str, n: int = DEFAULT_N) -> set[tuple[str, ...]]:
     """Word n-grams of lower-cased alphanumeric tokens (punctuation and case ignored)."""
-    tokens = _TOKEN.findall(text.lower())
-    return {tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)}
+    words = tokens(text)
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
 @dataclass
@@ -37,19 +42,28 @@ class NgramIndex:
 
     n: int = DEFAULT_N
     grams: dict[tuple[str, ...], tuple[str, str]] = field(default_factory=dict)
+    short: dict[tuple[str, ...], tuple[str, str]] = field(default_factory=dict)
     sources: dict[str, int] = field(default_factory=dict)
 
     def add(self, source: str, item_id: str, text: str) -> None:
+        words = tokens(text)
+        if MIN_SHORT <= len(words) < self.n:  # too short for an n-gram: match it whole
+            self.short.setdefault(tuple(words), (source, item_id))
         for gram in ngrams(text, self.n):
             self.grams.setdefault(gram, (source, item_id))
         self.sources[source] = self.sources.get(source, 0) + 1
 
     def first_hit(self, text: str) -> tuple[str, str, str] | None:
-        """(source, item id, the shared n-gram) for the first overlap, or None."""
-        for gram in ngrams(text, self.n):
-            if gram in self.grams:
-                source, item_id = self.grams[gram]
-                return source, item_id, " ".join(gram)
+        """(source, item id, the shared text) for the first overlap, or None."""
+        words = tokens(text)
+        lengths = sorted({self.n, *(len(k) for k in self.short)}, reverse=True)
+        for size in lengths:
+            table = self.grams if size == self.n else self.short
+            for i in range(len(words) - size + 1):
+                window = tuple(words[i : i + size])
+                if window in table:
+                    source, item_id = table[window]
+                    return source, item_id, " ".join(window)
         return None
 
 
@@ -89,6 +103,27 @@ def build_index(eval_sets: dict[str, list[tuple[str, str]]], n: int = DEFAULT_N)
     return index
 
 
+def probe_texts() -> list[tuple[str, str]]:
+    """The baseline probes' own content (not the shared constraint sentences)."""
+    from core.suites.baseline import CAPABILITIES, load_probes
+
+    probes, _, _ = load_probes()
+    fields = ("instruction", "question", "prompt", "response", "response_a", "response_b",
+              "critique", "example_revision")
+    return [(p.id, p.spec[f]) for p in probes for f in fields if f in p.spec and
+            p.capability in CAPABILITIES]
+
+
+def evaluation_index(data_dir: Path | None, heldout: list[tuple[str, str]],
+                     n: int = DEFAULT_N) -> NgramIndex:
+    """Every evaluation text in use: the shared sets that exist under `data_dir`, the stage's
+    held-out split, and the baseline probes."""
+    sets = load_eval_texts(data_dir) if data_dir and data_dir.is_dir() else {}
+    sets["heldout"] = heldout
+    sets["baseline-probes"] = probe_texts()
+    return build_index(sets, n)
+
+
 # data + exemplar checks on training records ----------------------------------------------------
 
 @dataclass(frozen=True)
@@ -114,9 +149,36 @@ def check_records(records: list[dict], index: NgramIndex, exemplars: list[str],
             hit = index.first_hit(text)
             if hit:
                 findings.append(Finding(i, "data", name, hit[0], hit[1], hit[2]))
-            if name != "prompt" and copies_exemplar(text, exemplars):
+            if copies_exemplar(text, exemplars):
                 findings.append(Finding(i, "exemplar", name, "exemplar pool", "-", text[:80]))
     return findings
+
+
+class ContaminationError(RuntimeError):
+    """A contamination check failed and no override was given."""
+
+
+def decontaminate(records: list[dict], index: NgramIndex, exemplars: list[str],
+                  guard: TemplateGuard, template: dict, allow: bool) -> tuple[list[dict], list[Finding], dict]:
+    """(clean records, findings, summary). Data and exemplar findings remove the record;
+    template findings (markup, EOS disagreement) stop the stage unless `allow`."""
+    findings = check_records(records, index, exemplars, guard)
+    problems = template_problems(template) + [
+        f"chat markup {f.evidence!r} in record {f.record} field {f.field}"
+        for f in findings if f.check == "template"]
+    if problems and not allow:
+        raise ContaminationError(
+            "template contamination check failed:\n  - " + "\n  - ".join(problems)
+            + "\nFix the cause, or rerun with --allow-contamination to train anyway (the "
+              "override is recorded in the run's config.yaml).")
+    removed = {f.record for f in findings}
+    clean = [r for i, r in enumerate(records) if i not in removed]
+    counts = {check: sum(1 for f in findings if f.check == check)
+              for check in ("data", "exemplar", "template")}
+    summary = {"records": len(records), "removed": len(removed), "kept": len(clean),
+               "findings": counts, "n": index.n, "eval_sets": index.sources,
+               "template": template, "template_problems": problems, "overridden": bool(problems)}
+    return clean, findings, summary
 
 
 def write_findings_tsv(path: Path, findings: list[Finding], records: list[dict]) -> None:

@@ -26,6 +26,8 @@ class StageContext:
     limit: int
     heldout: int
     constitution: Constitution
+    data_dir: Path | None = None  # shared evaluation sets (decontamination, suites)
+    allow_contamination: bool = False
     log: Callable[[str], None] = print
     _backend: HFBackend | None = field(default=None, repr=False)
     _guard: TemplateGuard | None = field(default=None, repr=False)
@@ -50,6 +52,18 @@ class StageContext:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+    def input_tokenizer_and_generation_config(self):
+        """The input model's tokenizer and generation config (None when it has none)."""
+        from transformers import AutoTokenizer, GenerationConfig
+
+        tokenizer = self._backend.tokenizer if self._backend else \
+            AutoTokenizer.from_pretrained(self.model_path)
+        try:
+            generation_config = GenerationConfig.from_pretrained(self.model_path)
+        except OSError:
+            generation_config = None
+        return tokenizer, generation_config
 
     def guard(self) -> TemplateGuard:
         """The template guard, built from the input model's own tokenizer."""

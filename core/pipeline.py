@@ -12,11 +12,13 @@ from core.backend import UnslothBackend, backend_class, import_unsloth
 from core.constitution import load_constitution
 from core.context import StageContext
 from core.models import PROJECT_ROOT, ResolvedModel, local_model_dir, resolve_model
+from core.report import write_run_report
 from core.run import (RunLock, StageSteps, check_resume, default_run_dir, git_commit,
                       package_versions, read_config, write_config)
 from registry.stages import STAGES, StageEntry, stage_by_number
 
 DEFAULT_SEED = 0
+DEFAULT_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
 
 
 class StageSelectionError(ValueError):
@@ -42,8 +44,9 @@ def default_heldout(limit: int) -> int:
 
 def plan_stage_run(number: int, run_dir: Path | None, model: str | None, limit: int | None,
                    seed: int | None, heldout: int | None, constitution_path: Path,
-                   log=print) -> tuple[StageEntry, StageContext, dict, bool]:
-    """Validate every option; return (stage, context, config, is_new). Writes nothing."""
+                   data_dir: Path | None = None, allow_contamination: bool = False,
+                   log=print) -> tuple[StageEntry, StageContext, dict]:
+    """Validate every option; return (stage, context, config to save). Writes nothing."""
     entry = select_stage(number)
     constitution = load_constitution(constitution_path)
     run_dir = (run_dir or default_run_dir(PROJECT_ROOT)).resolve()
@@ -66,11 +69,21 @@ def plan_stage_run(number: int, run_dir: Path | None, model: str | None, limit: 
             raise StageSelectionError(f"--{key} must be a positive number, got {settings[key]}")
     log(f"model: {resolved.profile.name} ({resolved.source}) - {resolved.reason}")
     model_path = local_model_dir(resolved)
+    data_dir = data_dir or (DEFAULT_DATA_DIR if DEFAULT_DATA_DIR.is_dir() else None)
+    config = saved or build_config(settings, resolved, model_path, constitution_path, constitution)
+    config.setdefault("data_dir", str(data_dir) if data_dir else None)
+    allowed = allow_contamination or bool(config.get("allow_contamination"))
+    if allow_contamination and not config.get("allow_contamination"):
+        config["allow_contamination"] = True
+        config.setdefault("overrides", []).append(
+            {"override": "allow_contamination", "stage": number,
+             "at": datetime.now(timezone.utc).isoformat()})
     ctx = StageContext(run_dir=run_dir, number=number, model_path=model_path,
                        profile=resolved.profile, seed=settings["seed"], limit=settings["limit"],
-                       heldout=settings["heldout"], constitution=constitution, log=log)
-    config = saved or build_config(settings, resolved, model_path, constitution_path, constitution)
-    return entry, ctx, config, saved is None
+                       heldout=settings["heldout"], constitution=constitution,
+                       data_dir=Path(config["data_dir"]) if config["data_dir"] else None,
+                       allow_contamination=allowed, log=log)
+    return entry, ctx, config
 
 
 def build_config(settings: dict, resolved: ResolvedModel, model_path: str,
@@ -92,18 +105,20 @@ def build_config(settings: dict, resolved: ResolvedModel, model_path: str,
 
 def run_stage(number: int, run_dir: Path | None = None, model: str | None = None,
               limit: int | None = None, seed: int | None = None, heldout: int | None = None,
-              constitution_path: Path = PROJECT_ROOT / "constitution.yaml", log=print) -> Path:
+              constitution_path: Path = PROJECT_ROOT / "constitution.yaml",
+              data_dir: Path | None = None, allow_contamination: bool = False, log=print) -> Path:
     """Run or resume one stage; returns the run directory."""
-    entry, ctx, config, is_new = plan_stage_run(number, run_dir, model, limit, seed, heldout,
-                                                constitution_path, log)
+    entry, ctx, config = plan_stage_run(number, run_dir, model, limit, seed, heldout,
+                                                constitution_path, data_dir, allow_contamination,
+                                                log)
     if backend_class(ctx.profile) is UnslothBackend:
         import_unsloth()  # before anything imports trl or loads a tokenizer, as Unsloth requires
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(ctx.run_dir / ".lock"):
-        if is_new:
-            write_config(ctx.run_dir, config)
+        write_config(ctx.run_dir, config)  # unchanged on resume except a recorded override
         log(f"run directory: {ctx.run_dir}")
         entry.module.run(ctx)
+        write_run_report(ctx.run_dir)
     return ctx.run_dir
 
 

@@ -65,10 +65,116 @@ def stage_report(number: int, name: str, metrics: dict, examples: list[dict]) ->
         "## Merge", "",
         f"- parity: max |Δ log p| = {merge['max_abs_logprob_diff']:.3g} over {merge['probes']} "
         f"probes (tolerance {merge['tolerance']}), mean KL {merge['mean_kl']:.3g}", "",
-        "## Example pairs", "",
     ]
+    lines += baseline_section(metrics.get("baseline")) + contamination_section(metrics.get("contamination"))
+    lines += ["## Example pairs", ""]
     for pair in examples:
         lines += [f"**Prompt**\n\n```\n{pair['prompt']}\n```",
                   f"**Chosen**\n\n```\n{pair['chosen']}\n```",
                   f"**Rejected**\n\n```\n{pair['rejected']}\n```", ""]
     return "\n".join(lines) + "\n"
+
+
+def baseline_section(table: dict | None) -> list[str]:
+    if not table:
+        return []
+    lines = ["## Baseline suite (zero-shot probes; few-shot reference = input model in context)",
+             "", "| capability | metric | input model | merged model | few-shot reference | McNemar p |",
+             "|---|---|---|---|---|---|"]
+    for cap, row in table.items():
+        p = row["paired"]["p_value"] if row["paired"] else None
+        lines.append(f"| {cap} | {row['metric']} | {fmt_rate(row['before'])} | "
+                     f"{fmt_rate(row['after'])} | {fmt_rate(row['fewshot_reference'])} | "
+                     f"{'n/a' if p is None else f'{p:.3g}'} |")
+    return lines + [""]
+
+
+def contamination_section(summary: dict | None) -> list[str]:
+    if not summary:
+        return []
+    probe = summary.get("template_probe", {})
+    sets = ", ".join(f"{name} ({count})" for name, count in summary["eval_sets"].items())
+    return [
+        "## Contamination", "",
+        f"- candidate pairs: {summary['records']}, removed: {summary['removed']} "
+        f"(13-gram data overlap: {summary['findings']['data']}, exemplar copies: "
+        f"{summary['findings']['exemplar']}, chat markup: {summary['findings']['template']}); "
+        f"details in contamination.tsv",
+        f"- evaluation sets indexed ({summary['n']}-grams): {sets}",
+        f"- EOS consistent across tokenizer and generation config: "
+        f"{summary['template']['eos']['consistent']}",
+        f"- chat template present: {summary['template']['has_chat_template']}; "
+        f"probe: {probe.get('finding', 'not run')}",
+        f"- template problems overridden: {summary['overridden']}", "",
+    ]
+
+
+def write_run_report(run_dir: Path) -> None:
+    """DIR/report.md: links to each stage report and the capability table across stages."""
+    import json
+
+    from core.io import atomic_write_text
+
+    stages = sorted(run_dir.glob("stage_*/metrics.json"), key=lambda p: int(p.parent.name[6:]))
+    if not stages:
+        return
+    metrics = {int(p.parent.name[6:]): json.loads(p.read_text()) for p in stages}
+    columns = ["base"] + [f"after stage {n}" for n in metrics]
+    rows = capability_rows(metrics)
+    lines = [f"# Run report: {run_dir.name}", "", "## Stages", ""]
+    lines += [f"- [stage {n}: {m['name']}](stage_{n}/report.md)" for n, m in metrics.items()]
+    lines += ["", "## Capability table (95% Wilson intervals)", "",
+              "| capability | " + " | ".join(columns) + " | few-shot reference (base) |",
+              "|---|" + "---|" * (len(columns) + 1)]
+    for name, cells in rows.items():
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if plot_capabilities(rows, columns, run_dir / "capabilities.png"):
+        lines += ["", "![capabilities](capabilities.png)"]
+    atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+
+
+def capability_rows(metrics: dict[int, dict]) -> dict[str, list[str]]:
+    """Rows = every stage's own held-out metric plus every baseline capability."""
+    first = metrics[min(metrics)]
+    rows: dict[str, list[str]] = {}
+    for n, m in metrics.items():
+        a = m["assessment"]
+        name = f"stage {n} held-out prompt-level"
+        rows[name] = [fmt_rate(a["before"]["summary"]["prompt_level"])] + [
+            fmt_rate(metrics[k]["assessment"]["after"]["summary"]["prompt_level"]) if k == n else "-"
+            for k in metrics] + ["-"]
+    for cap, row in first["baseline"].items():
+        rows[cap] = [fmt_rate(row["before"])] + [
+            fmt_rate(m["baseline"][cap]["after"]) for m in metrics.values()] + [
+            fmt_rate(row["fewshot_reference"])]
+    return rows
+
+
+def plot_capabilities(rows: dict[str, list[str]], columns: list[str], path: Path) -> bool:
+    """A grouped bar chart of the rates in the capability table."""
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def value(cell: str) -> float:
+        match = re.match(r"([\d.]+)%", cell)
+        return float(match.group(1)) / 100 if match else float("nan")
+
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names)), 3.6))
+    width = 0.8 / len(columns)
+    for j, column in enumerate(columns):
+        ax.bar([i + j * width for i in range(len(names))], [value(rows[n][j]) for n in names],
+               width, label=column)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=30,
+                  ha="right", fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("rate")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

@@ -98,7 +98,7 @@ PROFILES: tuple[ModelProfile, ...] = (
         lora_r=8,
         lora_alpha=16,
         learning_rate=5e-4,
-        epochs=3,
+        epochs=4,
         train_batch_size=1,
         grad_accum=1,
         max_length=256,
@@ -109,7 +109,7 @@ PROFILES: tuple[ModelProfile, ...] = (
         judge_batch_size=16,
         parity_tolerance=1e-4,
         default_limit=8,
-        responses_per_task=4,
+        responses_per_task=8,
     ),
 )
 

@@ -19,10 +19,14 @@ zero-shot, in the house format. Steps (each resumable, each marked done only whe
                  unconstrained instructions the judge's consistent winner and loser. Ties,
                  identical, degenerate, contaminated and exemplar-copying pairs are dropped. The
                  training prompt is the zero-shot house prompt: exemplars never reach it.
-5. train         DPO on a LoRA (core/dpo.py).
-6. merge         into a full-precision copy of the input model, with a parity check.
-7. assess        input model vs merged model on the held-out instructions, zero-shot, greedy.
-8. report        metrics.json and report.md; then DONE.
+5. decontaminate Template state and EOS agreement (a failure stops the stage unless overridden);
+                 13-gram overlap with every evaluation set and exemplar copies remove records
+                 (listed in contamination.tsv); a probe of the chat template's effect.
+6. train         DPO on a LoRA (core/dpo.py).
+7. merge         into a full-precision copy of the input model, with a parity check.
+8. assess        input model vs merged model on the held-out instructions, zero-shot, greedy;
+                 the baseline suite on both, the few-shot reference on the input model.
+9. report        metrics.json and report.md; then DONE.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from pathlib import Path
 
 import yaml
 
+from core import contamination
 from core.assess import assess_instructions, paired_comparison
 from core.constraints import constraint_from_dict, instruction_with_constraints, sample_constraints
 from core.context import StageContext
@@ -50,7 +55,8 @@ from core.text import NearDuplicateFilter, copies_exemplar, degenerate_reason, n
 NUMBER = 1
 NAME = "explicit-instructions"
 SUMMARY = "follow imperative instructions with verifiable constraints, zero-shot"
-STEPS = ["instructions", "responses", "scores", "pairs", "train", "merge", "assess", "report"]
+STEPS = ["instructions", "responses", "scores", "pairs", "decontaminate", "train", "merge",
+         "assess", "report"]
 
 POOL_PATH = Path(__file__).with_name("pools") / "stage1.yaml"
 INSTRUCTION_TEMPERATURE = 0.9
@@ -80,7 +86,8 @@ def run(ctx: StageContext) -> None:
     steps = StageSteps(ctx.stage_dir, STEPS)
     actions = {
         "instructions": make_instructions, "responses": make_responses, "scores": make_scores,
-        "pairs": make_pairs, "train": train, "merge": merge, "assess": assess, "report": report,
+        "pairs": make_pairs, "decontaminate": decontaminate, "train": train, "merge": merge,
+        "assess": assess, "report": report,
     }
     steps.run([(name, partial(actions[name], ctx, pool)) for name in STEPS], ctx.log)
     atomic_write_text(ctx.path("DONE"), "stage 1 complete\n")
@@ -405,11 +412,37 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
         raise RuntimeError(
             f"stage 1 produced no preference pairs from {len(tasks)} tasks (reasons in "
             f"{ctx.path('pairs_dropped.jsonl')}); raise --limit so more tasks yield a pair")
-    write_jsonl(ctx.path("pairs.jsonl"), pairs)
+    write_jsonl(ctx.path("pairs_candidates.jsonl"), pairs)
     ctx.log(f"pairs: {len(pairs)} kept, {len(dropped)} dropped")
 
 
-# 5-6. train and merge ----------------------------------------------------------------------------
+# 5. decontaminate --------------------------------------------------------------------------------
+
+def decontaminate(ctx: StageContext, pool: dict) -> None:
+    candidates = read_jsonl(ctx.path("pairs_candidates.jsonl"))
+    heldout = [(t["id"], t["instruction"]) for t in load_tasks(ctx, "heldout")]
+    index = contamination.evaluation_index(ctx.data_dir, heldout)
+    tokenizer, generation_config = ctx.input_tokenizer_and_generation_config()
+    template = contamination.template_state(tokenizer, generation_config)
+    clean, findings, summary = contamination.decontaminate(
+        candidates, index, exemplar_texts(pool), ctx.guard(), template, ctx.allow_contamination)
+    contamination.write_findings_tsv(ctx.path("contamination.tsv"), findings, candidates)
+    summary["template_probe"] = contamination.chat_template_probe(ctx.backend(), probe_questions())
+    write_json(ctx.path("contamination.json"), summary)
+    if not clean:
+        raise RuntimeError(f"decontamination removed every pair (see {ctx.path('contamination.tsv')})")
+    write_jsonl(ctx.path("pairs.jsonl"), clean)
+    ctx.log(f"decontaminate: {summary['removed']} of {summary['records']} pairs removed")
+
+
+def probe_questions() -> list[str]:
+    """Requests for the chat-template probe: the baseline's bare questions."""
+    from core.suites.baseline import load_probes
+
+    return [p.text for p in load_probes()[0] if p.capability == "bare_questions"][:8]
+
+
+# 6-7. train and merge ----------------------------------------------------------------------------
 
 def dpo_settings(ctx: StageContext) -> DPOSettings:
     p = ctx.profile
@@ -440,25 +473,42 @@ def merge(ctx: StageContext, pool: dict) -> None:
             f"(tolerance {parity['tolerance']})")
 
 
-# 7. assess ---------------------------------------------------------------------------------------
+# 8. assess ---------------------------------------------------------------------------------------
 
 def assess(ctx: StageContext, pool: dict) -> None:
+    """Held-out stage-1 tasks and the baseline suite on the input and the merged model; the
+    few-shot reference on the input model; the chat-template probe on the merged model."""
     from core.backend import load_backend
+    from core.suites.runner import compare_results, run_suite
 
     items = load_tasks(ctx, "heldout")
-    outcomes = {}
+    outcomes, baseline = {}, {}
+    p = ctx.profile
     for label, path in (("before", ctx.model_path), ("after", str(ctx.path("merged")))):
-        backend = load_backend(path, ctx.profile)
+        backend = load_backend(path, p)
         outcomes[label] = assess_instructions(
             backend, ctx.guard(), items, ctx.path(f"cache/assess_{label}.jsonl"),
-            ctx.profile.max_new_tokens, ctx.profile.gen_batch_size, f"stage 1 assess {label}")
+            p.max_new_tokens, p.gen_batch_size, f"stage 1 assess {label}")
         outcomes[label]["model"] = path
+        baseline[label] = run_suite("baseline", backend, ctx.guard(),
+                                    ctx.path(f"cache/assess_baseline_{label}.jsonl"), None,
+                                    p.max_new_tokens, p.gen_batch_size)
+        if label == "before":
+            baseline["fewshot_reference"] = run_suite(
+                "fewshot-reference", backend, ctx.guard(),
+                ctx.path("cache/assess_fewshot_before.jsonl"), None, p.max_new_tokens,
+                p.gen_batch_size)
+        else:
+            baseline["template_probe_after"] = contamination.chat_template_probe(
+                backend, probe_questions())
         del backend
     outcomes["paired"] = paired_comparison(outcomes["before"], outcomes["after"])
+    baseline["paired"] = compare_results(baseline["before"], baseline["after"])
+    write_json(ctx.path("baseline.json"), baseline)
     write_json(ctx.path("assessment.json"), outcomes)
 
 
-# 8. report ---------------------------------------------------------------------------------------
+# 9. report ---------------------------------------------------------------------------------------
 
 def report(ctx: StageContext, pool: dict) -> None:
     from core.report import plot_dpo, stage_report
@@ -479,10 +529,20 @@ def report(ctx: StageContext, pool: dict) -> None:
         "dpo": read_json(ctx.path("train/dpo_metrics.json")),
         "merge": read_json(ctx.path("merge.json"))["parity"],
         "assessment": read_json(ctx.path("assessment.json")),
+        "baseline": baseline_table(read_json(ctx.path("baseline.json"))),
+        "contamination": read_json(ctx.path("contamination.json")),
     }
     plot_dpo(metrics["dpo"]["per_step"], ctx.path("dpo_curves.png"))
     write_json(ctx.path("metrics.json"), metrics)
     atomic_write_text(ctx.path("report.md"), stage_report(NUMBER, NAME, metrics, pairs[:3]))
+
+
+def baseline_table(baseline: dict) -> dict:
+    """Per capability: the input model, the merged model, the few-shot reference, McNemar."""
+    return {cap: {"metric": row["metric"], "before": row, "after": baseline["after"]["summary"][cap],
+                  "fewshot_reference": baseline["fewshot_reference"]["summary"][cap],
+                  "paired": baseline["paired"].get(cap)}
+            for cap, row in baseline["before"]["summary"].items()}
 
 
 def judge_audit(judgments: list[dict], scored: list[dict]) -> dict:

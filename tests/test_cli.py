@@ -69,3 +69,23 @@ def test_wrong_stage_number(tmp_path, number, phrase):
 def test_gpu_profile_without_cuda(tmp_path):
     out = cli("stage", "run", "1", "--model", "qwen2.5-32b", "--run-dir", str(tmp_path / "run"))
     _assert_clean_failure(out, tmp_path / "run", "needs a CUDA GPU")
+
+
+def test_assess_writes_json_and_prints_a_table(tmp_path):
+    out = tmp_path / "result.json"
+    run = cli("assess", "--model", "tiny-qwen2", "--suite", "baseline", "--limit", "1",
+              "--out", str(out), "--max-new-tokens", "8")
+    assert run.returncode == 0, run.stderr
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["suite"] == "baseline" and result["summary"]["judging"]["n"] == 1
+    assert "bare_questions" in run.stdout and "written:" in run.stdout
+    again = cli("assess", "--model", "tiny-qwen2", "--suite", "baseline", "--limit", "1",
+                "--out", str(tmp_path / "b.json"), "--max-new-tokens", "8", "--compare-to", str(out))
+    assert again.returncode == 0 and "paired vs" in again.stdout
+
+
+def test_assess_without_ifeval_data_fails_clearly(tmp_path):
+    out = cli("assess", "--model", "tiny-qwen2", "--suite", "ifeval", "--data-dir", str(tmp_path))
+    assert out.returncode == 2 and "google/IFEval" in out.stderr and "Traceback" not in out.stderr

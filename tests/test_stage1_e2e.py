@@ -13,6 +13,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from registry.models import profile_by_name
+
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["--model", "tiny-qwen2", "--limit", "8", "--seed", "0"]
 pytestmark = pytest.mark.slow
@@ -61,8 +63,11 @@ def reference(tmp_path_factory, tiny_dir) -> Path:
 def test_interface_files(reference):
     stage = reference / "stage_1"
     for name in ("pairs.jsonl", "metrics.json", "report.md", "DONE", "adapter/adapter_config.json",
-                 "merged/config.json", "dpo_curves.png", "train/dpo_log.jsonl"):
+                 "merged/config.json", "dpo_curves.png", "train/dpo_log.jsonl", "contamination.tsv",
+                 "contamination.json", "baseline.json"):
         assert (stage / name).exists(), name
+    assert (reference / "report.md").is_file() and (reference / "capabilities.png").is_file()
+    assert "Capability table" in (reference / "report.md").read_text()
     pairs = [json.loads(line) for line in (stage / "pairs.jsonl").read_text().splitlines()]
     assert pairs and all({"prompt", "chosen", "rejected"} <= set(p) for p in pairs)
     assert len({p["task_id"] for p in pairs}) == len(pairs)
@@ -73,6 +78,10 @@ def test_interface_files(reference):
         assert set(summary) == {"prompt_level", "constraint_level", "non_degenerate"}
         assert summary["non_degenerate"]["n"] == metrics["data"]["tasks_heldout"] == 8
     assert metrics["data"]["tasks_train"] == 8
+    assert set(metrics["baseline"]) >= {"explicit_constraints", "bare_questions", "judging",
+                                        "revision", "harmful_requests", "benign_lookalikes"}
+    assert metrics["contamination"]["records"] >= len(pairs)
+    assert metrics["contamination"]["template_probe"]["has_chat_template"]
     config = yaml.safe_load((reference / "config.yaml").read_text())
     assert config["run"] == {"model": "tiny-qwen2", "seed": 0, "limit": 8, "heldout": 8}
     assert config["versions"]["trl"] and config["versions"]["transformers"]
@@ -153,11 +162,12 @@ def test_kill_during_generation_then_resume(tmp_path, reference):
     kill_when(run_dir, lambda stage: _lines(cache) >= 3)
     stage = run_dir / "stage_1"
     assert not (stage / "steps" / "responses.done").exists()
+    expected = 8 * profile_by_name("tiny-qwen2").responses_per_task
     partial = _lines(cache)
-    assert 3 <= partial < 32  # killed inside the step, with finished work on disk
+    assert 3 <= partial < expected  # killed inside the step, with finished work on disk
     run_to_end(run_dir)
     keys = [json.loads(line)["key"] for line in cache.read_text().splitlines()]
-    assert len(keys) == len(set(keys)) == 32  # nothing generated twice
+    assert len(keys) == len(set(keys)) == expected  # nothing generated twice
     assert_same_as_reference(run_dir, reference)
 
 
@@ -173,3 +183,34 @@ def test_kill_during_training_then_resume(tmp_path, reference):
                (reference / "stage_1" / "train" / "dpo_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [e["step"] for e in ref_log]
     assert_same_as_reference(run_dir, reference)
+
+
+def test_check_contamination_command(reference, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(reference, copy, ignore=shutil.ignore_patterns("merged", "adapter", "train"))
+    check = [sys.executable, str(ROOT / "cli.py"), "check", "contamination", "--run-dir", str(copy)]
+    ok = subprocess.run(check, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and "contamination check passed" in ok.stdout
+    pairs = copy / "stage_1" / "pairs.jsonl"
+    planted = {"prompt": "Instruction: hi\n\nResponse:\n", "chosen": "<|im_start|>assistant",
+               "rejected": "no", "task_id": "planted"}
+    pairs.write_text(pairs.read_text() + json.dumps(planted) + "\n")
+    bad = subprocess.run(check, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "FAILED" in bad.stderr
+    tsv = (copy / "stage_1" / "contamination_check.tsv").read_text()
+    assert "template\tchosen\tchat markup" in tsv and "planted" in tsv
+
+
+def test_override_is_recorded_in_the_config(reference, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(reference, copy)
+    out = subprocess.run(command(copy, "--allow-contamination"), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    assert config["allow_contamination"] is True
+    assert config["overrides"][0]["override"] == "allow_contamination"
