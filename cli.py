@@ -11,7 +11,8 @@ from core.contamination import ContaminationError
 from core.guards import TemplateContaminationError
 from core.merge import MergeParityError
 from core.models import PROJECT_ROOT, ModelResolutionError
-from core.pipeline import DEFAULT_DATA_DIR, StageSelectionError, run_stage, run_status
+from core.pipeline import (DEFAULT_DATA_DIR, StageSelectionError, run_curriculum, run_stage,
+                           run_status)
 from core.run import RunDirError
 from registry.stages import STAGES
 
@@ -69,6 +70,26 @@ def stage_run(number: int, run_dir: Path | None, model: str | None, limit: int |
     except USER_ERRORS as error:
         fail(error)
     click.echo(f"stage {number} complete: {done / f'stage_{number}'}")
+
+
+@main.command("run")
+@click.option("--run-dir", type=click.Path(path_type=Path), default=None,
+              help="Run directory (default runs/<timestamp>); an existing one is resumed.")
+@click.option("--model", default=None, help="The base model (profile, HF id or local path).")
+@click.option("--limit", type=int, default=None, help="Training tasks per stage.")
+@click.option("--seed", type=int, default=None, help="Seed (default 0).")
+@click.option("--until", type=int, default=None, help="Last stage to run (default: all built).")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--allow-contamination", is_flag=True)
+def run_all(run_dir: Path | None, model: str | None, limit: int | None, seed: int | None,
+            until: int | None, data_dir: Path | None, allow_contamination: bool) -> None:
+    """Run the curriculum's stages in order, each learning from the previous merged model."""
+    try:
+        done = run_curriculum(run_dir, model, limit, seed, until, data_dir=data_dir,
+                              allow_contamination=allow_contamination)
+    except USER_ERRORS as error:
+        fail(error)
+    click.echo(f"curriculum report: {done / 'report.md'}")
 
 
 @main.command()

@@ -9,7 +9,7 @@ from core.constraints import constraint_from_dict
 from core.generation import GenerationCache, GenRequest, generate_all
 from core.guards import TemplateGuard
 from core.prompting import RESPONSE_STOPS, house_prompt
-from core.stats import mcnemar_exact, rate
+from core.stats import rate
 from core.text import degenerate_reason
 
 
@@ -22,7 +22,7 @@ def greedy(max_new_tokens: int) -> SamplingSettings:
 def score_response(text: str, constraints: list[dict]) -> dict:
     """Per-constraint outcomes and whether the response passes them all."""
     results = [constraint_from_dict(c).check(text) for c in constraints]
-    return {"constraint_results": results, "passed": all(results) and bool(results),
+    return {"constraint_results": results, "passed": all(results) if results else None,
             "degenerate": degenerate_reason(text)}
 
 
@@ -53,12 +53,3 @@ def summarize(items: list[dict], scored: list[dict]) -> dict:
         "constraint_level": rate(sum(checks), len(checks)),
         "non_degenerate": rate(sum(s["degenerate"] is None for s in scored), len(scored)),
     }
-
-
-def paired_comparison(before: dict, after: dict) -> dict:
-    """McNemar on prompt-level outcomes of the same constrained items."""
-    b = {s["id"]: s["passed"] for s in before["items"] if s["constraint_results"]}
-    a = {s["id"]: s["passed"] for s in after["items"] if s["constraint_results"]}
-    ids = sorted(set(a) & set(b))
-    return {"prompt_level_mcnemar": mcnemar_exact([b[i] for i in ids], [a[i] for i in ids]),
-            "items": len(ids)}

@@ -21,6 +21,7 @@ class StageContext:
     run_dir: Path
     number: int
     model_path: str  # loadable path or HF id of the stage's input model
+    origin: str  # where the input model comes from (the run's model, stage N-1's merged model)
     profile: ModelProfile
     seed: int
     limit: int

@@ -3,6 +3,7 @@ written: a bad constitution, an unknown profile, a missing model path or a wrong
 leave no trace in the run directory."""
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -13,7 +14,8 @@ from core.constitution import load_constitution
 from core.context import StageContext
 from core.models import PROJECT_ROOT, ResolvedModel, local_model_dir, resolve_model
 from core.report import write_run_report
-from core.run import (RunLock, StageSteps, check_resume, default_run_dir, git_commit,
+from core.io import read_json, write_json
+from core.run import (RunDirError, RunLock, StageSteps, check_resume, default_run_dir, git_commit,
                       package_versions, read_config, write_config)
 from registry.stages import STAGES, StageEntry, stage_by_number
 
@@ -67,8 +69,9 @@ def plan_stage_run(number: int, run_dir: Path | None, model: str | None, limit: 
     for key in ("limit", "heldout"):
         if settings[key] < 1:
             raise StageSelectionError(f"--{key} must be a positive number, got {settings[key]}")
+    model_path, origin = stage_input(number, run_dir, resolved, explicit=model is not None)
     log(f"model: {resolved.profile.name} ({resolved.source}) - {resolved.reason}")
-    model_path = local_model_dir(resolved)
+    log(f"stage {number} input: {model_path} ({origin})")
     data_dir = data_dir or (DEFAULT_DATA_DIR if DEFAULT_DATA_DIR.is_dir() else None)
     config = saved or build_config(settings, resolved, model_path, constitution_path, constitution)
     config.setdefault("data_dir", str(data_dir) if data_dir else None)
@@ -78,12 +81,58 @@ def plan_stage_run(number: int, run_dir: Path | None, model: str | None, limit: 
         config.setdefault("overrides", []).append(
             {"override": "allow_contamination", "stage": number,
              "at": datetime.now(timezone.utc).isoformat()})
-    ctx = StageContext(run_dir=run_dir, number=number, model_path=model_path,
+    ctx = StageContext(run_dir=run_dir, number=number, model_path=model_path, origin=origin,
                        profile=resolved.profile, seed=settings["seed"], limit=settings["limit"],
                        heldout=settings["heldout"], constitution=constitution,
                        data_dir=Path(config["data_dir"]) if config["data_dir"] else None,
                        allow_contamination=allowed, log=log)
     return entry, ctx, config
+
+
+def stage_input(number: int, run_dir: Path, resolved: ResolvedModel,
+                explicit: bool) -> tuple[str, str]:
+    """(model path, where it comes from). Stage N learns from stage N-1's merged model; only
+    the first stage of a run, or a stage whose predecessor is not done when --model names an
+    explicit model, starts from the run's model."""
+    if number == min(s.number for s in STAGES):
+        return local_model_dir(resolved), "the run's model"
+    previous = run_dir / f"stage_{number - 1}"
+    if (previous / "DONE").is_file():
+        return str(previous / "merged"), f"stage {number - 1}'s merged model"
+    if explicit:
+        return local_model_dir(resolved), "--model (stage {} is not done in this run)".format(number - 1)
+    raise StageSelectionError(
+        f"stage {number} learns from stage {number - 1}'s merged model, and stage {number - 1} is "
+        f"not done in {run_dir}; run `python cli.py stage run {number - 1} --run-dir {run_dir}` "
+        f"first, or pass --model to start stage {number} from an explicit model")
+
+
+def weights_sha256(model_path: str) -> str | None:
+    """Hash of a local model's weight files (None for a Hub id)."""
+    path = Path(model_path)
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def record_input(ctx: StageContext, origin: str) -> None:
+    """stage_N/input.json: which model generated this stage's data (written once)."""
+    path = ctx.path("input.json")
+    if path.is_file():
+        recorded = read_json(path)
+        if recorded["path"] != ctx.model_path:
+            raise RunDirError(f"stage {ctx.number} of this run was started from "
+                              f"{recorded['path']}, not {ctx.model_path}; use a new --run-dir")
+        return
+    write_json(path, {"path": ctx.model_path, "origin": origin,
+                      "weights_sha256": weights_sha256(ctx.model_path)})
 
 
 def build_config(settings: dict, resolved: ResolvedModel, model_path: str,
@@ -117,6 +166,7 @@ def run_stage(number: int, run_dir: Path | None = None, model: str | None = None
     with RunLock(ctx.run_dir / ".lock"):
         write_config(ctx.run_dir, config)  # unchanged on resume except a recorded override
         log(f"run directory: {ctx.run_dir}")
+        record_input(ctx, ctx.origin)
         entry.module.run(ctx)
         write_run_report(ctx.run_dir)
     return ctx.run_dir
@@ -141,3 +191,23 @@ def _has_partial(stage_dir: Path, step: str) -> bool:
     if step == "train":
         return any((stage_dir / "train" / "checkpoints").glob("checkpoint-*"))
     return any((stage_dir / "cache").glob(f"{step}*.jsonl"))
+
+
+def run_curriculum(run_dir: Path | None = None, model: str | None = None,
+                   limit: int | None = None, seed: int | None = None, until: int | None = None,
+                   log=print, **options) -> Path:
+    """Run every built stage in order up to `until`, resuming whatever is done."""
+    run_dir = (run_dir or default_run_dir(PROJECT_ROOT)).resolve()
+    last = until or max(s.number for s in STAGES)
+    for entry in STAGES:
+        if entry.number > last:
+            break
+        if entry.module is None:
+            log(f"stage {entry.number} ({entry.name}) is not built yet; stopping here")
+            break
+        if (run_dir / f"stage_{entry.number}" / "DONE").is_file():
+            log(f"stage {entry.number}: done (skipped)")
+            continue
+        run_stage(entry.number, run_dir, model if entry.number == 1 else None, limit, seed,
+                  log=log, **options)
+    return run_dir

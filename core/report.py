@@ -39,25 +39,27 @@ def stage_report(number: int, name: str, metrics: dict, examples: list[dict]) ->
     """Markdown for DIR/stage_N/report.md."""
     a = metrics["assessment"]
     before, after = a["before"]["summary"], a["after"]["summary"]
-    test = a["paired"]["prompt_level_mcnemar"]
-    data, dpo, merge = metrics["data"], metrics["dpo"], metrics["merge"]
-    lines = [
-        f"# Stage {number}: {name}", "",
-        "## Assessment (held-out, zero-shot, greedy; 95% Wilson intervals)", "",
-        "| metric | input model | merged model |", "|---|---|---|",
-    ]
-    for key in ("prompt_level", "constraint_level", "non_degenerate"):
+    test = a["paired"]["mcnemar"]
+    dpo, merge = metrics["dpo"], metrics["merge"]
+    lines = [f"# Stage {number}: {name}", ""]
+    if metrics.get("input_model"):
+        lines += [f"Input model: `{metrics['input_model']['path']}` (weights sha256 "
+                  f"{metrics['input_model']['weights_sha256'][:16]}...)", ""]
+    lines += ["## Assessment (held-out, zero-shot, greedy; 95% Wilson intervals)", "",
+              "| metric | input model | merged model |", "|---|---|---|"]
+    for key in before:
         lines.append(f"| {key.replace('_', '-')} | {fmt_rate(before[key])} | {fmt_rate(after[key])} |")
     lines += [
-        "", f"Paired exact McNemar on prompt-level outcomes ({a['paired']['items']} items): "
-        f"{test['gained']} gained, {test['lost']} lost, p = {test['p_value']:.3g}.", "",
-        "## Data", "",
-        f"- tasks: {data['tasks_train']} train, {data['tasks_heldout']} held-out",
-        f"- responses sampled: {data['responses']}",
-        f"- pairs: {data['pairs']} kept, {data['pairs_dropped']} tasks without a pair",
-        f"- judge: {data['judge']['comparisons']} comparisons, order-consistent "
-        f"{fmt_rate(data['judge']['order_consistent'])}, agrees with checkers "
-        f"{fmt_rate(data['judge']['agrees_with_checkers'])}",
+        "", f"Paired exact McNemar on {a['headline'].replace('_', '-')} outcomes "
+        f"({a['paired']['items']} items): {test['gained']} gained, {test['lost']} lost, "
+        f"p = {test['p_value']:.3g}.", "", "## Data", "",
+    ]
+    for key, value in metrics["data"].items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {fmt_rate(v) if isinstance(v, dict) else v}"
+                              for k, v in value.items())
+        lines.append(f"- {key.replace('_', ' ')}: {value}")
+    lines += [
         "", "## DPO", "",
         f"- steps: {dpo['steps']}, train loss {dpo['train_loss']}",
         f"- first step: {dpo['first']}", f"- last step: {dpo['last']}",
@@ -139,9 +141,10 @@ def capability_rows(metrics: dict[int, dict]) -> dict[str, list[str]]:
     rows: dict[str, list[str]] = {}
     for n, m in metrics.items():
         a = m["assessment"]
-        name = f"stage {n} held-out prompt-level"
-        rows[name] = [fmt_rate(a["before"]["summary"]["prompt_level"])] + [
-            fmt_rate(metrics[k]["assessment"]["after"]["summary"]["prompt_level"]) if k == n else "-"
+        key = a["headline"]
+        rows[f"stage {n} held-out {key.replace('_', '-')}"] = [
+            fmt_rate(a["before"]["summary"][key]) if n == min(metrics) else "-"] + [
+            fmt_rate(a["before" if k < n else "after"]["summary"][key]) if k <= n else "-"
             for k in metrics] + ["-"]
     for cap, row in first["baseline"].items():
         rows[cap] = [fmt_rate(row["before"])] + [

@@ -39,17 +39,16 @@ from pathlib import Path
 
 import yaml
 
-from core import contamination
-from core.assess import assess_instructions, paired_comparison
+from core import lifecycle
+from core.assess import assess_instructions
 from core.constraints import constraint_from_dict, instruction_with_constraints, sample_constraints
 from core.context import StageContext
-from core.dpo import DPOSettings, train_dpo
 from core.generation import GenerationCache, GenRequest, generate_all
-from core.io import atomic_write_text, read_json, read_jsonl, write_json, write_jsonl
+from core.io import atomic_write_text, read_jsonl, write_jsonl
 from core.judge import judge_many, judge_prefix
-from core.merge import merge_adapter
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
 from core.run import StageSteps
+from core.stats import rate
 from core.text import NearDuplicateFilter, copies_exemplar, degenerate_reason, normalize, rouge_l
 
 NUMBER = 1
@@ -416,133 +415,44 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
     ctx.log(f"pairs: {len(pairs)} kept, {len(dropped)} dropped")
 
 
-# 5. decontaminate --------------------------------------------------------------------------------
+# 5-9. decontaminate, train, merge, assess, report (core/lifecycle.py) ----------------------------
 
 def decontaminate(ctx: StageContext, pool: dict) -> None:
-    candidates = read_jsonl(ctx.path("pairs_candidates.jsonl"))
     heldout = [(t["id"], t["instruction"]) for t in load_tasks(ctx, "heldout")]
-    index = contamination.evaluation_index(ctx.data_dir, heldout)
-    tokenizer, generation_config = ctx.input_tokenizer_and_generation_config()
-    template = contamination.template_state(tokenizer, generation_config)
-    clean, findings, summary = contamination.decontaminate(
-        candidates, index, exemplar_texts(pool), ctx.guard(), template, ctx.allow_contamination)
-    contamination.write_findings_tsv(ctx.path("contamination.tsv"), findings, candidates)
-    summary["template_probe"] = contamination.chat_template_probe(ctx.backend(), probe_questions())
-    write_json(ctx.path("contamination.json"), summary)
-    if not clean:
-        raise RuntimeError(f"decontamination removed every pair (see {ctx.path('contamination.tsv')})")
-    write_jsonl(ctx.path("pairs.jsonl"), clean)
-    ctx.log(f"decontaminate: {summary['removed']} of {summary['records']} pairs removed")
-
-
-def probe_questions() -> list[str]:
-    """Requests for the chat-template probe: the baseline's bare questions."""
-    from core.suites.baseline import load_probes
-
-    return [p.text for p in load_probes()[0] if p.capability == "bare_questions"][:8]
-
-
-# 6-7. train and merge ----------------------------------------------------------------------------
-
-def dpo_settings(ctx: StageContext) -> DPOSettings:
-    p = ctx.profile
-    return DPOSettings(learning_rate=p.learning_rate, beta=p.beta, epochs=p.epochs,
-                       batch_size=p.train_batch_size, grad_accum=p.grad_accum,
-                       max_length=p.max_length, save_steps=p.save_steps, lora_r=p.lora_r,
-                       lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, seed=ctx.seed)
+    lifecycle.decontaminate_pairs(ctx, exemplar_texts(pool), heldout)
 
 
 def train(ctx: StageContext, pool: dict) -> None:
-    records = read_jsonl(ctx.path("pairs.jsonl"))
-    train_dpo(ctx.backend(), records, dpo_settings(ctx), ctx.path("train"), ctx.path("adapter"),
-              ctx.guard())
-    ctx.release_backend()
-
-
-def parity_probes(ctx: StageContext) -> list[str]:
-    tasks = read_jsonl(ctx.path("instructions.jsonl"))
-    return [house_prompt(t["prompt_instruction"]) for t in tasks[:8]]
+    lifecycle.train_adapter(ctx)
 
 
 def merge(ctx: StageContext, pool: dict) -> None:
-    ctx.release_backend()
-    parity = merge_adapter(ctx.model_path, ctx.path("adapter"), ctx.path("merged"),
-                           ctx.profile.dtype, parity_probes(ctx), ctx.profile.parity_tolerance)
-    write_json(ctx.path("merge.json"), {"base": ctx.model_path, "parity": parity})
-    ctx.log(f"merge parity: max |dlogp| {parity['max_abs_logprob_diff']:.2e} "
-            f"(tolerance {parity['tolerance']})")
+    tasks = read_jsonl(ctx.path("instructions.jsonl"))
+    lifecycle.merge_model(ctx, [house_prompt(t["prompt_instruction"]) for t in tasks[:8]])
 
-
-# 8. assess ---------------------------------------------------------------------------------------
 
 def assess(ctx: StageContext, pool: dict) -> None:
-    """Held-out stage-1 tasks and the baseline suite on the input and the merged model; the
-    few-shot reference on the input model; the chat-template probe on the merged model."""
-    from core.backend import load_backend
-    from core.suites.runner import compare_results, run_suite
-
+    """Held-out tasks, zero-shot and greedy: prompt-level and constraint-level pass rates."""
     items = load_tasks(ctx, "heldout")
-    outcomes, baseline = {}, {}
-    p = ctx.profile
-    for label, path in (("before", ctx.model_path), ("after", str(ctx.path("merged")))):
-        backend = load_backend(path, p)
-        outcomes[label] = assess_instructions(
-            backend, ctx.guard(), items, ctx.path(f"cache/assess_{label}.jsonl"),
-            p.max_new_tokens, p.gen_batch_size, f"stage 1 assess {label}")
-        outcomes[label]["model"] = path
-        baseline[label] = run_suite("baseline", backend, ctx.guard(),
-                                    ctx.path(f"cache/assess_baseline_{label}.jsonl"), None,
-                                    p.max_new_tokens, p.gen_batch_size)
-        if label == "before":
-            baseline["fewshot_reference"] = run_suite(
-                "fewshot-reference", backend, ctx.guard(),
-                ctx.path("cache/assess_fewshot_before.jsonl"), None, p.max_new_tokens,
-                p.gen_batch_size)
-        else:
-            baseline["template_probe_after"] = contamination.chat_template_probe(
-                backend, probe_questions())
-        del backend
-    outcomes["paired"] = paired_comparison(outcomes["before"], outcomes["after"])
-    baseline["paired"] = compare_results(baseline["before"], baseline["after"])
-    write_json(ctx.path("baseline.json"), baseline)
-    write_json(ctx.path("assessment.json"), outcomes)
 
+    def assess_heldout(backend, label: str) -> dict:
+        p = ctx.profile
+        return assess_instructions(backend, ctx.guard(), items,
+                                   ctx.path(f"cache/assess_{label}.jsonl"), p.max_new_tokens,
+                                   p.gen_batch_size, f"stage 1 assess {label}")
 
-# 9. report ---------------------------------------------------------------------------------------
+    lifecycle.assess_models(ctx, assess_heldout, headline="prompt_level")
+
 
 def report(ctx: StageContext, pool: dict) -> None:
-    from core.report import plot_dpo, stage_report
-
-    pairs = read_jsonl(ctx.path("pairs.jsonl"))
     judgments = read_jsonl(ctx.path("judgments.jsonl"))
-    metrics = {
-        "stage": NUMBER,
-        "name": NAME,
-        "data": {
-            "tasks_train": len(load_tasks(ctx, "train")),
-            "tasks_heldout": len(load_tasks(ctx, "heldout")),
-            "responses": len(read_jsonl(ctx.path("responses.jsonl"))),
-            "pairs": len(pairs),
-            "pairs_dropped": len(read_jsonl(ctx.path("pairs_dropped.jsonl"))),
-            "judge": judge_audit(judgments, read_jsonl(ctx.path("scores.jsonl"))),
-        },
-        "dpo": read_json(ctx.path("train/dpo_metrics.json")),
-        "merge": read_json(ctx.path("merge.json"))["parity"],
-        "assessment": read_json(ctx.path("assessment.json")),
-        "baseline": baseline_table(read_json(ctx.path("baseline.json"))),
-        "contamination": read_json(ctx.path("contamination.json")),
-    }
-    plot_dpo(metrics["dpo"]["per_step"], ctx.path("dpo_curves.png"))
-    write_json(ctx.path("metrics.json"), metrics)
-    atomic_write_text(ctx.path("report.md"), stage_report(NUMBER, NAME, metrics, pairs[:3]))
-
-
-def baseline_table(baseline: dict) -> dict:
-    """Per capability: the input model, the merged model, the few-shot reference, McNemar."""
-    return {cap: {"metric": row["metric"], "before": row, "after": baseline["after"]["summary"][cap],
-                  "fewshot_reference": baseline["fewshot_reference"]["summary"][cap],
-                  "paired": baseline["paired"].get(cap)}
-            for cap, row in baseline["before"]["summary"].items()}
+    lifecycle.write_stage_report(ctx, NAME, {
+        "tasks_train": len(load_tasks(ctx, "train")),
+        "tasks_heldout": len(load_tasks(ctx, "heldout")),
+        "responses": len(read_jsonl(ctx.path("responses.jsonl"))),
+        "pairs_dropped": len(read_jsonl(ctx.path("pairs_dropped.jsonl"))),
+        "judge": judge_audit(judgments, read_jsonl(ctx.path("scores.jsonl"))),
+    })
 
 
 def judge_audit(judgments: list[dict], scored: list[dict]) -> dict:
@@ -553,7 +463,5 @@ def judge_audit(judgments: list[dict], scored: list[dict]) -> dict:
                  if passed[(j["task_id"], j["x"])] != passed[(j["task_id"], j["y"])]]
     agree = sum(1 for j in checkable
                 if passed[(j["task_id"], j["x"] if j["winner"] == "x" else j["y"])])
-    from core.stats import rate
-
     return {"comparisons": len(judgments), "order_consistent": rate(len(consistent), len(judgments)),
             "agrees_with_checkers": rate(agree, len(checkable))}

@@ -1,0 +1,138 @@
+"""The steps every stage shares once its preference pairs exist:
+
+    decontaminate -> train -> merge -> assess -> report
+
+A stage module calls these from its own step functions, passing what only it knows (its
+exemplars, its held-out texts, how to assess its held-out tasks)."""
+from __future__ import annotations
+
+from typing import Callable
+
+from core import contamination
+from core.backend import load_backend
+from core.context import StageContext
+from core.dpo import DPOSettings, train_dpo
+from core.io import atomic_write_text, read_json, read_jsonl, write_json, write_jsonl
+from core.merge import merge_adapter
+from core.stats import mcnemar_exact
+
+AssessHeldout = Callable[[object, str], dict]  # (backend, "before"|"after") -> {"summary", "items"}
+
+
+def probe_questions() -> list[str]:
+    """Requests for the chat-template probe: the baseline's bare questions."""
+    from core.suites.baseline import load_probes
+
+    return [p.text for p in load_probes()[0] if p.capability == "bare_questions"][:8]
+
+
+def decontaminate_pairs(ctx: StageContext, exemplars: list[str],
+                        heldout: list[tuple[str, str]]) -> None:
+    """pairs_candidates.jsonl -> pairs.jsonl: template failures stop the stage (unless
+    overridden); 13-gram overlaps with evaluation sets and exemplar copies are removed and listed
+    in contamination.tsv."""
+    candidates = read_jsonl(ctx.path("pairs_candidates.jsonl"))
+    index = contamination.evaluation_index(ctx.data_dir, heldout)
+    tokenizer, generation_config = ctx.input_tokenizer_and_generation_config()
+    template = contamination.template_state(tokenizer, generation_config)
+    clean, findings, summary = contamination.decontaminate(
+        candidates, index, exemplars, ctx.guard(), template, ctx.allow_contamination)
+    contamination.write_findings_tsv(ctx.path("contamination.tsv"), findings, candidates)
+    summary["template_probe"] = contamination.chat_template_probe(ctx.backend(), probe_questions())
+    write_json(ctx.path("contamination.json"), summary)
+    if not clean:
+        raise RuntimeError(f"decontamination removed every pair (see {ctx.path('contamination.tsv')})")
+    write_jsonl(ctx.path("pairs.jsonl"), clean)
+    ctx.log(f"decontaminate: {summary['removed']} of {summary['records']} pairs removed")
+
+
+def dpo_settings(ctx: StageContext) -> DPOSettings:
+    p = ctx.profile
+    return DPOSettings(learning_rate=p.learning_rate, beta=p.beta, epochs=p.epochs,
+                       batch_size=p.train_batch_size, grad_accum=p.grad_accum,
+                       max_length=p.max_length, save_steps=p.save_steps, lora_r=p.lora_r,
+                       lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, seed=ctx.seed)
+
+
+def train_adapter(ctx: StageContext) -> None:
+    """DPO on pairs.jsonl into adapter/ (resumes from train/checkpoints)."""
+    records = read_jsonl(ctx.path("pairs.jsonl"))
+    train_dpo(ctx.backend(), records, dpo_settings(ctx), ctx.path("train"), ctx.path("adapter"),
+              ctx.guard())
+    ctx.release_backend()
+
+
+def merge_model(ctx: StageContext, probes: list[str]) -> None:
+    """adapter/ merged into a full-precision copy of the input model, checked on `probes`."""
+    ctx.release_backend()
+    parity = merge_adapter(ctx.model_path, ctx.path("adapter"), ctx.path("merged"),
+                           ctx.profile.dtype, probes, ctx.profile.parity_tolerance)
+    write_json(ctx.path("merge.json"), {"base": ctx.model_path, "parity": parity})
+    ctx.log(f"merge parity: max |dlogp| {parity['max_abs_logprob_diff']:.2e} "
+            f"(tolerance {parity['tolerance']})")
+
+
+def assess_models(ctx: StageContext, assess_heldout: AssessHeldout, headline: str) -> None:
+    """The stage's held-out assessment and the baseline suite on the input and the merged model,
+    the few-shot reference on the input model, the chat-template probe on the merged model."""
+    from core.suites.runner import compare_results, run_suite
+
+    outcomes: dict = {"headline": headline}
+    baseline: dict = {}
+    p = ctx.profile
+    for label, path in (("before", ctx.model_path), ("after", str(ctx.path("merged")))):
+        backend = load_backend(path, p)
+        outcomes[label] = {**assess_heldout(backend, label), "model": path}
+        baseline[label] = run_suite("baseline", backend, ctx.guard(),
+                                    ctx.path(f"cache/assess_baseline_{label}.jsonl"), None,
+                                    p.max_new_tokens, p.gen_batch_size)
+        if label == "before":
+            baseline["fewshot_reference"] = run_suite(
+                "fewshot-reference", backend, ctx.guard(),
+                ctx.path("cache/assess_fewshot_before.jsonl"), None, p.max_new_tokens,
+                p.gen_batch_size)
+        else:
+            baseline["template_probe_after"] = contamination.chat_template_probe(
+                backend, probe_questions())
+        del backend
+    outcomes["paired"] = paired_outcomes(outcomes["before"]["items"], outcomes["after"]["items"])
+    baseline["paired"] = compare_results(baseline["before"], baseline["after"])
+    write_json(ctx.path("baseline.json"), baseline)
+    write_json(ctx.path("assessment.json"), outcomes)
+
+
+def paired_outcomes(before: list[dict], after: list[dict]) -> dict:
+    """Exact McNemar over held-out items scored in both (items whose `passed` is not None)."""
+    b = {i["id"]: i["passed"] for i in before if i["passed"] is not None}
+    a = {i["id"]: i["passed"] for i in after if i["passed"] is not None}
+    ids = sorted(set(a) & set(b))
+    return {"mcnemar": mcnemar_exact([b[i] for i in ids], [a[i] for i in ids]), "items": len(ids)}
+
+
+def baseline_table(baseline: dict) -> dict:
+    """Per capability: the input model, the merged model, the few-shot reference, McNemar."""
+    return {cap: {"metric": row["metric"], "before": row, "after": baseline["after"]["summary"][cap],
+                  "fewshot_reference": baseline["fewshot_reference"]["summary"][cap],
+                  "paired": baseline["paired"].get(cap)}
+            for cap, row in baseline["before"]["summary"].items()}
+
+
+def write_stage_report(ctx: StageContext, name: str, data: dict) -> None:
+    """metrics.json, dpo_curves.png and report.md for the stage, then DONE."""
+    from core.report import plot_dpo, stage_report
+
+    pairs = read_jsonl(ctx.path("pairs.jsonl"))
+    metrics = {
+        "stage": ctx.number,
+        "name": name,
+        "input_model": read_json(ctx.path("input.json")) if ctx.path("input.json").is_file() else None,
+        "data": {**data, "pairs": len(pairs)},
+        "dpo": read_json(ctx.path("train/dpo_metrics.json")),
+        "merge": read_json(ctx.path("merge.json"))["parity"],
+        "assessment": read_json(ctx.path("assessment.json")),
+        "baseline": baseline_table(read_json(ctx.path("baseline.json"))),
+        "contamination": read_json(ctx.path("contamination.json")),
+    }
+    plot_dpo(metrics["dpo"]["per_step"], ctx.path("dpo_curves.png"))
+    write_json(ctx.path("metrics.json"), metrics)
+    atomic_write_text(ctx.path("report.md"), stage_report(ctx.number, name, metrics, pairs[:3]))

@@ -1,0 +1,43 @@
+"""Stage chaining and run-directory rules (no model needed)."""
+import pytest
+
+from core.models import resolve_model
+from core.pipeline import StageSelectionError, record_input, stage_input, weights_sha256
+
+
+def test_stage_one_starts_from_the_run_model(tmp_path, tiny_dir):
+    resolved = resolve_model(str(tiny_dir), has_cuda=False)
+    path, origin = stage_input(1, tmp_path, resolved, explicit=False)
+    assert path == str(tiny_dir.resolve()) and origin == "the run's model"
+
+
+def test_later_stage_learns_from_the_previous_merged_model(tmp_path, tiny_dir):
+    resolved = resolve_model(str(tiny_dir), has_cuda=False)
+    with pytest.raises(StageSelectionError, match="stage 1 is not done"):
+        stage_input(2, tmp_path, resolved, explicit=False)
+    path, origin = stage_input(2, tmp_path, resolved, explicit=True)  # an explicit --model
+    assert path == str(tiny_dir.resolve()) and "--model" in origin
+    (tmp_path / "stage_1").mkdir()
+    (tmp_path / "stage_1" / "DONE").write_text("done\n")
+    path, origin = stage_input(2, tmp_path, resolved, explicit=True)
+    assert path == str(tmp_path / "stage_1" / "merged") and origin == "stage 1's merged model"
+
+
+def test_weights_hash_is_recorded_once(tmp_path, tiny_dir):
+    from core.context import StageContext
+    from core.constitution import load_constitution
+    from core.models import PROJECT_ROOT
+    from registry.models import profile_by_name
+
+    ctx = StageContext(run_dir=tmp_path, number=1, model_path=str(tiny_dir), origin="test",
+                       profile=profile_by_name("tiny-qwen2"), seed=0, limit=1, heldout=1,
+                       constitution=load_constitution(PROJECT_ROOT / "constitution.yaml"))
+    record_input(ctx, "test")
+    recorded = (tmp_path / "stage_1" / "input.json").read_text()
+    assert weights_sha256(str(tiny_dir)) in recorded
+    ctx.model_path = str(tmp_path)
+    from core.run import RunDirError
+
+    with pytest.raises(RunDirError, match="was started from"):
+        record_input(ctx, "test")
+    assert weights_sha256("Qwen/Qwen2.5-32B") is None
