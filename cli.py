@@ -14,11 +14,12 @@ from core.models import PROJECT_ROOT, ModelResolutionError
 from core.pipeline import (DEFAULT_DATA_DIR, StageSelectionError, run_curriculum, run_stage,
                            run_status)
 from core.run import RunDirError
+from core.suites.runner import SuiteMismatchError
 from registry.stages import STAGES
 
 USER_ERRORS = (ConstitutionError, ModelResolutionError, StageSelectionError, RunDirError,
                TemplateContaminationError, MergeParityError, ContaminationError,
-               FileNotFoundError)
+               SuiteMismatchError, FileNotFoundError)
 
 
 def fail(error: Exception) -> None:
@@ -140,6 +141,41 @@ def assess(model: str, suite: str, limit: int | None, out: Path | None, data_dir
         click.echo(f"paired vs {result['paired_vs']['file']}: {group}: +{test['gained']} "
                    f"-{test['lost']} p={test['p_value']:.3g}")
     click.echo(f"written: {result['out']}")
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks that print side-by-side ratios."""
+
+
+@bench.command("generation")
+@click.option("--model", default="tiny-qwen2", show_default=True)
+@click.option("--prompts", "count", type=int, default=16, show_default=True)
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--batch-sizes", default="1,4,16", show_default=True)
+def bench_generation_command(model: str, count: int, max_new_tokens: int, batch_sizes: str) -> None:
+    """Batched sampling loop vs one-at-a-time vs transformers' generate, on the same prompts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from core.backend import load_backend
+    from core.bench import bench_generation
+    from core.models import local_model_dir, resolve_model
+
+    try:
+        resolved = resolve_model(model)
+    except USER_ERRORS as error:
+        fail(error)
+    backend = load_backend(local_model_dir(resolved), resolved.profile)
+    sizes = tuple(int(b) for b in batch_sizes.split(","))
+    rows = bench_generation(backend, count, max_new_tokens, sizes)
+    table = Table(title=f"generation on {resolved.profile.name}: {count} prompts x "
+                        f"{max_new_tokens} new tokens")
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    Console().print(table)
 
 
 @main.group()

@@ -26,22 +26,27 @@ def score_response(text: str, constraints: list[dict]) -> dict:
             "degenerate": degenerate_reason(text)}
 
 
-def assess_instructions(backend, guard: TemplateGuard, items: list[dict], cache_path: Path,
-                        max_new_tokens: int, batch_size: int, where: str) -> dict:
-    """Generate a zero-shot response for each held-out item and score it."""
-    requests = [GenRequest(item["id"], house_prompt(item["prompt_instruction"]), 0)
-                for item in items]
+def generate_greedy(backend, guard: TemplateGuard, cache_path: Path, prompts: dict[str, str],
+                    max_new_tokens: int, batch_size: int, where: str) -> dict[str, str]:
+    """{id: stripped greedy completion} for {id: prompt}, cached in `cache_path`."""
+    requests = [GenRequest(key, prompt, 0) for key, prompt in prompts.items()]
     cache = GenerationCache(cache_path)
     try:
         results = generate_all(backend, requests, greedy(max_new_tokens), cache, guard,
                                batch_size, where)
     finally:
         cache.close()
-    scored = []
-    for item in items:
-        text = results[item["id"]]["text"]
-        scored.append({"id": item["id"], "response": text,
-                       **score_response(text, item["constraints"])})
+    return {key: results[key]["text"].strip() for key in prompts}
+
+
+def assess_instructions(backend, guard: TemplateGuard, items: list[dict], cache_path: Path,
+                        max_new_tokens: int, batch_size: int, where: str) -> dict:
+    """Generate a zero-shot response for each held-out item and score it."""
+    texts = generate_greedy(backend, guard, cache_path,
+                            {item["id"]: house_prompt(item["prompt_instruction"]) for item in items},
+                            max_new_tokens, batch_size, where)
+    scored = [{"id": item["id"], "response": texts[item["id"]],
+               **score_response(texts[item["id"]], item["constraints"])} for item in items]
     return {"summary": summarize(items, scored), "items": scored}
 
 

@@ -9,7 +9,7 @@ from core.contamination import (ContaminationError, chat_template_probe, check_r
                                 evaluation_index, template_problems, template_state,
                                 write_findings_tsv)
 from core.guards import TemplateGuard
-from core.io import read_jsonl, write_json
+from core.io import read_json, read_jsonl, write_json
 from core.models import PROJECT_ROOT, local_model_dir, resolve_model
 from core.report import fmt_rate
 from core.run import read_config, RunDirError
@@ -26,7 +26,7 @@ def assess_model(model: str, suite: str, limit: int | None, out: Path | None,
     backend = load_backend(path, resolved.profile)
     guard = TemplateGuard(backend.tokenizer)
     tokens = max_new_tokens or (256 if suite == "ifeval" else resolved.profile.max_new_tokens)
-    out = out or PROJECT_ROOT / "artifacts" / "assess" / f"{_slug(resolved.profile.name)}-{suite}.json"
+    out = out or default_out(resolved.profile.name, path, suite)
     cache = out.parent / "cache" / f"{suite}.jsonl"
     result = run_suite(suite, backend, guard, cache, limit, tokens,
                        resolved.profile.gen_batch_size, data_dir)
@@ -44,8 +44,26 @@ def _stage_model(model: str) -> str:
     return str(merged) if (merged / "config.json").is_file() else model
 
 
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-." else "_" for c in name)
+def default_out(name: str, path: str, suite: str) -> Path:
+    """artifacts/assess/NAME-HASH-SUITE.json; the hash of the model path keeps two merged models
+    from overwriting each other."""
+    import hashlib
+
+    slug = "".join(c if c.isalnum() or c in "-." else "_" for c in name)
+    digest = hashlib.sha256(str(Path(path).resolve() if Path(path).exists() else path).encode()).hexdigest()[:8]
+    return PROJECT_ROOT / "artifacts" / "assess" / f"{slug}-{digest}-{suite}.json"
+
+
+def all_pool_texts() -> list[str]:
+    """Every string of every stage's exemplar pool (a superset of any one stage's exemplars)."""
+    import yaml
+
+    from core.models import yaml_strings
+
+    texts: list[str] = []
+    for pool in sorted((PROJECT_ROOT / "stages" / "pools").glob("*.yaml")):
+        texts += yaml_strings(yaml.safe_load(pool.read_text(encoding="utf-8")))
+    return [t for t in texts if len(t) >= 20]
 
 
 def summary_rows(result: dict) -> list[tuple[str, str]]:
@@ -68,7 +86,8 @@ def check_contamination(run_dir: Path, stage: int, probe: bool, log=print) -> di
         raise RunDirError(f"{stage_dir} has no pairs yet; run the stage up to its pairs step")
     from transformers import AutoTokenizer, GenerationConfig
 
-    model_path = config["model"]["path"]
+    input_record = stage_dir / "input.json"
+    model_path = read_json(input_record)["path"] if input_record.is_file() else config["model"]["path"]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     try:
         generation_config = GenerationConfig.from_pretrained(model_path)
@@ -78,11 +97,8 @@ def check_contamination(run_dir: Path, stage: int, probe: bool, log=print) -> di
     heldout = [(t["id"], t["instruction"]) for t in read_jsonl(stage_dir / "instructions.jsonl")
                if t["split"] == "heldout"]
     data_dir = Path(config["data_dir"]) if config.get("data_dir") else None
-    from stages.stage1_explicit_instructions import exemplar_texts, load_pool
-
     guard = TemplateGuard(tokenizer)
-    findings = check_records(records, evaluation_index(data_dir, heldout),
-                             exemplar_texts(load_pool()), guard)
+    findings = check_records(records, evaluation_index(data_dir, heldout), all_pool_texts(), guard)
     state = template_state(tokenizer, generation_config)
     problems = template_problems(state)
     write_findings_tsv(stage_dir / "contamination_check.tsv", findings, records)

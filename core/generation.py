@@ -109,14 +109,12 @@ def sample_batch(model, tokenizer, prompts: list[str], settings: SamplingSetting
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                     past_key_values=past, use_cache=True, logits_to_keep=1)
         past = out.past_key_values
-        logits = out.logits[:, -1, :].float().cpu()
-        next_ids = []
-        for i in range(n):
-            if results[i] is not None:
-                next_ids.append(tokenizer.pad_token_id)
-                continue
-            token = pick_token(logits[i], settings, generators[i])
-            next_ids.append(token)
+        active = [i for i in range(n) if results[i] is None]
+        picked = pick_tokens(out.logits[active, -1, :].float().cpu(), settings,
+                             [generators[i] for i in active])
+        next_ids = [tokenizer.pad_token_id] * n
+        for i, token in zip(active, picked):
+            next_ids[i] = token
             results[i] = _finish_if_done(tokenizer, tokens[i], token, eos_ids, settings.stop)
             if results[i] is not None and on_finish:
                 on_finish(i, results[i])
@@ -133,16 +131,30 @@ def sample_batch(model, tokenizer, prompts: list[str], settings: SamplingSetting
     return results
 
 
-def pick_token(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator) -> int:
-    """Greedy at temperature 0; otherwise temperature + nucleus (top-p) sampling."""
+NUCLEUS_CANDIDATES = 1024
+
+
+def pick_tokens(logits: torch.Tensor, settings: SamplingSettings,
+                generators: list[torch.Generator]) -> list[int]:
+    """One token per row: greedy at temperature 0; otherwise temperature + nucleus (top-p)
+    sampling, each row drawing from its own generator. The nucleus is searched among the top
+    NUCLEUS_CANDIDATES tokens, and over the whole vocabulary for a row whose nucleus is wider,
+    so the result equals a full sort."""
     if settings.temperature <= 0:
-        return int(torch.argmax(logits))
+        return logits.argmax(dim=-1).tolist()
     probs = torch.softmax(logits / settings.temperature, dim=-1)
-    if settings.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < settings.top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    top_probs, top_ids = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
+    tokens = []
+    for row, generator in enumerate(generators):
+        candidates, ids = top_probs[row], top_ids[row]
+        if settings.top_p < 1.0 and float(candidates.sum()) < settings.top_p:
+            candidates, ids = torch.sort(probs[row], descending=True)
+        if settings.top_p < 1.0:
+            candidates = candidates * (candidates.cumsum(-1) - candidates < settings.top_p)
+        else:
+            candidates, ids = probs[row], torch.arange(probs.shape[-1])
+        tokens.append(int(ids[torch.multinomial(candidates, 1, generator=generator)]))
+    return tokens
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -43,8 +43,9 @@ def stage_report(number: int, name: str, metrics: dict, examples: list[dict]) ->
     dpo, merge = metrics["dpo"], metrics["merge"]
     lines = [f"# Stage {number}: {name}", ""]
     if metrics.get("input_model"):
-        lines += [f"Input model: `{metrics['input_model']['path']}` (weights sha256 "
-                  f"{metrics['input_model']['weights_sha256'][:16]}...)", ""]
+        sha = metrics["input_model"]["weights_sha256"]
+        lines += [f"Input model: `{metrics['input_model']['path']}` ("
+                  + (f"weights sha256 {sha[:16]}...)" if sha else "a Hub id: no local weights hash)"), ""]
     lines += ["## Assessment (held-out, zero-shot, greedy; 95% Wilson intervals)", "",
               "| metric | input model | merged model |", "|---|---|---|"]
     for key in before:
@@ -142,10 +143,10 @@ def capability_rows(metrics: dict[int, dict]) -> dict[str, list[str]]:
     for n, m in metrics.items():
         a = m["assessment"]
         key = a["headline"]
+        # Stage n's held-out set is measured on its input (the column before) and its output.
+        cells = {n - 1: fmt_rate(a["before"]["summary"][key]), n: fmt_rate(a["after"]["summary"][key])}
         rows[f"stage {n} held-out {key.replace('_', '-')}"] = [
-            fmt_rate(a["before"]["summary"][key]) if n == min(metrics) else "-"] + [
-            fmt_rate(a["before" if k < n else "after"]["summary"][key]) if k <= n else "-"
-            for k in metrics] + ["-"]
+            cells.get(column, "-") for column in [0, *metrics]] + ["-"]
     for cap, row in first["baseline"].items():
         rows[cap] = [fmt_rate(row["before"])] + [
             fmt_rate(m["baseline"][cap]["after"]) for m in metrics.values()] + [

@@ -4,8 +4,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from core.assess import greedy
-from core.generation import GenerationCache, GenRequest, generate_all
+from core.assess import generate_greedy
 from core.guards import TemplateGuard
 from core.ifeval import load_ifeval, score_item
 from core.ifeval import summarize as summarize_ifeval
@@ -37,18 +36,6 @@ def run_suite(name: str, backend, guard: TemplateGuard, cache_path: Path, limit:
             "seconds": round(time.time() - started, 1)}
 
 
-def _generate(backend, guard, cache_path: Path, prompts: dict[str, str], max_new_tokens: int,
-              batch_size: int, where: str) -> dict[str, str]:
-    requests = [GenRequest(key, prompt, 0) for key, prompt in prompts.items()]
-    cache = GenerationCache(cache_path)
-    try:
-        results = generate_all(backend, requests, greedy(max_new_tokens), cache, guard,
-                               batch_size, where)
-    finally:
-        cache.close()
-    return {key: results[key]["text"].strip() for key in prompts}
-
-
 def run_baseline(backend, guard: TemplateGuard, cache_path: Path, limit: int | None,
                  max_new_tokens: int, batch_size: int, fewshot: bool) -> dict:
     probes, exemplars, sha = load_probes()
@@ -56,7 +43,7 @@ def run_baseline(backend, guard: TemplateGuard, cache_path: Path, limit: int | N
         probes = [p for cap in CAPABILITIES for p in [q for q in probes if q.capability == cap][:limit]]
     prefix = {cap: fewshot_prefix(cap, exemplars) if fewshot else "" for cap in CAPABILITIES}
     generated = [p for p in probes if p.capability != "judging"]
-    texts = _generate(backend, guard, cache_path,
+    texts = generate_greedy(backend, guard, cache_path,
                       {p.id: prefix[p.capability] + house_prompt(p.text) for p in generated},
                       max_new_tokens, batch_size, "baseline probes")
     items = [{"id": p.id, "capability": p.capability, "response": texts[p.id],
@@ -101,7 +88,7 @@ def run_ifeval(backend, guard: TemplateGuard, cache_path: Path, limit: int | Non
                max_new_tokens: int, batch_size: int, data_dir: Path | None) -> dict:
     path = (data_dir or Path()) / "ifeval" / "input_data.jsonl"
     items = load_ifeval(path, limit)
-    texts = _generate(backend, guard, cache_path,
+    texts = generate_greedy(backend, guard, cache_path,
                       {str(i.key): house_prompt(i.prompt) for i in items}, max_new_tokens,
                       batch_size, "ifeval")
     scores = [{"id": str(item.key), "response": texts[str(item.key)],
@@ -111,9 +98,19 @@ def run_ifeval(backend, guard: TemplateGuard, cache_path: Path, limit: int | Non
     return {"data": str(path), "summary": summarize_ifeval(scores), "items": scores}
 
 
+class SuiteMismatchError(ValueError):
+    """Two results cannot be compared item by item."""
+
+
 def compare_results(before: dict, after: dict) -> dict:
     """Paired exact McNemar per capability (baseline) or on prompt-level strict (IFEval),
     over the items both results share."""
+    if before.get("suite") != after.get("suite") or \
+            before.get("probes_sha256") != after.get("probes_sha256"):
+        raise SuiteMismatchError(
+            f"cannot pair a {before.get('suite')} result with a {after.get('suite')} result "
+            f"(or probe sets differ: {before.get('probes_sha256')} vs {after.get('probes_sha256')}); "
+            f"compare results of the same suite and probe version")
     b = {i["id"]: i for i in before["items"]}
     a = {i["id"]: i for i in after["items"]}
     shared = [k for k in b if k in a]
