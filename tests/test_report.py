@@ -1,0 +1,47 @@
+"""Reports, the benchmark command and result comparison, on synthetic or tiny inputs."""
+import pytest
+
+from core.commands import default_out
+from core.report import capability_rows
+from core.stats import rate
+from core.suites.runner import SuiteMismatchError, compare_results
+
+
+def stage_metrics(before: int, after: int) -> dict:
+    summary = lambda k: {"summary": {"score": rate(k, 10)}}  # noqa: E731
+    cap = {"metric": "m", "before": rate(1, 10), "after": rate(after, 10),
+           "fewshot_reference": rate(5, 10), "paired": None}
+    return {"assessment": {"headline": "score", "before": summary(before), "after": summary(after)},
+            "baseline": {"judging": cap}}
+
+
+def test_heldout_rows_fill_only_the_columns_they_measure():
+    rows = capability_rows({1: stage_metrics(1, 2), 2: stage_metrics(3, 4), 3: stage_metrics(5, 6)})
+    # columns: base, after 1, after 2, after 3, few-shot reference
+    assert rows["stage 1 held-out score"][:4] == ["10.0% [1.8%, 40.4%] (1/10)",
+                                                  "20.0% [5.7%, 51.0%] (2/10)", "-", "-"]
+    third = rows["stage 3 held-out score"]
+    assert third[0] == third[1] == "-"  # not measured on the base or after stage 1
+    assert third[2].endswith("(5/10)") and third[3].endswith("(6/10)")
+    assert rows["judging"][-1].endswith("(5/10)")
+
+
+def test_default_assessment_outputs_do_not_collide(tmp_path):
+    a = default_out("path:merged", str(tmp_path / "run_a" / "merged"), "baseline")
+    b = default_out("path:merged", str(tmp_path / "run_b" / "merged"), "baseline")
+    assert a != b and a.name.endswith("-baseline.json")
+
+
+def test_results_of_different_suites_are_not_paired():
+    with pytest.raises(SuiteMismatchError, match="cannot pair"):
+        compare_results({"suite": "baseline", "items": []}, {"suite": "ifeval", "items": []})
+
+
+def test_generation_benchmark_prints_ratios(tiny_backend):
+    from core.bench import bench_generation
+
+    rows = bench_generation(tiny_backend, count=4, max_new_tokens=4, batch_sizes=(1, 4))
+    assert [(r["engine"], r["batch"]) for r in rows] == [
+        ("ours", 1), ("ours", 4), ("transformers generate", 1), ("transformers generate", 4)]
+    assert all(r["tokens"] == 16 for r in rows)  # every engine makes exactly 4 x 4 tokens
+    assert rows[0]["speedup_vs_ours_batch_1"] == 1.0
