@@ -54,15 +54,14 @@ def default_out(name: str, path: str, suite: str) -> Path:
     return PROJECT_ROOT / "artifacts" / "assess" / f"{slug}-{digest}-{suite}.json"
 
 
-def all_pool_texts() -> list[str]:
-    """Every string of every stage's exemplar pool (a superset of any one stage's exemplars)."""
+def pool_texts(stage: int) -> list[str]:
+    """Every string of the stage's own exemplar pool (its few-shot exemplars and more)."""
     import yaml
 
     from core.models import yaml_strings
 
-    texts: list[str] = []
-    for pool in sorted((PROJECT_ROOT / "stages" / "pools").glob("*.yaml")):
-        texts += yaml_strings(yaml.safe_load(pool.read_text(encoding="utf-8")))
+    pool = PROJECT_ROOT / "stages" / "pools" / f"stage{stage}.yaml"
+    texts = yaml_strings(yaml.safe_load(pool.read_text(encoding="utf-8")))
     return [t for t in texts if len(t) >= 20]
 
 
@@ -98,7 +97,7 @@ def check_contamination(run_dir: Path, stage: int, probe: bool, log=print) -> di
                if t["split"] == "heldout"]
     data_dir = Path(config["data_dir"]) if config.get("data_dir") else None
     guard = TemplateGuard(tokenizer)
-    findings = check_records(records, evaluation_index(data_dir, heldout), all_pool_texts(), guard)
+    findings = check_records(records, evaluation_index(data_dir, heldout), pool_texts(stage), guard)
     state = template_state(tokenizer, generation_config)
     problems = template_problems(state)
     write_findings_tsv(stage_dir / "contamination_check.tsv", findings, records)

@@ -137,24 +137,24 @@ NUCLEUS_CANDIDATES = 1024
 def pick_tokens(logits: torch.Tensor, settings: SamplingSettings,
                 generators: list[torch.Generator]) -> list[int]:
     """One token per row: greedy at temperature 0; otherwise temperature + nucleus (top-p)
-    sampling, each row drawing from its own generator. The nucleus is searched among the top
-    NUCLEUS_CANDIDATES tokens, and over the whole vocabulary for a row whose nucleus is wider,
-    so the result equals a full sort."""
+    sampling, each row drawing from its own generator."""
     if settings.temperature <= 0:
         return logits.argmax(dim=-1).tolist()
+    return [sample_row(row, settings, generator) for row, generator in zip(logits, generators)]
+
+
+def sample_row(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator) -> int:
+    """Nucleus sampling over one row. The nucleus is found among the top NUCLEUS_CANDIDATES
+    tokens (a full sort only when the nucleus is wider), then sampled in vocabulary order, so the
+    result equals sorting the whole vocabulary."""
     probs = torch.softmax(logits / settings.temperature, dim=-1)
-    top_probs, top_ids = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]), dim=-1)
-    tokens = []
-    for row, generator in enumerate(generators):
-        candidates, ids = top_probs[row], top_ids[row]
-        if settings.top_p < 1.0 and float(candidates.sum()) < settings.top_p:
-            candidates, ids = torch.sort(probs[row], descending=True)
-        if settings.top_p < 1.0:
-            candidates = candidates * (candidates.cumsum(-1) - candidates < settings.top_p)
-        else:
-            candidates, ids = probs[row], torch.arange(probs.shape[-1])
-        tokens.append(int(ids[torch.multinomial(candidates, 1, generator=generator)]))
-    return tokens
+    if settings.top_p < 1.0:
+        top, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]))
+        if float(top.sum()) < settings.top_p:
+            top, order = torch.sort(probs, descending=True)
+        keep = top.cumsum(-1) - top < settings.top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], top[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from types import ModuleType
 
-from stages import stage1_explicit_instructions
+from stages import (stage1_explicit_instructions, stage2_implicit_instructions,
+                    stage3_generation_tasks, stage4_evaluation_tasks, stage5_revision_tasks,
+                    stage6_constitutional)
 
 
 @dataclass(frozen=True)
@@ -18,12 +20,13 @@ class StageEntry:
 STAGES: tuple[StageEntry, ...] = (
     StageEntry(1, "explicit-instructions", stage1_explicit_instructions.SUMMARY,
                stage1_explicit_instructions),
-    StageEntry(2, "implicit-instructions", "treat a bare question or request as an instruction", None),
-    StageEntry(3, "generation-tasks", "produce examples on demand", None),
-    StageEntry(4, "evaluation-tasks", "judge which of two responses is better, and why", None),
-    StageEntry(5, "revision-tasks", "improve a response given a critique", None),
-    StageEntry(6, "constitutional-integration",
-               "critique and revise its answers against two random principles", None),
+    StageEntry(2, "implicit-instructions", stage2_implicit_instructions.SUMMARY,
+               stage2_implicit_instructions),
+    StageEntry(3, "generation-tasks", stage3_generation_tasks.SUMMARY, stage3_generation_tasks),
+    StageEntry(4, "evaluation-tasks", stage4_evaluation_tasks.SUMMARY, stage4_evaluation_tasks),
+    StageEntry(5, "revision-tasks", stage5_revision_tasks.SUMMARY, stage5_revision_tasks),
+    StageEntry(6, "constitutional-integration", stage6_constitutional.SUMMARY,
+               stage6_constitutional),
 )
 
 

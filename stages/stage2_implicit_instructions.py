@@ -1,0 +1,771 @@
+"""Stage 2 - implicit instructions.
+
+The model learns to treat a bare question or request (no "please", no "write", no constraint) as
+an instruction and to answer it, zero-shot, in the house format. Steps (each resumable, each
+marked done only when complete):
+
+1. questions     Bare questions from two sources. (a) Real question sets under ctx.data_dir, when
+                 given: Self-Instruct seed tasks without an instance input, TruthfulQA questions
+                 and MT-Bench first turns. Each set is split once, by a hash of the item id, into
+                 a train part and a held-out part (HELDOUT_PERCENT); held-out parts never train.
+                 (b) Model-written questions by few-shot *list continuation* of pool seeds plus
+                 already-accepted questions; degenerate items, chat markup, list scaffolding and
+                 near-duplicates (ROUGE-L > 0.7 against everything kept: pool questions, stage 1's
+                 instructions, real questions) are dropped, and the held-out ones are those with
+                 the smallest id hashes. About half of each split is real when data is given.
+                 Held-out and training questions are checked for leakage.
+2. responses     K samples per training question from a few-shot completion prompt (3-4 (bare
+                 question, direct answer) exemplars from the pool, then the target), plus
+                 ZERO_SHOT_SAMPLES samples of the zero-shot house prompt itself: what the model
+                 does today without a scaffold, the natural source of rejected responses.
+3. scores        The answer checks on every sample (`check_answer`): not degenerate, does not
+                 continue the question, carry prompt scaffolding, repeat the question, ask a new
+                 question or go on to a list of them, dodge ("I don't know", "That is a good
+                 question") or drift off topic (no content word shared with the question). The
+                 log-probability A/B judge, asked in both orders, ranks up to three distinct
+                 passing samples and checks the planned chosen against the planned rejected.
+4. pairs         chosen = the passer the judge ranks best (consistent wins; ties count for
+                 nobody); rejected = a failing sample, most instructive failure first
+                 (continues > repeats > asks > new questions > scaffolding > dodge > off topic >
+                 degenerate), zero-shot samples before few-shot ones. Dropped: no passer, no
+                 failure, a judge that prefers the rejected in both orders, identical texts,
+                 chat markup, empty texts, exemplar copies. The training prompt is the zero-shot
+                 `house_prompt(question)`: exemplars never reach it.
+5. decontaminate 13-gram overlap with every evaluation set, this stage's held-out questions, the
+                 whole held-out parts of the real sets and stage 1's held-out instructions;
+                 exemplar copies; template state (core/lifecycle.py).
+6. train         DPO on a LoRA.
+7. merge         into a full-precision copy of the input model, with a parity check.
+8. assess        input model vs merged model on the held-out questions, zero-shot, greedy:
+                 answer_rate (headline; the checks, since real sets have no gold answer here),
+                 on_topic, non_degenerate, and the answer rate per source.
+9. report        metrics.json and report.md; then DONE.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import math
+import random
+import re
+from functools import partial
+from pathlib import Path
+
+import yaml
+
+from core import lifecycle
+from core.assess import greedy
+from core.context import StageContext
+from core.generation import GenerationCache, GenRequest, generate_all
+from core.io import atomic_write_text, read_jsonl, write_jsonl
+from core.judge import judge_many, judge_prefix
+from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
+from core.run import StageSteps
+from core.stats import rate
+from core.text import NearDuplicateFilter, copies_exemplar, degenerate_reason, normalize, rouge_l
+
+NUMBER = 2
+NAME = "implicit-instructions"
+SUMMARY = "treat a bare question or request as an instruction and answer it, zero-shot"
+STEPS = ["questions", "responses", "scores", "pairs", "decontaminate", "train", "merge",
+         "assess", "report"]
+
+POOL_PATH = Path(__file__).with_name("pools") / "stage2.yaml"
+QUESTION_TEMPERATURE = 0.9
+MAX_QUESTION_ROUNDS = 6
+OVERSAMPLE = 1.3
+NEAR_DUPLICATE = 0.7
+HELDOUT_PERCENT = 30  # share of each real question set that is held out, by id hash
+MAX_QUESTION_WORDS = 60  # longer real items (MT-Bench passages) do not fit the training budget
+ZERO_SHOT_SAMPLES = 2
+MAX_JUDGED_SAMPLES = 3  # round-robin among at most 3 passers: 3 comparisons, 6 judge prompts
+SHORT_ANSWER_WORDS = 6  # "Lisbon.", "No.", "36.": exempt from the topic check
+TOPIC_WINDOW_WORDS = 60  # the topic check reads the start of the response
+
+
+def load_pool() -> dict:
+    """The project-written exemplar pool (question seeds, answer and judge exemplars)."""
+    return yaml.safe_load(POOL_PATH.read_text(encoding="utf-8"))
+
+
+def exemplar_texts(pool: dict) -> list[str]:
+    """Every exemplar string, for the exemplar-copy filter."""
+    texts = list(pool["question_seeds"])
+    for ex in pool["answer_exemplars"]:
+        texts += [ex["question"], ex["answer"]]
+    for ex in pool["judge_exemplars"]:
+        texts += [ex["question"], ex["response_a"], ex["response_b"]]
+    return texts
+
+
+def run(ctx: StageContext) -> None:
+    """Run (or resume) every step of stage 2, then write DONE."""
+    pool = load_pool()
+    steps = StageSteps(ctx.stage_dir, STEPS)
+    actions = {
+        "questions": make_questions, "responses": make_responses, "scores": make_scores,
+        "pairs": make_pairs, "decontaminate": decontaminate, "train": train, "merge": merge,
+        "assess": assess, "report": report,
+    }
+    steps.run([(name, partial(actions[name], ctx, pool)) for name in STEPS], ctx.log)
+    atomic_write_text(ctx.path("DONE"), "stage 2 complete\n")
+
+
+# 1. questions ------------------------------------------------------------------------------------
+
+def short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
+
+
+def is_heldout_item(item_id: str) -> bool:
+    """The fixed held-out part of a real question set: independent of seed, limit and stage."""
+    return int(hashlib.sha256(item_id.encode("utf-8")).hexdigest()[:8], 16) % 100 < HELDOUT_PERCENT
+
+
+def load_real_questions(data_dir: Path | None) -> list[dict]:
+    """Bare questions from the shared sets that exist under `data_dir`, each with its split."""
+    if data_dir is None or not data_dir.is_dir():
+        return []
+    items = []
+    seeds = data_dir / "self-instruct" / "seed_tasks.jsonl"
+    if seeds.is_file():
+        for row in read_jsonl(seeds):
+            if all(not i["input"].strip() for i in row["instances"]):
+                items.append(("self-instruct", f"self-instruct:{row['id']}", row["instruction"]))
+    truthful = data_dir / "truthfulqa" / "TruthfulQA.csv"
+    if truthful.is_file():
+        with open(truthful, newline="", encoding="utf-8") as handle:
+            for row in csv.DictReader(handle):
+                question = row["Question"]
+                items.append(("truthfulqa", f"truthfulqa:{short_hash(normalize(question))}", question))
+    mt_bench = data_dir / "mt-bench" / "question.jsonl"
+    if mt_bench.is_file():
+        for row in read_jsonl(mt_bench):
+            items.append(("mt-bench", f"mt-bench:{row['question_id']}", row["turns"][0]))
+    return [{"id": item_id, "source": source, "question": question.strip(),
+             "split": "heldout" if is_heldout_item(item_id) else "train"}
+            for source, item_id, question in items]
+
+
+def pick_real(candidates: list[dict], split: str, count: int, filter_: NearDuplicateFilter,
+              guard, taken: set[str], seed: int) -> list[dict]:
+    """Up to `count` real questions of `split`, round-robin over sources in a seeded order,
+    skipping long, marked-up and near-duplicate items (kept ones join the filter)."""
+    by_source: dict[str, list[dict]] = {}
+    for item in sorted(candidates, key=lambda i: seed_for(seed, "real-question", i["id"])):
+        if item["split"] == split and item["id"] not in taken:
+            by_source.setdefault(item["source"], []).append(item)
+    queues = [by_source[s] for s in sorted(by_source)]
+    picked: list[dict] = []
+    while len(picked) < count and any(queues):
+        for queue in queues:
+            if len(picked) >= count or not queue:
+                continue
+            item = queue.pop(0)
+            taken.add(item["id"])
+            text = item["question"]
+            if len(text.split()) <= MAX_QUESTION_WORDS and guard.is_clean(text) \
+                    and filter_.offer(text):
+                picked.append(item)
+    return picked
+
+
+def list_prompt(items: list[str]) -> str:
+    """A numbered list of bare questions the base model continues with one more item."""
+    lines = ["Below are questions and requests that people sent to a knowledgeable friend, "
+             "written exactly as they typed them. Every one is new and different from the others.",
+             ""]
+    lines += [f"{i}. {item}" for i, item in enumerate(items, start=1)]
+    lines.append(f"{len(items) + 1}.")
+    return "\n".join(lines)
+
+
+def clean_question(text: str) -> str:
+    return " ".join(text.strip().split())
+
+
+LIST_SCAFFOLDING = re.compile(r"^(\d+[.)]|question\b|task\b|instruction\b|response\b|answer\b|q:|a:)",
+                              re.IGNORECASE)
+
+
+def question_problem(text: str, guard, filter_: NearDuplicateFilter) -> str | None:
+    """Why a generated question is dropped (None when it is kept; keeping it records it)."""
+    reason = degenerate_reason(text, min_words=3, max_words=40)
+    if reason:
+        return reason
+    if not guard.is_clean(text):
+        return "chat markup"
+    if LIST_SCAFFOLDING.match(text):
+        return "list scaffolding"
+    if not filter_.offer(text):
+        return "near-duplicate"
+    return None
+
+
+def generate_questions(ctx: StageContext, pool: dict, needed: int,
+                       filter_: NearDuplicateFilter) -> list[str]:
+    """Up to `needed` new bare questions written by the model (list continuation)."""
+    seeds = list(pool["question_seeds"])
+    backend, guard = ctx.backend(), ctx.guard()
+    settings = ctx.sampling(QUESTION_TEMPERATURE, ctx.profile.instruction_max_new_tokens, ("\n",))
+    accepted: list[str] = []
+    audit: list[dict] = []
+    cache = GenerationCache(ctx.path("cache/questions.jsonl"))
+    try:
+        for round_ in range(MAX_QUESTION_ROUNDS):
+            missing = needed - len(accepted)
+            if missing <= 0:
+                break
+            requests = []
+            for i in range(math.ceil(missing * OVERSAMPLE)):
+                rng = random.Random(seed_for(ctx.seed, "question-prompt", round_, i))
+                items = draw(seeds, rng, 3, 4) + rng.sample(accepted, min(2, len(accepted)))
+                rng.shuffle(items)
+                requests.append(GenRequest(f"r{round_}-{i}", list_prompt(items),
+                                           seed_for(ctx.seed, "question", round_, i)))
+            results = generate_all(backend, requests, settings, cache, guard,
+                                   ctx.profile.gen_batch_size, "stage 2 questions")
+            for request in requests:
+                text = clean_question(results[request.id]["text"])
+                problem = question_problem(text, guard, filter_)
+                audit.append({"id": request.id, "text": text, "dropped": problem})
+                if problem is None:
+                    accepted.append(text)
+            ctx.log(f"questions round {round_}: {len(accepted)}/{needed} accepted")
+    finally:
+        cache.close()
+    write_jsonl(ctx.path("questions_audit.jsonl"), audit)
+    return accepted[:needed]
+
+
+def generated_tasks(questions: list[str], heldout: int) -> list[dict]:
+    """Model-written questions as tasks; the `heldout` smallest id hashes are held out."""
+    tasks = [{"id": "q" + short_hash(normalize(q)), "source": "generated", "question": q}
+             for q in questions]
+    held = {t["id"] for t in sorted(tasks, key=lambda t: t["id"])[:heldout]}
+    return [{**t, "split": "heldout" if t["id"] in held else "train"} for t in tasks]
+
+
+def stage1_instructions(ctx: StageContext) -> list[dict]:
+    """Stage 1's instructions in this run (empty when stage 1 has not run here)."""
+    path = ctx.run_dir / "stage_1" / "instructions.jsonl"
+    return read_jsonl(path) if path.is_file() else []
+
+
+def make_questions(ctx: StageContext, pool: dict) -> None:
+    guard = ctx.guard()
+    filter_ = NearDuplicateFilter(NEAR_DUPLICATE)
+    filter_.kept.extend(pool["question_seeds"] + [e["question"] for e in pool["answer_exemplars"]]
+                        + [t["instruction"] for t in stage1_instructions(ctx)])
+    real = load_real_questions(ctx.data_dir)
+    taken: set[str] = set()
+    real_held = pick_real(real, "heldout", ctx.heldout // 2, filter_, guard, taken, ctx.seed)
+    real_train = pick_real(real, "train", ctx.limit // 2, filter_, guard, taken, ctx.seed)
+    wanted_held = ctx.heldout - len(real_held)
+    wanted = ctx.limit - len(real_train) + wanted_held
+    questions = generate_questions(ctx, pool, wanted, filter_) if wanted > 0 else []
+    held_share = round(len(questions) * wanted_held / wanted) if wanted else 0
+    generated = generated_tasks(questions, held_share)
+    count = {s: sum(t["split"] == s for t in generated) for s in ("train", "heldout")}
+    real_held += pick_real(real, "heldout", ctx.heldout - len(real_held) - count["heldout"],
+                           filter_, guard, taken, ctx.seed)
+    real_train += pick_real(real, "train", ctx.limit - len(real_train) - count["train"],
+                            filter_, guard, taken, ctx.seed)
+    tasks = real_held + real_train + generated
+    train_count = sum(t["split"] == "train" for t in tasks)
+    if train_count < 2 or len(tasks) - train_count < 1:
+        raise RuntimeError(
+            f"stage 2 has only {train_count} training and {len(tasks) - train_count} held-out "
+            f"questions (model-written ones are audited in {ctx.path('questions_audit.jsonl')}); "
+            f"the model is not producing distinct questions - pass the shared data directory, "
+            f"or try another --seed or model")
+    check_leakage(tasks)
+    write_jsonl(ctx.path("questions.jsonl"), tasks)
+
+
+def check_leakage(tasks: list[dict]) -> None:
+    """No held-out question may equal or nearly equal a training one."""
+    train = [t["question"] for t in tasks if t["split"] == "train"]
+    for task in tasks:
+        if task["split"] != "heldout":
+            continue
+        for other in train:
+            if normalize(other) == normalize(task["question"]) or \
+                    rouge_l(other, task["question"]) > NEAR_DUPLICATE:
+                raise RuntimeError(f"held-out question {task['id']} leaks into training: "
+                                   f"{task['question']!r} ~ {other!r}")
+
+
+def load_tasks(ctx: StageContext, split: str) -> list[dict]:
+    return [t for t in read_jsonl(ctx.path("questions.jsonl")) if t["split"] == split]
+
+
+# 2. responses ------------------------------------------------------------------------------------
+
+def sample_plan(task_id: str, k: int) -> list[tuple[str, str]]:
+    """(request id, prompting) of every sample of a task, in sample order: K few-shot samples,
+    then ZERO_SHOT_SAMPLES zero-shot ones."""
+    return [(f"{task_id}-f{i}", "few-shot") for i in range(k)] + \
+           [(f"{task_id}-z{i}", "zero-shot") for i in range(ZERO_SHOT_SAMPLES)]
+
+
+def response_request(ctx: StageContext, pool: dict, task: dict, request_id: str,
+                     prompting: str) -> GenRequest:
+    """A few-shot completion prompt (3-4 exemplars, then the target), or the zero-shot one."""
+    if prompting == "zero-shot":
+        return GenRequest(request_id, house_prompt(task["question"]),
+                          seed_for(ctx.seed, "zero-shot-answer", request_id))
+    rng = random.Random(seed_for(ctx.seed, "answer-exemplars", request_id))
+    shots = [(e["question"], e["answer"]) for e in draw(pool["answer_exemplars"], rng, 3, 4)]
+    return GenRequest(request_id, few_shot_prompt(shots, task["question"]),
+                      seed_for(ctx.seed, "answer", request_id))
+
+
+def make_responses(ctx: StageContext, pool: dict) -> None:
+    tasks = load_tasks(ctx, "train")
+    plans = {t["id"]: sample_plan(t["id"], ctx.profile.responses_per_task) for t in tasks}
+    requests = [response_request(ctx, pool, t, rid, prompting)
+                for t in tasks for rid, prompting in plans[t["id"]]]
+    settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
+                            RESPONSE_STOPS)
+    cache = GenerationCache(ctx.path("cache/responses.jsonl"))
+    try:
+        results = generate_all(ctx.backend(), requests, settings, cache, ctx.guard(),
+                               ctx.profile.gen_batch_size, "stage 2 responses")
+    finally:
+        cache.close()
+    records = []
+    for task in tasks:
+        for sample, (request_id, prompting) in enumerate(plans[task["id"]]):
+            result = results[request_id]
+            records.append({"task_id": task["id"], "sample": sample, "prompting": prompting,
+                            "text": result["text"].strip(), "finish": result["finish"]})
+    write_jsonl(ctx.path("responses.jsonl"), records)
+
+
+# 3. scores: the answer checks --------------------------------------------------------------------
+
+STOPWORDS = frozenset("""
+a about above after again all also am an and any anything are as at be because been before being
+below best better between both but by can could did do does doing done down during each either
+else even ever every few for from get gets getting give go going good got had has have having he
+her here hers him his how however i if in into is it its just know kind let like lot many may me
+might more most much must my need no nor not now of off often on once one only or other our out
+over own please quite rather really same say shall she should so some something such tell than
+that the their them then there these they thing things this those through to too under until up
+upon us use used using very want was way ways we well were what when where whether which while who
+whom whose why will with would yes yet you your yours ideas idea tips explain describe list write
+make made don doesn isn aren won didn wasn
+""".split())
+_TOKEN = re.compile(r"[a-z]+|\d{2,}")
+_LIST_MARK = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s*")
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+CONTINUATION_START = tuple(",;:)]}?") + ("...", "\u2026")
+CODE_START = re.compile(r"^(?:def|class|import|function|const|var|public)\s|^#include|"
+                        r"^from \S+ import ")  # code may start in lower case
+SCAFFOLDING = re.compile(r"^\s*(?:###|(?:Instruction|Response|Question|Answer|Task|Q|A)\s*\d*\s*:)",
+                         re.MULTILINE)
+DODGE = re.compile(
+    r"^\W*(?:well,?\s+|honestly,?\s+|hmm+,?\s+)?(?:"
+    r"i (?:do not|don't|really don't|really do not) know|i'm not (?:sure|certain)|"
+    r"i am not (?:sure|certain)|i have no (?:idea|clue)|no idea|not sure|who knows|nobody knows|"
+    r"no one knows|(?:that's|that is|this is|what) (?:a |an )?(?:very |really )?"
+    r"(?:good|great|interesting|excellent|tough|difficult|hard|fascinating) question|"
+    r"(?:good|great|interesting|excellent) question|it depends|(?:it's |it is )?hard to say|"
+    r"(?:it's |it is )?difficult to say|i can(?:not|'t) (?:say|answer|tell)|"
+    r"i (?:am|'m) (?:not able|unable) to answer|you should ask|ask (?:someone|somebody|an expert)|"
+    r"(?:just )?(?:google|look) it up)",
+    re.IGNORECASE)
+
+
+def stem(word: str) -> str:
+    """A light stem: one common suffix off, a doubled final consonant undone."""
+    for suffix in ("ing", "ed", "es", "s", "e"):
+        if word.endswith(suffix) and len(word) - len(suffix) >= 3 and not word.endswith("ss"):
+            word = word[: -len(suffix)]
+            if suffix in ("ing", "ed") and len(word) >= 4 and word[-1] == word[-2] \
+                    and word[-1] not in "aeiousl":
+                word = word[:-1]
+            break
+    return word
+
+
+def content_words(text: str) -> set[str]:
+    """Stems of the words that carry a text's topic (numbers kept whole)."""
+    words = _TOKEN.findall(text.lower().replace("\u2019", "'"))
+    return {w if w.isdigit() else stem(w) for w in words
+            if w.isdigit() or (len(w) >= 3 and w not in STOPWORDS)}
+
+
+def related(a: str, b: str) -> bool:
+    """Two stems name the same thing: equal numbers, or a shared prefix of up to 5 letters."""
+    if a.isdigit() or b.isdigit():
+        return a == b
+    k = min(len(a), len(b), 5)
+    return k >= 3 and a[:k] == b[:k]
+
+
+def shares_topic(question: str, text: str) -> bool:
+    """True when the text names at least one content word of the question (or the question has
+    none to name)."""
+    wanted = content_words(question)
+    found = content_words(" ".join(text.split()[:TOPIC_WINDOW_WORDS]))
+    return not wanted or any(related(w, f) for w in wanted for f in found)
+
+
+def sentences(text: str) -> list[str]:
+    """Sentences, with list markers stripped from the start of each line."""
+    found = []
+    for line in text.splitlines():
+        line = _LIST_MARK.sub("", line).strip()
+        found += [s.strip() for s in _SENTENCE_END.split(line) if s.strip()]
+    return found
+
+
+def degenerate_answer(text: str) -> str | None:
+    """core.text.degenerate_reason, except that a short numeric answer ("36.", "144") is fine."""
+    reason = degenerate_reason(text)
+    if reason in ("mostly non-letters", "fewer than 1 words") and any(ch.isdigit() for ch in text) \
+            and len(text.split()) <= SHORT_ANSWER_WORDS:
+        return None
+    return reason
+
+
+def continues_question(text: str) -> bool:
+    """The text picks up mid-sentence, as if it were the rest of the question."""
+    start = text.lstrip()
+    if not start or CODE_START.match(start):
+        return False
+    return start[0].islower() or start.startswith(CONTINUATION_START)
+
+
+def repeats_question(question: str, first: str, text: str) -> bool:
+    return normalize(text).startswith(normalize(question)) or rouge_l(first, question) > 0.85
+
+
+def is_dodge(question: str, text: str) -> bool:
+    """Opens with a dodge and says nothing about the question's topic afterwards."""
+    match = DODGE.match(text.strip().replace("\u2019", "'"))
+    if not match:
+        return False
+    rest = text.strip()[match.end():]
+    return len(rest.split()) < 4 or not shares_topic(question, rest)
+
+
+def check_answer(question: str, text: str) -> dict:
+    """The stage's answer checks: {"non_degenerate", "on_topic", "problem"} where `problem` is
+    the first failed check (None: the text answers the question)."""
+    parts = sentences(text)
+    first = parts[0] if parts else ""
+    short = len(text.split()) <= SHORT_ANSWER_WORDS
+    on_topic = bool(text.strip()) and (short or shares_topic(question, text))
+    degenerate = degenerate_answer(text)
+    checks = [
+        (not text.strip(), "empty"),
+        (continues_question(text), "continues the question"),
+        (SCAFFOLDING.search(text), "prompt scaffolding"),
+        (repeats_question(question, first, text), "repeats the question"),
+        (first.endswith("?"), "asks a question instead of answering"),
+        (any(p.endswith("?") for p in parts[1:]), "goes on to new questions"),
+        (is_dodge(question, text), "dodges the question"),
+        (degenerate, degenerate),
+        (not on_topic, "off topic"),
+    ]
+    problem = next((reason for failed, reason in checks if failed), None)
+    return {"non_degenerate": degenerate is None, "on_topic": on_topic, "problem": problem}
+
+
+def unusable_reason(text: str, guard, exemplars: list[str]) -> str | None:
+    """Why a sample can be neither chosen nor rejected (None when usable)."""
+    if not text.strip():
+        return "empty"
+    if not guard.is_clean(text):
+        return "chat markup"
+    if copies_exemplar(text, exemplars):
+        return "copies an exemplar"
+    return None
+
+
+def score_sample(question: str, text: str, guard, exemplars: list[str]) -> dict:
+    checks = check_answer(question, text)
+    return {**checks, "answers": checks["problem"] is None,
+            "unusable": unusable_reason(text, guard, exemplars)}
+
+
+# 3. scores: choosing with the judge --------------------------------------------------------------
+
+REJECTED_PRIORITY = ("continues the question", "repeats the question",
+                     "asks a question instead of answering", "goes on to new questions",
+                     "prompt scaffolding", "dodges the question", "off topic")
+
+
+def same_text(text: str) -> str:
+    return " ".join(text.split())
+
+
+def first_of_each_text(samples: list[dict]) -> list[dict]:
+    """Drop repeated texts, keeping the first sample of each."""
+    seen: set[str] = set()
+    kept = []
+    for sample in samples:
+        if same_text(sample["text"]) not in seen:
+            seen.add(same_text(sample["text"]))
+            kept.append(sample)
+    return kept
+
+
+def passers_of(samples: list[dict]) -> list[dict]:
+    return first_of_each_text([s for s in samples if s["unusable"] is None and s["answers"]])
+
+
+def failers_of(samples: list[dict]) -> list[dict]:
+    return [s for s in samples if s["unusable"] is None and not s["answers"]]
+
+
+def rank_comparisons(samples: list[dict]) -> list[tuple[int, int]]:
+    """Round-robin among the first MAX_JUDGED_SAMPLES distinct passers."""
+    ids = [s["sample"] for s in passers_of(samples)][:MAX_JUDGED_SAMPLES]
+    return [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]]
+
+
+def judge_wins(judgments: list[dict]) -> dict[int, float]:
+    """Consistent wins minus losses per sample (ties count for nobody)."""
+    wins: dict[int, float] = {}
+    for j in judgments:
+        if j["winner"] == "tie":
+            continue
+        winner, loser = (j["x"], j["y"]) if j["winner"] == "x" else (j["y"], j["x"])
+        wins[winner] = wins.get(winner, 0) + 1
+        wins[loser] = wins.get(loser, 0) - 1
+    return wins
+
+
+def pick_chosen(samples: list[dict], rank_judgments: list[dict]) -> dict | None:
+    """The passer with the most consistent judge wins (then the earliest sample)."""
+    passers = passers_of(samples)
+    wins = judge_wins(rank_judgments)
+    return max(passers, key=lambda s: (wins.get(s["sample"], 0), -s["sample"]), default=None)
+
+
+def pick_rejected(samples: list[dict]) -> dict | None:
+    """The most instructive failure: by REJECTED_PRIORITY, zero-shot first, then earliest."""
+    def order(s: dict) -> tuple:
+        reason = REJECTED_PRIORITY.index(s["problem"]) if s["problem"] in REJECTED_PRIORITY \
+            else len(REJECTED_PRIORITY)
+        return reason, s["prompting"] != "zero-shot", s["sample"]
+
+    return min(failers_of(samples), key=order, default=None)
+
+
+def judge_shots(ctx: StageContext, pool: dict, task_id: str, a: int, b: int) -> str:
+    """Two judge exemplars drawn per comparison (one says A, one says B: no answer prior)."""
+    rng = random.Random(seed_for(ctx.seed, "judge-exemplars", task_id, a, b))
+    shots = [rng.choice([e for e in pool["judge_exemplars"] if e["better"] == side])
+             for side in ("A", "B")]
+    rng.shuffle(shots)
+    return judge_prefix([{**e, "instruction": e["question"]} for e in shots])
+
+
+def run_judge(ctx: StageContext, pool: dict, tasks: dict, by_task: dict,
+              jobs: list[tuple[str, int, int]], kind: str) -> list[dict]:
+    """Judge (task, x, y) jobs in both orders; one judgment record per job."""
+    if not jobs:
+        return []
+    items = [(judge_shots(ctx, pool, t, a, b), tasks[t]["question"],
+              by_task[t][a]["text"], by_task[t][b]["text"]) for t, a, b in jobs]
+    verdicts = judge_many(ctx.backend(), ctx.guard(), items, ctx.profile.judge_batch_size,
+                          f"stage 2 judge ({kind})")
+    return [{"task_id": t, "kind": kind, "x": a, "y": b, "winner": v.winner,
+             "margin_xy": v.margin_xy, "margin_yx": v.margin_yx}
+            for (t, a, b), v in zip(jobs, verdicts)]
+
+
+def make_scores(ctx: StageContext, pool: dict) -> None:
+    tasks = {t["id"]: t for t in load_tasks(ctx, "train")}
+    guard, exemplars = ctx.guard(), exemplar_texts(pool)
+    scored = [{**r, **score_sample(tasks[r["task_id"]]["question"], r["text"], guard, exemplars)}
+              for r in read_jsonl(ctx.path("responses.jsonl"))]
+    by_task: dict[str, list[dict]] = {}
+    for s in scored:
+        by_task.setdefault(s["task_id"], []).append(s)
+    rank_jobs = [(t, a, b) for t, samples in by_task.items() for a, b in rank_comparisons(samples)]
+    judgments = run_judge(ctx, pool, tasks, by_task, rank_jobs, "rank")
+    check_jobs = []
+    for t, samples in by_task.items():
+        chosen = pick_chosen(samples, [j for j in judgments if j["task_id"] == t])
+        rejected = pick_rejected(samples)
+        if chosen and rejected:
+            check_jobs.append((t, chosen["sample"], rejected["sample"]))
+    judgments += run_judge(ctx, pool, tasks, by_task, check_jobs, "check")
+    write_jsonl(ctx.path("judgments.jsonl"), judgments)
+    write_jsonl(ctx.path("scores.jsonl"), scored)
+
+
+# 4. pairs ----------------------------------------------------------------------------------------
+
+def choose_pair(task: dict, samples: list[dict], judgments: list[dict]) -> tuple[dict | None, str]:
+    """(pair, reason): the stage's pair rule applied to one task's scored samples."""
+    rank = [j for j in judgments if j["kind"] == "rank"]
+    chosen, rejected = pick_chosen(samples, rank), pick_rejected(samples)
+    if chosen is None:
+        return None, "no sample answers the question"
+    if rejected is None:
+        return None, "every usable sample answers (no rejected)"
+    for j in judgments:
+        if j["kind"] == "check" and (j["x"], j["y"]) == (chosen["sample"], rejected["sample"]) \
+                and j["winner"] == "y":
+            return None, "the judge prefers the rejected sample in both orders"
+    return _pair(task, chosen, rejected), "ok"
+
+
+def _pair(task: dict, chosen: dict, rejected: dict) -> dict:
+    return {"prompt": house_prompt(task["question"]), "chosen": chosen["text"],
+            "rejected": rejected["text"], "task_id": task["id"], "source": task["source"],
+            "chosen_sample": chosen["sample"], "rejected_sample": rejected["sample"],
+            "chosen_prompting": chosen["prompting"], "rejected_prompting": rejected["prompting"],
+            "rejected_problem": rejected["problem"]}
+
+
+def pair_problem(pair: dict, question: str, guard, exemplars: list[str]) -> str | None:
+    """Shared last filter: identical, marked-up, empty or exemplar-copying pairs, and a chosen
+    side that does not answer."""
+    if same_text(pair["chosen"]) == same_text(pair["rejected"]):
+        return "identical"
+    if not guard.is_clean(pair["prompt"]):
+        return "chat markup in prompt"
+    for side in ("chosen", "rejected"):
+        if reason := unusable_reason(pair[side], guard, exemplars):
+            return f"{side}: {reason}"
+    if problem := check_answer(question, pair["chosen"])["problem"]:
+        return f"chosen: {problem}"
+    return None
+
+
+def make_pairs(ctx: StageContext, pool: dict) -> None:
+    tasks = load_tasks(ctx, "train")
+    scored = read_jsonl(ctx.path("scores.jsonl"))
+    judgments = read_jsonl(ctx.path("judgments.jsonl"))
+    guard, exemplars = ctx.guard(), exemplar_texts(pool)
+    pairs, dropped = [], []
+    for task in tasks:
+        samples = [s for s in scored if s["task_id"] == task["id"]]
+        pair, reason = choose_pair(task, samples, [j for j in judgments if j["task_id"] == task["id"]])
+        if pair is not None:
+            reason = pair_problem(pair, task["question"], guard, exemplars) or "ok"
+        if reason == "ok":
+            pairs.append(pair)
+        else:
+            dropped.append({"task_id": task["id"], "reason": reason})
+    write_jsonl(ctx.path("pairs_dropped.jsonl"), dropped)
+    if not pairs:
+        raise RuntimeError(
+            f"stage 2 produced no preference pairs from {len(tasks)} questions (reasons in "
+            f"{ctx.path('pairs_dropped.jsonl')}); raise --limit so more questions yield a pair")
+    write_jsonl(ctx.path("pairs_candidates.jsonl"), pairs)
+    ctx.log(f"pairs: {len(pairs)} kept, {len(dropped)} dropped")
+
+
+# 5-9. decontaminate, train, merge, assess, report (core/lifecycle.py) ----------------------------
+
+def protected_texts(ctx: StageContext) -> list[tuple[str, str]]:
+    """(id, text) never to train on: this stage's held-out questions, the held-out parts of the
+    real sets, and stage 1's held-out instructions."""
+    texts = [(t["id"], t["question"]) for t in load_tasks(ctx, "heldout")]
+    texts += [(i["id"], i["question"]) for i in load_real_questions(ctx.data_dir)
+              if i["split"] == "heldout"]
+    texts += [(f"stage1:{t['id']}", t["prompt_instruction"]) for t in stage1_instructions(ctx)
+              if t["split"] == "heldout"]
+    return texts
+
+
+def decontaminate(ctx: StageContext, pool: dict) -> None:
+    lifecycle.decontaminate_pairs(ctx, exemplar_texts(pool), protected_texts(ctx))
+
+
+def train(ctx: StageContext, pool: dict) -> None:
+    lifecycle.train_adapter(ctx)
+
+
+def merge(ctx: StageContext, pool: dict) -> None:
+    tasks = read_jsonl(ctx.path("questions.jsonl"))
+    lifecycle.merge_model(ctx, [house_prompt(t["question"]) for t in tasks[:8]])
+
+
+def assess_questions(backend, guard, items: list[dict], cache_path: Path, max_new_tokens: int,
+                     batch_size: int, where: str) -> dict:
+    """A zero-shot greedy answer to each held-out question, scored by the answer checks."""
+    requests = [GenRequest(item["id"], house_prompt(item["question"]), 0) for item in items]
+    cache = GenerationCache(cache_path)
+    try:
+        results = generate_all(backend, requests, greedy(max_new_tokens), cache, guard,
+                               batch_size, where)
+    finally:
+        cache.close()
+    scored = []
+    for item in items:
+        text = results[item["id"]]["text"].strip()
+        checks = check_answer(item["question"], text)
+        scored.append({"id": item["id"], "source": item["source"], "response": text,
+                       "passed": checks["problem"] is None, **checks})
+    return {"summary": summarize(scored), "items": scored}
+
+
+def summarize(scored: list[dict]) -> dict:
+    summary = {
+        "answer_rate": rate(sum(s["passed"] for s in scored), len(scored)),
+        "on_topic": rate(sum(s["on_topic"] for s in scored), len(scored)),
+        "non_degenerate": rate(sum(s["non_degenerate"] for s in scored), len(scored)),
+    }
+    for source in sorted({s["source"] for s in scored}):
+        mine = [s for s in scored if s["source"] == source]
+        summary[f"answer_rate_{source.replace('-', '_')}"] = rate(sum(s["passed"] for s in mine),
+                                                                  len(mine))
+    return summary
+
+
+def assess(ctx: StageContext, pool: dict) -> None:
+    """Held-out questions, zero-shot and greedy: answer rate, on-topic and non-degenerate."""
+    items = load_tasks(ctx, "heldout")
+
+    def assess_heldout(backend, label: str) -> dict:
+        p = ctx.profile
+        return assess_questions(backend, ctx.guard(), items, ctx.path(f"cache/assess_{label}.jsonl"),
+                                p.max_new_tokens, p.gen_batch_size, f"stage 2 assess {label}")
+
+    lifecycle.assess_models(ctx, assess_heldout, headline="answer_rate")
+
+
+def report(ctx: StageContext, pool: dict) -> None:
+    tasks = read_jsonl(ctx.path("questions.jsonl"))
+    scored = read_jsonl(ctx.path("scores.jsonl"))
+    lifecycle.write_stage_report(ctx, NAME, {
+        "tasks_train": sum(t["split"] == "train" for t in tasks),
+        "tasks_heldout": sum(t["split"] == "heldout" for t in tasks),
+        "questions_by_source": count_by(tasks, lambda t: f"{t['source']} ({t['split']})"),
+        "responses": len(scored),
+        "sample_answer_rate": {p: rate(sum(s["answers"] for s in scored if s["prompting"] == p),
+                                       sum(s["prompting"] == p for s in scored))
+                               for p in ("few-shot", "zero-shot")},
+        "sample_failures": count_by([s for s in scored if not s["answers"]],
+                                    lambda s: s["problem"]),
+        "pairs_dropped": count_by(read_jsonl(ctx.path("pairs_dropped.jsonl")),
+                                  lambda d: d["reason"]),
+        "judge": judge_audit(read_jsonl(ctx.path("judgments.jsonl"))),
+    })
+
+
+def count_by(records: list[dict], key) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[key(record)] = counts.get(key(record), 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def judge_audit(judgments: list[dict]) -> dict:
+    """How often the judge was order-consistent, and how often, on chosen-vs-rejected checks, it
+    agreed with the answer checks (the passer wins)."""
+    consistent = [j for j in judgments if j["winner"] != "tie"]
+    checks = [j for j in consistent if j["kind"] == "check"]
+    agree = sum(1 for j in checks if j["winner"] == "x")  # x is always the passer
+    return {"comparisons": len(judgments), "order_consistent": rate(len(consistent), len(judgments)),
+            "agrees_with_checks": rate(agree, len(checks))}

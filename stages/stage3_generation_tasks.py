@@ -1,0 +1,765 @@
+"""Stage 3 - generation tasks.
+
+The model learns to produce examples on demand, zero-shot, in the house format: "Write N
+questions about X", "Give N examples of Y", "List N <things> related to X", "Make a
+multiple-choice question about Z". Steps (each resumable, each marked done only when complete):
+
+1. topics        The pool's topics, plus topics the model proposes by few-shot *list
+                 continuation* (pool topics and accepted proposals as the list; about one
+                 proposal per four tasks, at most 16). Degenerate items, chat markup, list
+                 scaffolding, topics of the baseline suite's generation probes (evaluation
+                 data) and near-duplicates (ROUGE-L > 0.7 against pool topics, exemplar topics
+                 and every accepted proposal) are dropped.
+2. tasks         Pool templates crossed with topics and counts (2-5; a multiple-choice template
+                 asks for one item or for 2-3). Each task carries a machine-readable spec
+                 {kind, count, topic, keywords}. Train / held-out are split by *topic* (the
+                 smallest topic hashes are held out), so every held-out task is about a topic
+                 that training never saw; leakage is checked.
+3. responses     K samples per training task from a few-shot completion prompt: 3-4 pool
+                 exemplars (task + ideal output, one of them of the task's kind), then the target.
+4. scores        Four objective checks per sample (see `check_response`): count_ok, format_ok,
+                 on_topic, distinct_items. A log-probability A/B self-judge, asked in both orders,
+                 ranks the passers of a task and is audited once per task against the checks.
+5. pairs         chosen = a passer (the judge's order-consistent favourite among passers),
+                 rejected = a failure (the one passing the most checks). A verdict that flips
+                 with the order counts for nobody. Identical, degenerate, marked-up,
+                 scaffolding or exemplar-copying pairs are dropped. The training prompt is the
+                 zero-shot house prompt: exemplars never reach it.
+6. decontaminate Template state and EOS agreement; 13-gram overlap with the evaluation sets,
+                 the held-out tasks and (when this run has them) stage 1's held-out
+                 instructions and stage 2's held-out questions; exemplar copies.
+7. train         DPO on a LoRA.
+8. merge         into a full-precision copy of the input model, with a parity check.
+9. assess        input vs merged model on the held-out tasks, zero-shot, greedy: task_success
+                 (all four checks pass) and each check's rate; the baseline suite on both.
+10. report       metrics.json and report.md; then DONE.
+
+Checks (a response is split into non-empty lines; an opening line ending in ":" is a header):
+- questions: every line is a question (ends with "?", list marker optional);
+- examples, list: every line is a list item ("-", "*", "N." or "N)"), numbers run 1, 2, 3...;
+- mcq: per item a stem, options labelled exactly A-D, then "Answer: <letter>" naming one of them;
+- count_ok: exactly N items of the right form; format_ok: nothing else in the response;
+- on_topic: a topic keyword, or a word sharing its Porter stem, appears in the items;
+- distinct_items: ROUGE-L between any two items (MCQ: any two options, any two stems) <= 0.7.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache, partial
+from pathlib import Path
+
+import yaml
+from nltk.stem.porter import PorterStemmer
+
+from core import lifecycle
+from core.assess import greedy
+from core.context import StageContext
+from core.generation import GenerationCache, GenRequest, generate_all
+from core.guards import TemplateGuard
+from core.io import atomic_write_text, read_jsonl, write_jsonl
+from core.judge import judge_many, judge_prefix
+from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
+from core.run import StageSteps
+from core.stats import rate
+from core.text import NearDuplicateFilter, copies_exemplar, degenerate_reason, normalize, rouge_l
+
+NUMBER = 3
+NAME = "generation-tasks"
+SUMMARY = ("produce examples on demand (N questions, examples or list items, or a multiple-choice "
+           "item about a topic) in exactly the asked form, zero-shot")
+STEPS = ["topics", "tasks", "responses", "scores", "pairs", "decontaminate", "train", "merge",
+         "assess", "report"]
+
+POOL_PATH = Path(__file__).with_name("pools") / "stage3.yaml"
+KINDS = ("questions", "examples", "list", "mcq")
+CHECKS = ("count_ok", "format_ok", "on_topic", "distinct_items")
+COUNT_RANGE = {"questions": (2, 5), "examples": (2, 5), "list": (2, 5), "mcq": (2, 3)}
+NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
+TOPIC_TEMPERATURE = 0.9
+TOPIC_PROPOSALS = 16  # at most; about one proposed topic per TASKS_PER_PROPOSAL tasks
+TASKS_PER_PROPOSAL = 4
+MAX_TOPIC_ROUNDS = 2
+OVERSAMPLE = 1.5
+NEAR_DUPLICATE = 0.7
+MAX_JUDGED_SAMPLES = 3  # round-robin among at most 3 passers: 3 comparisons, 6 judge prompts
+# (stage, file, text field) of earlier stages' tasks; their held-out items join decontamination
+EARLIER_HELDOUT = ((1, "instructions.jsonl", "instruction"), (2, "questions.jsonl", "question"))
+STOPWORDS = frozenset(
+    "the and for with about from into onto that this these those their its how what why who "
+    "when where which our your are was were has have had not but all any some more most".split())
+
+
+def load_pool() -> dict:
+    """The project-written pool (topics, things, templates, response and judge exemplars)."""
+    return yaml.safe_load(POOL_PATH.read_text(encoding="utf-8"))
+
+
+def exemplar_texts(pool: dict) -> list[str]:
+    """Every exemplar output, for the exemplar-copy filter. (Exemplar *instructions* share the
+    task templates, so a training prompt may legitimately share long runs with them.)"""
+    texts = [e["response"] for e in pool["response_exemplars"]]
+    for e in pool["judge_exemplars"]:
+        texts += [e["response_a"], e["response_b"]]
+    return texts
+
+
+def exemplar_topics(pool: dict) -> list[str]:
+    return sorted({e["spec"]["topic"] for e in pool["response_exemplars"] + pool["judge_exemplars"]})
+
+
+def run(ctx: StageContext) -> None:
+    """Run (or resume) every step of stage 3, then write DONE."""
+    pool = load_pool()
+    steps = StageSteps(ctx.stage_dir, STEPS)
+    actions = {
+        "topics": make_topics, "tasks": make_tasks, "responses": make_responses,
+        "scores": make_scores, "pairs": make_pairs, "decontaminate": decontaminate,
+        "train": train, "merge": merge, "assess": assess, "report": report,
+    }
+    steps.run([(name, partial(actions[name], ctx, pool)) for name in STEPS], ctx.log)
+    atomic_write_text(ctx.path("DONE"), "stage 3 complete\n")
+
+
+# 1. topics ---------------------------------------------------------------------------------------
+
+def topic_list_prompt(items: list[str]) -> str:
+    """A numbered topic list the base model continues with one more item."""
+    lines = ["Below is a list of topics for quiz questions and classroom exercises. Every topic "
+             "is different from the others.", ""]
+    lines += [f"Topic {i}: {item}" for i, item in enumerate(items, start=1)]
+    lines.append(f"Topic {len(items) + 1}:")
+    return "\n".join(lines)
+
+
+def clean_topic(text: str) -> str:
+    return " ".join(text.split()).strip(" .,;\"'")
+
+
+def content_words(text: str) -> list[str]:
+    """Lower-case words of 3+ letters that are not stop words: a proposed topic's keywords."""
+    words = re.findall(r"[a-z]+", text.lower())
+    return list(dict.fromkeys(w for w in words if len(w) >= 3 and w not in STOPWORDS))
+
+
+def probe_requests() -> list[str]:
+    """The baseline suite's generation-task probes (evaluation data: their topics never train)."""
+    from core.suites.baseline import load_probes
+
+    return [p.text for p in load_probes()[0] if p.capability == "generation_tasks"]
+
+
+def is_probe_topic(name: str, probes: list[str]) -> bool:
+    """True when the topic's content words, as a phrase (stems allowed), occur in a probe."""
+    phrase = " ".join(content_words(name))
+    return bool(phrase) and any(mentions_topic(probe, [phrase]) for probe in probes)
+
+
+def topic_problem(text: str, guard: TemplateGuard, filter_: NearDuplicateFilter,
+                  probes: list[str]) -> str | None:
+    """Why a proposed topic is dropped (None when it is kept; keeping it records it)."""
+    if reason := degenerate_reason(text, min_words=1, max_words=6):
+        return reason
+    if not guard.is_clean(text):
+        return "chat markup"
+    if ":" in text or text.lower().startswith(("topic", "instruction", "response")):
+        return "list scaffolding"
+    if not content_words(text):
+        return "no content words"
+    if is_probe_topic(text, probes):
+        return "topic of an evaluation probe"
+    if not filter_.offer(text):
+        return "near-duplicate"
+    return None
+
+
+def topic_requests(seed: int, seeds: list[str], accepted: list[str], round_: int,
+                   n: int) -> list[GenRequest]:
+    requests = []
+    for i in range(n):
+        rng = random.Random(seed_for(seed, "topic-prompt", round_, i))
+        items = draw(seeds, rng, 3, 4) + rng.sample(accepted, min(2, len(accepted)))
+        rng.shuffle(items)
+        requests.append(GenRequest(f"r{round_}-{i}", topic_list_prompt(items),
+                                   seed_for(seed, "topic", round_, i)))
+    return requests
+
+
+def make_topics(ctx: StageContext, pool: dict) -> None:
+    names = [t["name"] for t in pool["topics"]]
+    wanted = min(TOPIC_PROPOSALS, math.ceil((ctx.limit + ctx.heldout) / TASKS_PER_PROPOSAL))
+    filter_ = NearDuplicateFilter(NEAR_DUPLICATE)
+    filter_.kept.extend(names + exemplar_topics(pool))  # copies of pool topics count as repeats
+    probes = probe_requests()
+    backend, guard = ctx.backend(), ctx.guard()
+    settings = ctx.sampling(TOPIC_TEMPERATURE, ctx.profile.instruction_max_new_tokens, ("\n",))
+    accepted: list[str] = []
+    audit: list[dict] = []
+    cache = GenerationCache(ctx.path("cache/topics.jsonl"))
+    try:
+        for round_ in range(MAX_TOPIC_ROUNDS):
+            missing = wanted - len(accepted)
+            if missing <= 0:
+                break
+            requests = topic_requests(ctx.seed, names, accepted, round_,
+                                      math.ceil(missing * OVERSAMPLE))
+            results = generate_all(backend, requests, settings, cache, guard,
+                                   ctx.profile.gen_batch_size, "stage 3 topics")
+            for request in requests:
+                text = clean_topic(results[request.id]["text"])
+                problem = topic_problem(text, guard, filter_, probes)
+                audit.append({"id": request.id, "text": text, "dropped": problem})
+                if problem is None:
+                    accepted.append(text)
+            ctx.log(f"topics round {round_}: {len(accepted)}/{wanted} proposals accepted")
+    finally:
+        cache.close()
+    audit += [{"id": "pool", "text": t["name"], "dropped": "topic of an evaluation probe"}
+              for t in pool["topics"] if is_probe_topic(t["name"], probes)]
+    topics = [{**t, "source": "pool"} for t in pool["topics"] if not is_probe_topic(t["name"], probes)]
+    topics += [{"name": name, "examples": None, "keywords": content_words(name), "source": "model"}
+               for name in accepted[:wanted]]
+    write_jsonl(ctx.path("topics_audit.jsonl"), audit)
+    write_jsonl(ctx.path("topics.jsonl"), topics)
+
+
+# 2. tasks ----------------------------------------------------------------------------------------
+
+def topic_key(topic: dict) -> str:
+    return hashlib.sha256(normalize(topic["name"]).encode()).hexdigest()
+
+
+def split_topics(topics: list[dict], limit: int, heldout: int) -> tuple[list[dict], list[dict]]:
+    """(held-out topics, training topics): the topics with the smallest hashes are held out, in
+    proportion to heldout / (limit + heldout), at least one on each side."""
+    ordered = sorted(topics, key=topic_key)
+    held = round(len(ordered) * heldout / max(1, limit + heldout))
+    held = min(len(ordered) - 1, max(1, held))
+    return ordered[:held], ordered[held:]
+
+
+def render_task(topic: dict, kind: str, rng: random.Random, pool: dict) -> dict:
+    """One task: a template of `kind` filled with the topic, a count and (lists) a kind of thing."""
+    templates = [t for t in pool["templates"][kind] if topic["examples"] or "{examples}" not in t]
+    template = rng.choice(templates)
+    count = rng.randint(*COUNT_RANGE[kind]) if "{count}" in template else 1
+    count_text = NUMBER_WORDS[count] if rng.random() < 0.5 else str(count)
+    instruction = template.format(count=count_text, topic=topic["name"],
+                                  examples=topic["examples"], things=rng.choice(pool["things"]))
+    return {
+        "id": "g" + hashlib.sha256(normalize(instruction).encode()).hexdigest()[:10],
+        "instruction": instruction,
+        "spec": {"kind": kind, "count": count, "topic": topic["name"],
+                 "keywords": list(topic["keywords"])},
+        "topic_source": topic["source"],
+    }
+
+
+def tasks_for(topics: list[dict], n: int, split: str, pool: dict, seed: int) -> list[dict]:
+    """`n` distinct tasks cycling through `topics`; a topic's next visit takes the next kind."""
+    tasks: list[dict] = []
+    seen: set[str] = set()
+    for i in range(10 * n):
+        if len(tasks) >= n:
+            break
+        topic = topics[i % len(topics)]
+        kind = KINDS[(i + i // len(topics)) % len(KINDS)]
+        task = render_task(topic, kind, random.Random(seed_for(seed, "task", split, i)), pool)
+        if task["id"] not in seen:
+            seen.add(task["id"])
+            tasks.append({**task, "split": split})
+    return tasks
+
+
+def check_leakage(tasks: list[dict]) -> None:
+    """No held-out task may share (or nearly share) its topic or its id with a training task."""
+    train = [t for t in tasks if t["split"] == "train"]
+    train_ids = {t["id"] for t in train}
+    train_topics = {t["spec"]["topic"] for t in train}
+    for task in tasks:
+        if task["split"] != "heldout":
+            continue
+        topic = task["spec"]["topic"]
+        if task["id"] in train_ids:
+            raise RuntimeError(f"held-out task {task['id']} is also a training task")
+        for other in train_topics:
+            if normalize(other) == normalize(topic) or rouge_l(other, topic) > NEAR_DUPLICATE:
+                raise RuntimeError(f"held-out task {task['id']} leaks into training: its topic "
+                                   f"{topic!r} ~ training topic {other!r}")
+
+
+def make_tasks(ctx: StageContext, pool: dict) -> None:
+    held, train_topics = split_topics(read_jsonl(ctx.path("topics.jsonl")), ctx.limit, ctx.heldout)
+    tasks = (tasks_for(held, ctx.heldout, "heldout", pool, ctx.seed)
+             + tasks_for(train_topics, ctx.limit, "train", pool, ctx.seed))
+    check_leakage(tasks)
+    write_jsonl(ctx.path("tasks.jsonl"), tasks)
+    ctx.log(f"tasks: {sum(t['split'] == 'train' for t in tasks)} train on {len(train_topics)} "
+            f"topics, {sum(t['split'] == 'heldout' for t in tasks)} held out on {len(held)} topics")
+
+
+def load_tasks(ctx: StageContext, split: str) -> list[dict]:
+    return [t for t in read_jsonl(ctx.path("tasks.jsonl")) if t["split"] == split]
+
+
+# 3. responses ------------------------------------------------------------------------------------
+
+def exemplar_shots(pool: dict, kind: str, rng: random.Random) -> list[tuple[str, str]]:
+    """One exemplar of the task's kind and 2-3 of other kinds, in random order."""
+    exemplars = pool["response_exemplars"]
+    same = [e for e in exemplars if e["spec"]["kind"] == kind]
+    shots = [rng.choice(same)] + draw([e for e in exemplars if e["spec"]["kind"] != kind], rng, 2, 3)
+    rng.shuffle(shots)
+    return [(e["instruction"], e["response"]) for e in shots]
+
+
+def response_requests(ctx: StageContext, pool: dict, tasks: list[dict]) -> list[GenRequest]:
+    requests = []
+    for task in tasks:
+        for k in range(ctx.profile.responses_per_task):
+            rng = random.Random(seed_for(ctx.seed, "response-exemplars", task["id"], k))
+            shots = exemplar_shots(pool, task["spec"]["kind"], rng)
+            requests.append(GenRequest(f"{task['id']}-{k}",
+                                       few_shot_prompt(shots, task["instruction"]),
+                                       seed_for(ctx.seed, "response", task["id"], k)))
+    return requests
+
+
+def make_responses(ctx: StageContext, pool: dict) -> None:
+    tasks = load_tasks(ctx, "train")
+    requests = response_requests(ctx, pool, tasks)
+    settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
+                            RESPONSE_STOPS)
+    cache = GenerationCache(ctx.path("cache/responses.jsonl"))
+    try:
+        results = generate_all(ctx.backend(), requests, settings, cache, ctx.guard(),
+                               ctx.profile.gen_batch_size, "stage 3 responses")
+    finally:
+        cache.close()
+    records = []
+    for task in tasks:
+        for k in range(ctx.profile.responses_per_task):
+            result = results[f"{task['id']}-{k}"]
+            records.append({"task_id": task["id"], "sample": k, "text": result["text"].strip(),
+                            "finish": result["finish"]})
+    write_jsonl(ctx.path("responses.jsonl"), records)
+
+
+# checks ------------------------------------------------------------------------------------------
+
+LIST_ITEM = re.compile(r"^(?:(?P<bullet>[-*])|(?P<number>\d{1,2})[.)])\s+(?P<text>\S.*)$")
+OPTION = re.compile(r"^\(?(?P<label>[A-Za-z])[.):]\s+(?P<text>\S.*)$")
+ANSWER = re.compile(r"^(?i:(?:correct\s+)?answer)\s*:\s*\(?(?P<label>[A-Z])\)?(?![A-Za-z])")
+_STEMMER = PorterStemmer()
+
+
+@dataclass(frozen=True)
+class Item:
+    """One line of a list-shaped response, its list marker removed."""
+
+    text: str
+    marked: bool
+    number: int | None = None
+
+
+@dataclass
+class McqItem:
+    """One multiple-choice item: stem lines, (label, text) options and the answer's letter."""
+
+    stem: list[str]
+    options: list[tuple[str, str]] = field(default_factory=list)
+    answer: str | None = None
+
+
+def content_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def without_header(lines: list[str]) -> list[str]:
+    """Drop an opening line such as "Here are three questions:" (it is not an item)."""
+    if len(lines) > 1 and lines[0].endswith(":") and not LIST_ITEM.match(lines[0]):
+        return lines[1:]
+    return lines
+
+
+def parse_item(line: str) -> Item:
+    match = LIST_ITEM.match(line)
+    if match is None:
+        return Item(line, marked=False)
+    return Item(match["text"].strip(), True, int(match["number"]) if match["number"] else None)
+
+
+def is_question(text: str) -> bool:
+    return text.rstrip("\"')\u201d ").endswith("?")
+
+
+def well_formed(item: Item, kind: str) -> bool:
+    """Questions end with "?" (a list marker is optional); examples and list items are marked."""
+    return is_question(item.text) if kind == "questions" else item.marked
+
+
+def numbering_ok(items: list[Item]) -> bool:
+    numbers = [i.number for i in items if i.number is not None]
+    return numbers == list(range(1, len(numbers) + 1))
+
+
+@lru_cache(maxsize=65536)
+def stem(word: str) -> str:
+    return _STEMMER.stem(word)
+
+
+def _word_matches(word: str, keyword_stem: str) -> bool:
+    return stem(word) == keyword_stem or (len(keyword_stem) >= 4 and word.startswith(keyword_stem))
+
+
+def mentions_topic(text: str, keywords: list[str]) -> bool:
+    """True when a keyword (multi-word keywords as a phrase) or a word sharing its stem appears."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    for keyword in keywords:
+        parts = [stem(w) for w in re.findall(r"[a-z0-9]+", keyword.lower())]
+        for i in range(len(words) - len(parts) + 1):
+            if parts and all(_word_matches(words[i + j], p) for j, p in enumerate(parts)):
+                return True
+    return False
+
+
+def all_distinct(texts: list[str]) -> bool:
+    """No two texts have ROUGE-L above the near-duplicate threshold."""
+    return all(rouge_l(a, b) <= NEAR_DUPLICATE for i, a in enumerate(texts) for b in texts[i + 1:])
+
+
+def check_list_response(text: str, spec: dict) -> dict[str, bool]:
+    items = [parse_item(line) for line in without_header(content_lines(text))]
+    good = [i for i in items if well_formed(i, spec["kind"])]
+    texts = [i.text for i in items]
+    return {"count_ok": len(good) == spec["count"],
+            "format_ok": bool(items) and len(good) == len(items) and numbering_ok(items),
+            "on_topic": mentions_topic(" ".join(texts), spec["keywords"]),
+            "distinct_items": all_distinct(texts)}
+
+
+def parse_mcq(text: str) -> tuple[list[McqItem], int]:
+    """(complete items, stray lines): an item is stem lines, option lines, then an answer line.
+    Lines that fit nowhere, and an item left without an answer, count as stray."""
+    items: list[McqItem] = []
+    stray = 0
+    current: McqItem | None = None
+    for line in content_lines(text):
+        answer, option = ANSWER.match(line), OPTION.match(line)
+        if answer:
+            if current is None or not current.options:
+                stray += 1
+                current = None
+                continue
+            current.answer = answer["label"]
+            items.append(current)
+            current = None
+        elif option and current is not None:
+            current.options.append((option["label"].upper(), option["text"].strip()))
+        elif current is None:
+            current = McqItem([parse_item(line).text])
+        elif current.options:
+            stray += 1
+        else:
+            current.stem.append(line)
+    return items, stray + (current is not None)
+
+
+def mcq_well_formed(item: McqItem) -> bool:
+    labels = [label for label, _ in item.options]
+    return labels == ["A", "B", "C", "D"] and item.answer in labels
+
+
+def check_mcq_response(text: str, spec: dict) -> dict[str, bool]:
+    items, stray = parse_mcq(text)
+    stems = [" ".join(i.stem) for i in items]
+    options = [[o for _, o in i.options] for i in items]
+    return {"count_ok": sum(mcq_well_formed(i) for i in items) == spec["count"],
+            "format_ok": bool(items) and stray == 0 and all(mcq_well_formed(i) for i in items),
+            "on_topic": mentions_topic(" ".join(stems + [o for opts in options for o in opts]),
+                                       spec["keywords"]),
+            "distinct_items": all_distinct(stems) and all(all_distinct(o) for o in options)}
+
+
+def check_response(text: str, spec: dict) -> dict[str, bool]:
+    """The four checks of a response against its task's spec {kind, count, keywords}."""
+    if spec["kind"] == "mcq":
+        return check_mcq_response(text, spec)
+    return check_list_response(text, spec)
+
+
+# 4. scores ---------------------------------------------------------------------------------------
+
+SCAFFOLDING = re.compile(r"^(Task \d+:|Topic \d+:|Instruction:|Response( [AB])?:|###)", re.MULTILINE)
+
+
+def unusable_reason(text: str, guard: TemplateGuard, exemplars: list[str]) -> str | None:
+    """Why a sample can be neither chosen nor rejected (None when usable). Repeated *items* are
+    not noise but a distinct_items failure, so only a line repeating itself is degenerate."""
+    reason = degenerate_reason(text)
+    if reason and reason != "repetitive":
+        return reason
+    if any(degenerate_reason(line) == "repetitive" for line in content_lines(text)):
+        return "repetitive line"
+    if not guard.is_clean(text):
+        return "chat markup"
+    if SCAFFOLDING.search(text):
+        return "prompt scaffolding"
+    if copies_exemplar(text, exemplars):
+        return "copies an exemplar"
+    return None
+
+
+def score_sample(text: str, spec: dict, guard: TemplateGuard, exemplars: list[str]) -> dict:
+    checks = check_response(text, spec)
+    return {"checks": checks, "passed": all(checks.values()),
+            "checks_passed": sum(checks.values()), "unusable": unusable_reason(text, guard, exemplars)}
+
+
+def same_text(text: str) -> str:
+    return " ".join(text.split())
+
+
+def first_of_each_text(samples: list[dict]) -> list[dict]:
+    """Drop repeated texts, keeping the first sample of each."""
+    seen: set[str] = set()
+    kept = []
+    for sample in samples:
+        if same_text(sample["text"]) not in seen:
+            seen.add(same_text(sample["text"]))
+            kept.append(sample)
+    return kept
+
+
+def hardest_failure(samples: list[dict]) -> dict:
+    """The usable failure that passes the most checks (the lowest sample number on a tie)."""
+    failers = [s for s in samples if not s["passed"] and s["unusable"] is None]
+    return max(failers, key=lambda s: (s["checks_passed"], -s["sample"]))
+
+
+def comparisons_for(samples: list[dict]) -> list[tuple[int, int]]:
+    """Passers among themselves (to pick the best passer), plus the first passer against the
+    hardest failure (an audit of the judge against the checks)."""
+    distinct = first_of_each_text([s for s in samples if s["unusable"] is None])
+    passers = [s["sample"] for s in distinct if s["passed"]][:MAX_JUDGED_SAMPLES]
+    pairs = [(a, b) for i, a in enumerate(passers) for b in passers[i + 1:]]
+    if passers and any(not s["passed"] for s in distinct):
+        pairs.append((passers[0], hardest_failure(distinct)["sample"]))
+    return pairs
+
+
+def judge_shots(ctx: StageContext, pool: dict, task_id: str, a: int, b: int) -> str:
+    """Two judge exemplars drawn per comparison (one says A, one says B: no answer prior)."""
+    rng = random.Random(seed_for(ctx.seed, "judge-exemplars", task_id, a, b))
+    shots = [rng.choice([e for e in pool["judge_exemplars"] if e["better"] == side])
+             for side in ("A", "B")]
+    rng.shuffle(shots)
+    return judge_prefix(shots)
+
+
+def make_scores(ctx: StageContext, pool: dict) -> None:
+    tasks = {t["id"]: t for t in load_tasks(ctx, "train")}
+    guard, exemplars = ctx.guard(), exemplar_texts(pool)
+    scored = [{**r, **score_sample(r["text"], tasks[r["task_id"]]["spec"], guard, exemplars)}
+              for r in read_jsonl(ctx.path("responses.jsonl"))]
+    by_task: dict[str, list[dict]] = {}
+    for s in scored:
+        by_task.setdefault(s["task_id"], []).append(s)
+    jobs = [(task_id, a, b) for task_id, samples in by_task.items()
+            for a, b in comparisons_for(samples)]
+    items = [(judge_shots(ctx, pool, t, a, b), tasks[t]["instruction"],
+              by_task[t][a]["text"], by_task[t][b]["text"]) for t, a, b in jobs]
+    verdicts = judge_many(ctx.backend(), guard, items, ctx.profile.judge_batch_size,
+                          "stage 3 scores") if items else []
+    judgments = [{"task_id": t, "x": a, "y": b, "winner": v.winner,
+                  "margin_xy": v.margin_xy, "margin_yx": v.margin_yx}
+                 for (t, a, b), v in zip(jobs, verdicts)]
+    write_jsonl(ctx.path("judgments.jsonl"), judgments)
+    write_jsonl(ctx.path("scores.jsonl"), scored)
+
+
+# 5. pairs ----------------------------------------------------------------------------------------
+
+def consistent_winner(judgment: dict) -> int | None:
+    """The sample preferred in both orders, or None when the orders disagree (position bias)."""
+    if judgment["margin_xy"] > 0 and judgment["margin_yx"] > 0:
+        return judgment["x"]
+    if judgment["margin_xy"] < 0 and judgment["margin_yx"] < 0:
+        return judgment["y"]
+    return None
+
+
+def judge_wins(judgments: list[dict]) -> dict[int, int]:
+    """Order-consistent wins minus losses per sample (ties count for nobody)."""
+    wins: dict[int, int] = {}
+    for j in judgments:
+        winner = consistent_winner(j)
+        if winner is None:
+            continue
+        loser = j["y"] if winner == j["x"] else j["x"]
+        wins[winner] = wins.get(winner, 0) + 1
+        wins[loser] = wins.get(loser, 0) - 1
+    return wins
+
+
+def choose_pair(task: dict, samples: list[dict], judgments: list[dict]) -> tuple[dict | None, str]:
+    """(pair, reason): chosen passes every check, rejected fails (the hardest failure)."""
+    usable = [s for s in samples if s["unusable"] is None]
+    passers = [s for s in usable if s["passed"]]
+    if not passers:
+        return None, "no sample passes the checks"
+    if all(s["passed"] for s in usable):
+        return None, "every usable sample passes (no rejected)"
+    passer_ids = {s["sample"] for s in passers}
+    wins = judge_wins([j for j in judgments if {j["x"], j["y"]} <= passer_ids])
+    chosen = max(passers, key=lambda s: (wins.get(s["sample"], 0), -s["sample"]))
+    return make_pair(task, chosen, hardest_failure(usable)), "ok"
+
+
+def make_pair(task: dict, chosen: dict, rejected: dict) -> dict:
+    return {"prompt": house_prompt(task["instruction"]), "chosen": chosen["text"],
+            "rejected": rejected["text"], "task_id": task["id"], "source": "checks",
+            "spec": task["spec"], "chosen_sample": chosen["sample"],
+            "rejected_sample": rejected["sample"], "rejected_checks": rejected["checks"]}
+
+
+def pair_problem(pair: dict, guard: TemplateGuard, exemplars: list[str]) -> str | None:
+    """Shared last filter: identical, degenerate, marked-up, scaffolding or exemplar copies."""
+    if same_text(pair["chosen"]) == same_text(pair["rejected"]):
+        return "identical"
+    if not guard.is_clean(pair["prompt"]):
+        return "chat markup in prompt"
+    for side in ("chosen", "rejected"):
+        if reason := unusable_reason(pair[side], guard, exemplars):
+            return f"{side}: {reason}"
+    return None
+
+
+def make_pairs(ctx: StageContext, pool: dict) -> None:
+    tasks = load_tasks(ctx, "train")
+    scored = read_jsonl(ctx.path("scores.jsonl"))
+    judgments = read_jsonl(ctx.path("judgments.jsonl"))
+    guard, exemplars = ctx.guard(), exemplar_texts(pool)
+    pairs, dropped = [], []
+    for task in tasks:
+        samples = [s for s in scored if s["task_id"] == task["id"]]
+        pair, reason = choose_pair(task, samples, [j for j in judgments if j["task_id"] == task["id"]])
+        if pair is not None:
+            reason = pair_problem(pair, guard, exemplars) or "ok"
+        if reason == "ok":
+            pairs.append(pair)
+        else:
+            dropped.append({"task_id": task["id"], "reason": reason})
+    write_jsonl(ctx.path("pairs_dropped.jsonl"), dropped)
+    if not pairs:
+        raise RuntimeError(
+            f"stage 3 produced no preference pairs from {len(tasks)} tasks: no task had both a "
+            f"sample passing every check and a failing one (reasons in "
+            f"{ctx.path('pairs_dropped.jsonl')}); raise --limit, or the model cannot yet write "
+            f"lists in the asked form even with exemplars")
+    write_jsonl(ctx.path("pairs_candidates.jsonl"), pairs)
+    ctx.log(f"pairs: {len(pairs)} kept, {len(dropped)} dropped")
+
+
+# 6-10. decontaminate, train, merge, assess, report (core/lifecycle.py) ---------------------------
+
+def earlier_heldout(ctx: StageContext) -> list[tuple[str, str]]:
+    """Held-out items of the earlier stages of this run, where they exist: they stay out of this
+    stage's training data too, so re-assessing those stages later remains clean."""
+    items = []
+    for number, name, text_field in EARLIER_HELDOUT:
+        path = ctx.run_dir / f"stage_{number}" / name
+        if path.is_file():
+            items += [(f"stage{number}:{r['id']}", r[text_field]) for r in read_jsonl(path)
+                      if r["split"] == "heldout"]
+    return items
+
+
+def decontaminate(ctx: StageContext, pool: dict) -> None:
+    heldout = [(t["id"], t["instruction"]) for t in load_tasks(ctx, "heldout")]
+    lifecycle.decontaminate_pairs(ctx, exemplar_texts(pool), heldout + earlier_heldout(ctx))
+
+
+def train(ctx: StageContext, pool: dict) -> None:
+    lifecycle.train_adapter(ctx)
+
+
+def merge(ctx: StageContext, pool: dict) -> None:
+    tasks = read_jsonl(ctx.path("tasks.jsonl"))
+    lifecycle.merge_model(ctx, [house_prompt(t["instruction"]) for t in tasks[:8]])
+
+
+def assess_generation(backend, guard: TemplateGuard, tasks: list[dict], cache_path: Path,
+                      max_new_tokens: int, batch_size: int, where: str) -> dict:
+    """A zero-shot, greedy response per held-out task, scored by the four checks."""
+    requests = [GenRequest(t["id"], house_prompt(t["instruction"]), 0) for t in tasks]
+    cache = GenerationCache(cache_path)
+    try:
+        results = generate_all(backend, requests, greedy(max_new_tokens), cache, guard,
+                               batch_size, where)
+    finally:
+        cache.close()
+    items = []
+    for task in tasks:
+        text = results[task["id"]]["text"].strip()
+        checks = check_response(text, task["spec"])
+        items.append({"id": task["id"], "kind": task["spec"]["kind"], "response": text,
+                      "checks": checks, "passed": all(checks.values())})
+    summary = {"task_success": rate(sum(i["passed"] for i in items), len(items))}
+    summary.update({c: rate(sum(i["checks"][c] for i in items), len(items)) for c in CHECKS})
+    return {"summary": summary, "items": items}
+
+
+def assess(ctx: StageContext, pool: dict) -> None:
+    """Held-out tasks (unseen topics), zero-shot and greedy: task success and per-check rates."""
+    tasks = load_tasks(ctx, "heldout")
+
+    def assess_heldout(backend, label: str) -> dict:
+        p = ctx.profile
+        return assess_generation(backend, ctx.guard(), tasks,
+                                 ctx.path(f"cache/assess_{label}.jsonl"), p.max_new_tokens,
+                                 p.gen_batch_size, f"stage 3 assess {label}")
+
+    lifecycle.assess_models(ctx, assess_heldout, headline="task_success")
+
+
+def report(ctx: StageContext, pool: dict) -> None:
+    topics = read_jsonl(ctx.path("topics.jsonl"))
+    audit = read_jsonl(ctx.path("topics_audit.jsonl"))
+    scored = read_jsonl(ctx.path("scores.jsonl"))
+    lifecycle.write_stage_report(ctx, NAME, {
+        "topics": {"pool": sum(t["source"] == "pool" for t in topics),
+                   "model_proposed": sum(t["source"] == "model" for t in topics),
+                   "dropped": sum(a["dropped"] is not None for a in audit)},
+        "tasks_train": len(load_tasks(ctx, "train")),
+        "tasks_heldout": len(load_tasks(ctx, "heldout")),
+        "responses": len(scored),
+        "sample_checks": sample_check_rates(scored),
+        "pairs_dropped": len(read_jsonl(ctx.path("pairs_dropped.jsonl"))),
+        "earlier_heldout_items_decontaminated": len(earlier_heldout(ctx)),
+        "judge": judge_audit(read_jsonl(ctx.path("judgments.jsonl")), scored),
+    })
+
+
+def sample_check_rates(scored: list[dict]) -> dict:
+    """How often the few-shot samples were usable, and passed each check and all of them."""
+    usable = [s for s in scored if s["unusable"] is None]
+    rates = {"usable": rate(len(usable), len(scored)),
+             "all_checks": rate(sum(s["passed"] for s in usable), len(usable))}
+    rates.update({c: rate(sum(s["checks"][c] for s in usable), len(usable)) for c in CHECKS})
+    return rates
+
+
+def judge_audit(judgments: list[dict], scored: list[dict]) -> dict:
+    """How often the judge was order-consistent, and how often it agreed with the checks."""
+    passed = {(s["task_id"], s["sample"]): s["passed"] for s in scored}
+    decided = [(j, consistent_winner(j)) for j in judgments]
+    consistent = [(j, w) for j, w in decided if w is not None]
+    checkable = [(j, w) for j, w in consistent
+                 if passed[(j["task_id"], j["x"])] != passed[(j["task_id"], j["y"])]]
+    agree = sum(1 for j, w in checkable if passed[(j["task_id"], w)])
+    return {"comparisons": len(judgments), "order_consistent": rate(len(consistent), len(judgments)),
+            "agrees_with_checkers": rate(agree, len(checkable))}

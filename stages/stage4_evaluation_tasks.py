@@ -1,0 +1,683 @@
+"""Stage 4 - evaluation tasks.
+
+The model learns to judge which of two responses better serves a request, and to say why in one
+sentence, zero-shot, in the house format. Steps (each resumable, each marked done only when
+complete):
+
+1. tasks         Labelled pairs (a request and two responses, the better one known) from
+                 earlier stages' check outcomes: for each scored task of stages 1-3 whose files
+                 are present (EARLIER_STAGES names each stage's task file and fields), a sample
+                 that passes every check against one that fails; then the pool's own labelled
+                 pairs (so the stage runs alone). One pair per request; pairs whose zero-shot
+                 prompt would not fit the profile's `max_length` are dropped. Split by a hash of
+                 the normalized request: `ctx.heldout` held-out pairs, `ctx.limit` training
+                 pairs; training requests that nearly equal a held-out one are dropped, then
+                 leakage is checked. Each training pair becomes two judge tasks, the better
+                 response shown first (label A) and second (label B). With
+                 `ctx.data_dir`, single-turn HH-RLHF harmless *test* pairs are picked by hash as
+                 an extra held-out set: assessment only, never training (the file is an
+                 evaluation set and decontamination indexes it).
+2. verdicts      K verdicts per task (critique temperature, one line) from a few-shot completion
+                 prompt: 3-4 pool exemplars, each rendered in a random order with the letters
+                 balanced, answering "A. <reason>".
+3. scores        Each verdict is parsed (first letter A/B followed by a non-letter; ties and
+                 anything else do not parse), its letter checked against the task's label, and
+                 its reason checked: present, non-degenerate, one finished sentence, not a copy
+                 of either response.
+4. pairs         Per task: chosen = a verdict with the right letter *for that order* and a good
+                 reason; rejected = a wrong-letter verdict (preferred), else a right-letter one
+                 whose reason is missing or degenerate. A verdict picks a *response*, so when an
+                 order has no chosen (or no wrong verdict) of its own, a verdict written for the
+                 other order of the same pair stands in with its letter mapped to the same
+                 response - only when its reason holds in both orders (it names no position:
+                 no "A"/"B", "first", "second"...); a verdict that holds in one order only is
+                 never carried over. This keeps a position-biased model's data balanced: it says
+                 "A" in both orders, so the better-second order has no right verdict of its own.
+                 Verdicts that do not parse, carry chat markup or prompt scaffolding, or copy an
+                 exemplar are never used; identical pairs are dropped. The training prompt is
+                 the zero-shot house prompt: exemplars never reach it.
+5. decontaminate Template state and EOS agreement; 13-gram overlap with every evaluation set and
+                 with the held-out requests and responses; exemplar copies (core/lifecycle.py).
+6. train         DPO on a LoRA.
+7. merge         into a full-precision copy of the input model, with a parity check.
+8. assess        input vs merged model on the held-out labelled pairs, both orders, zero-shot,
+                 greedy: accuracy per order, accuracy in both orders (headline), the position-bias
+                 gap (better-first minus better-second accuracy), parse and reason rates; the
+                 same on the HH-RLHF held-out pairs when present; the baseline suite.
+9. report        metrics.json and report.md; then DONE.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import yaml
+
+from core import lifecycle
+from core.assess import generate_greedy
+from core.context import StageContext
+from core.generation import GenerationCache, GenRequest, generate_all
+from core.io import atomic_write_text, read_json, read_jsonl, write_jsonl
+from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
+from core.run import StageSteps
+from core.stats import rate
+from core.text import copies_exemplar, degenerate_reason, normalize, rouge_l
+
+NUMBER = 4
+NAME = "evaluation-tasks"
+SUMMARY = "judge which of two responses better serves a request, and say why in one sentence"
+STEPS = ["tasks", "verdicts", "scores", "pairs", "decontaminate", "train", "merge", "assess",
+         "report"]
+
+POOL_PATH = Path(__file__).with_name("pools") / "stage4.yaml"
+HH_PATH = Path("hh-rlhf-harmless") / "harmless-base-test.jsonl.gz"
+HH_SOURCE = "hh-rlhf-harmless-test"
+HH_MAX_WORDS = 80  # per HH response: keeps the assessment prompts short
+NEAR_DUPLICATE = 0.7
+VERDICT_TOKENS = 64  # room left in `max_length` for the verdict after the prompt
+VERDICT_STOPS: tuple[str, ...] = ("\n",) + RESPONSE_STOPS  # a verdict is one line
+LETTERS = ("A", "B")  # a task's label: where the better response is shown
+
+
+@dataclass(frozen=True)
+class EarlierStage:
+    """Where an earlier stage keeps its tasks and check outcomes. Its scores.jsonl holds
+    `task_id`, `sample`, `text` and the boolean `passed_field`."""
+
+    folder: str
+    tasks_file: str
+    request_field: str  # the request as the model saw it (inside the house prompt)
+    key_field: str  # the bare request, for dedup and leakage checks
+    passed_field: str
+
+
+EARLIER_STAGES = (
+    EarlierStage("stage_1", "instructions.jsonl", "prompt_instruction", "instruction", "passed"),
+    EarlierStage("stage_2", "questions.jsonl", "question", "question", "answers"),
+    EarlierStage("stage_3", "tasks.jsonl", "instruction", "instruction", "passed"),
+)
+TASK_TEMPLATE = (
+    "Here is a request and two responses.\n\nRequest: {request}\n\nResponse A:\n{a}\n\n"
+    "Response B:\n{b}\n\nWhich response serves the request better? Answer with A or B, then "
+    "give the reason in one sentence."
+)
+SCAFFOLDING = re.compile(r"^(Task \d+:|Instruction:|Request:|Response( [AB])?:|Answer:|###)",
+                         re.MULTILINE)
+VERDICT = re.compile(r"^\(?([AB])\)?(?![A-Za-z0-9'])[\s.:,;!)\-\u2013\u2014]*(.*)$", re.DOTALL)
+TIE = re.compile(r"^(?:(?:a|it's a|it is a)\s+)?(?:tie|draw)\b|^(?:both|neither|equal)",
+                 re.IGNORECASE)
+SENTENCE_BREAK = re.compile(r"[.!?][\"')\]]*\s+(?=[\"'(\[]?[A-Z0-9])")
+SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
+# A reason that names a position holds in its own order only.
+POSITION = re.compile(r"\b(?:[AB]|(?i:first|second|former|latter))\b")
+
+
+def load_pool() -> dict:
+    """The project-written pool: verdict exemplars (shots) and labelled pairs (task material)."""
+    return yaml.safe_load(POOL_PATH.read_text(encoding="utf-8"))
+
+
+def exemplar_texts(pool: dict) -> list[str]:
+    """Every shot string, for the exemplar-copy filter (labelled pairs are task data, not
+    exemplars: they may appear in training prompts)."""
+    return [e[field] for e in pool["verdict_exemplars"]
+            for field in ("request", "better", "worse", "reason")]
+
+
+def run(ctx: StageContext) -> None:
+    """Run (or resume) every step of stage 4, then write DONE."""
+    pool = load_pool()
+    steps = StageSteps(ctx.stage_dir, STEPS)
+    actions = {
+        "tasks": make_tasks, "verdicts": make_verdicts, "scores": make_scores,
+        "pairs": make_pairs, "decontaminate": decontaminate, "train": train, "merge": merge,
+        "assess": assess, "report": report,
+    }
+    steps.run([(name, partial(actions[name], ctx, pool)) for name in STEPS], ctx.log)
+    atomic_write_text(ctx.path("DONE"), "stage 4 complete\n")
+
+
+# 1. tasks ----------------------------------------------------------------------------------------
+
+def judge_text(request: str, a: str, b: str) -> str:
+    """The judge task in words (the house prompt wraps it)."""
+    return TASK_TEMPLATE.format(request=request.strip(), a=a.strip(), b=b.strip())
+
+
+def ordered(pair: dict, label: str) -> tuple[str, str]:
+    """(response A, response B) for a task whose label says where the better response is."""
+    return (pair["better"], pair["worse"]) if label == "A" else (pair["worse"], pair["better"])
+
+
+def labelled_id(key: str) -> str:
+    return "l" + hashlib.sha256(normalize(key).encode()).hexdigest()[:10]
+
+
+def response_problem(text: str, guard) -> str | None:
+    """Why an earlier stage's sample cannot be shown to the judge (None when it can)."""
+    if reason := degenerate_reason(text):
+        return reason
+    if not guard.is_clean(text):
+        return "chat markup"
+    if SCAFFOLDING.search(text):
+        return "prompt scaffolding"
+    return None
+
+
+def same_text(text: str) -> str:
+    return " ".join(text.split())
+
+
+def pick_known_pair(samples: list[dict], passed_field: str, guard) -> tuple[dict, dict] | None:
+    """(passer, failer) of one task: the first usable sample that passes every check and the
+    first usable one that fails, with different texts; None when the label is not known."""
+    usable = [s for s in sorted(samples, key=lambda s: s["sample"])
+              if response_problem(s["text"], guard) is None]
+    passer = next((s for s in usable if s[passed_field] is True), None)
+    if passer is None:
+        return None
+    failer = next((s for s in usable if s[passed_field] is False
+                   and same_text(s["text"]) != same_text(passer["text"])), None)
+    return (passer, failer) if failer else None
+
+
+def labelled_from_stage(run_dir: Path, stage: EarlierStage, guard) -> list[dict]:
+    """Labelled pairs from an earlier stage's check outcomes (none when its files are absent)."""
+    folder = run_dir / stage.folder
+    if not (folder / "scores.jsonl").is_file() or not (folder / stage.tasks_file).is_file():
+        return []
+    by_task: dict[str, list[dict]] = {}
+    for sample in read_jsonl(folder / "scores.jsonl"):
+        by_task.setdefault(sample["task_id"], []).append(sample)
+    pairs = []
+    for task in read_jsonl(folder / stage.tasks_file):
+        known = pick_known_pair(by_task.get(task["id"], []), stage.passed_field, guard)
+        if known is None:
+            continue
+        better, worse = known
+        pairs.append({"id": labelled_id(task[stage.key_field]), "source": stage.folder,
+                      "key": task[stage.key_field], "request": task[stage.request_field],
+                      "better": better["text"], "worse": worse["text"],
+                      "origin": {"task_id": task["id"], "better_sample": better["sample"],
+                                 "worse_sample": worse["sample"]}})
+    return pairs
+
+
+def labelled_from_pool(pool: dict) -> list[dict]:
+    return [{"id": labelled_id(p["request"]), "source": "pool", "key": p["request"],
+             "request": p["request"], "better": p["better"], "worse": p["worse"],
+             "origin": {"pool_index": i, "kind": p["kind"]}}
+            for i, p in enumerate(pool["labelled_pairs"])]
+
+
+def prompt_tokens(tokenizer, pair: dict) -> int:
+    """Tokens of the longer zero-shot prompt of the pair's two orders."""
+    return max(len(tokenizer(house_prompt(judge_text(pair["request"], *ordered(pair, label))),
+                             add_special_tokens=False)["input_ids"]) for label in LETTERS)
+
+
+def split_labelled(pairs: list[dict], limit: int, heldout: int) -> tuple[list[dict], list[dict]]:
+    """(kept pairs with "split", dropped): held-out = the `heldout` smallest ids, training = the
+    next `limit`; training pairs that nearly equal a held-out request are dropped."""
+    order = sorted(pairs, key=lambda p: p["id"])
+    if len(order) - heldout < 2:  # too few to honour --heldout: keep three quarters for training
+        heldout = max(1, len(order) // 4)
+    held = [{**p, "split": "heldout"} for p in order[:heldout]]
+    kept, dropped = [], []
+    for pair in order[heldout:]:
+        if len(kept) == limit:
+            break
+        if any(near_same(pair["key"], h["key"]) for h in held):
+            dropped.append({"id": pair["id"], "reason": "near a held-out request"})
+        else:
+            kept.append({**pair, "split": "train"})
+    return held + kept, dropped
+
+
+def near_same(a: str, b: str) -> bool:
+    return normalize(a) == normalize(b) or rouge_l(a, b) > NEAR_DUPLICATE
+
+
+def check_leakage(pairs: list[dict]) -> None:
+    """No held-out request may equal or nearly equal a training one."""
+    train = [p for p in pairs if p["split"] == "train"]
+    for held in (p for p in pairs if p["split"] == "heldout"):
+        for other in train:
+            if near_same(held["key"], other["key"]):
+                raise RuntimeError(f"held-out pair {held['id']} leaks into training: "
+                                   f"{held['key']!r} ~ {other['key']!r}")
+
+
+def judge_tasks(pairs: list[dict]) -> list[dict]:
+    """Two tasks per labelled pair, one per order, in stage 1's instructions.jsonl shape."""
+    return [{"id": f"{p['id']}-{label}", "pair_id": p["id"], "label": label,
+             "instruction": p["key"],
+             "prompt_instruction": judge_text(p["request"], *ordered(p, label)),
+             "source": p["source"], "split": p["split"]}
+            for p in pairs for label in LETTERS]
+
+
+def hh_pair(line: str) -> dict | None:
+    """Request / chosen / rejected of a single-turn HH-RLHF record (None for multi-turn)."""
+    record = json.loads(line)
+    turns = []
+    for side in ("chosen", "rejected"):
+        text = record[side]
+        if text.count("\n\nHuman:") != 1 or text.count("\n\nAssistant:") != 1:
+            return None
+        human, assistant = text.split("\n\nAssistant:", 1)
+        turns.append((human.split("\n\nHuman:", 1)[1].strip(), assistant.strip()))
+    (request, better), (other_request, worse) = turns
+    if request != other_request:
+        return None
+    return {"request": request, "better": better, "worse": worse}
+
+
+def read_hh_pairs(path: Path) -> dict[int, dict]:
+    """{row: pair} for every single-turn record of the HH-RLHF harmless test file."""
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        rows = [line for line in handle if line.strip()]
+    return {row: pair for row, line in enumerate(rows) if (pair := hh_pair(line)) is not None}
+
+
+def pick_hh_heldout(pairs: dict[int, dict], count: int, guard) -> list[dict]:
+    """`count` usable single-turn rows, picked by hash; only ids and row numbers are kept."""
+    def usable(pair: dict) -> bool:
+        sides = (pair["better"], pair["worse"])
+        return all(side and len(side.split()) <= HH_MAX_WORDS
+                   and response_problem(side, guard) is None for side in sides) \
+            and same_text(sides[0]) != same_text(sides[1]) and guard.is_clean(pair["request"])
+
+    rows = sorted((row for row, pair in pairs.items() if usable(pair)),
+                  key=lambda row: hashlib.sha256(f"hh-{row}".encode()).hexdigest())
+    return [{"id": f"hh-{row}", "row": row} for row in rows[:count]]
+
+
+def make_tasks(ctx: StageContext, pool: dict) -> None:
+    guard = ctx.guard()
+    tokenizer, _ = ctx.input_tokenizer_and_generation_config()
+    candidates: dict[str, dict] = {}
+    for stage in EARLIER_STAGES:
+        for pair in labelled_from_stage(ctx.run_dir, stage, guard):
+            candidates.setdefault(pair["id"], pair)
+    for pair in labelled_from_pool(pool):
+        candidates.setdefault(pair["id"], pair)
+    budget = ctx.profile.max_length - VERDICT_TOKENS
+    too_long = {i for i, p in candidates.items() if prompt_tokens(tokenizer, p) > budget}
+    pairs, near = split_labelled([p for i, p in candidates.items() if i not in too_long],
+                                 ctx.limit, ctx.heldout)
+    long_ = [{"id": i, "reason": f"prompt longer than {budget} tokens"} for i in too_long]
+    write_jsonl(ctx.path("tasks_dropped.jsonl"), long_ + near)
+    check_leakage(pairs)
+    if sum(p["split"] == "train" for p in pairs) < 2:
+        raise RuntimeError(f"stage 4 found only {len(pairs)} labelled pairs whose prompt fits "
+                           f"max_length {ctx.profile.max_length} "
+                           f"(see {ctx.path('tasks_dropped.jsonl')})")
+    write_jsonl(ctx.path("labelled.jsonl"), pairs)
+    write_jsonl(ctx.path("instructions.jsonl"), judge_tasks(pairs))
+    hh_file = ctx.data_dir / HH_PATH if ctx.data_dir else None
+    hh = pick_hh_heldout(read_hh_pairs(hh_file), ctx.heldout, guard) \
+        if hh_file and hh_file.is_file() else []
+    write_jsonl(ctx.path("hh_heldout.jsonl"), hh)
+    sources = Counter(f"{p['source']}/{p['split']}" for p in pairs)
+    ctx.log(f"tasks: labelled pairs {dict(sources)}, HH-RLHF held-out {len(hh)}")
+
+
+def load_tasks(ctx: StageContext, split: str) -> list[dict]:
+    return [t for t in read_jsonl(ctx.path("instructions.jsonl")) if t["split"] == split]
+
+
+def load_labelled(ctx: StageContext, split: str) -> list[dict]:
+    return [p for p in read_jsonl(ctx.path("labelled.jsonl")) if p["split"] == split]
+
+
+# 2. verdicts -------------------------------------------------------------------------------------
+
+def verdict_text(letter: str, reason: str) -> str:
+    return f"{letter}. {reason.strip()}"
+
+
+def verdict_shots(pool: dict, rng: random.Random) -> list[tuple[str, str]]:
+    """3-4 exemplars, each shown in a random order, with as many A as B answers (+-1)."""
+    exemplars = draw(pool["verdict_exemplars"], rng, 3, 4)
+    letters = [LETTERS[i % 2] for i in range(len(exemplars))]
+    rng.shuffle(letters)
+    return [(judge_text(e["request"], *ordered(e, letter)), verdict_text(letter, e["reason"]))
+            for e, letter in zip(exemplars, letters)]
+
+
+def verdict_requests(ctx: StageContext, pool: dict, tasks: list[dict]) -> list[GenRequest]:
+    requests = []
+    for task in tasks:
+        for k in range(ctx.profile.responses_per_task):
+            rng = random.Random(seed_for(ctx.seed, "verdict-exemplars", task["id"], k))
+            prompt = few_shot_prompt(verdict_shots(pool, rng), task["prompt_instruction"])
+            requests.append(GenRequest(f"{task['id']}-{k}", prompt,
+                                       seed_for(ctx.seed, "verdict", task["id"], k)))
+    return requests
+
+
+def make_verdicts(ctx: StageContext, pool: dict) -> None:
+    tasks = load_tasks(ctx, "train")
+    requests = verdict_requests(ctx, pool, tasks)
+    settings = ctx.sampling(ctx.profile.temperature_critique, ctx.profile.max_new_tokens,
+                            VERDICT_STOPS)
+    cache = GenerationCache(ctx.path("cache/verdicts.jsonl"))
+    try:
+        results = generate_all(ctx.backend(), requests, settings, cache, ctx.guard(),
+                               ctx.profile.gen_batch_size, "stage 4 verdicts")
+    finally:
+        cache.close()
+    records = []
+    for task in tasks:
+        for k in range(ctx.profile.responses_per_task):
+            result = results[f"{task['id']}-{k}"]
+            records.append({"task_id": task["id"], "sample": k, "text": result["text"].strip(),
+                            "finish": result["finish"]})
+    write_jsonl(ctx.path("verdicts.jsonl"), records)
+
+
+# 3. scores ---------------------------------------------------------------------------------------
+
+def parse_verdict(text: str) -> tuple[str | None, str]:
+    """(letter, reason): the letter is the first character when it is A or B and not the start
+    of a word; a tie, or anything else, gives (None, "")."""
+    stripped = text.strip()
+    match = VERDICT.match(stripped)
+    if TIE.match(stripped) or match is None:
+        return None, ""
+    return match.group(1), match.group(2).strip()
+
+
+def reason_problem(reason: str, responses: tuple[str, str], finish: str = "stop") -> str | None:
+    """Why a verdict's reason is not one good sentence (None when it is)."""
+    if not reason:
+        return "no reason"
+    if finish == "length":
+        return "cut off"
+    if "\n" in reason:
+        return "more than one line"
+    if problem := degenerate_reason(reason, min_words=4, max_words=60):
+        return problem
+    if not SENTENCE_END.search(reason):
+        return "unfinished sentence"
+    if SENTENCE_BREAK.search(reason):
+        return "more than one sentence"
+    if any(normalize(reason) == normalize(r) or rouge_l(reason, r) > NEAR_DUPLICATE
+           for r in responses):
+        return "copies a response"
+    return None
+
+
+def unusable_reason(text: str, guard, exemplars: list[str]) -> str | None:
+    """Why a verdict can be neither chosen nor rejected (None when usable)."""
+    if not text.strip():
+        return "empty"
+    if not guard.is_clean(text):
+        return "chat markup"
+    if SCAFFOLDING.search(text):
+        return "prompt scaffolding"
+    if copies_exemplar(text, exemplars):
+        return "copies an exemplar"
+    return None
+
+
+def score_verdict(text: str, finish: str, label: str, responses: tuple[str, str], guard,
+                  exemplars: list[str]) -> dict:
+    """Parsed letter, correctness for this order, reason check; `passed` = may be chosen;
+    `both_orders` = a good reason that names no position (it holds in either order)."""
+    letter, reason = parse_verdict(text)
+    unusable = unusable_reason(text, guard, exemplars) or (None if letter else "does not parse")
+    problem = reason_problem(reason, responses, finish) if letter else None
+    correct = letter == label if letter else None
+    return {"letter": letter, "reason": reason, "correct": correct, "reason_problem": problem,
+            "unusable": unusable, "passed": unusable is None and bool(correct) and problem is None,
+            "both_orders": unusable is None and problem is None and not POSITION.search(reason)}
+
+
+def make_scores(ctx: StageContext, pool: dict) -> None:
+    tasks = {t["id"]: t for t in load_tasks(ctx, "train")}
+    pairs = {p["id"]: p for p in load_labelled(ctx, "train")}
+    guard, exemplars = ctx.guard(), exemplar_texts(pool)
+    scored = []
+    for verdict in read_jsonl(ctx.path("verdicts.jsonl")):
+        task = tasks[verdict["task_id"]]
+        responses = ordered(pairs[task["pair_id"]], task["label"])
+        scored.append({**verdict, "pair_id": task["pair_id"], "label": task["label"],
+                       **score_verdict(verdict["text"], verdict["finish"], task["label"],
+                                       responses, guard, exemplars)})
+    write_jsonl(ctx.path("scores.jsonl"), scored)
+
+
+# 4. pairs ----------------------------------------------------------------------------------------
+
+def other_letter(letter: str) -> str:
+    return LETTERS[1 - LETTERS.index(letter)]
+
+
+def carried_over(sample: dict) -> dict:
+    """A verdict of the other order, restated for this one: same response, other letter."""
+    return {**sample, "text": verdict_text(other_letter(sample["letter"]), sample["reason"]),
+            "letter": other_letter(sample["letter"]), "order": "other"}
+
+
+def rejected_rank(sample: dict) -> int:
+    """0: wrong letter, good reason; 1: wrong letter, poor reason; 2: the other order's wrong
+    verdict carried over; 3: right letter, poor reason."""
+    if sample["order"] == "other":
+        return 2
+    if not sample["correct"]:
+        return 0 if sample["reason_problem"] is None else 1
+    return 3
+
+
+def choose_pair(task: dict, samples: list[dict], other: list[dict]) -> tuple[dict | None, str]:
+    """(pair, reason): the pair rule for one task, from its own scored verdicts and, where those
+    lack a chosen or a wrong verdict, the other order's verdicts whose reasons hold in both."""
+    def usable(group: list[dict]) -> list[dict]:
+        return sorted((s for s in group if s["unusable"] is None), key=lambda s: s["sample"])
+
+    own = [{**s, "order": "this"} for s in usable(samples)]
+    carried = [carried_over(s) for s in usable(other) if s["both_orders"]]
+    if not own and not carried:
+        return None, "no usable verdict parses"
+    chosen = next((s for s in own + carried if s["passed"]), None)
+    if chosen is None:
+        return None, "no verdict with the right letter and a one-sentence reason"
+    rejects = [s for s in own if not s["passed"]] + [c for c in carried if not c["correct"]]
+    rejects = [s for s in rejects if same_text(s["text"]) != same_text(chosen["text"])]
+    if not rejects:
+        return None, "every usable verdict is right (no rejected)"
+    rejected = min(rejects, key=lambda s: (rejected_rank(s), s["sample"]))
+    return {"prompt": house_prompt(task["prompt_instruction"]), "chosen": chosen["text"],
+            "rejected": rejected["text"], "task_id": task["id"], "pair_id": task["pair_id"],
+            "label": task["label"], "source": task["source"],
+            "chosen_sample": chosen["sample"], "chosen_order": chosen["order"],
+            "rejected_sample": rejected["sample"], "rejected_order": rejected["order"],
+            "rejected_kind": "wrong letter" if not rejected["correct"] else
+            f"reason: {rejected['reason_problem']}"}, "ok"
+
+
+def pair_problem(pair: dict, guard, exemplars: list[str]) -> str | None:
+    """Shared last filter: identical, contaminated or exemplar-copying pairs."""
+    if same_text(pair["chosen"]) == same_text(pair["rejected"]):
+        return "identical"
+    if not guard.is_clean(pair["prompt"]):
+        return "chat markup in prompt"
+    for side in ("chosen", "rejected"):
+        if reason := unusable_reason(pair[side], guard, exemplars):
+            return f"{side}: {reason}"
+    return None
+
+
+def make_pairs(ctx: StageContext, pool: dict) -> None:
+    tasks = load_tasks(ctx, "train")
+    by_task: dict[str, list[dict]] = {}
+    for sample in read_jsonl(ctx.path("scores.jsonl")):
+        by_task.setdefault(sample["task_id"], []).append(sample)
+    guard, exemplars = ctx.guard(), exemplar_texts(pool)
+    pairs, dropped = [], []
+    for task in tasks:
+        other = f"{task['pair_id']}-{other_letter(task['label'])}"
+        pair, reason = choose_pair(task, by_task.get(task["id"], []), by_task.get(other, []))
+        if pair is not None:
+            reason = pair_problem(pair, guard, exemplars) or "ok"
+        if reason == "ok":
+            pairs.append(pair)
+        else:
+            dropped.append({"task_id": task["id"], "reason": reason})
+    write_jsonl(ctx.path("pairs_dropped.jsonl"), dropped)
+    if not pairs:
+        raise RuntimeError(
+            f"stage 4 produced no preference pairs from {len(tasks)} judge tasks (reasons in "
+            f"{ctx.path('pairs_dropped.jsonl')}): the model wrote no verdict with the right "
+            f"letter and a one-sentence reason next to a wrong one; raise --limit")
+    write_jsonl(ctx.path("pairs_candidates.jsonl"), pairs)
+    ctx.log(f"pairs: {len(pairs)} kept, {len(dropped)} dropped")
+
+
+# 5-9. decontaminate, train, merge, assess, report (core/lifecycle.py) ----------------------------
+
+def heldout_texts(pairs: list[dict]) -> list[tuple[str, str]]:
+    """Held-out requests and responses, for the 13-gram index."""
+    return [(f"{p['id']}/{field}", p[field]) for p in pairs for field in ("key", "better", "worse")]
+
+
+def decontaminate(ctx: StageContext, pool: dict) -> None:
+    lifecycle.decontaminate_pairs(ctx, exemplar_texts(pool),
+                                  heldout_texts(load_labelled(ctx, "heldout")))
+
+
+def train(ctx: StageContext, pool: dict) -> None:
+    lifecycle.train_adapter(ctx)
+
+
+def merge(ctx: StageContext, pool: dict) -> None:
+    tasks = read_jsonl(ctx.path("instructions.jsonl"))
+    lifecycle.merge_model(ctx, [house_prompt(t["prompt_instruction"]) for t in tasks[:8]])
+
+
+def judge_verdicts(backend, guard, pairs: list[dict], cache_path: Path, max_new_tokens: int,
+                   batch_size: int, where: str) -> list[dict]:
+    """Zero-shot greedy verdicts on both orders of each pair: letters, correctness, reasons."""
+    prompts = {f"{p['id']}-{label}": house_prompt(judge_text(p["request"], *ordered(p, label)))
+               for p in pairs for label in LETTERS}
+    texts = generate_greedy(backend, guard, cache_path, prompts, max_new_tokens, batch_size, where)
+    rows = []
+    for pair in pairs:
+        row = {"id": pair["id"], "source": pair["source"]}
+        for label in LETTERS:
+            text = texts[f"{pair['id']}-{label}"]
+            letter, reason = parse_verdict(text)
+            row[label] = {"text": text, "letter": letter, "correct": letter == label,
+                          "reason_ok": letter == label and
+                          reason_problem(reason, ordered(pair, label)) is None}
+        rows.append(row)
+    return rows
+
+
+def judging_summary(rows: list[dict], prefix: str = "") -> dict:
+    """Accuracy in each order and in both, parse and reason rates (rate dicts)."""
+    n = len(rows)
+    verdicts = [row[label] for row in rows for label in LETTERS]
+    return {
+        f"{prefix}accuracy_both_orders": rate(sum(row["A"]["correct"] and row["B"]["correct"]
+                                                  for row in rows), n),
+        f"{prefix}accuracy_better_first": rate(sum(row["A"]["correct"] for row in rows), n),
+        f"{prefix}accuracy_better_second": rate(sum(row["B"]["correct"] for row in rows), n),
+        f"{prefix}verdict_parsed": rate(sum(v["letter"] is not None for v in verdicts),
+                                        len(verdicts)),
+        f"{prefix}reason_ok": rate(sum(v["reason_ok"] for v in verdicts), len(verdicts)),
+    }
+
+
+def position_bias_gap(rows: list[dict]) -> float | None:
+    """Accuracy with the better response shown first minus shown second."""
+    if not rows:
+        return None
+    first = sum(row["A"]["correct"] for row in rows)
+    second = sum(row["B"]["correct"] for row in rows)
+    return (first - second) / len(rows)
+
+
+def assessed_items(rows: list[dict], paired: bool) -> list[dict]:
+    """Per-pair outcomes; `passed` (correct in both orders) feeds McNemar only when `paired`.
+    HH rows keep letters and outcomes only, never texts."""
+    items = []
+    for row in rows:
+        both = row["A"]["correct"] and row["B"]["correct"]
+        item = {"id": row["id"], "source": row["source"], "passed": both if paired else None,
+                "correct_both": both}
+        for label in LETTERS:
+            item[f"better_{'first' if label == 'A' else 'second'}"] = (
+                row[label] if paired else {k: v for k, v in row[label].items() if k != "text"})
+        items.append(item)
+    return items
+
+
+def load_hh_heldout(ctx: StageContext) -> list[dict]:
+    chosen = read_jsonl(ctx.path("hh_heldout.jsonl"))
+    if not chosen:
+        return []
+    pairs = read_hh_pairs(ctx.data_dir / HH_PATH)
+    return [{"id": c["id"], "source": HH_SOURCE, **pairs[c["row"]]} for c in chosen]
+
+
+def assess(ctx: StageContext, pool: dict) -> None:
+    """Held-out labelled pairs (and HH-RLHF held-out pairs), both orders, zero-shot, greedy."""
+    labelled, hh = load_labelled(ctx, "heldout"), load_hh_heldout(ctx)
+
+    def assess_heldout(backend, label: str) -> dict:
+        p = ctx.profile
+        rows = judge_verdicts(backend, ctx.guard(), labelled + hh,
+                              ctx.path(f"cache/assess_{label}.jsonl"), p.max_new_tokens,
+                              p.gen_batch_size, f"stage 4 assess {label}")
+        own = [r for r in rows if r["source"] != HH_SOURCE]
+        other = [r for r in rows if r["source"] == HH_SOURCE]
+        summary = judging_summary(own)
+        if other:
+            summary.update({k: v for k, v in judging_summary(other, "hh_").items()
+                            if "accuracy" in k})
+        return {"summary": summary,
+                "position_bias_gap": {"labelled": position_bias_gap(own),
+                                      "hh": position_bias_gap(other)},
+                "items": assessed_items(own, True) + assessed_items(other, False)}
+
+    lifecycle.assess_models(ctx, assess_heldout, headline="accuracy_both_orders")
+
+
+def report(ctx: StageContext, pool: dict) -> None:
+    labelled = read_jsonl(ctx.path("labelled.jsonl"))
+    scored = read_jsonl(ctx.path("scores.jsonl"))
+    pairs = read_jsonl(ctx.path("pairs.jsonl"))
+    assessment = read_json(ctx.path("assessment.json"))
+    lifecycle.write_stage_report(ctx, NAME, {
+        "labelled_pairs": dict(Counter(f"{p['source']} {p['split']}" for p in labelled)),
+        "tasks_train": len(load_tasks(ctx, "train")),
+        "hh_heldout": len(read_jsonl(ctx.path("hh_heldout.jsonl"))),
+        "verdicts": fewshot_audit(scored),
+        "pairs_dropped": dict(Counter(d["reason"]
+                                      for d in read_jsonl(ctx.path("pairs_dropped.jsonl")))),
+        "chosen_letters": dict(Counter(p["label"] for p in pairs)),
+        "carried_from_other_order": {side: sum(p[f"{side}_order"] == "other" for p in pairs)
+                                     for side in ("chosen", "rejected")},
+        "position_bias_gap": {side: assessment[side]["position_bias_gap"]["labelled"]
+                              for side in ("before", "after")},
+    })
+
+
+def fewshot_audit(scored: list[dict]) -> dict:
+    """How the input model judged few-shot while making the data: parse rate and letter
+    accuracy per order (its position bias in context)."""
+    parsed = [s for s in scored if s["letter"] is not None]
+    return {"samples": len(scored), "parsed": rate(len(parsed), len(scored)),
+            **{f"right_letter_better_{'first' if label == 'A' else 'second'}":
+               rate(sum(s["correct"] for s in parsed if s["label"] == label),
+                    sum(s["label"] == label for s in parsed)) for label in LETTERS}}

@@ -1,0 +1,650 @@
+"""Stage 5 - revision tasks.
+
+The model learns, given a request, a draft response and a critique, to write a revision that
+fixes what the critique names and keeps the draft's content, zero-shot, in the house format.
+Steps (each resumable, each marked done only when complete):
+
+1. drafts        Only where earlier stages leave too few failures (always when the stage runs
+                 alone): the model drafts answers to pool requests from a few-shot completion
+                 prompt, and each draft gets a sampled constraint (core.constraints) it fails.
+2. tasks         Revision tasks from three sources: stage 1's samples that fail some of their
+                 constraints (the critique names the failed ones, phrased by
+                 Constraint.describe()), the pool's hand-written tasks, and the model's drafts.
+                 Each task carries its machine check (the constraint dicts). Drafts that are
+                 degenerate, carry markup or scaffolding, or copy an exemplar are dropped. The
+                 split is by a hash of the normalized request (one request, one side), the
+                 sources taking turns so each is represented; held-out takes one task per
+                 request; training tasks whose request nearly equals (or whose draft equals) a
+                 held-out one are dropped, and leakage is checked.
+3. revisions     K revisions per training task from a few-shot completion prompt (3-4 pool
+                 exemplars: request, draft, critique, revision; then the target).
+4. scores        Checks on every revision: passes the named constraints; keeps the draft's
+                 content (ROUGE-L >= 0.2); differs from the draft. A revision is unusable when
+                 degenerate, when it starts with a meta-prefix ("Here is a revised ...",
+                 "Revised response:", "Sure,", "Certainly" ...), carries scaffolding or chat
+                 markup, or copies exemplar text. A log-probability A/B judge (the input model:
+                 stage 4's merged model when chained), asked in both orders, compares up to 3
+                 passing revisions with the task's rejected revision: which better fixes the
+                 critique while keeping the content.
+5. pairs         chosen = a revision that passes every check AND wins the judgment in both
+                 orders; rejected = a failing revision, preferring one that keeps the content but
+                 misses the fix. Ties, judge-prefers-failure, identical, unusable and
+                 exemplar-copying pairs are dropped. The training prompt is the zero-shot house
+                 prompt: exemplars never reach it.
+6. decontaminate Template state and EOS agreement; 13-gram overlap with evaluation sets and the
+                 held-out requests and drafts; exemplar copies (core/lifecycle.py).
+7. train         DPO on a LoRA.
+8. merge         into a full-precision copy of the input model, with a parity check.
+9. assess        input vs merged model on the held-out tasks, zero-shot and greedy:
+                 "revision_success" (headline), "fixes_critique", "keeps_content".
+10. report       metrics.json and report.md; then DONE.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+import re
+from collections import Counter
+from functools import partial
+from pathlib import Path
+
+import yaml
+
+from core import lifecycle
+from core.assess import greedy
+from core.constraints import constraint_from_dict, sample_constraints
+from core.context import StageContext
+from core.generation import GenerationCache, GenRequest, generate_all
+from core.io import atomic_write_text, read_jsonl, write_jsonl
+from core.judge import judge_many, judge_prefix
+from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
+from core.run import StageSteps
+from core.stats import rate
+from core.suites.baseline import REVISION_TEXT
+from core.text import copies_exemplar, degenerate_reason, normalize, rouge_l
+
+NUMBER = 5
+NAME = "revision-tasks"
+SUMMARY = "revise a response so that it fixes what a critique names while keeping its content"
+STEPS = ["drafts", "tasks", "revisions", "scores", "pairs", "decontaminate", "train", "merge",
+         "assess", "report"]
+
+POOL_PATH = Path(__file__).with_name("pools") / "stage5.yaml"
+KEEPS_CONTENT = 0.2  # ROUGE-L between revision and draft
+NEAR_DUPLICATE = 0.7
+MAX_TASKS_PER_REQUEST = 2  # stage 1 fails one instruction many times: keep requests diverse
+DRAFT_OVERSAMPLE = 1.5
+CONSTRAINT_TRIES = 4  # sampled constraints per model draft until one fails
+MAX_JUDGED = 3  # passing revisions judged against the rejected one
+SOURCES = ("stage1", "model-draft", "pool")  # the order sources take turns in the split
+JUDGE_CRITERION = "The better revision fixes what the critique names and keeps the draft's content."
+
+# Lines of prompt scaffolding a revision or draft must never contain.
+SCAFFOLDING = re.compile(r"^\s*(?:(?:Request|Draft|Critique|Revision|Instruction|Answer|"
+                         r"Response(?: [AB])?|Task \d+):|Rewrite the draft so that)",
+                         re.MULTILINE | re.IGNORECASE)
+# Talk about the revision instead of the revision ("drop those").
+META_PREFIX = re.compile(
+    r"(?:here(?:'s| is| are)\b[^\n:]{0,40}?\b(?:revis|rewr|updat|correct|improv|edit|fix|new|"
+    r"version)\w*"
+    r"|(?:revised|rewritten|updated|corrected|improved|edited)\b[^\n:]{0,25}:"
+    r"|revision\s*:"
+    r"|i(?: have|'ve)\s+(?:revised|rewritten|updated|corrected|fixed|edited)"
+    r"|(?:sure|okay|ok)\s*[,!.:]|certainly\b|of course\b|absolutely\b[,!.]?)",
+    re.IGNORECASE)
+
+
+def load_pool() -> dict:
+    """The project-written pool: revision exemplars, judge exemplars, tasks, requests."""
+    return yaml.safe_load(POOL_PATH.read_text(encoding="utf-8"))
+
+
+def exemplar_texts(pool: dict) -> list[str]:
+    """Every exemplar text a generation prompt shows, for the exemplar-copy filter. Critiques are
+    left out: the templated ones are shared by design with the tasks' critiques."""
+    texts = []
+    for e in pool["revision_exemplars"]:
+        texts += [e["request"], e["draft"], e["revision"]]
+    for e in pool["judge_exemplars"]:
+        texts += [e["request"], e["draft"], e["revision_a"], e["revision_b"]]
+    return texts
+
+
+def run(ctx: StageContext) -> None:
+    """Run (or resume) every step of stage 5, then write DONE."""
+    pool = load_pool()
+    steps = StageSteps(ctx.stage_dir, STEPS)
+    actions = {
+        "drafts": make_drafts, "tasks": make_tasks, "revisions": make_revisions,
+        "scores": make_scores, "pairs": make_pairs, "decontaminate": decontaminate,
+        "train": train, "merge": merge, "assess": assess, "report": report,
+    }
+    steps.run([(name, partial(actions[name], ctx, pool)) for name in STEPS], ctx.log)
+    atomic_write_text(ctx.path("DONE"), "stage 5 complete\n")
+
+
+# shared text rules -------------------------------------------------------------------------------
+
+def same_text(text: str) -> str:
+    """Identity key: spaces folded within lines, line and paragraph breaks, case and punctuation
+    kept (they carry constraints)."""
+    lines = "\n".join(" ".join(line.split()) for line in text.strip().splitlines())
+    return re.sub(r"\n{3,}", "\n\n", lines)
+
+
+def critique_for(checks: list[dict]) -> str:
+    """The critique naming failed constraints, phrased by Constraint.describe()."""
+    sentences = " ".join(constraint_from_dict(c).describe() for c in checks)
+    what = "this requirement" if len(checks) == 1 else "these requirements"
+    return (f"The response does not follow {what}: {sentences} "
+            f"Rewrite it so that it does, keeping its content.")
+
+
+def revision_text(item: dict) -> str:
+    """The revision request (the baseline suite's wording): request, draft, critique."""
+    return REVISION_TEXT.format(instruction=item["request"].strip(),
+                                response=item["draft"].strip(), critique=item["critique"].strip())
+
+
+def meta_prefix(text: str, draft: str, checks: list[dict]) -> str | None:
+    """The meta-prefix `text` starts with, or None. A phrase the checks demand at the start, or
+    one the draft already began with, is content, not a meta-prefix."""
+    body = text.lstrip()
+    for check in checks:
+        phrase = check["params"].get("phrase", "") if check["kind"] == "start_with" else ""
+        if phrase and body.startswith(phrase):
+            body = body[len(phrase):].lstrip(" \t\n,;:-")
+    match = META_PREFIX.match(body)
+    if match is None or normalize(draft).startswith(normalize(match.group(0))):
+        return None
+    return match.group(0)
+
+
+def draft_problem(draft: str, guard, exemplars: list[str]) -> str | None:
+    """Why a draft cannot become a revision task (None when it can)."""
+    if reason := degenerate_reason(draft):
+        return reason
+    if not guard.is_clean(draft):
+        return "chat markup"
+    if SCAFFOLDING.search(draft):
+        return "prompt scaffolding"
+    if copies_exemplar(draft, exemplars):
+        return "copies an exemplar"
+    return None
+
+
+def revision_checks(text: str, task: dict) -> dict:
+    """The objective checks of one revision against its task."""
+    results = [constraint_from_dict(c).check(text) for c in task["checks"]]
+    similarity = rouge_l(text, task["draft"])
+    fixes, keeps = all(results), similarity >= KEEPS_CONTENT
+    changed = same_text(text) != same_text(task["draft"])
+    return {"constraint_results": results, "fixes_critique": fixes, "keeps_content": keeps,
+            "changed": changed, "rouge_draft": round(similarity, 4),
+            "passed": fixes and keeps and changed}
+
+
+def unusable_reason(text: str, task: dict, guard, exemplars: list[str]) -> str | None:
+    """Why a revision can be neither chosen nor rejected (None when usable)."""
+    if reason := degenerate_reason(text):
+        return reason
+    if not guard.is_clean(text):
+        return "chat markup"
+    if SCAFFOLDING.search(text):
+        return "prompt scaffolding"
+    if prefix := meta_prefix(text, task["draft"], task["checks"]):
+        return f"meta-prefix {prefix.strip()!r}"
+    if copies_exemplar(text, exemplars):
+        return "copies an exemplar"
+    return None
+
+
+# 1. drafts ---------------------------------------------------------------------------------------
+
+def make_task(request: str, draft: str, checks: list[dict], source: str,
+              critique: str | None = None, origin: str | None = None) -> dict:
+    """A revision task; its id hashes the request and the draft."""
+    key = normalize(request) + "\x1f" + same_text(draft)
+    return {"id": "r" + hashlib.sha256(key.encode()).hexdigest()[:10], "request": request.strip(),
+            "draft": draft.strip(), "critique": critique or critique_for(checks), "checks": checks,
+            "source": source, "origin": origin}
+
+
+def stage1_failures(run_dir: Path) -> list[dict]:
+    """Stage 1's usable samples that fail some of their task's constraints, as revision tasks
+    (empty when stage 1 has not run in this run directory)."""
+    folder = run_dir / "stage_1"
+    if not (folder / "scores.jsonl").is_file() or not (folder / "instructions.jsonl").is_file():
+        return []
+    instructions = {t["id"]: t for t in read_jsonl(folder / "instructions.jsonl")}
+    tasks = []
+    for sample in read_jsonl(folder / "scores.jsonl"):
+        task = instructions[sample["task_id"]]
+        failed = [c for c, ok in zip(task["constraints"], sample["constraint_results"]) if not ok]
+        if failed and sample["unusable"] is None:
+            tasks.append(make_task(task["instruction"], sample["text"], failed, "stage1",
+                                   origin=f"{sample['task_id']}-{sample['sample']}"))
+    return cap_per_request(tasks)
+
+
+def cap_per_request(tasks: list[dict]) -> list[dict]:
+    """At most MAX_TASKS_PER_REQUEST tasks per normalized request, one per task id."""
+    kept: dict[str, list[dict]] = {}
+    for task in sorted({t["id"]: t for t in tasks}.values(), key=lambda t: t["id"]):
+        group = kept.setdefault(normalize(task["request"]), [])
+        if len(group) < MAX_TASKS_PER_REQUEST:
+            group.append(task)
+    return [t for group in kept.values() for t in group]
+
+
+def failing_constraint(draft: str, request: str, seed: int) -> list[dict] | None:
+    """A sampled constraint the draft fails (tried CONSTRAINT_TRIES times), as check dicts."""
+    for attempt in range(CONSTRAINT_TRIES):
+        rng = random.Random(seed_for(seed, "draft-constraint", normalize(request), attempt))
+        constraint = sample_constraints(rng, 1)[0]
+        if not constraint.check(draft):
+            return [constraint.to_dict()]
+    return None
+
+
+def make_drafts(ctx: StageContext, pool: dict) -> None:
+    """Model drafts for pool requests, as many as the earlier stages leave missing."""
+    missing = ctx.limit + ctx.heldout - len(stage1_failures(ctx.run_dir))
+    requests = list(pool["requests"])
+    random.Random(seed_for(ctx.seed, "draft-requests")).shuffle(requests)
+    requests = requests[: max(0, math.ceil(missing * DRAFT_OVERSAMPLE))]
+    records = []
+    if requests:
+        shots_pool = [(e["request"], e["draft"]) for e in pool["revision_exemplars"]]
+        gen = [GenRequest(f"d{i}", few_shot_prompt(
+                   draw(shots_pool, random.Random(seed_for(ctx.seed, "draft-exemplars", r))), r),
+                   seed_for(ctx.seed, "draft", r)) for i, r in enumerate(requests)]
+        settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
+                                RESPONSE_STOPS)
+        cache = GenerationCache(ctx.path("cache/drafts.jsonl"))
+        try:
+            results = generate_all(ctx.backend(), gen, settings, cache, ctx.guard(),
+                                   ctx.profile.gen_batch_size, "stage 5 drafts")
+        finally:
+            cache.close()
+        for request, item in zip(requests, gen):
+            draft = results[item.id]["text"].strip()
+            records.append({"request": request, "draft": draft,
+                            "checks": failing_constraint(draft, request, ctx.seed)})
+    write_jsonl(ctx.path("drafts.jsonl"), records)
+    ctx.log(f"drafts: {len(records)} written ({max(0, missing)} tasks missing after stage 1)")
+
+
+# 2. tasks ----------------------------------------------------------------------------------------
+
+def pool_tasks(pool: dict) -> list[dict]:
+    return [make_task(t["request"], t["draft"], t["check"], "pool", critique=t["critique"])
+            for t in pool["tasks"]]
+
+
+def drafted_tasks(ctx: StageContext) -> list[dict]:
+    return [make_task(d["request"], d["draft"], d["checks"], "model-draft")
+            for d in read_jsonl(ctx.path("drafts.jsonl")) if d["checks"]]
+
+
+def request_key(request: str) -> str:
+    return hashlib.sha256(normalize(request).encode()).hexdigest()
+
+
+def split_tasks(tasks: list[dict], limit: int, heldout: int) -> list[dict]:
+    """Held-out: one task from each of `heldout` requests; training: the other requests' tasks
+    (minus near-duplicates of a held-out request or draft), at most `limit`. Both take the
+    sources in turn (stage 1, model drafts, pool), each source in hash order, so every source is
+    represented whatever the limit. Stable under resume and input order."""
+    groups: dict[str, list[dict]] = {}
+    for task in sorted(tasks, key=lambda t: t["id"]):
+        groups.setdefault(request_key(task["request"]), []).append(task)
+    if len(groups) - heldout < 2:  # too few to honour --heldout: keep three quarters for training
+        heldout = max(1, len(groups) // 4)
+    keys = in_turn({source: [k for k in sorted(groups) if groups[k][0]["source"] == source]
+                    for source in SOURCES})
+    held = [groups[k][0] for k in keys[:heldout]]
+    train = {source: [t for _, _, t in sorted(
+                 (rank, t["id"], t) for k in keys[heldout:] for rank, t in enumerate(groups[k])
+                 if t["source"] == source and not near_heldout(t, held))]
+             for source in SOURCES}
+    chosen = in_turn(train)[:limit]
+    return [{**t, "split": "heldout"} for t in held] + [{**t, "split": "train"} for t in chosen]
+
+
+def in_turn(by_source: dict[str, list]) -> list:
+    """Interleave the lists: the first of each, then the second of each, and so on."""
+    lists = list(by_source.values())
+    return [item for i in range(max(map(len, lists), default=0)) for item in
+            (lst[i] for lst in lists if i < len(lst))]
+
+
+def near_heldout(task: dict, held: list[dict]) -> bool:
+    """The task's request nearly equals, or its draft equals, a held-out one."""
+    return any(rouge_l(task["request"], h["request"]) > NEAR_DUPLICATE or
+               same_text(task["draft"]) == same_text(h["draft"]) for h in held)
+
+
+def check_leakage(tasks: list[dict]) -> None:
+    """No held-out request or draft may equal or nearly equal a training one."""
+    train = [t for t in tasks if t["split"] == "train"]
+    for task in (t for t in tasks if t["split"] == "heldout"):
+        for other in train:
+            if normalize(other["request"]) == normalize(task["request"]) or \
+                    rouge_l(other["request"], task["request"]) > NEAR_DUPLICATE or \
+                    same_text(other["draft"]) == same_text(task["draft"]):
+                raise RuntimeError(f"held-out task {task['id']} leaks into training: "
+                                   f"{task['request']!r} ~ {other['request']!r}")
+
+
+def make_tasks(ctx: StageContext, pool: dict) -> None:
+    guard, exemplars = ctx.guard(), exemplar_texts(pool)
+    candidates = list({t["id"]: t for t in stage1_failures(ctx.run_dir) + pool_tasks(pool)
+                       + drafted_tasks(ctx)}.values())
+    audit = [{"id": t["id"], "source": t["source"],
+              "dropped": draft_problem(t["draft"], guard, exemplars)} for t in candidates]
+    usable = [t for t, a in zip(candidates, audit) if a["dropped"] is None]
+    write_jsonl(ctx.path("tasks_audit.jsonl"), audit)
+    tasks = split_tasks(usable, ctx.limit, ctx.heldout)
+    check_leakage(tasks)
+    if not any(t["split"] == "train" for t in tasks):
+        raise RuntimeError(f"stage 5 has no training tasks (see {ctx.path('tasks_audit.jsonl')})")
+    write_jsonl(ctx.path("tasks.jsonl"), tasks)
+    ctx.log(f"tasks: {dict(Counter(t['split'] for t in tasks))} from "
+            f"{dict(Counter(t['source'] for t in tasks))}")
+
+
+def load_tasks(ctx: StageContext, split: str) -> list[dict]:
+    return [t for t in read_jsonl(ctx.path("tasks.jsonl")) if t["split"] == split]
+
+
+# 3. revisions ------------------------------------------------------------------------------------
+
+def revision_requests(ctx: StageContext, pool: dict, tasks: list[dict]) -> list[GenRequest]:
+    requests = []
+    for task in tasks:
+        for k in range(ctx.profile.responses_per_task):
+            rng = random.Random(seed_for(ctx.seed, "revision-exemplars", task["id"], k))
+            shots = [(revision_text(e), e["revision"])
+                     for e in draw(pool["revision_exemplars"], rng)]
+            requests.append(GenRequest(f"{task['id']}-{k}",
+                                       few_shot_prompt(shots, revision_text(task)),
+                                       seed_for(ctx.seed, "revision", task["id"], k)))
+    return requests
+
+
+def make_revisions(ctx: StageContext, pool: dict) -> None:
+    tasks = load_tasks(ctx, "train")
+    requests = revision_requests(ctx, pool, tasks)
+    settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
+                            RESPONSE_STOPS)
+    cache = GenerationCache(ctx.path("cache/revisions.jsonl"))
+    try:
+        results = generate_all(ctx.backend(), requests, settings, cache, ctx.guard(),
+                               ctx.profile.gen_batch_size, "stage 5 revisions")
+    finally:
+        cache.close()
+    records = [{"task_id": task["id"], "sample": k,
+                "text": results[f"{task['id']}-{k}"]["text"].strip(),
+                "finish": results[f"{task['id']}-{k}"]["finish"]}
+               for task in tasks for k in range(ctx.profile.responses_per_task)]
+    write_jsonl(ctx.path("revisions.jsonl"), records)
+
+
+# 4. scores ---------------------------------------------------------------------------------------
+
+def score_revision(text: str, task: dict, guard, exemplars: list[str]) -> dict:
+    return {**revision_checks(text, task),
+            "unusable": unusable_reason(text, task, guard, exemplars)}
+
+
+def distinct_usable(samples: list[dict]) -> list[dict]:
+    """Usable samples, the first of each text only."""
+    seen: set[str] = set()
+    kept = []
+    for sample in samples:
+        if sample["unusable"] is None and same_text(sample["text"]) not in seen:
+            seen.add(same_text(sample["text"]))
+            kept.append(sample)
+    return kept
+
+
+def rejected_revision(failers: list[dict]) -> dict:
+    """The failing revision to reject: one that keeps the content and changes the draft but
+    misses the fix first, then the one closest to passing the named checks."""
+    return max(failers, key=lambda s: (s["keeps_content"] and s["changed"],
+                                       sum(s["constraint_results"]), s["rouge_draft"],
+                                       -s["sample"]))
+
+
+def judge_jobs(task_id: str, samples: list[dict], seed: int) -> list[tuple[str, int, int, int]]:
+    """(task id, x, y, passer) comparisons: up to MAX_JUDGED passing revisions against the
+    rejected one; which is shown first is a seeded coin (both orders are asked anyway)."""
+    usable = distinct_usable(samples)
+    passers = [s["sample"] for s in usable if s["passed"]][:MAX_JUDGED]
+    failers = [s for s in usable if not s["passed"]]
+    if not passers or not failers:
+        return []
+    rejected = rejected_revision(failers)["sample"]
+    jobs = []
+    for passer in passers:
+        first = seed_for(seed, "judge-order", task_id, passer) % 2 == 0
+        x, y = (passer, rejected) if first else (rejected, passer)
+        jobs.append((task_id, x, y, passer))
+    return jobs
+
+
+def judge_instruction(item: dict) -> str:
+    return revision_text(item) + "\n\n" + JUDGE_CRITERION
+
+
+def judge_shots(ctx: StageContext, pool: dict, task_id: str, x: int, y: int) -> str:
+    """Two judge exemplars per comparison (one says A, one says B: no answer prior)."""
+    rng = random.Random(seed_for(ctx.seed, "judge-exemplars", task_id, x, y))
+    shots = [rng.choice([e for e in pool["judge_exemplars"] if e["better"] == side])
+             for side in ("A", "B")]
+    rng.shuffle(shots)
+    return judge_prefix([{"instruction": judge_instruction(e), "response_a": e["revision_a"],
+                          "response_b": e["revision_b"], "better": e["better"]} for e in shots])
+
+
+def judgment_records(jobs: list[tuple[str, int, int, int]], verdicts: list) -> list[dict]:
+    return [{"task_id": t, "x": x, "y": y, "passer": passer, "winner": v.winner,
+             "margin_xy": v.margin_xy, "margin_yx": v.margin_yx}
+            for (t, x, y, passer), v in zip(jobs, verdicts)]
+
+
+def make_scores(ctx: StageContext, pool: dict) -> None:
+    tasks = {t["id"]: t for t in load_tasks(ctx, "train")}
+    guard, exemplars = ctx.guard(), exemplar_texts(pool)
+    scored = [{**r, **score_revision(r["text"], tasks[r["task_id"]], guard, exemplars)}
+              for r in read_jsonl(ctx.path("revisions.jsonl"))]
+    by_task: dict[str, list[dict]] = {}
+    for s in scored:
+        by_task.setdefault(s["task_id"], []).append(s)
+    jobs = [job for task_id, samples in by_task.items()
+            for job in judge_jobs(task_id, samples, ctx.seed)]
+    items = [(judge_shots(ctx, pool, t, x, y), judge_instruction(tasks[t]),
+              by_task[t][x]["text"], by_task[t][y]["text"]) for t, x, y, _ in jobs]
+    verdicts = judge_many(ctx.backend(), guard, items, ctx.profile.judge_batch_size,
+                          "stage 5 scores") if items else []
+    write_jsonl(ctx.path("judgments.jsonl"), judgment_records(jobs, verdicts))
+    write_jsonl(ctx.path("scores.jsonl"), scored)
+
+
+# 5. pairs ----------------------------------------------------------------------------------------
+
+def winner_sample(judgment: dict) -> int | None:
+    """The sample that won in both orders (None on a tie)."""
+    return {"x": judgment["x"], "y": judgment["y"]}.get(judgment["winner"])
+
+
+def choose_pair(task: dict, samples: list[dict], judgments: list[dict]) -> tuple[dict | None, str]:
+    """(pair, reason): chosen passes the checks and wins the judgment in both orders against
+    the rejected failing revision."""
+    usable = distinct_usable(samples)
+    passers = {s["sample"]: s for s in usable if s["passed"]}
+    failers = [s for s in usable if not s["passed"]]
+    if not passers:
+        return None, "no revision passes the checks"
+    if not failers:
+        return None, "no failing revision (no rejected)"
+    rejected = rejected_revision(failers)
+    judged = [j for j in judgments if {j["x"], j["y"]} - {rejected["sample"]} <= set(passers)
+              and rejected["sample"] in (j["x"], j["y"])]
+    if not judged:
+        return None, "not judged"
+    wins = [j for j in judged if winner_sample(j) in passers]
+    if not wins:
+        if all(j["winner"] == "tie" for j in judged):
+            return None, "judge tie (orders disagree)"
+        return None, "judge prefers the failing revision"
+    best = max(wins, key=lambda j: abs(j["margin_xy"] + j["margin_yx"]))
+    return make_pair(task, passers[winner_sample(best)], rejected, best), "ok"
+
+
+def make_pair(task: dict, chosen: dict, rejected: dict, judgment: dict) -> dict:
+    return {"prompt": house_prompt(revision_text(task)), "chosen": chosen["text"],
+            "rejected": rejected["text"], "task_id": task["id"], "source": task["source"],
+            "origin": task["origin"], "checks": task["checks"],
+            "chosen_sample": chosen["sample"], "rejected_sample": rejected["sample"],
+            "rejected_keeps_content": rejected["keeps_content"] and rejected["changed"],
+            "judge_margin": round((judgment["margin_xy"] + judgment["margin_yx"]) / 2, 4)}
+
+
+def pair_problem(pair: dict, task: dict, guard, exemplars: list[str]) -> str | None:
+    """Shared last filter: identical, markup, unusable or exemplar-copying pairs."""
+    if same_text(pair["chosen"]) == same_text(pair["rejected"]):
+        return "identical"
+    if not guard.is_clean(pair["prompt"]):
+        return "chat markup in prompt"
+    for side in ("chosen", "rejected"):
+        if reason := unusable_reason(pair[side], task, guard, exemplars):
+            return f"{side}: {reason}"
+    return None
+
+
+def make_pairs(ctx: StageContext, pool: dict) -> None:
+    tasks = load_tasks(ctx, "train")
+    scored = read_jsonl(ctx.path("scores.jsonl"))
+    judgments = read_jsonl(ctx.path("judgments.jsonl"))
+    guard, exemplars = ctx.guard(), exemplar_texts(pool)
+    pairs, dropped = [], []
+    for task in tasks:
+        samples = [s for s in scored if s["task_id"] == task["id"]]
+        pair, reason = choose_pair(task, samples,
+                                   [j for j in judgments if j["task_id"] == task["id"]])
+        if pair is not None:
+            reason = pair_problem(pair, task, guard, exemplars) or "ok"
+        if reason == "ok":
+            pairs.append(pair)
+        else:
+            dropped.append({"task_id": task["id"], "reason": reason})
+    write_jsonl(ctx.path("pairs_dropped.jsonl"), dropped)
+    if not pairs:
+        raise RuntimeError(no_pairs_message(ctx, len(tasks), scored, judgments))
+    write_jsonl(ctx.path("pairs_candidates.jsonl"), pairs)
+    ctx.log(f"pairs: {len(pairs)} kept, {len(dropped)} dropped")
+
+
+def no_pairs_message(ctx: StageContext, tasks: int, scored: list[dict],
+                     judgments: list[dict]) -> str:
+    """Why no pair came out, in numbers: the checks, then the judge."""
+    usable = [s for s in scored if s["unusable"] is None]
+    ties = sum(j["winner"] == "tie" for j in judgments)
+    return (f"stage 5 produced no preference pairs from {tasks} tasks: of {len(scored)} revisions "
+            f"{len(usable)} are usable, {sum(s['fixes_critique'] for s in usable)} fix the "
+            f"critique, {sum(s['keeps_content'] and s['changed'] for s in usable)} keep the "
+            f"draft's content and change it, {sum(s['passed'] for s in usable)} pass every check; "
+            f"the judge tied (orders disagree) on {ties} of {len(judgments)} comparisons (reasons "
+            f"per task in {ctx.path('pairs_dropped.jsonl')}). The input model cannot yet revise "
+            f"or judge revisions: use a stronger model, or raise --limit")
+
+
+# 6-10. decontaminate, train, merge, assess, report (core/lifecycle.py) ---------------------------
+
+def decontaminate(ctx: StageContext, pool: dict) -> None:
+    """Held-out requests and drafts are evaluation text: training records may not share them.
+    (Critiques are left out: their template wording is shared by design.)"""
+    heldout = [(f"{t['id']}-{part}", t[part]) for t in load_tasks(ctx, "heldout")
+               for part in ("request", "draft")]
+    lifecycle.decontaminate_pairs(ctx, exemplar_texts(pool), heldout)
+
+
+def train(ctx: StageContext, pool: dict) -> None:
+    lifecycle.train_adapter(ctx)
+
+
+def merge(ctx: StageContext, pool: dict) -> None:
+    tasks = read_jsonl(ctx.path("tasks.jsonl"))
+    lifecycle.merge_model(ctx, [house_prompt(revision_text(t)) for t in tasks[:8]])
+
+
+def assessed_item(task: dict, text: str) -> dict:
+    """One held-out revision scored: success = fixes the critique, keeps the content, changes
+    the draft, is not degenerate and has no meta-prefix."""
+    checks = revision_checks(text, task)
+    degenerate = degenerate_reason(text)
+    prefix = meta_prefix(text, task["draft"], task["checks"])
+    return {"id": task["id"], "revision": text, **checks, "degenerate": degenerate,
+            "meta_prefix": prefix,
+            "passed": checks["passed"] and degenerate is None and prefix is None}
+
+
+def summarize_assessment(items: list[dict]) -> dict:
+    n = len(items)
+    return {"revision_success": rate(sum(i["passed"] for i in items), n),
+            "fixes_critique": rate(sum(i["fixes_critique"] for i in items), n),
+            "keeps_content": rate(sum(i["keeps_content"] for i in items), n),
+            "changed": rate(sum(i["changed"] for i in items), n),
+            "non_degenerate": rate(sum(i["degenerate"] is None for i in items), n)}
+
+
+def assess(ctx: StageContext, pool: dict) -> None:
+    """Held-out tasks, zero-shot and greedy: revision success and its parts."""
+    tasks = load_tasks(ctx, "heldout")
+
+    def assess_heldout(backend, label: str) -> dict:
+        p = ctx.profile
+        requests = [GenRequest(t["id"], house_prompt(revision_text(t)), 0) for t in tasks]
+        cache = GenerationCache(ctx.path(f"cache/assess_{label}.jsonl"))
+        try:
+            results = generate_all(backend, requests, greedy(p.max_new_tokens), cache, ctx.guard(),
+                                   p.gen_batch_size, f"stage 5 assess {label}")
+        finally:
+            cache.close()
+        items = [assessed_item(t, results[t["id"]]["text"].strip()) for t in tasks]
+        return {"summary": summarize_assessment(items), "items": items}
+
+    lifecycle.assess_models(ctx, assess_heldout, headline="revision_success")
+
+
+def report(ctx: StageContext, pool: dict) -> None:
+    tasks = read_jsonl(ctx.path("tasks.jsonl"))
+    scored = read_jsonl(ctx.path("scores.jsonl"))
+    dropped = read_jsonl(ctx.path("pairs_dropped.jsonl"))
+    lifecycle.write_stage_report(ctx, NAME, {
+        "tasks_train": sum(t["split"] == "train" for t in tasks),
+        "tasks_heldout": sum(t["split"] == "heldout" for t in tasks),
+        "train_sources": dict(Counter(t["source"] for t in tasks if t["split"] == "train")),
+        "heldout_sources": dict(Counter(t["source"] for t in tasks if t["split"] == "heldout")),
+        "drafts": len(read_jsonl(ctx.path("drafts.jsonl"))),
+        "revisions": len(scored),
+        "revisions_passing": sum(s["passed"] and s["unusable"] is None for s in scored),
+        "revisions_unusable": dict(Counter(s["unusable"].split(" '")[0] for s in scored
+                                           if s["unusable"])),
+        "pairs_dropped": len(dropped),
+        "pairs_dropped_reasons": dict(Counter(d["reason"] for d in dropped)),
+        "judge": judge_audit(read_jsonl(ctx.path("judgments.jsonl"))),
+    })
+
+
+def judge_audit(judgments: list[dict]) -> dict:
+    """How often the judge was order-consistent, and how often a consistent verdict preferred
+    the revision that passes the checks."""
+    consistent = [j for j in judgments if j["winner"] != "tie"]
+    agree = sum(winner_sample(j) == j["passer"] for j in consistent)
+    return {"comparisons": len(judgments),
+            "order_consistent": rate(len(consistent), len(judgments)),
+            "prefers_passing_revision": rate(agree, len(consistent))}

@@ -1,0 +1,491 @@
+"""Stage 3's checkers, task, split and pair rules on hand-written cases (no model), then the
+stage end to end on the tiny model (marked slow)."""
+import json
+import random
+
+import pytest
+
+from core.generation import cache_key
+from core.guards import TemplateGuard
+from core.io import AppendLog, read_jsonl
+from core.prompting import RESPONSE_STOPS, house_prompt
+from core.text import NearDuplicateFilter
+from stages import stage3_generation_tasks as s3
+
+VOLCANO_KEYWORDS = ["volcano", "lava", "magma", "eruption", "carbon dioxide"]
+
+
+def spec(kind, count, keywords=VOLCANO_KEYWORDS):
+    return {"kind": kind, "count": count, "topic": "volcanoes", "keywords": keywords}
+
+
+def passes(text, kind, count, keywords=VOLCANO_KEYWORDS):
+    return s3.check_response(text, spec(kind, count, keywords))
+
+
+# checkers ----------------------------------------------------------------------------------------
+
+def test_questions_exact_count_with_or_without_markers():
+    text = "1. Why do volcanoes erupt?\n2. What is lava made of?\n3. Where is the largest volcano?"
+    assert passes(text, "questions", 3) == dict.fromkeys(s3.CHECKS, True)
+    bare = "Why do volcanoes erupt?\nWhat is lava made of?"
+    assert all(passes(bare, "questions", 2).values())
+    assert not passes(bare, "questions", 3)["count_ok"]
+
+
+def test_questions_reject_statements_and_trailing_text():
+    stray = "Why do volcanoes erupt?\nWhat is lava made of?\nVolcanoes are mountains."
+    result = passes(stray, "questions", 2)
+    assert result["count_ok"] and not result["format_ok"]  # two questions, but not only questions
+    assert not passes("Volcanoes erupt.\nLava is hot.", "questions", 2)["count_ok"]
+
+
+def test_header_line_is_not_an_item():
+    text = "Here are two questions about volcanoes:\n- Why do volcanoes erupt?\n- What is magma?"
+    assert all(passes(text, "questions", 2).values())
+    only_header = "Here are two questions about volcanoes:"
+    assert not passes(only_header, "questions", 2)["format_ok"]
+
+
+@pytest.mark.parametrize("marker", ["- ", "* ", "1. ", "1) "])
+def test_list_markers(marker):
+    numbered = marker[0].isdigit()
+    lines = [(f"{i}{marker[1:]}" if numbered else marker) + text for i, text in
+             enumerate(["Lava flows slowly downhill.", "Magma cools into rock.",
+                        "Ash clouds block sunlight."], start=1)]
+    assert all(passes("\n".join(lines), "list", 3).values())
+    assert all(passes("\n".join(lines), "examples", 3).values())
+
+
+def test_list_items_must_be_marked_and_numbered_in_order():
+    unmarked = "Lava flows slowly downhill.\nMagma cools into rock."
+    assert passes(unmarked, "list", 2)["count_ok"] is False
+    assert passes(unmarked, "examples", 2)["format_ok"] is False
+    jumbled = "2. Lava flows slowly downhill.\n1. Magma cools into rock."
+    result = passes(jumbled, "list", 2)
+    assert result["count_ok"] and not result["format_ok"]
+    extra = "- Lava flows slowly downhill.\n- Magma cools into rock.\nI hope this helps!"
+    assert not passes(extra, "list", 2)["format_ok"]
+    assert not passes(extra.replace("I hope this helps!", "- Ash falls."), "list", 2)["count_ok"]
+
+
+MCQ = ("Which liquid rock flows out of an erupting volcano?\n"
+       "A. Lava\nB. Granite\nC. Sand\nD. Clay\nAnswer: A")
+
+
+def test_mcq_well_formed():
+    assert all(passes(MCQ, "mcq", 1).values())
+    styles = MCQ.replace("A. ", "A) ").replace("B. ", "B) ").replace("C. ", "(C) ").replace(
+        "Answer: A", "Answer: (A) Lava")
+    assert all(passes(styles, "mcq", 1).values())
+
+
+@pytest.mark.parametrize("broken, count_ok", [
+    (MCQ.replace("D. Clay\n", ""), False),                      # three options
+    (MCQ.replace("D. Clay\n", "D. Clay\nE. Ice\n"), False),     # five options
+    (MCQ.replace("B. Granite", "C. Granite"), False),           # labels not A-D
+    (MCQ.replace("Answer: A", "Answer: E"), False),             # answer is not an option
+    (MCQ.replace("Answer: A", "The answer is lava."), False),   # no answer line
+    (MCQ + "\nThis question tests basic geology.", True),       # text after the item
+])
+def test_mcq_format_failures(broken, count_ok):
+    result = passes(broken, "mcq", 1)
+    assert not result["format_ok"] and result["count_ok"] is count_ok
+
+
+def test_mcq_two_items_and_wrong_count():
+    second = ("What is molten rock called while it is still underground?\n"
+              "A. Lava\nB. Magma\nC. Basalt\nD. Steam\nAnswer: B")
+    two = f"1. {MCQ}\n\n2. {second}"
+    assert all(passes(two, "mcq", 2).values())
+    result = passes(two, "mcq", 1)
+    assert not result["count_ok"] and result["format_ok"]
+
+
+def test_mcq_duplicate_options_are_not_distinct():
+    dup = MCQ.replace("B. Granite", "B. lava")
+    assert passes(dup, "mcq", 1)["distinct_items"] is False
+
+
+def test_topic_relevance_uses_stems_and_phrases():
+    assert s3.mentions_topic("The eruptions were huge.", ["eruption"])
+    assert s3.mentions_topic("Volcanoes are mountains.", ["volcano"])
+    assert s3.mentions_topic("Plants absorb carbon dioxide.", ["carbon dioxide"])
+    assert not s3.mentions_topic("Plants absorb carbon and dioxide.", ["carbon dioxide"])
+    assert not s3.mentions_topic("Cats sleep all day.", VOLCANO_KEYWORDS)
+    off = "- Cats sleep all day.\n- Dogs like long walks."
+    assert passes(off, "list", 2) == {**dict.fromkeys(s3.CHECKS, True), "on_topic": False}
+
+
+def test_near_duplicate_items_fail_distinctness():
+    dup = "- Lava is very hot rock.\n- Lava is very hot rock indeed."
+    assert passes(dup, "list", 2)["distinct_items"] is False
+    assert passes("- Lava is hot.\n- Magma is underground.", "list", 2)["distinct_items"] is True
+
+
+def test_unusable_reasons():
+    guard = TemplateGuard()
+    assert s3.unusable_reason("", guard, []) == "empty"
+    assert s3.unusable_reason("- Lava.\nInstruction: write more", guard, []) == "prompt scaffolding"
+    assert s3.unusable_reason("- Lava <|im_end|>", guard, []) == "chat markup"
+    assert s3.unusable_reason("- lava lava lava lava lava lava lava lava lava", guard, []) \
+        == "repetitive line"
+    # repeated items are a distinct_items failure, not noise: still usable as a rejected sample
+    repeated = "\n".join(["- Why do volcanoes erupt so often?"] * 4)
+    assert s3.unusable_reason(repeated, guard, []) is None
+
+
+# tasks, topics and the split ---------------------------------------------------------------------
+
+POOL = s3.load_pool()
+
+
+def topic(name, source="pool", examples="famous things", keywords=("thing",)):
+    return {"name": name, "examples": examples, "keywords": list(keywords), "source": source}
+
+
+def test_render_task_is_deterministic_and_carries_its_spec():
+    t = topic("volcanoes", examples="famous volcanoes", keywords=VOLCANO_KEYWORDS)
+    for kind in s3.KINDS:
+        a = s3.render_task(t, kind, random.Random(3), POOL)
+        assert a == s3.render_task(t, kind, random.Random(3), POOL)
+        assert a["spec"]["kind"] == kind and a["spec"]["keywords"] == VOLCANO_KEYWORDS
+        assert "volcanoes" in a["instruction"] and "{" not in a["instruction"]
+        low, high = (1, 3) if kind == "mcq" else s3.COUNT_RANGE[kind]
+        assert low <= a["spec"]["count"] <= high
+
+
+def test_model_topics_never_get_examples_templates():
+    t = topic("tide pools", source="model", examples=None, keywords=["tide", "pools"])
+    for seed in range(40):
+        task = s3.render_task(t, "examples", random.Random(seed), POOL)
+        assert "None" not in task["instruction"] and "tide pools" in task["instruction"]
+
+
+def test_topic_filter():
+    f = NearDuplicateFilter(0.7)
+    f.kept.append("the solar system")
+    guard, probes = TemplateGuard(), ["Write 3 questions about volcanoes."]
+    assert s3.topic_problem("the Solar System", guard, f, probes) == "near-duplicate"
+    assert s3.topic_problem("Topic 7: tides", guard, f, probes) == "list scaffolding"
+    assert s3.topic_problem("the and of", guard, f, probes) == "no content words"
+    assert s3.topic_problem("a b c d e f g h", guard, f, probes) == "more than 6 words"
+    assert s3.topic_problem("Volcano", guard, f, probes) == "topic of an evaluation probe"
+    assert s3.topic_problem("tide pools", guard, f, probes) is None and "tide pools" in f.kept
+    assert s3.clean_topic(' "tide pools." ') == "tide pools"
+
+
+def test_probe_topics_match_as_a_phrase():
+    probes = ["Write 5 questions a student might ask about the solar system.",
+              "List 4 tips for sleeping better."]
+    assert s3.is_probe_topic("the solar system", probes)
+    assert s3.is_probe_topic("Sleep", probes)
+    assert not s3.is_probe_topic("the immune system", probes)  # one shared word is not a topic
+
+
+def test_split_is_by_topic_and_leakage_is_checked():
+    topics = [topic(f"topic number {w}") for w in
+              ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]]
+    held, train = s3.split_topics(topics, limit=6, heldout=2)
+    assert len(held) == 2 and not {t["name"] for t in held} & {t["name"] for t in train}
+    assert s3.split_topics(list(reversed(topics)), 6, 2) == (held, train)  # stable
+    tasks = (s3.tasks_for(held, 2, "heldout", POOL, 0) + s3.tasks_for(train, 6, "train", POOL, 0))
+    assert [t["split"] for t in tasks].count("heldout") == 2
+    assert len({t["id"] for t in tasks}) == len(tasks)
+    assert {t["spec"]["kind"] for t in tasks if t["split"] == "train"} == set(s3.KINDS)
+    s3.check_leakage(tasks)
+    leaked = tasks + [{**tasks[0], "id": "gother", "split": "train"}]
+    with pytest.raises(RuntimeError, match="leaks into training"):
+        s3.check_leakage(leaked)
+
+
+def test_exemplar_shots_include_the_task_kind():
+    for seed in range(10):
+        shots = s3.exemplar_shots(POOL, "mcq", random.Random(seed))
+        assert 3 <= len(shots) <= 4
+        assert sum("Answer:" in response for _, response in shots) >= 1
+
+
+def test_topic_list_prompt_is_a_numbered_continuation():
+    assert s3.topic_list_prompt(["tides", "owls"]).endswith("Topic 2: owls\nTopic 3:")
+
+
+# pairs -------------------------------------------------------------------------------------------
+
+TASK = {"id": "g1", "instruction": "Write 2 questions about volcanoes.", "spec": spec("questions", 2)}
+GOOD = "Why do volcanoes erupt?\nWhat is lava made of?"
+GOOD_2 = "1. How hot is lava?\n2. Which volcano is the tallest?"
+
+
+def sample(i, text, unusable=None):
+    scored = s3.score_sample(text, TASK["spec"], TemplateGuard(), [])
+    return {"task_id": "g1", "sample": i, "text": text, **scored,
+            "unusable": unusable or scored["unusable"]}
+
+
+def judgment(x, y, margin_xy, margin_yx):
+    return {"task_id": "g1", "x": x, "y": y, "margin_xy": margin_xy, "margin_yx": margin_yx}
+
+
+def test_chosen_passes_rejected_is_the_failure_passing_most_checks():
+    samples = [sample(0, "Cats are nice."),                                  # 2 checks pass
+               sample(1, GOOD),
+               sample(2, "Why do volcanoes erupt?\nWhat is lava made of?\nIs ash hot?")]  # 3 pass
+    pair, reason = s3.choose_pair(TASK, samples, [])
+    assert reason == "ok" and pair["chosen"] == GOOD and pair["rejected_sample"] == 2
+    assert samples[2]["checks_passed"] > samples[0]["checks_passed"]
+
+
+def test_training_prompt_is_zero_shot_house_format():
+    pair, _ = s3.choose_pair(TASK, [sample(0, GOOD), sample(1, "Lava.")], [])
+    assert pair["prompt"] == house_prompt(TASK["instruction"])
+    assert pair["prompt"].count("Instruction:") == 1 and "###" not in pair["prompt"]
+
+
+def test_no_pair_without_a_passer_or_without_a_failure():
+    assert s3.choose_pair(TASK, [sample(0, "Lava."), sample(1, "Ash.")], [])[1] \
+        == "no sample passes the checks"
+    assert s3.choose_pair(TASK, [sample(0, GOOD), sample(1, GOOD_2)], [])[1] \
+        == "every usable sample passes (no rejected)"
+    unusable = [sample(0, GOOD), sample(1, "Lava.", unusable="copies an exemplar")]
+    assert s3.choose_pair(TASK, unusable, [])[1] == "every usable sample passes (no rejected)"
+
+
+def test_judge_tie_leaves_the_first_passer():
+    samples = [sample(0, GOOD), sample(1, GOOD_2), sample(2, "Lava.")]
+    tie = [judgment(0, 1, 0.0, 0.0)]
+    assert s3.choose_pair(TASK, samples, tie)[0]["chosen_sample"] == 0
+
+
+def test_verdict_holding_in_one_order_only_is_dropped():
+    samples = [sample(0, GOOD), sample(1, GOOD_2), sample(2, "Lava.")]
+    one_order = [judgment(0, 1, -0.9, 0.4)]  # y wins when shown second... but not when first
+    assert s3.consistent_winner(one_order[0]) is None
+    assert s3.choose_pair(TASK, samples, one_order)[0]["chosen_sample"] == 0
+
+
+def test_verdict_in_both_orders_for_the_second_response_chooses_it():
+    samples = [sample(0, GOOD), sample(1, GOOD_2), sample(2, "Lava.")]
+    both = [judgment(0, 1, -0.4, -0.3)]
+    assert s3.consistent_winner(both[0]) == 1
+    pair, _ = s3.choose_pair(TASK, samples, both)
+    assert pair["chosen"] == GOOD_2
+
+
+def test_judge_audit_comparison_never_lets_a_failure_win():
+    samples = [sample(0, GOOD), sample(1, "Lava.")]
+    failure_wins = [judgment(0, 1, -2.0, -2.0)]  # the judge prefers the failure in both orders
+    pair, _ = s3.choose_pair(TASK, samples, failure_wins)
+    assert pair["chosen"] == GOOD
+    audit = s3.judge_audit([{**failure_wins[0], "winner": "y"}], samples)
+    assert audit["agrees_with_checkers"]["rate"] == 0.0
+
+
+def test_comparisons_rank_passers_and_audit_one_failure():
+    samples = [sample(0, GOOD), sample(1, GOOD_2), sample(2, "Lava."), sample(3, GOOD),
+               sample(4, "Why do volcanoes erupt?\nWhat is lava?\nIs ash hot?")]
+    assert s3.comparisons_for(samples) == [(0, 1), (0, 4)]  # sample 3 repeats 0; 4 fails least
+
+
+def test_pair_filter_identical_markup_scaffolding_and_exemplar_copies():
+    guard = TemplateGuard()
+    exemplars = s3.exemplar_texts(POOL)
+    base = {"prompt": house_prompt(TASK["instruction"]), "chosen": GOOD, "rejected": "Lava."}
+    assert s3.pair_problem(base, guard, exemplars) is None
+    assert s3.pair_problem({**base, "rejected": GOOD.replace("\n", "  \n ")}, guard, []) \
+        == "identical"
+    assert s3.pair_problem({**base, "chosen": GOOD + "<|im_start|>"}, guard, []) \
+        == "chosen: chat markup"
+    assert s3.pair_problem({**base, "rejected": "Lava.\nTopic 4: owls"}, guard, []) \
+        == "rejected: prompt scaffolding"
+    copied = POOL["response_exemplars"][0]["response"]
+    assert s3.pair_problem({**base, "chosen": copied}, guard, exemplars) \
+        == "chosen: copies an exemplar"
+    assert s3.pair_problem({**base, "prompt": "<|im_start|>user\nhi"}, guard, []) \
+        == "chat markup in prompt"
+
+
+def test_make_pairs_fails_clearly_when_no_task_yields_a_pair(tmp_path):
+    from core.constitution import load_constitution
+    from core.context import StageContext
+    from core.io import write_jsonl
+    from core.models import PROJECT_ROOT
+    from registry.models import profile_by_name
+
+    ctx = StageContext(run_dir=tmp_path, number=3, model_path="unused", origin="test",
+                       profile=profile_by_name("tiny-qwen2"), seed=0, limit=1, heldout=1,
+                       constitution=load_constitution(PROJECT_ROOT / "constitution.yaml"),
+                       log=lambda _: None, _guard=TemplateGuard())
+    write_jsonl(ctx.path("tasks.jsonl"), [{**TASK, "split": "train"}])
+    write_jsonl(ctx.path("scores.jsonl"), [sample(0, "Lava."), sample(1, "Ash.")])
+    write_jsonl(ctx.path("judgments.jsonl"), [])
+    with pytest.raises(RuntimeError, match="no preference pairs"):
+        s3.make_pairs(ctx, POOL)
+    assert "no sample passes" in ctx.path("pairs_dropped.jsonl").read_text()
+
+
+def test_earlier_stages_heldout_items_are_read_when_present(tmp_path):
+    from types import SimpleNamespace
+
+    from core.io import write_jsonl
+
+    ctx = SimpleNamespace(run_dir=tmp_path)
+    assert s3.earlier_heldout(ctx) == []
+    write_jsonl(tmp_path / "stage_1" / "instructions.jsonl",
+                [{"id": "t1", "instruction": "Describe rain.", "split": "heldout"},
+                 {"id": "t2", "instruction": "Describe snow.", "split": "train"}])
+    write_jsonl(tmp_path / "stage_2" / "questions.jsonl",
+                [{"id": "q1", "question": "Why is the sea salty?", "split": "heldout"}])
+    assert s3.earlier_heldout(ctx) == [("stage1:t1", "Describe rain."),
+                                       ("stage2:q1", "Why is the sea salty?")]
+
+
+def test_assessment_summary_has_headline_and_every_check():
+    class Backend:  # a stand-in that answers one held-out task well and one badly
+        source = "fake"
+
+        def generate(self, prompts, settings, seeds, on_finish):
+            from core.backend import Completion
+
+            for i, prompt in enumerate(prompts):
+                on_finish(i, Completion(GOOD if "volcanoes" in prompt else "Owls.", "eos", 3))
+
+    tasks = [TASK, {"id": "g2", "instruction": "List 2 facts about owls.",
+                    "spec": {**spec("list", 2), "topic": "owls", "keywords": ["owl"]}}]
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = s3.assess_generation(Backend(), TemplateGuard(), tasks, Path(tmp) / "c.jsonl",
+                                   16, 4, "test")
+    assert set(out["summary"]) == {"task_success", *s3.CHECKS}
+    assert out["summary"]["task_success"]["k"] == 1 and out["summary"]["task_success"]["n"] == 2
+    assert [i["passed"] for i in out["items"]] == [True, False]
+
+
+# end to end on the tiny model (slow) -------------------------------------------------------------
+# The tiny model writes near-gibberish and never passes all four checks (count, format, topic,
+# distinctness; measured: 0 of 48 samples), so on its own the stage stops at `pairs` with a clear
+# RuntimeError (test_make_pairs_fails_clearly_when_no_task_yields_a_pair). To run every later step
+# for real, the fixture plants one well-formed response per training task in the generation cache,
+# under the exact key the stage computes, as if a capable model had written sample 0. Everything
+# else (topic proposals, the other samples, the judge, decontamination, DPO, merge, assessment) is
+# the tiny model's own work.
+
+QUESTIONS = ["What is the most surprising fact about {k}?", "How has {k} changed over the years?",
+             "Why do scientists still argue about {k}?", "Where should a beginner start with {k}?",
+             "Which famous person is linked to {k}?"]
+STATEMENTS = ["{K} appears in the news almost every week.", "Schools teach {k} to young children.",
+              "Museums often run exhibitions on {k}.", "Many hobbies grew out of an interest in {k}.",
+              "Researchers publish new findings about {k} each year."]
+OPTIONS = ["A. It is studied by scientists", "B. It was invented last Tuesday",
+           "C. It exists only on Mars", "D. It is made of cheese"]
+
+
+def well_formed_response(spec: dict) -> str:
+    """A response that passes every check of `spec` (the planted 'capable model' sample)."""
+    k, n = spec["keywords"][0], spec["count"]
+    if spec["kind"] == "questions":
+        return "\n".join(f"{i}. {q.format(k=k)}" for i, q in enumerate(QUESTIONS[:n], start=1))
+    if spec["kind"] == "mcq":
+        return "\n\n".join("\n".join([QUESTIONS[i].format(k=k), *OPTIONS, "Answer: A"])
+                           for i in range(n))
+    return "\n".join("- " + s.format(k=k, K=k.capitalize()) for s in STATEMENTS[:n])
+
+
+@pytest.fixture(scope="module")
+def stage(tmp_path_factory, tiny_dir):
+    from core.constitution import load_constitution
+    from core.context import StageContext
+    from core.models import PROJECT_ROOT
+    from registry.models import profile_by_name
+
+    ctx = StageContext(run_dir=tmp_path_factory.mktemp("stage3"), number=s3.NUMBER,
+                       model_path=str(tiny_dir), origin="test",
+                       profile=profile_by_name("tiny-qwen2"), seed=0, limit=6, heldout=4,
+                       constitution=load_constitution(PROJECT_ROOT / "constitution.yaml"),
+                       data_dir=PROJECT_ROOT.parent / "shared" / "data")
+    original = s3.response_requests
+
+    def planted_requests(ctx, pool, tasks):
+        requests = original(ctx, pool, tasks)
+        settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
+                                RESPONSE_STOPS)
+        specs = {t["id"]: t["spec"] for t in tasks}
+        with AppendLog(ctx.path("cache/responses.jsonl")) as log:
+            for r in requests:
+                task_id, k = r.id.rsplit("-", 1)
+                if k == "0":
+                    log.append({"key": cache_key(ctx.backend().source, r.prompt, settings, r.seed),
+                                "text": well_formed_response(specs[task_id]), "finish": "stop",
+                                "tokens": 0})
+        return requests
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(s3, "response_requests", planted_requests)
+    try:
+        s3.run(ctx)
+    finally:
+        mp.undo()
+    return ctx
+
+
+@pytest.mark.slow
+def test_stage_completes_with_pairs(stage):
+    assert stage.path("DONE").is_file()
+    pairs = read_jsonl(stage.path("pairs.jsonl"))
+    assert pairs and all(p["prompt"] and p["chosen"] and p["rejected"] for p in pairs)
+    assert all(all(s3.check_response(p["chosen"], p["spec"]).values()) for p in pairs)
+    assert all(not all(s3.check_response(p["rejected"], p["spec"]).values()) for p in pairs)
+
+
+@pytest.mark.slow
+def test_pairs_pass_the_template_guard(stage, tiny_backend):
+    guard = TemplateGuard(tiny_backend.tokenizer)
+    for pair in read_jsonl(stage.path("pairs.jsonl")):
+        guard.check_record(pair, "stage 3 pairs.jsonl")
+
+
+@pytest.mark.slow
+def test_training_prompts_are_zero_shot(stage):
+    tasks = {t["id"]: t for t in read_jsonl(stage.path("tasks.jsonl"))}
+    exemplars = s3.exemplar_texts(s3.load_pool())
+    instructions = [e["instruction"] for e in s3.load_pool()["response_exemplars"]]
+    for pair in read_jsonl(stage.path("pairs.jsonl")):
+        assert pair["prompt"] == house_prompt(tasks[pair["task_id"]]["instruction"])
+        assert pair["prompt"].count("Instruction:") == 1 and "###" not in pair["prompt"]
+        assert not any(text.strip() in pair["prompt"] for text in exemplars + instructions)
+
+
+@pytest.mark.slow
+def test_heldout_never_trains(stage):
+    tasks = read_jsonl(stage.path("tasks.jsonl"))
+    held = [t for t in tasks if t["split"] == "heldout"]
+    assert len(held) == 4 and sum(t["split"] == "train" for t in tasks) == 6
+    held_topics = {t["spec"]["topic"] for t in held}
+    assert not held_topics & {t["spec"]["topic"] for t in tasks if t["split"] == "train"}
+    for pair in read_jsonl(stage.path("pairs.jsonl")):
+        assert pair["task_id"] not in {t["id"] for t in held}
+        assert not any(t["instruction"] in pair["prompt"] for t in held)
+
+
+@pytest.mark.slow
+def test_merged_model_loads(stage):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(stage.path("merged")))
+    assert model.config.model_type == "qwen2"
+
+
+@pytest.mark.slow
+def test_metrics(stage):
+    metrics = json.loads(stage.path("metrics.json").read_text())
+    assert metrics["name"] == "generation-tasks" and metrics["dpo"]["steps"] > 0
+    assessment = metrics["assessment"]
+    assert assessment["headline"] == "task_success"
+    for side in ("before", "after"):
+        summary = assessment[side]["summary"]
+        assert set(summary) == {"task_success", *s3.CHECKS}
+        assert summary["task_success"]["n"] == 4
+    assert metrics["data"]["tasks_train"] == 6 and metrics["data"]["pairs"] >= 1
+    assert "Stage 3" in stage.path("report.md").read_text()

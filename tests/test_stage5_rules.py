@@ -1,0 +1,375 @@
+"""Stage 5's task, check, judgment and pair rules on hand-written cases (no model generation)."""
+import json
+
+import pytest
+import torch
+
+from core.guards import TemplateGuard
+from core.judge import judge_many, option_token_ids
+from core.prompting import house_prompt
+from stages import stage5_revision_tasks as s5
+
+NO_COMMAS = [{"kind": "no_commas", "params": {}}]
+LOWER = [{"kind": "lowercase", "params": {}}]
+DRAFT = "Rain falls from the clouds, soaks the fields, and fills the rivers on its way to the sea."
+FIXED = "Rain falls from the clouds and soaks the fields. It fills the rivers on its way to the sea."
+MISSED = "Rain falls from the clouds, soaks the fields, and fills every river on its way to the sea."
+EXEMPLAR = s5.load_pool()["revision_exemplars"][0]["revision"]
+
+
+def task(checks=NO_COMMAS, draft=DRAFT):
+    return s5.make_task("Describe what happens to rain.", draft, checks, "pool")
+
+
+@pytest.fixture(scope="module")
+def guard(tiny_backend):
+    return TemplateGuard(tiny_backend.tokenizer)
+
+
+def scored(i, text, t, guard, exemplars=()):
+    return {"task_id": t["id"], "sample": i, "text": text,
+            **s5.score_revision(text, t, guard, list(exemplars))}
+
+
+def judgment(x, y, winner, xy=1.0, yx=1.0):
+    return {"task_id": "r", "x": x, "y": y, "passer": x, "winner": winner,
+            "margin_xy": xy, "margin_yx": yx}
+
+
+# prompts and critiques ---------------------------------------------------------------------------
+
+def test_critique_names_the_failed_constraints():
+    one = s5.critique_for(NO_COMMAS)
+    assert one == ("The response does not follow this requirement: Do not use any commas in your "
+                   "response. Rewrite it so that it does, keeping its content.")
+    two = s5.critique_for(NO_COMMAS + LOWER)
+    assert two.startswith("The response does not follow these requirements: Do not use any commas")
+    assert "lowercase letters" in two
+
+
+def test_training_prompt_is_zero_shot_house_format():
+    prompt = house_prompt(s5.revision_text(task()))
+    assert prompt.startswith("Instruction: Rewrite the draft so that it follows the critique.\n\n"
+                             "Request: Describe what happens to rain.\n\nDraft: Rain falls")
+    assert prompt.endswith("keeping its content.\n\nResponse:\n")
+    assert prompt.count("Instruction:") == 1 and prompt.count("Response:") == 1
+    assert "###" not in prompt
+
+
+# checks ------------------------------------------------------------------------------------------
+
+def test_revision_checks():
+    t = task()
+    good = s5.revision_checks(FIXED, t)
+    assert good["passed"] and good["fixes_critique"] and good["keeps_content"] and good["changed"]
+    missed = s5.revision_checks(MISSED, t)
+    assert not missed["passed"] and missed["keeps_content"] and not missed["fixes_critique"]
+    unrelated = s5.revision_checks("Cats sleep most of the day in warm sunny spots.", t)
+    assert unrelated["fixes_critique"] and not unrelated["keeps_content"] and not unrelated["passed"]
+    copy = s5.revision_checks(DRAFT + "  ", t)
+    assert not copy["changed"] and not copy["passed"]
+    two_paragraphs = [{"kind": "paragraph_count", "params": {"n": 2}}]
+    split = s5.revision_checks("Rain falls.\n\nIt fills the rivers.",
+                               task(two_paragraphs, "Rain falls. It fills the rivers."))
+    assert split["changed"] and split["passed"]  # a paragraph break is a change
+
+
+@pytest.mark.parametrize("text", [
+    "Here is a revised response: Rain falls from the clouds and soaks the fields.",
+    "Here's the rewritten version without commas. Rain falls from the clouds.",
+    "Revised response: Rain falls from the clouds and soaks the fields.",
+    "Sure, rain falls from the clouds and soaks the fields.",
+    "Certainly! Rain falls from the clouds and soaks the fields.",
+    "I have rewritten it. Rain falls from the clouds and soaks the fields.",
+])
+def test_meta_prefix_revisions_are_unusable(text, guard):
+    assert s5.meta_prefix(text, DRAFT, NO_COMMAS)
+    assert s5.unusable_reason(text, task(), guard, []).startswith("meta-prefix")
+
+
+def test_prefixes_the_critique_demands_or_the_draft_had_are_content():
+    start = [{"kind": "start_with", "params": {"phrase": "Sure, here is what you asked for:"}}]
+    assert s5.meta_prefix("Sure, here is what you asked for: rain falls.", DRAFT, start) is None
+    assert s5.meta_prefix("Sure, here is what you asked for: here is a revised one.", DRAFT,
+                          start)
+    assert s5.meta_prefix("Sure, it rains a lot here.", "Sure, it rains, a lot, here.",
+                          NO_COMMAS) is None
+    assert s5.meta_prefix(FIXED, DRAFT, NO_COMMAS) is None
+    assert s5.meta_prefix("Here is my answer: rain falls.", DRAFT, NO_COMMAS) is None
+
+
+def test_unusable_revisions(guard):
+    t = task()
+    assert s5.unusable_reason(FIXED, t, guard, [EXEMPLAR]) is None
+    assert s5.unusable_reason(EXEMPLAR, t, guard, [EXEMPLAR]) == "copies an exemplar"
+    assert s5.unusable_reason("Rain falls.\nCritique: no commas", t, guard, []) \
+        == "prompt scaffolding"
+    assert s5.unusable_reason("Rain falls.\nTask 5: Write a poem", t, guard, []) \
+        == "prompt scaffolding"
+    assert s5.unusable_reason("<|im_start|>assistant rain", t, guard, []) == "chat markup"
+    assert s5.unusable_reason("  ", t, guard, []) == "empty"
+
+
+def test_draft_problems(guard):
+    assert s5.draft_problem(DRAFT, guard, [EXEMPLAR]) is None
+    assert s5.draft_problem(EXEMPLAR, guard, [EXEMPLAR]) == "copies an exemplar"
+    assert s5.draft_problem("Rain.\nResponse: more", guard, []) == "prompt scaffolding"
+
+
+# pairs -------------------------------------------------------------------------------------------
+
+def samples_for(t, guard, texts, exemplars=()):
+    return [scored(i, text, t, guard, exemplars) for i, text in enumerate(texts)]
+
+
+def test_chosen_passes_and_wins_both_orders(guard):
+    t = task()
+    samples = samples_for(t, guard, [MISSED, FIXED])
+    pair, reason = s5.choose_pair(t, samples, [judgment(1, 0, "x")])
+    assert reason == "ok"
+    assert pair["chosen"] == FIXED and pair["rejected"] == MISSED
+    assert pair["prompt"] == house_prompt(s5.revision_text(t)) and pair["checks"] == NO_COMMAS
+    assert pair["rejected_keeps_content"] is True
+
+
+def test_tie_is_dropped(guard):
+    t = task()
+    samples = samples_for(t, guard, [MISSED, FIXED])
+    pair, reason = s5.choose_pair(t, samples, [judgment(1, 0, "tie", 0.5, -0.3)])
+    assert pair is None and reason == "judge tie (orders disagree)"
+
+
+def test_judge_preferring_the_failing_revision_is_dropped(guard):
+    t = task()
+    samples = samples_for(t, guard, [MISSED, FIXED])
+    pair, reason = s5.choose_pair(t, samples, [judgment(1, 0, "y", -1, -1)])
+    assert pair is None and reason == "judge prefers the failing revision"
+
+
+def test_identical_pair_is_dropped(guard):
+    t = task()
+    pair = {"prompt": house_prompt(s5.revision_text(t)), "chosen": FIXED, "rejected": FIXED + " "}
+    assert s5.pair_problem(pair, t, guard, []) == "identical"
+    # the same text sampled twice counts once
+    samples = samples_for(t, guard, [FIXED, FIXED + "\n"])
+    assert s5.choose_pair(t, samples, [])[1] == "no failing revision (no rejected)"
+
+
+def test_meta_prefix_revision_is_never_chosen(guard):
+    t = task()
+    samples = samples_for(t, guard, [MISSED, "Here is a revised response: " + FIXED])
+    assert samples[1]["passed"] and samples[1]["unusable"]
+    assert s5.choose_pair(t, samples, [judgment(1, 0, "x")])[1] == "no revision passes the checks"
+    pair = {"prompt": "Instruction: x\n\nResponse:\n", "chosen": "Sure, " + FIXED,
+            "rejected": MISSED}
+    assert s5.pair_problem(pair, t, guard, []).startswith("chosen: meta-prefix")
+
+
+def test_copied_exemplar_is_never_chosen(guard):
+    t = task(LOWER, EXEMPLAR.capitalize())
+    samples = samples_for(t, guard, [EXEMPLAR.capitalize() + " Indeed.", EXEMPLAR], [EXEMPLAR])
+    assert samples[1]["passed"] and samples[1]["unusable"] == "copies an exemplar"
+    assert s5.choose_pair(t, samples, [judgment(1, 0, "x")])[1] == "no revision passes the checks"
+    pair = {"prompt": "Instruction: x\n\nResponse:\n", "chosen": EXEMPLAR, "rejected": MISSED}
+    assert s5.pair_problem(pair, t, guard, [EXEMPLAR]) == "chosen: copies an exemplar"
+
+
+def test_rejected_prefers_a_revision_that_keeps_content_but_misses_the_fix(guard):
+    t = task()
+    samples = samples_for(t, guard, ["Snow is cold, white, and soft.", FIXED, MISSED])
+    assert s5.rejected_revision([samples[0], samples[2]])["sample"] == 2
+    jobs = s5.judge_jobs(t["id"], samples, seed=0)
+    assert [{x, y} for _, x, y, _ in jobs] == [{1, 2}]
+
+
+class FakeJudge:
+    """Next-token log-probabilities scripted per judge prompt: (log p(A), log p(B))."""
+
+    def __init__(self, tokenizer, scripted):
+        self.tokenizer = tokenizer
+        self.scripted = list(scripted)
+        self.a, self.b = option_token_ids(tokenizer)
+
+    def next_token_logprobs(self, prompts):
+        out = torch.full((len(prompts), len(self.tokenizer)), -20.0)
+        for row in range(len(prompts)):
+            out[row, self.a], out[row, self.b] = self.scripted.pop(0)
+        return out
+
+
+@pytest.mark.parametrize("passer_first", [True, False])
+def test_wrong_order_judgment(tiny_backend, guard, passer_first):
+    """A verdict that holds in one order only is dropped; one that holds in both orders with the
+    second response winning chooses the second."""
+    t = task()
+    samples = samples_for(t, guard, [MISSED, FIXED])
+    x, y = (1, 0) if passer_first else (0, 1)
+    item = ("", s5.judge_instruction(t), samples[x]["text"], samples[y]["text"])
+    # x shown as A wins; then y shown as A wins too: position bias, no verdict
+    one_order = judge_many(FakeJudge(tiny_backend.tokenizer, [(-0.1, -2.0), (-0.1, -2.0)]),
+                           guard, [item], 8, "test")
+    records = s5.judgment_records([(t["id"], x, y, 1)], one_order)
+    assert records[0]["winner"] == "tie"
+    assert s5.choose_pair(t, samples, records)[0] is None
+    # the second response (y) wins in both orders
+    second = judge_many(FakeJudge(tiny_backend.tokenizer, [(-2.0, -0.1), (-0.1, -2.0)]),
+                        guard, [item], 8, "test")
+    records = s5.judgment_records([(t["id"], x, y, 1)], second)
+    assert records[0]["winner"] == "y"
+    pair, reason = s5.choose_pair(t, samples, records)
+    if passer_first:  # the second response is the failing one: no pair
+        assert pair is None and reason == "judge prefers the failing revision"
+    else:
+        assert reason == "ok" and pair["chosen"] == samples[y]["text"] == FIXED
+
+
+def test_judge_jobs_pit_up_to_three_passers_against_one_rejected(guard):
+    t = task()
+    passers = [FIXED, FIXED.replace("Rain", "The rain"), FIXED.replace("sea", "ocean"),
+               FIXED.replace("fields", "meadows")]
+    samples = samples_for(t, guard, [MISSED] + passers)
+    jobs = s5.judge_jobs(t["id"], samples, seed=0)
+    assert len(jobs) == 3 and all(0 in (x, y) and passer in (x, y) for _, x, y, passer in jobs)
+    assert s5.judge_jobs(t["id"], samples[1:], seed=0) == []
+
+
+def test_judge_audit():
+    audit = s5.judge_audit([judgment(1, 0, "x"), judgment(1, 0, "y"), judgment(1, 0, "tie")])
+    assert audit["comparisons"] == 3 and audit["order_consistent"]["k"] == 2
+    assert audit["prefers_passing_revision"]["k"] == 1
+
+
+# tasks -------------------------------------------------------------------------------------------
+
+def write_stage1(run_dir, instructions, samples):
+    folder = run_dir / "stage_1"
+    folder.mkdir(parents=True)
+    (folder / "instructions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in instructions))
+    (folder / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
+
+
+def test_stage1_failures_become_tasks_naming_the_failed_constraints(tmp_path):
+    two = NO_COMMAS + LOWER
+    write_stage1(tmp_path, [
+        {"id": "t1", "instruction": "Describe rain.", "constraints": two, "split": "train"},
+        {"id": "t2", "instruction": "Describe snow.", "constraints": [], "split": "train"},
+    ], [
+        {"task_id": "t1", "sample": 0, "text": "rain, rain.", "constraint_results": [False, True],
+         "passed": False, "unusable": None},
+        {"task_id": "t1", "sample": 1, "text": "rain falls.", "constraint_results": [True, True],
+         "passed": True, "unusable": None},
+        {"task_id": "t1", "sample": 2, "text": "Rain, rain.", "constraint_results": [False, False],
+         "passed": False, "unusable": None},
+        {"task_id": "t1", "sample": 3, "text": "", "constraint_results": [True, False],
+         "passed": False, "unusable": "empty"},
+        {"task_id": "t1", "sample": 4, "text": "Rain", "constraint_results": [True, False],
+         "passed": False, "unusable": None},
+        {"task_id": "t2", "sample": 0, "text": "Snow is cold.", "constraint_results": [],
+         "passed": False, "unusable": None},
+    ])
+    tasks = s5.stage1_failures(tmp_path)
+    assert len(tasks) == s5.MAX_TASKS_PER_REQUEST == 2  # three failures of one request, capped
+    expected = {"t1-0": NO_COMMAS, "t1-2": two, "t1-4": LOWER}  # only the failed constraints
+    for t in tasks:
+        assert t["source"] == "stage1" and t["request"] == "Describe rain."
+        assert t["checks"] == expected[t["origin"]]
+        assert t["critique"] == s5.critique_for(t["checks"])
+    assert s5.stage1_failures(tmp_path / "elsewhere") == []
+
+
+def test_failing_constraint_is_sampled_deterministically():
+    checks = s5.failing_constraint("Rain falls, and falls.", "Describe rain.", seed=1)
+    assert checks == s5.failing_constraint("Rain falls, and falls.", "Describe rain.", seed=1)
+    assert checks and not s5.constraint_from_dict(checks[0]).check("Rain falls, and falls.")
+
+
+def many_tasks():
+    requests = ["Describe rain.", "Why do volcanoes erupt?", "How is bread made?",
+                "Explain the rules of chess.", "What causes the tides?", "How do bees dance?",
+                "Who invented jazz?", "Where are glaciers found?", "What is a comet made of?",
+                "When do tulips flower?"]
+    tasks = [s5.make_task(r, f"Well, {r.lower()} That is, in short, the question.", NO_COMMAS,
+                          "pool") for r in requests]
+    tasks.append(s5.make_task("Describe rain.", "Rain is, often, wet.", NO_COMMAS, "stage1"))
+    return tasks
+
+
+def test_split_by_request_is_stable_and_leak_free():
+    tasks = many_tasks()
+    split = s5.split_tasks(tasks, limit=20, heldout=3)
+    held = [t for t in split if t["split"] == "heldout"]
+    train = [t for t in split if t["split"] == "train"]
+    rain_held = any(t["request"] == "Describe rain." for t in held)  # its second task is unused
+    assert len(held) == 3 and len(train) == len(tasks) - 3 - rain_held
+    assert not {t["request"] for t in held} & {t["request"] for t in train}
+    assert s5.split_tasks(list(reversed(tasks)), limit=20, heldout=3) == split
+    s5.check_leakage(split)
+    assert len(s5.split_tasks(tasks, limit=4, heldout=3)) == 3 + 4
+    leaked = [{**held[0], "split": "train", "id": "other"}] + split
+    with pytest.raises(RuntimeError, match="leaks into training"):
+        s5.check_leakage(leaked)
+
+
+def test_split_gives_every_source_a_turn():
+    tasks = many_tasks() + [
+        s5.make_task(f"Question number {w} about {w}?", f"{w}, {w} and {w} again.", NO_COMMAS,
+                     source) for w, source in [("ink", "stage1"), ("oak", "stage1"),
+                                               ("elm", "model-draft"), ("fog", "model-draft"),
+                                               ("owl", "stage1"), ("yak", "model-draft")]]
+    split = s5.split_tasks(tasks, limit=3, heldout=3)
+    for side in ("heldout", "train"):
+        assert sorted(t["source"] for t in split if t["split"] == side) \
+            == sorted(s5.SOURCES), side
+
+
+def test_training_requests_near_a_heldout_request_are_dropped():
+    a = s5.make_task("Explain why the sky looks blue during the day.", "It scatters, light.",
+                     NO_COMMAS, "pool")
+    b = s5.make_task("Explain why the sky looks blue during the daytime.", "Light, scatters.",
+                     NO_COMMAS, "pool")
+    others = many_tasks()
+    split = s5.split_tasks([a, b] + others, limit=20, heldout=len(others) + 1)
+    sides = {t["id"]: t["split"] for t in split}
+    assert len({sides.get(a["id"]), sides.get(b["id"])} - {None}) == 1
+
+
+# assessment and failure report -------------------------------------------------------------------
+
+def test_assessed_item():
+    t = task()
+    assert s5.assessed_item(t, FIXED)["passed"]
+    meta = s5.assessed_item(t, "Sure! " + FIXED)
+    assert meta["fixes_critique"] and not meta["passed"] and meta["meta_prefix"]
+    copy = s5.assessed_item(t, DRAFT)
+    assert copy["keeps_content"] and not copy["changed"] and not copy["passed"]
+    summary = s5.summarize_assessment([s5.assessed_item(t, FIXED), copy])
+    assert summary["revision_success"]["k"] == 1 and summary["keeps_content"]["k"] == 2
+
+
+def test_no_pairs_is_a_clear_error(tmp_path, tiny_dir, guard):
+    from core.constitution import load_constitution
+    from core.context import StageContext
+    from core.io import write_jsonl
+    from core.models import PROJECT_ROOT
+    from registry.models import profile_by_name
+
+    ctx = StageContext(run_dir=tmp_path, number=5, model_path=str(tiny_dir), origin="test",
+                       profile=profile_by_name("tiny-qwen2"), seed=0, limit=1, heldout=1,
+                       constitution=load_constitution(PROJECT_ROOT / "constitution.yaml"),
+                       log=lambda _: None)
+    t = {**task(), "split": "train"}
+    write_jsonl(ctx.path("tasks.jsonl"), [t])
+    write_jsonl(ctx.path("scores.jsonl"), samples_for(t, guard, [MISSED, FIXED]))
+    write_jsonl(ctx.path("judgments.jsonl"), [{**judgment(1, 0, "tie", 1, -1), "task_id": t["id"]}])
+    with pytest.raises(RuntimeError, match="no preference pairs from 1 tasks: of 2 revisions 2 "
+                                           "are usable, 1 fix the critique"):
+        s5.make_pairs(ctx, s5.load_pool())
+    dropped = [json.loads(line) for line in ctx.path("pairs_dropped.jsonl").read_text().splitlines()]
+    assert dropped == [{"task_id": t["id"], "reason": "judge tie (orders disagree)"}]
+
+
+def test_exemplar_texts_leave_out_critiques():
+    pool = s5.load_pool()
+    texts = s5.exemplar_texts(pool)
+    assert EXEMPLAR in texts
+    assert not any(e["critique"] in texts for e in pool["revision_exemplars"])
