@@ -7,7 +7,7 @@ import time
 import torch
 
 from core.backend import SamplingSettings
-from core.prompting import RESPONSE_STOPS, house_prompt
+from core.prompting import house_prompt
 
 
 def bench_prompts(count: int) -> list[str]:

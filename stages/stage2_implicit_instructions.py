@@ -54,7 +54,7 @@ from pathlib import Path
 import yaml
 
 from core import lifecycle
-from core.assess import greedy
+from core.assess import generate_greedy
 from core.context import StageContext
 from core.generation import GenerationCache, GenRequest, generate_all
 from core.io import atomic_write_text, read_jsonl, write_jsonl
@@ -694,16 +694,12 @@ def merge(ctx: StageContext, pool: dict) -> None:
 def assess_questions(backend, guard, items: list[dict], cache_path: Path, max_new_tokens: int,
                      batch_size: int, where: str) -> dict:
     """A zero-shot greedy answer to each held-out question, scored by the answer checks."""
-    requests = [GenRequest(item["id"], house_prompt(item["question"]), 0) for item in items]
-    cache = GenerationCache(cache_path)
-    try:
-        results = generate_all(backend, requests, greedy(max_new_tokens), cache, guard,
-                               batch_size, where)
-    finally:
-        cache.close()
+    texts = generate_greedy(backend, guard, cache_path,
+                            {item["id"]: house_prompt(item["question"]) for item in items},
+                            max_new_tokens, batch_size, where)
     scored = []
     for item in items:
-        text = results[item["id"]]["text"].strip()
+        text = texts[item["id"]]
         checks = check_answer(item["question"], text)
         scored.append({"id": item["id"], "source": item["source"], "response": text,
                        "passed": checks["problem"] is None, **checks})

@@ -56,7 +56,7 @@ import yaml
 from nltk.stem.porter import PorterStemmer
 
 from core import lifecycle
-from core.assess import greedy
+from core.assess import generate_greedy
 from core.context import StageContext
 from core.generation import GenerationCache, GenRequest, generate_all
 from core.guards import TemplateGuard
@@ -695,16 +695,12 @@ def merge(ctx: StageContext, pool: dict) -> None:
 def assess_generation(backend, guard: TemplateGuard, tasks: list[dict], cache_path: Path,
                       max_new_tokens: int, batch_size: int, where: str) -> dict:
     """A zero-shot, greedy response per held-out task, scored by the four checks."""
-    requests = [GenRequest(t["id"], house_prompt(t["instruction"]), 0) for t in tasks]
-    cache = GenerationCache(cache_path)
-    try:
-        results = generate_all(backend, requests, greedy(max_new_tokens), cache, guard,
-                               batch_size, where)
-    finally:
-        cache.close()
+    texts = generate_greedy(backend, guard, cache_path,
+                            {t["id"]: house_prompt(t["instruction"]) for t in tasks},
+                            max_new_tokens, batch_size, where)
     items = []
     for task in tasks:
-        text = results[task["id"]]["text"].strip()
+        text = texts[task["id"]]
         checks = check_response(text, task["spec"])
         items.append({"id": task["id"], "kind": task["spec"]["kind"], "response": text,
                       "checks": checks, "passed": all(checks.values())})

@@ -78,7 +78,7 @@ from pathlib import Path
 import yaml
 
 from core import lifecycle
-from core.assess import greedy
+from core.assess import generate_greedy
 from core.constitution import Constitution, Principle
 from core.contamination import build_index, load_eval_texts
 from core.context import StageContext
@@ -773,16 +773,12 @@ def score_answer(kind: str, text: str) -> dict:
 def assess_prompts(backend, guard, items: list[dict], cache_path: Path, max_new_tokens: int,
                    batch_size: int, where: str) -> dict:
     """Zero-shot, greedy answers to the held-out prompts, scored per kind."""
-    requests = [GenRequest(t["id"], house_prompt(t["instruction"]), 0) for t in items]
-    cache = GenerationCache(cache_path)
-    try:
-        results = generate_all(backend, requests, greedy(max_new_tokens), cache, guard,
-                               batch_size, where)
-    finally:
-        cache.close()
+    texts = generate_greedy(backend, guard, cache_path,
+                            {t["id"]: house_prompt(t["instruction"]) for t in items},
+                            max_new_tokens, batch_size, where)
     scored = []
     for t in items:
-        text = results[t["id"]]["text"]
+        text = texts[t["id"]]
         scored.append({"id": t["id"], "kind": t["kind"], "source": t["source"], "response": text,
                        **score_answer(t["kind"], text)})
     return {"summary": summarize(scored), "items": scored}
