@@ -6,7 +6,7 @@ from pathlib import Path
 
 from core.backend import SamplingSettings
 from core.constraints import constraint_from_dict
-from core.generation import GenerationCache, GenRequest, generate_all
+from core.generation import generate_cached, GenRequest
 from core.guards import TemplateGuard
 from core.prompting import RESPONSE_STOPS, house_prompt
 from core.stats import rate
@@ -30,12 +30,8 @@ def generate_greedy(backend, guard: TemplateGuard, cache_path: Path, prompts: di
                     max_new_tokens: int, batch_size: int, where: str) -> dict[str, str]:
     """{id: stripped greedy completion} for {id: prompt}, cached in `cache_path`."""
     requests = [GenRequest(key, prompt, 0) for key, prompt in prompts.items()]
-    cache = GenerationCache(cache_path)
-    try:
-        results = generate_all(backend, requests, greedy(max_new_tokens), cache, guard,
-                               batch_size, where)
-    finally:
-        cache.close()
+    results = generate_cached(backend, requests, greedy(max_new_tokens), cache_path,
+                              guard, batch_size, where)
     return {key: results[key]["text"].strip() for key in prompts}
 
 

@@ -89,6 +89,17 @@ def generate_all(backend, requests: list[GenRequest], settings: SamplingSettings
     return {r.id: cache.get(key) for key, r in keyed}
 
 
+def generate_cached(backend, requests: list[GenRequest], settings: SamplingSettings,
+                    cache_path: Path, guard: TemplateGuard, batch_size: int,
+                    where: str) -> dict[str, dict]:
+    """`generate_all` with a cache file opened for this one call and always closed."""
+    cache = GenerationCache(cache_path)
+    try:
+        return generate_all(backend, requests, settings, cache, guard, batch_size, where)
+    finally:
+        cache.close()
+
+
 @torch.no_grad()
 def sample_batch(model, tokenizer, prompts: list[str], settings: SamplingSettings,
                  seeds: list[int], on_finish: OnFinish | None = None) -> list[Completion]:

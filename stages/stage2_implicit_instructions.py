@@ -56,7 +56,7 @@ import yaml
 from core import lifecycle
 from core.assess import generate_greedy
 from core.context import StageContext
-from core.generation import GenerationCache, GenRequest, generate_all
+from core.generation import generate_all, generate_cached, GenerationCache, GenRequest
 from core.io import atomic_write_text, read_jsonl, write_jsonl
 from core.judge import judge_many, judge_prefix
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
@@ -328,12 +328,8 @@ def make_responses(ctx: StageContext, pool: dict) -> None:
                 for t in tasks for rid, prompting in plans[t["id"]]]
     settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
                             RESPONSE_STOPS)
-    cache = GenerationCache(ctx.path("cache/responses.jsonl"))
-    try:
-        results = generate_all(ctx.backend(), requests, settings, cache, ctx.guard(),
-                               ctx.profile.gen_batch_size, "stage 2 responses")
-    finally:
-        cache.close()
+    results = generate_cached(ctx.backend(), requests, settings, ctx.path("cache/responses.jsonl"),
+                              ctx.guard(), ctx.profile.gen_batch_size, "stage 2 responses")
     records = []
     for task in tasks:
         for sample, (request_id, prompting) in enumerate(plans[task["id"]]):

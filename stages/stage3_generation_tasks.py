@@ -58,7 +58,7 @@ from nltk.stem.porter import PorterStemmer
 from core import lifecycle
 from core.assess import generate_greedy
 from core.context import StageContext
-from core.generation import GenerationCache, GenRequest, generate_all
+from core.generation import generate_all, generate_cached, GenerationCache, GenRequest
 from core.guards import TemplateGuard
 from core.io import atomic_write_text, read_jsonl, write_jsonl
 from core.judge import judge_many, judge_prefix
@@ -333,12 +333,8 @@ def make_responses(ctx: StageContext, pool: dict) -> None:
     requests = response_requests(ctx, pool, tasks)
     settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
                             RESPONSE_STOPS)
-    cache = GenerationCache(ctx.path("cache/responses.jsonl"))
-    try:
-        results = generate_all(ctx.backend(), requests, settings, cache, ctx.guard(),
-                               ctx.profile.gen_batch_size, "stage 3 responses")
-    finally:
-        cache.close()
+    results = generate_cached(ctx.backend(), requests, settings, ctx.path("cache/responses.jsonl"),
+                              ctx.guard(), ctx.profile.gen_batch_size, "stage 3 responses")
     records = []
     for task in tasks:
         for k in range(ctx.profile.responses_per_task):

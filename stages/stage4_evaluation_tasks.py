@@ -63,7 +63,7 @@ import yaml
 from core import lifecycle
 from core.assess import generate_greedy
 from core.context import StageContext
-from core.generation import GenerationCache, GenRequest, generate_all
+from core.generation import generate_cached, GenRequest
 from core.io import atomic_write_text, read_json, read_jsonl, write_jsonl
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
 from core.run import StageSteps
@@ -369,12 +369,8 @@ def make_verdicts(ctx: StageContext, pool: dict) -> None:
     requests = verdict_requests(ctx, pool, tasks)
     settings = ctx.sampling(ctx.profile.temperature_critique, ctx.profile.max_new_tokens,
                             VERDICT_STOPS)
-    cache = GenerationCache(ctx.path("cache/verdicts.jsonl"))
-    try:
-        results = generate_all(ctx.backend(), requests, settings, cache, ctx.guard(),
-                               ctx.profile.gen_batch_size, "stage 4 verdicts")
-    finally:
-        cache.close()
+    results = generate_cached(ctx.backend(), requests, settings, ctx.path("cache/verdicts.jsonl"),
+                              ctx.guard(), ctx.profile.gen_batch_size, "stage 4 verdicts")
     records = []
     for task in tasks:
         for k in range(ctx.profile.responses_per_task):

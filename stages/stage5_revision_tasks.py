@@ -55,7 +55,7 @@ from core import lifecycle
 from core.assess import greedy
 from core.constraints import constraint_from_dict, sample_constraints
 from core.context import StageContext
-from core.generation import GenerationCache, GenRequest, generate_all
+from core.generation import generate_cached, GenRequest
 from core.io import atomic_write_text, read_jsonl, write_jsonl
 from core.judge import judge_many, judge_prefix
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
@@ -262,12 +262,8 @@ def make_drafts(ctx: StageContext, pool: dict) -> None:
                    seed_for(ctx.seed, "draft", r)) for i, r in enumerate(requests)]
         settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
                                 RESPONSE_STOPS)
-        cache = GenerationCache(ctx.path("cache/drafts.jsonl"))
-        try:
-            results = generate_all(ctx.backend(), gen, settings, cache, ctx.guard(),
-                                   ctx.profile.gen_batch_size, "stage 5 drafts")
-        finally:
-            cache.close()
+        results = generate_cached(ctx.backend(), gen, settings, ctx.path("cache/drafts.jsonl"),
+                                  ctx.guard(), ctx.profile.gen_batch_size, "stage 5 drafts")
         for request, item in zip(requests, gen):
             draft = results[item.id]["text"].strip()
             records.append({"request": request, "draft": draft,
@@ -379,12 +375,8 @@ def make_revisions(ctx: StageContext, pool: dict) -> None:
     requests = revision_requests(ctx, pool, tasks)
     settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
                             RESPONSE_STOPS)
-    cache = GenerationCache(ctx.path("cache/revisions.jsonl"))
-    try:
-        results = generate_all(ctx.backend(), requests, settings, cache, ctx.guard(),
-                               ctx.profile.gen_batch_size, "stage 5 revisions")
-    finally:
-        cache.close()
+    results = generate_cached(ctx.backend(), requests, settings, ctx.path("cache/revisions.jsonl"),
+                              ctx.guard(), ctx.profile.gen_batch_size, "stage 5 revisions")
     records = [{"task_id": task["id"], "sample": k,
                 "text": results[f"{task['id']}-{k}"]["text"].strip(),
                 "finish": results[f"{task['id']}-{k}"]["finish"]}
@@ -608,12 +600,8 @@ def assess(ctx: StageContext, pool: dict) -> None:
     def assess_heldout(backend, label: str) -> dict:
         p = ctx.profile
         requests = [GenRequest(t["id"], house_prompt(revision_text(t)), 0) for t in tasks]
-        cache = GenerationCache(ctx.path(f"cache/assess_{label}.jsonl"))
-        try:
-            results = generate_all(backend, requests, greedy(p.max_new_tokens), cache, ctx.guard(),
-                                   p.gen_batch_size, f"stage 5 assess {label}")
-        finally:
-            cache.close()
+        results = generate_cached(backend, requests, greedy(p.max_new_tokens), ctx.path(f"cache/assess_{label}.jsonl"),
+                                  ctx.guard(), p.gen_batch_size, f"stage 5 assess {label}")
         items = [assessed_item(t, results[t["id"]]["text"].strip()) for t in tasks]
         return {"summary": summarize_assessment(items), "items": items}
 
