@@ -45,6 +45,12 @@ def stage_list() -> None:
         click.echo(f"{entry.number}  {entry.name:<28} {state:<14} learns to {entry.learns}")
 
 
+BASELINE_LIMIT = click.option(
+    "--baseline-limit", type=int, default=None,
+    help="Baseline probes per capability in each stage's assessment (default: all; a smaller "
+         "number makes CPU runs shorter and the intervals wider).")
+
+
 @stage.command("run")
 @click.argument("number", type=int)
 @click.option("--run-dir", type=click.Path(path_type=Path), default=None,
@@ -61,13 +67,15 @@ def stage_list() -> None:
               help=f"Evaluation sets for decontamination (default {DEFAULT_DATA_DIR} if present).")
 @click.option("--allow-contamination", is_flag=True,
               help="Train even if a template contamination check fails (recorded in config.yaml).")
+@BASELINE_LIMIT
 def stage_run(number: int, run_dir: Path | None, model: str | None, limit: int | None,
               heldout: int | None, seed: int | None, constitution_path: Path,
-              data_dir: Path | None, allow_contamination: bool) -> None:
+              data_dir: Path | None, allow_contamination: bool,
+              baseline_limit: int | None) -> None:
     """Run (or resume) stage NUMBER."""
     try:
         done = run_stage(number, run_dir, model, limit, seed, heldout, constitution_path,
-                         data_dir, allow_contamination)
+                         data_dir, allow_contamination, baseline_limit=baseline_limit)
     except USER_ERRORS as error:
         fail(error)
     click.echo(f"stage {number} complete: {done / f'stage_{number}'}")
@@ -82,12 +90,15 @@ def stage_run(number: int, run_dir: Path | None, model: str | None, limit: int |
 @click.option("--until", type=int, default=None, help="Last stage to run (default: all built).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None)
 @click.option("--allow-contamination", is_flag=True)
+@BASELINE_LIMIT
 def run_all(run_dir: Path | None, model: str | None, limit: int | None, seed: int | None,
-            until: int | None, data_dir: Path | None, allow_contamination: bool) -> None:
+            until: int | None, data_dir: Path | None, allow_contamination: bool,
+            baseline_limit: int | None) -> None:
     """Run the curriculum's stages in order, each learning from the previous merged model."""
     try:
         done = run_curriculum(run_dir, model, limit, seed, until, data_dir=data_dir,
-                              allow_contamination=allow_contamination)
+                              allow_contamination=allow_contamination,
+                              baseline_limit=baseline_limit)
     except USER_ERRORS as error:
         fail(error)
     click.echo(f"curriculum report: {done / 'report.md'}")

@@ -27,6 +27,7 @@ class StageContext:
     limit: int
     heldout: int
     constitution: Constitution
+    baseline_limit: int | None = None  # baseline probes per capability in assessments (None: all)
     data_dir: Path | None = None  # shared evaluation sets (decontamination, suites)
     allow_contamination: bool = False
     log: Callable[[str], None] = print

@@ -6,6 +6,7 @@ A stage module calls these from its own step functions, passing what only it kno
 exemplars, its held-out texts, how to assess its held-out tasks)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 from core import contamination
@@ -14,6 +15,7 @@ from core.context import StageContext
 from core.dpo import DPOSettings, train_dpo
 from core.io import atomic_write_text, read_json, read_jsonl, write_json, write_jsonl
 from core.merge import merge_adapter
+from core.models import weights_sha256
 from core.stats import mcnemar_exact
 
 AssessHeldout = Callable[[object, str], dict]  # (backend, "before"|"after") -> {"summary", "items"}
@@ -67,7 +69,8 @@ def merge_model(ctx: StageContext, probes: list[str]) -> None:
     ctx.release_backend()
     parity = merge_adapter(ctx.model_path, ctx.path("adapter"), ctx.path("merged"),
                            ctx.profile.dtype, probes, ctx.profile.parity_tolerance)
-    write_json(ctx.path("merge.json"), {"base": ctx.model_path, "parity": parity})
+    write_json(ctx.path("merge.json"), {"base": ctx.model_path, "parity": parity,
+                                        "weights_sha256": weights_sha256(str(ctx.path("merged")))})
     ctx.log(f"merge parity: max |dlogp| {parity['max_abs_logprob_diff']:.2e} "
             f"(tolerance {parity['tolerance']})")
 
@@ -84,13 +87,13 @@ def assess_models(ctx: StageContext, assess_heldout: AssessHeldout, headline: st
         backend = load_backend(path, p)
         outcomes[label] = {**assess_heldout(backend, label), "model": path}
         baseline[label] = run_suite("baseline", backend, ctx.guard(),
-                                    ctx.path(f"cache/assess_baseline_{label}.jsonl"), None,
-                                    p.max_new_tokens, p.gen_batch_size)
+                                    suite_cache(ctx, "baseline", path, label),
+                                    ctx.baseline_limit, p.max_new_tokens, p.gen_batch_size)
         if label == "before":
             baseline["fewshot_reference"] = run_suite(
                 "fewshot-reference", backend, ctx.guard(),
-                ctx.path("cache/assess_fewshot_before.jsonl"), None, p.max_new_tokens,
-                p.gen_batch_size)
+                suite_cache(ctx, "fewshot", path, label), ctx.baseline_limit,
+                p.max_new_tokens, p.gen_batch_size)
         else:
             baseline["template_probe_after"] = contamination.chat_template_probe(
                 backend, probe_questions())
@@ -99,6 +102,16 @@ def assess_models(ctx: StageContext, assess_heldout: AssessHeldout, headline: st
     baseline["paired"] = compare_results(baseline["before"], baseline["after"])
     write_json(ctx.path("baseline.json"), baseline)
     write_json(ctx.path("assessment.json"), outcomes)
+
+
+def suite_cache(ctx: StageContext, suite: str, model_path: str, label: str) -> Path:
+    """Where a suite's generations are cached: per model weights at the run level, so stage N
+    reuses stage N-1's "after" outputs for its "before" (greedy decoding, same weights, same
+    prompts); per stage for a model without local weights."""
+    sha = weights_sha256(model_path)
+    if sha is None:
+        return ctx.path(f"cache/assess_{suite}_{label}.jsonl")
+    return ctx.run_dir / "cache" / f"{suite}-{sha[:16]}.jsonl"
 
 
 def paired_outcomes(before: list[dict], after: list[dict]) -> dict:

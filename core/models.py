@@ -274,3 +274,18 @@ def _pretrain_tiny_model(tokenizer, texts: list[str], steps: int):
     model.generation_config.eos_token_id = eos
     model.generation_config.pad_token_id = eos
     return model
+
+
+def weights_sha256(model_path: str) -> str | None:
+    """Hash of a local model's weight files (None for a Hub id)."""
+    path = Path(model_path)
+    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -3,7 +3,6 @@ written: a bad constitution, an unknown profile, a missing model path or a wrong
 leave no trace in the run directory."""
 from __future__ import annotations
 
-import hashlib
 import sys
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -12,7 +11,7 @@ from pathlib import Path
 from core.backend import UnslothBackend, backend_class, import_unsloth
 from core.constitution import load_constitution
 from core.context import StageContext
-from core.models import PROJECT_ROOT, ResolvedModel, local_model_dir, resolve_model
+from core.models import PROJECT_ROOT, ResolvedModel, local_model_dir, resolve_model, weights_sha256
 from core.report import write_run_report
 from core.io import read_json, write_json
 from core.run import (RunDirError, RunLock, StageSteps, check_resume, default_run_dir, git_commit,
@@ -47,27 +46,28 @@ def default_heldout(limit: int) -> int:
 def plan_stage_run(number: int, run_dir: Path | None, model: str | None, limit: int | None,
                    seed: int | None, heldout: int | None, constitution_path: Path,
                    data_dir: Path | None = None, allow_contamination: bool = False,
-                   log=print) -> tuple[StageEntry, StageContext, dict]:
+                   log=print, baseline_limit: int | None = None
+                   ) -> tuple[StageEntry, StageContext, dict]:
     """Validate every option; return (stage, context, config to save). Writes nothing."""
     entry = select_stage(number)
     constitution = load_constitution(constitution_path)
     run_dir = (run_dir or default_run_dir(PROJECT_ROOT)).resolve()
     saved = read_config(run_dir)
     requested = {"model": model, "seed": seed, "limit": limit, "heldout": heldout,
-                 "constitution_sha256": constitution.sha256}
+                 "baseline_limit": baseline_limit, "constitution_sha256": constitution.sha256}
+    keys = ("model", "seed", "limit", "heldout", "baseline_limit")
     if saved:
         check_resume(saved, requested)
-        settings = {k: saved["run"][k] if requested[k] is None else requested[k]
-                    for k in ("model", "seed", "limit", "heldout")}
+        settings = {k: saved["run"].get(k) if requested[k] is None else requested[k] for k in keys}
     else:
-        settings = {"model": model, "seed": seed, "limit": limit, "heldout": heldout}
+        settings = {k: requested[k] for k in keys}
     resolved = resolve_model(settings["model"])
     settings["model"] = settings["model"] or resolved.reference
     settings["seed"] = DEFAULT_SEED if settings["seed"] is None else settings["seed"]
     settings["limit"] = settings["limit"] or resolved.profile.default_limit
     settings["heldout"] = settings["heldout"] or default_heldout(settings["limit"])
-    for key in ("limit", "heldout"):
-        if settings[key] < 1:
+    for key in ("limit", "heldout", "baseline_limit"):
+        if settings[key] is not None and settings[key] < 1:
             raise StageSelectionError(f"--{key} must be a positive number, got {settings[key]}")
     model_path, origin = stage_input(number, run_dir, resolved, explicit=model is not None)
     log(f"model: {resolved.profile.name} ({resolved.source}) - {resolved.reason}")
@@ -84,6 +84,7 @@ def plan_stage_run(number: int, run_dir: Path | None, model: str | None, limit: 
     ctx = StageContext(run_dir=run_dir, number=number, model_path=model_path, origin=origin,
                        profile=resolved.profile, seed=settings["seed"], limit=settings["limit"],
                        heldout=settings["heldout"], constitution=constitution,
+                       baseline_limit=settings["baseline_limit"],
                        data_dir=Path(config["data_dir"]) if config["data_dir"] else None,
                        allow_contamination=allowed, log=log)
     return entry, ctx, config
@@ -105,21 +106,6 @@ def stage_input(number: int, run_dir: Path, resolved: ResolvedModel,
         f"stage {number} learns from stage {number - 1}'s merged model, and stage {number - 1} is "
         f"not done in {run_dir}; run `python cli.py stage run {number - 1} --run-dir {run_dir}` "
         f"first, or pass --model to start stage {number} from an explicit model")
-
-
-def weights_sha256(model_path: str) -> str | None:
-    """Hash of a local model's weight files (None for a Hub id)."""
-    path = Path(model_path)
-    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
-    if not files:
-        return None
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(file.name.encode())
-        with open(file, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def record_input(ctx: StageContext, origin: str) -> None:
@@ -155,11 +141,12 @@ def build_config(settings: dict, resolved: ResolvedModel, model_path: str,
 def run_stage(number: int, run_dir: Path | None = None, model: str | None = None,
               limit: int | None = None, seed: int | None = None, heldout: int | None = None,
               constitution_path: Path = PROJECT_ROOT / "constitution.yaml",
-              data_dir: Path | None = None, allow_contamination: bool = False, log=print) -> Path:
+              data_dir: Path | None = None, allow_contamination: bool = False, log=print,
+              baseline_limit: int | None = None) -> Path:
     """Run or resume one stage; returns the run directory."""
     entry, ctx, config = plan_stage_run(number, run_dir, model, limit, seed, heldout,
-                                                constitution_path, data_dir, allow_contamination,
-                                                log)
+                                        constitution_path, data_dir, allow_contamination, log,
+                                        baseline_limit)
     if backend_class(ctx.profile) is UnslothBackend:
         import_unsloth()  # before anything imports trl or loads a tokenizer, as Unsloth requires
     ctx.run_dir.mkdir(parents=True, exist_ok=True)

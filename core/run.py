@@ -23,7 +23,7 @@ import yaml
 
 from core.io import atomic_write_text, write_yaml
 
-PINNED_SETTINGS = ("model", "seed", "limit", "heldout")
+PINNED_SETTINGS = ("model", "seed", "limit", "heldout", "baseline_limit")
 PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "tokenizers",
             "safetensors", "unsloth", "bitsandbytes")
 

@@ -2,7 +2,8 @@
 import pytest
 
 from core.models import resolve_model
-from core.pipeline import StageSelectionError, record_input, stage_input, weights_sha256
+from core.models import weights_sha256
+from core.pipeline import StageSelectionError, record_input, stage_input
 
 
 def test_stage_one_starts_from_the_run_model(tmp_path, tiny_dir):
