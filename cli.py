@@ -13,17 +13,20 @@ from core.merge import MergeParityError
 from core.models import PROJECT_ROOT, ModelResolutionError
 from core.pipeline import (DEFAULT_DATA_DIR, StageSelectionError, run_curriculum, run_stage,
                            run_status)
+from core.pairs import NoPairsError
 from core.run import RunDirError
 from core.suites.runner import SuiteMismatchError
 from registry.stages import STAGES
 
 USER_ERRORS = (ConstitutionError, ModelResolutionError, StageSelectionError, RunDirError,
                TemplateContaminationError, MergeParityError, ContaminationError,
-               SuiteMismatchError, FileNotFoundError)
+               SuiteMismatchError, FileNotFoundError, NoPairsError)
 
 
 def fail(error: Exception) -> None:
-    click.echo(f"error: {error}", err=True)
+    hint = ("\nTo go on without this stage (the next one starts from the model it was given), "
+            "rerun with --skip-empty." if isinstance(error, NoPairsError) else "")
+    click.echo(f"error: {error}{hint}", err=True)
     sys.exit(2)
 
 
@@ -45,6 +48,10 @@ def stage_list() -> None:
         click.echo(f"{entry.number}  {entry.name:<28} {state:<14} learns to {entry.learns}")
 
 
+SKIP_EMPTY = click.option(
+    "--skip-empty", is_flag=True,
+    help="Mark a stage that keeps no preference pair SKIPPED (stage_N/SKIPPED says why) and go "
+         "on from the model it was given, instead of stopping with an error.")
 BASELINE_LIMIT = click.option(
     "--baseline-limit", type=int, default=None,
     help="Baseline probes per capability in each stage's assessment (default: all; a smaller "
@@ -68,17 +75,20 @@ BASELINE_LIMIT = click.option(
 @click.option("--allow-contamination", is_flag=True,
               help="Train even if a template contamination check fails (recorded in config.yaml).")
 @BASELINE_LIMIT
+@SKIP_EMPTY
 def stage_run(number: int, run_dir: Path | None, model: str | None, limit: int | None,
               heldout: int | None, seed: int | None, constitution_path: Path,
               data_dir: Path | None, allow_contamination: bool,
-              baseline_limit: int | None) -> None:
+              baseline_limit: int | None, skip_empty: bool) -> None:
     """Run (or resume) stage NUMBER."""
     try:
         done = run_stage(number, run_dir, model, limit, seed, heldout, constitution_path,
-                         data_dir, allow_contamination, baseline_limit=baseline_limit)
+                         data_dir, allow_contamination, baseline_limit=baseline_limit,
+                         skip_empty=skip_empty)
     except USER_ERRORS as error:
         fail(error)
-    click.echo(f"stage {number} complete: {done / f'stage_{number}'}")
+    ended = "skipped" if (done / f"stage_{number}" / "SKIPPED").is_file() else "complete"
+    click.echo(f"stage {number} {ended}: {done / f'stage_{number}'}")
 
 
 @main.command("run")
@@ -91,14 +101,15 @@ def stage_run(number: int, run_dir: Path | None, model: str | None, limit: int |
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None)
 @click.option("--allow-contamination", is_flag=True)
 @BASELINE_LIMIT
+@SKIP_EMPTY
 def run_all(run_dir: Path | None, model: str | None, limit: int | None, seed: int | None,
             until: int | None, data_dir: Path | None, allow_contamination: bool,
-            baseline_limit: int | None) -> None:
+            baseline_limit: int | None, skip_empty: bool) -> None:
     """Run the curriculum's stages in order, each learning from the previous merged model."""
     try:
         done = run_curriculum(run_dir, model, limit, seed, until, data_dir=data_dir,
                               allow_contamination=allow_contamination,
-                              baseline_limit=baseline_limit)
+                              baseline_limit=baseline_limit, skip_empty=skip_empty)
     except USER_ERRORS as error:
         fail(error)
     click.echo(f"curriculum report: {done / 'report.md'}")
@@ -109,8 +120,8 @@ def run_all(run_dir: Path | None, model: str | None, limit: int | None, seed: in
               required=True)
 def status(run_dir: Path) -> None:
     """Show each stage's steps and their state."""
-    for number, name, steps, done in run_status(run_dir):
-        click.echo(f"stage {number} ({name}): {'DONE' if done else 'not done'}")
+    for number, name, steps, state in run_status(run_dir):
+        click.echo(f"stage {number} ({name}): {state}")
         for step, state in steps:
             click.echo(f"  {step:<13} {state}")
 

@@ -29,6 +29,12 @@ class Verdict:
         return (self.margin_xy + self.margin_yx) / 2
 
 
+def consistent_winner(margin_xy: float, margin_yx: float) -> str:
+    """"x" or "y" when both orders prefer it, else "tie" (position bias)."""
+    return "x" if margin_xy > 0 and margin_yx > 0 else "y" if margin_xy < 0 and margin_yx < 0 \
+        else "tie"
+
+
 def judge_prefix(exemplars: list[dict]) -> str:
     """Few-shot judge blocks: instruction, two responses, the answer."""
     return "".join(
@@ -74,6 +80,5 @@ def judge_many(backend, guard, items: list[tuple[str, str, str, str]],
     verdicts = []
     for i in range(len(items)):
         xy, yx = margins[2 * i], -margins[2 * i + 1]
-        winner = "x" if xy > 0 and yx > 0 else "y" if xy < 0 and yx < 0 else "tie"
-        verdicts.append(Verdict(winner, xy, yx))
+        verdicts.append(Verdict(consistent_winner(xy, yx), xy, yx))
     return verdicts

@@ -16,6 +16,7 @@ from core.dpo import DPOSettings, train_dpo
 from core.io import atomic_write_text, read_json, read_jsonl, write_json, write_jsonl
 from core.merge import merge_adapter
 from core.models import weights_sha256
+from core.pairs import NoPairsError
 from core.stats import mcnemar_exact
 
 AssessHeldout = Callable[[object, str], dict]  # (backend, "before"|"after") -> {"summary", "items"}
@@ -43,7 +44,8 @@ def decontaminate_pairs(ctx: StageContext, exemplars: list[str],
     summary["template_probe"] = contamination.chat_template_probe(ctx.backend(), probe_questions())
     write_json(ctx.path("contamination.json"), summary)
     if not clean:
-        raise RuntimeError(f"decontamination removed every pair (see {ctx.path('contamination.tsv')})")
+        raise NoPairsError(f"stage {ctx.number}: decontamination removed every pair (see "
+                           f"{ctx.path('contamination.tsv')})")
     write_jsonl(ctx.path("pairs.jsonl"), clean)
     ctx.log(f"decontaminate: {summary['removed']} of {summary['records']} pairs removed")
 

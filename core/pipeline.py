@@ -12,6 +12,7 @@ from core.backend import UnslothBackend, backend_class, import_unsloth
 from core.constitution import load_constitution
 from core.context import StageContext
 from core.models import PROJECT_ROOT, ResolvedModel, local_model_dir, resolve_model, weights_sha256
+from core.pairs import NoPairsError
 from core.report import write_run_report
 from core.io import read_json, write_json
 from core.run import (RunDirError, RunLock, StageSteps, check_resume, default_run_dir, git_commit,
@@ -19,6 +20,7 @@ from core.run import (RunDirError, RunLock, StageSteps, check_resume, default_ru
 from registry.stages import STAGES, StageEntry, stage_by_number
 
 DEFAULT_SEED = 0
+SKIPPED = "SKIPPED"  # stage_N/SKIPPED: the stage kept no preference pairs and trained nothing
 DEFAULT_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
 
 
@@ -94,12 +96,16 @@ def stage_input(number: int, run_dir: Path, resolved: ResolvedModel,
                 explicit: bool) -> tuple[str, str]:
     """(model path, where it comes from). Stage N learns from stage N-1's merged model; only
     the first stage of a run, or a stage whose predecessor is not done when --model names an
-    explicit model, starts from the run's model."""
+    explicit model, starts from the run's model. A skipped stage (SKIPPED: it kept no pairs)
+    passes on the model it was given: stage N then learns from the last stage that trained."""
     if number == min(s.number for s in STAGES):
         return local_model_dir(resolved), "the run's model"
     previous = run_dir / f"stage_{number - 1}"
     if (previous / "DONE").is_file():
         return str(previous / "merged"), f"stage {number - 1}'s merged model"
+    if (previous / SKIPPED).is_file():
+        path, origin = stage_input(number - 1, run_dir, resolved, explicit=False)
+        return path, f"{origin} (stage {number - 1} was skipped: it kept no pairs)"
     if explicit:
         return local_model_dir(resolved), "--model (stage {} is not done in this run)".format(number - 1)
     raise StageSelectionError(
@@ -142,8 +148,10 @@ def run_stage(number: int, run_dir: Path | None = None, model: str | None = None
               limit: int | None = None, seed: int | None = None, heldout: int | None = None,
               constitution_path: Path = PROJECT_ROOT / "constitution.yaml",
               data_dir: Path | None = None, allow_contamination: bool = False, log=print,
-              baseline_limit: int | None = None) -> Path:
-    """Run or resume one stage; returns the run directory."""
+              baseline_limit: int | None = None, skip_empty: bool = False) -> Path:
+    """Run or resume one stage; returns the run directory. With `skip_empty`, a stage whose
+    filters keep no preference pair is marked SKIPPED (with the reason) instead of failing, and
+    the next stage starts from the model this one was given."""
     entry, ctx, config = plan_stage_run(number, run_dir, model, limit, seed, heldout,
                                         constitution_path, data_dir, allow_contamination, log,
                                         baseline_limit)
@@ -154,13 +162,29 @@ def run_stage(number: int, run_dir: Path | None = None, model: str | None = None
         write_config(ctx.run_dir, config)  # unchanged on resume except a recorded override
         log(f"run directory: {ctx.run_dir}")
         record_input(ctx, ctx.origin)
-        entry.module.run(ctx)
+        try:
+            entry.module.run(ctx)
+        except NoPairsError as error:
+            if not skip_empty:
+                raise
+            mark_skipped(ctx, str(error))
         write_run_report(ctx.run_dir)
     return ctx.run_dir
 
 
-def run_status(run_dir: Path) -> list[tuple[int, str, list[tuple[str, str]], bool]]:
-    """(stage number, name, [(step, state)], DONE) for every built stage."""
+def mark_skipped(ctx: StageContext, reason: str) -> None:
+    """stage_N/SKIPPED (why, when); the run's config.yaml lists it under `overrides`."""
+    write_json(ctx.path(SKIPPED), {"stage": ctx.number, "reason": reason,
+                                   "at": datetime.now(timezone.utc).isoformat()})
+    config = read_config(ctx.run_dir)
+    config.setdefault("overrides", []).append(
+        {"override": "skip_empty", "stage": ctx.number, "reason": reason})
+    write_config(ctx.run_dir, config)
+    ctx.log(f"stage {ctx.number} skipped: {reason}")
+
+
+def run_status(run_dir: Path) -> list[tuple[int, str, list[tuple[str, str]], str]]:
+    """(stage number, name, [(step, state)], "DONE" | "SKIPPED" | "not done") per built stage."""
     rows = []
     for entry in STAGES:
         if entry.module is None:
@@ -169,7 +193,8 @@ def run_status(run_dir: Path) -> list[tuple[int, str, list[tuple[str, str]], boo
         steps = StageSteps(stage_dir, entry.module.STEPS)
         states = [(name, steps.state(name, lambda n: _has_partial(stage_dir, n)))
                   for name in entry.module.STEPS]
-        rows.append((entry.number, entry.name, states, (stage_dir / "DONE").is_file()))
+        ended = [mark for mark in ("DONE", SKIPPED) if (stage_dir / mark).is_file()]
+        rows.append((entry.number, entry.name, states, ended[0] if ended else "not done"))
     return rows
 
 
@@ -192,8 +217,10 @@ def run_curriculum(run_dir: Path | None = None, model: str | None = None,
         if entry.module is None:
             log(f"stage {entry.number} ({entry.name}) is not built yet; stopping here")
             break
-        if (run_dir / f"stage_{entry.number}" / "DONE").is_file():
-            log(f"stage {entry.number}: done (skipped)")
+        stage_dir = run_dir / f"stage_{entry.number}"
+        if (stage_dir / "DONE").is_file() or (stage_dir / SKIPPED).is_file():
+            log(f"stage {entry.number}: {'done' if (stage_dir / 'DONE').is_file() else 'skipped'}"
+                f" already")
             continue
         run_stage(entry.number, run_dir, model if entry.number == 1 else None, limit, seed,
                   log=log, **options)

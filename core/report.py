@@ -119,13 +119,18 @@ def write_run_report(run_dir: Path) -> None:
     from core.io import atomic_write_text
 
     stages = sorted(run_dir.glob("stage_*/metrics.json"), key=lambda p: int(p.parent.name[6:]))
+    skipped = {int(p.parent.name[6:]): json.loads(p.read_text())
+               for p in run_dir.glob("stage_*/SKIPPED")}
     if not stages:
         return
     metrics = {int(p.parent.name[6:]): json.loads(p.read_text()) for p in stages}
     columns = ["base"] + [f"after stage {n}" for n in metrics]
     rows = capability_rows(metrics)
     lines = [f"# Run report: {run_dir.name}", "", "## Stages", ""]
-    lines += [f"- [stage {n}: {m['name']}](stage_{n}/report.md)" for n, m in metrics.items()]
+    entries = {n: f"- [stage {n}: {m['name']}](stage_{n}/report.md)" for n, m in metrics.items()}
+    entries |= {n: f"- stage {n}: skipped, nothing trained ({s['reason']})"
+                for n, s in skipped.items()}
+    lines += [entries[n] for n in sorted(entries)]
     lines += ["", "## Capability table (95% Wilson intervals)", "",
               "| capability | " + " | ".join(columns) + " | few-shot reference (base) |",
               "|---|" + "---|" * (len(columns) + 1)]
@@ -143,8 +148,11 @@ def capability_rows(metrics: dict[int, dict]) -> dict[str, list[str]]:
     for n, m in metrics.items():
         a = m["assessment"]
         key = a["headline"]
-        # Stage n's held-out set is measured on its input (the column before) and its output.
-        cells = {n - 1: fmt_rate(a["before"]["summary"][key]), n: fmt_rate(a["after"]["summary"][key])}
+        # Stage n's held-out set is measured on its input (the last trained stage's column, or
+        # the base model's) and on its output.
+        previous = max((k for k in metrics if k < n), default=0)
+        cells = {previous: fmt_rate(a["before"]["summary"][key]),
+                 n: fmt_rate(a["after"]["summary"][key])}
         rows[f"stage {n} held-out {key.replace('_', '-')}"] = [
             cells.get(column, "-") for column in [0, *metrics]] + ["-"]
     for cap, row in first["baseline"].items():

@@ -31,7 +31,6 @@ zero-shot, in the house format. Steps (each resumable, each marked done only whe
 from __future__ import annotations
 
 import hashlib
-import math
 import random
 import re
 from functools import partial
@@ -43,9 +42,12 @@ from core import lifecycle
 from core.assess import assess_instructions
 from core.constraints import constraint_from_dict, instruction_with_constraints, sample_constraints
 from core.context import StageContext
-from core.generation import generate_all, generate_cached, GenerationCache, GenRequest
+from core.generation import GenRequest, generate_cached, sample_records
 from core.io import atomic_write_text, read_jsonl, write_jsonl
+from core.listgen import ListGrowth, grow_list
 from core.judge import judge_many, judge_prefix
+from core.pairs import (first_of_each_text, group_by_task, judge_wins, shared_pair_problem,
+                        write_pairs)
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
 from core.run import StageSteps
 from core.stats import rate
@@ -122,43 +124,25 @@ def instruction_problem(text: str, guard, filter_: NearDuplicateFilter) -> str |
 
 
 def make_instructions(ctx: StageContext, pool: dict) -> None:
-    needed = ctx.limit + ctx.heldout
     seeds = list(pool["instruction_seeds"])
     filter_ = NearDuplicateFilter(NEAR_DUPLICATE)
     filter_.kept.extend(seeds)  # exemplar copies count as duplicates
-    backend, guard = ctx.backend(), ctx.guard()
-    settings = ctx.sampling(INSTRUCTION_TEMPERATURE, ctx.profile.instruction_max_new_tokens, ("\n",))
-    accepted: list[str] = []
-    audit: list[dict] = []
-    cache = GenerationCache(ctx.path("cache/instructions.jsonl"))
-    for round_ in range(MAX_INSTRUCTION_ROUNDS):
-        missing = needed - len(accepted)
-        if missing <= 0:
-            break
-        requests = []
-        for i in range(math.ceil(missing * OVERSAMPLE)):
-            rng = random.Random(seed_for(ctx.seed, "instruction-prompt", round_, i))
-            items = draw(seeds, rng, 3, 4) + rng.sample(accepted, min(2, len(accepted)))
-            rng.shuffle(items)
-            requests.append(GenRequest(f"r{round_}-{i}", list_prompt(items),
-                                       seed_for(ctx.seed, "instruction", round_, i)))
-        results = generate_all(backend, requests, settings, cache, guard,
-                               ctx.profile.gen_batch_size, "stage 1 instructions")
-        for request in requests:
-            text = clean_instruction(results[request.id]["text"])
-            problem = instruction_problem(text, guard, filter_)
-            audit.append({"id": request.id, "text": text, "dropped": problem})
-            if problem is None:
-                accepted.append(text)
-        ctx.log(f"instructions round {round_}: {len(accepted)}/{needed} accepted")
-    cache.close()
+    guard = ctx.guard()
+    growth = ListGrowth(prompt=list_prompt, clean=clean_instruction,
+                        problem=lambda text: instruction_problem(text, guard, filter_),
+                        temperature=INSTRUCTION_TEMPERATURE, rounds=MAX_INSTRUCTION_ROUNDS,
+                        oversample=OVERSAMPLE, cache="instructions.jsonl",
+                        seed_names=("instruction-prompt", "instruction"),
+                        where="stage 1 instructions")
+    needed = ctx.limit + ctx.heldout
+    accepted, audit = grow_list(ctx, growth, seeds, needed)
     write_jsonl(ctx.path("instructions_audit.jsonl"), audit)
     if len(accepted) < 3:
         raise RuntimeError(
             f"stage 1 kept only {len(accepted)} usable instructions after "
             f"{MAX_INSTRUCTION_ROUNDS} rounds (see {ctx.path('instructions_audit.jsonl')}); the "
             f"model is not producing distinct instructions - try another --seed or model")
-    tasks = split_tasks(attach_constraints(accepted[:needed], ctx.seed), ctx.heldout)
+    tasks = split_tasks(attach_constraints(accepted, ctx.seed), ctx.heldout)
     check_leakage(tasks)
     write_jsonl(ctx.path("instructions.jsonl"), tasks)
 
@@ -228,13 +212,8 @@ def make_responses(ctx: StageContext, pool: dict) -> None:
                             RESPONSE_STOPS)
     results = generate_cached(ctx.backend(), requests, settings, ctx.path("cache/responses.jsonl"),
                               ctx.guard(), ctx.profile.gen_batch_size, "stage 1 responses")
-    records = []
-    for task in tasks:
-        for k in range(ctx.profile.responses_per_task):
-            result = results[f"{task['id']}-{k}"]
-            records.append({"task_id": task["id"], "sample": k, "text": result["text"].strip(),
-                            "finish": result["finish"]})
-    write_jsonl(ctx.path("responses.jsonl"), records)
+    write_jsonl(ctx.path("responses.jsonl"),
+                sample_records(tasks, results, ctx.profile.responses_per_task))
 
 
 # 3. scores ---------------------------------------------------------------------------------------
@@ -280,22 +259,6 @@ def comparisons_for(task: dict, samples: list[dict]) -> list[tuple[int, int]]:
     return pairs
 
 
-def same_text(text: str) -> str:
-    """Identity key: whitespace-folded but case and punctuation kept (they carry constraints)."""
-    return " ".join(text.split())
-
-
-def first_of_each_text(samples: list[dict]) -> list[dict]:
-    """Drop repeated texts, keeping the first sample of each."""
-    seen: set[str] = set()
-    kept = []
-    for sample in samples:
-        if same_text(sample["text"]) not in seen:
-            seen.add(same_text(sample["text"]))
-            kept.append(sample)
-    return kept
-
-
 def hardest_failure(samples: list[dict]) -> dict:
     failers = [s for s in samples if not s["passed"] and s["unusable"] is None]
     return max(failers, key=lambda s: (s["pass_fraction"], -s["sample"]))
@@ -334,18 +297,6 @@ def make_scores(ctx: StageContext, pool: dict) -> None:
 
 # 4. pairs ----------------------------------------------------------------------------------------
 
-def judge_wins(judgments: list[dict]) -> dict[int, float]:
-    """Consistent wins minus losses per sample (ties count for nobody)."""
-    wins: dict[int, float] = {}
-    for j in judgments:
-        if j["winner"] == "tie":
-            continue
-        winner, loser = (j["x"], j["y"]) if j["winner"] == "x" else (j["y"], j["x"])
-        wins[winner] = wins.get(winner, 0) + 1
-        wins[loser] = wins.get(loser, 0) - 1
-    return wins
-
-
 def choose_pair(task: dict, samples: list[dict], judgments: list[dict]) -> tuple[dict | None, str]:
     """(pair, reason): the stage's pair rule applied to one task's scored samples."""
     usable = [s for s in samples if s["unusable"] is None]
@@ -377,38 +328,18 @@ def _pair(task: dict, chosen: dict, rejected: dict, source: str) -> dict:
 
 def pair_problem(pair: dict, guard, exemplars: list[str]) -> str | None:
     """Shared last filter: identical, degenerate, contaminated or exemplar-copying pairs."""
-    if same_text(pair["chosen"]) == same_text(pair["rejected"]):
-        return "identical"
-    if not guard.is_clean(pair["prompt"]):
-        return "chat markup in prompt"
-    for side in ("chosen", "rejected"):
-        if reason := unusable_reason(pair[side], guard, exemplars):
-            return f"{side}: {reason}"
-    return None
+    return shared_pair_problem(pair, guard, lambda text: unusable_reason(text, guard, exemplars))
 
 
 def make_pairs(ctx: StageContext, pool: dict) -> None:
-    tasks = load_tasks(ctx, "train")
-    scored = read_jsonl(ctx.path("scores.jsonl"))
-    judgments = read_jsonl(ctx.path("judgments.jsonl"))
+    scored = group_by_task(read_jsonl(ctx.path("scores.jsonl")))
+    judgments = group_by_task(read_jsonl(ctx.path("judgments.jsonl")))
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
-    pairs, dropped = [], []
-    for task in tasks:
-        samples = [s for s in scored if s["task_id"] == task["id"]]
-        pair, reason = choose_pair(task, samples, [j for j in judgments if j["task_id"] == task["id"]])
-        if pair is not None:
-            reason = pair_problem(pair, guard, exemplars) or "ok"
-        if reason == "ok":
-            pairs.append(pair)
-        else:
-            dropped.append({"task_id": task["id"], "reason": reason})
-    write_jsonl(ctx.path("pairs_dropped.jsonl"), dropped)
-    if not pairs:
-        raise RuntimeError(
-            f"stage 1 produced no preference pairs from {len(tasks)} tasks (reasons in "
-            f"{ctx.path('pairs_dropped.jsonl')}); raise --limit so more tasks yield a pair")
-    write_jsonl(ctx.path("pairs_candidates.jsonl"), pairs)
-    ctx.log(f"pairs: {len(pairs)} kept, {len(dropped)} dropped")
+    write_pairs(ctx, load_tasks(ctx, "train"),
+                lambda task: choose_pair(task, scored.get(task["id"], []),
+                                         judgments.get(task["id"], [])),
+                lambda pair, task: pair_problem(pair, guard, exemplars),
+                "tasks", "raise --limit so more tasks yield a pair")
 
 
 # 5-9. decontaminate, train, merge, assess, report (core/lifecycle.py) ----------------------------

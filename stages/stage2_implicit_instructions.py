@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import math
 import random
 import re
 from functools import partial
@@ -56,9 +55,11 @@ import yaml
 from core import lifecycle
 from core.assess import generate_greedy
 from core.context import StageContext
-from core.generation import generate_all, generate_cached, GenerationCache, GenRequest
+from core.generation import GenRequest, generate_cached
 from core.io import atomic_write_text, read_jsonl, write_jsonl
+from core.listgen import ListGrowth, grow_list
 from core.judge import judge_many, judge_prefix
+from core.pairs import first_of_each_text, group_by_task, judge_wins, shared_pair_problem, write_pairs
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
 from core.run import StageSteps
 from core.stats import rate
@@ -205,37 +206,15 @@ def question_problem(text: str, guard, filter_: NearDuplicateFilter) -> str | No
 def generate_questions(ctx: StageContext, pool: dict, needed: int,
                        filter_: NearDuplicateFilter) -> list[str]:
     """Up to `needed` new bare questions written by the model (list continuation)."""
-    seeds = list(pool["question_seeds"])
-    backend, guard = ctx.backend(), ctx.guard()
-    settings = ctx.sampling(QUESTION_TEMPERATURE, ctx.profile.instruction_max_new_tokens, ("\n",))
-    accepted: list[str] = []
-    audit: list[dict] = []
-    cache = GenerationCache(ctx.path("cache/questions.jsonl"))
-    try:
-        for round_ in range(MAX_QUESTION_ROUNDS):
-            missing = needed - len(accepted)
-            if missing <= 0:
-                break
-            requests = []
-            for i in range(math.ceil(missing * OVERSAMPLE)):
-                rng = random.Random(seed_for(ctx.seed, "question-prompt", round_, i))
-                items = draw(seeds, rng, 3, 4) + rng.sample(accepted, min(2, len(accepted)))
-                rng.shuffle(items)
-                requests.append(GenRequest(f"r{round_}-{i}", list_prompt(items),
-                                           seed_for(ctx.seed, "question", round_, i)))
-            results = generate_all(backend, requests, settings, cache, guard,
-                                   ctx.profile.gen_batch_size, "stage 2 questions")
-            for request in requests:
-                text = clean_question(results[request.id]["text"])
-                problem = question_problem(text, guard, filter_)
-                audit.append({"id": request.id, "text": text, "dropped": problem})
-                if problem is None:
-                    accepted.append(text)
-            ctx.log(f"questions round {round_}: {len(accepted)}/{needed} accepted")
-    finally:
-        cache.close()
+    guard = ctx.guard()
+    growth = ListGrowth(prompt=list_prompt, clean=clean_question,
+                        problem=lambda text: question_problem(text, guard, filter_),
+                        temperature=QUESTION_TEMPERATURE, rounds=MAX_QUESTION_ROUNDS,
+                        oversample=OVERSAMPLE, cache="questions.jsonl",
+                        seed_names=("question-prompt", "question"), where="stage 2 questions")
+    accepted, audit = grow_list(ctx, growth, list(pool["question_seeds"]), needed)
     write_jsonl(ctx.path("questions_audit.jsonl"), audit)
-    return accepted[:needed]
+    return accepted
 
 
 def generated_tasks(questions: list[str], heldout: int) -> list[dict]:
@@ -495,21 +474,6 @@ REJECTED_PRIORITY = ("continues the question", "repeats the question",
                      "prompt scaffolding", "dodges the question", "off topic")
 
 
-def same_text(text: str) -> str:
-    return " ".join(text.split())
-
-
-def first_of_each_text(samples: list[dict]) -> list[dict]:
-    """Drop repeated texts, keeping the first sample of each."""
-    seen: set[str] = set()
-    kept = []
-    for sample in samples:
-        if same_text(sample["text"]) not in seen:
-            seen.add(same_text(sample["text"]))
-            kept.append(sample)
-    return kept
-
-
 def passers_of(samples: list[dict]) -> list[dict]:
     return first_of_each_text([s for s in samples if s["unusable"] is None and s["answers"]])
 
@@ -522,18 +486,6 @@ def rank_comparisons(samples: list[dict]) -> list[tuple[int, int]]:
     """Round-robin among the first MAX_JUDGED_SAMPLES distinct passers."""
     ids = [s["sample"] for s in passers_of(samples)][:MAX_JUDGED_SAMPLES]
     return [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]]
-
-
-def judge_wins(judgments: list[dict]) -> dict[int, float]:
-    """Consistent wins minus losses per sample (ties count for nobody)."""
-    wins: dict[int, float] = {}
-    for j in judgments:
-        if j["winner"] == "tie":
-            continue
-        winner, loser = (j["x"], j["y"]) if j["winner"] == "x" else (j["y"], j["x"])
-        wins[winner] = wins.get(winner, 0) + 1
-        wins[loser] = wins.get(loser, 0) - 1
-    return wins
 
 
 def pick_chosen(samples: list[dict], rank_judgments: list[dict]) -> dict | None:
@@ -625,40 +577,23 @@ def _pair(task: dict, chosen: dict, rejected: dict) -> dict:
 def pair_problem(pair: dict, question: str, guard, exemplars: list[str]) -> str | None:
     """Shared last filter: identical, marked-up, empty or exemplar-copying pairs, and a chosen
     side that does not answer."""
-    if same_text(pair["chosen"]) == same_text(pair["rejected"]):
-        return "identical"
-    if not guard.is_clean(pair["prompt"]):
-        return "chat markup in prompt"
-    for side in ("chosen", "rejected"):
-        if reason := unusable_reason(pair[side], guard, exemplars):
-            return f"{side}: {reason}"
+    if problem := shared_pair_problem(pair, guard,
+                                      lambda text: unusable_reason(text, guard, exemplars)):
+        return problem
     if problem := check_answer(question, pair["chosen"])["problem"]:
         return f"chosen: {problem}"
     return None
 
 
 def make_pairs(ctx: StageContext, pool: dict) -> None:
-    tasks = load_tasks(ctx, "train")
-    scored = read_jsonl(ctx.path("scores.jsonl"))
-    judgments = read_jsonl(ctx.path("judgments.jsonl"))
+    scored = group_by_task(read_jsonl(ctx.path("scores.jsonl")))
+    judgments = group_by_task(read_jsonl(ctx.path("judgments.jsonl")))
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
-    pairs, dropped = [], []
-    for task in tasks:
-        samples = [s for s in scored if s["task_id"] == task["id"]]
-        pair, reason = choose_pair(task, samples, [j for j in judgments if j["task_id"] == task["id"]])
-        if pair is not None:
-            reason = pair_problem(pair, task["question"], guard, exemplars) or "ok"
-        if reason == "ok":
-            pairs.append(pair)
-        else:
-            dropped.append({"task_id": task["id"], "reason": reason})
-    write_jsonl(ctx.path("pairs_dropped.jsonl"), dropped)
-    if not pairs:
-        raise RuntimeError(
-            f"stage 2 produced no preference pairs from {len(tasks)} questions (reasons in "
-            f"{ctx.path('pairs_dropped.jsonl')}); raise --limit so more questions yield a pair")
-    write_jsonl(ctx.path("pairs_candidates.jsonl"), pairs)
-    ctx.log(f"pairs: {len(pairs)} kept, {len(dropped)} dropped")
+    write_pairs(ctx, load_tasks(ctx, "train"),
+                lambda task: choose_pair(task, scored.get(task["id"], []),
+                                         judgments.get(task["id"], [])),
+                lambda pair, task: pair_problem(pair, task["question"], guard, exemplars),
+                "questions", "raise --limit so more questions yield a pair")
 
 
 # 5-9. decontaminate, train, merge, assess, report (core/lifecycle.py) ----------------------------

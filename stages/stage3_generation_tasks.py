@@ -58,10 +58,12 @@ from nltk.stem.porter import PorterStemmer
 from core import lifecycle
 from core.assess import generate_greedy
 from core.context import StageContext
-from core.generation import generate_all, generate_cached, GenerationCache, GenRequest
+from core.generation import GenRequest, generate_cached, sample_records
 from core.guards import TemplateGuard
 from core.io import atomic_write_text, read_jsonl, write_jsonl
+from core.listgen import ListGrowth, grow_list
 from core.judge import judge_many, judge_prefix
+from core.pairs import first_of_each_text, group_by_task, judge_wins, shared_pair_problem, write_pairs
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
 from core.run import StageSteps
 from core.stats import rate
@@ -176,52 +178,24 @@ def topic_problem(text: str, guard: TemplateGuard, filter_: NearDuplicateFilter,
     return None
 
 
-def topic_requests(seed: int, seeds: list[str], accepted: list[str], round_: int,
-                   n: int) -> list[GenRequest]:
-    requests = []
-    for i in range(n):
-        rng = random.Random(seed_for(seed, "topic-prompt", round_, i))
-        items = draw(seeds, rng, 3, 4) + rng.sample(accepted, min(2, len(accepted)))
-        rng.shuffle(items)
-        requests.append(GenRequest(f"r{round_}-{i}", topic_list_prompt(items),
-                                   seed_for(seed, "topic", round_, i)))
-    return requests
-
-
 def make_topics(ctx: StageContext, pool: dict) -> None:
     names = [t["name"] for t in pool["topics"]]
     wanted = min(TOPIC_PROPOSALS, math.ceil((ctx.limit + ctx.heldout) / TASKS_PER_PROPOSAL))
     filter_ = NearDuplicateFilter(NEAR_DUPLICATE)
     filter_.kept.extend(names + exemplar_topics(pool))  # copies of pool topics count as repeats
     probes = probe_requests()
-    backend, guard = ctx.backend(), ctx.guard()
-    settings = ctx.sampling(TOPIC_TEMPERATURE, ctx.profile.instruction_max_new_tokens, ("\n",))
-    accepted: list[str] = []
-    audit: list[dict] = []
-    cache = GenerationCache(ctx.path("cache/topics.jsonl"))
-    try:
-        for round_ in range(MAX_TOPIC_ROUNDS):
-            missing = wanted - len(accepted)
-            if missing <= 0:
-                break
-            requests = topic_requests(ctx.seed, names, accepted, round_,
-                                      math.ceil(missing * OVERSAMPLE))
-            results = generate_all(backend, requests, settings, cache, guard,
-                                   ctx.profile.gen_batch_size, "stage 3 topics")
-            for request in requests:
-                text = clean_topic(results[request.id]["text"])
-                problem = topic_problem(text, guard, filter_, probes)
-                audit.append({"id": request.id, "text": text, "dropped": problem})
-                if problem is None:
-                    accepted.append(text)
-            ctx.log(f"topics round {round_}: {len(accepted)}/{wanted} proposals accepted")
-    finally:
-        cache.close()
+    guard = ctx.guard()
+    growth = ListGrowth(prompt=topic_list_prompt, clean=clean_topic,
+                        problem=lambda text: topic_problem(text, guard, filter_, probes),
+                        temperature=TOPIC_TEMPERATURE, rounds=MAX_TOPIC_ROUNDS,
+                        oversample=OVERSAMPLE, cache="topics.jsonl",
+                        seed_names=("topic-prompt", "topic"), where="stage 3 topics")
+    accepted, audit = grow_list(ctx, growth, names, wanted)
     audit += [{"id": "pool", "text": t["name"], "dropped": "topic of an evaluation probe"}
               for t in pool["topics"] if is_probe_topic(t["name"], probes)]
     topics = [{**t, "source": "pool"} for t in pool["topics"] if not is_probe_topic(t["name"], probes)]
     topics += [{"name": name, "examples": None, "keywords": content_words(name), "source": "model"}
-               for name in accepted[:wanted]]
+               for name in accepted]
     write_jsonl(ctx.path("topics_audit.jsonl"), audit)
     write_jsonl(ctx.path("topics.jsonl"), topics)
 
@@ -335,13 +309,8 @@ def make_responses(ctx: StageContext, pool: dict) -> None:
                             RESPONSE_STOPS)
     results = generate_cached(ctx.backend(), requests, settings, ctx.path("cache/responses.jsonl"),
                               ctx.guard(), ctx.profile.gen_batch_size, "stage 3 responses")
-    records = []
-    for task in tasks:
-        for k in range(ctx.profile.responses_per_task):
-            result = results[f"{task['id']}-{k}"]
-            records.append({"task_id": task["id"], "sample": k, "text": result["text"].strip(),
-                            "finish": result["finish"]})
-    write_jsonl(ctx.path("responses.jsonl"), records)
+    write_jsonl(ctx.path("responses.jsonl"),
+                sample_records(tasks, results, ctx.profile.responses_per_task))
 
 
 # checks ------------------------------------------------------------------------------------------
@@ -515,21 +484,6 @@ def score_sample(text: str, spec: dict, guard: TemplateGuard, exemplars: list[st
             "checks_passed": sum(checks.values()), "unusable": unusable_reason(text, guard, exemplars)}
 
 
-def same_text(text: str) -> str:
-    return " ".join(text.split())
-
-
-def first_of_each_text(samples: list[dict]) -> list[dict]:
-    """Drop repeated texts, keeping the first sample of each."""
-    seen: set[str] = set()
-    kept = []
-    for sample in samples:
-        if same_text(sample["text"]) not in seen:
-            seen.add(same_text(sample["text"]))
-            kept.append(sample)
-    return kept
-
-
 def hardest_failure(samples: list[dict]) -> dict:
     """The usable failure that passes the most checks (the lowest sample number on a tie)."""
     failers = [s for s in samples if not s["passed"] and s["unusable"] is None]
@@ -581,24 +535,7 @@ def make_scores(ctx: StageContext, pool: dict) -> None:
 
 def consistent_winner(judgment: dict) -> int | None:
     """The sample preferred in both orders, or None when the orders disagree (position bias)."""
-    if judgment["margin_xy"] > 0 and judgment["margin_yx"] > 0:
-        return judgment["x"]
-    if judgment["margin_xy"] < 0 and judgment["margin_yx"] < 0:
-        return judgment["y"]
-    return None
-
-
-def judge_wins(judgments: list[dict]) -> dict[int, int]:
-    """Order-consistent wins minus losses per sample (ties count for nobody)."""
-    wins: dict[int, int] = {}
-    for j in judgments:
-        winner = consistent_winner(j)
-        if winner is None:
-            continue
-        loser = j["y"] if winner == j["x"] else j["x"]
-        wins[winner] = wins.get(winner, 0) + 1
-        wins[loser] = wins.get(loser, 0) - 1
-    return wins
+    return {"x": judgment["x"], "y": judgment["y"]}.get(judgment["winner"])
 
 
 def choose_pair(task: dict, samples: list[dict], judgments: list[dict]) -> tuple[dict | None, str]:
@@ -624,40 +561,20 @@ def make_pair(task: dict, chosen: dict, rejected: dict) -> dict:
 
 def pair_problem(pair: dict, guard: TemplateGuard, exemplars: list[str]) -> str | None:
     """Shared last filter: identical, degenerate, marked-up, scaffolding or exemplar copies."""
-    if same_text(pair["chosen"]) == same_text(pair["rejected"]):
-        return "identical"
-    if not guard.is_clean(pair["prompt"]):
-        return "chat markup in prompt"
-    for side in ("chosen", "rejected"):
-        if reason := unusable_reason(pair[side], guard, exemplars):
-            return f"{side}: {reason}"
-    return None
+    return shared_pair_problem(pair, guard, lambda text: unusable_reason(text, guard, exemplars))
 
 
 def make_pairs(ctx: StageContext, pool: dict) -> None:
-    tasks = load_tasks(ctx, "train")
-    scored = read_jsonl(ctx.path("scores.jsonl"))
-    judgments = read_jsonl(ctx.path("judgments.jsonl"))
+    scored = group_by_task(read_jsonl(ctx.path("scores.jsonl")))
+    judgments = group_by_task(read_jsonl(ctx.path("judgments.jsonl")))
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
-    pairs, dropped = [], []
-    for task in tasks:
-        samples = [s for s in scored if s["task_id"] == task["id"]]
-        pair, reason = choose_pair(task, samples, [j for j in judgments if j["task_id"] == task["id"]])
-        if pair is not None:
-            reason = pair_problem(pair, guard, exemplars) or "ok"
-        if reason == "ok":
-            pairs.append(pair)
-        else:
-            dropped.append({"task_id": task["id"], "reason": reason})
-    write_jsonl(ctx.path("pairs_dropped.jsonl"), dropped)
-    if not pairs:
-        raise RuntimeError(
-            f"stage 3 produced no preference pairs from {len(tasks)} tasks: no task had both a "
-            f"sample passing every check and a failing one (reasons in "
-            f"{ctx.path('pairs_dropped.jsonl')}); raise --limit, or the model cannot yet write "
-            f"lists in the asked form even with exemplars")
-    write_jsonl(ctx.path("pairs_candidates.jsonl"), pairs)
-    ctx.log(f"pairs: {len(pairs)} kept, {len(dropped)} dropped")
+    write_pairs(ctx, load_tasks(ctx, "train"),
+                lambda task: choose_pair(task, scored.get(task["id"], []),
+                                         judgments.get(task["id"], [])),
+                lambda pair, task: pair_problem(pair, guard, exemplars), "tasks",
+                "no task had both a sample passing every check and a failing one; raise "
+                "--limit, or the model cannot yet write lists in the asked form even with "
+                "exemplars")
 
 
 # 6-10. decontaminate, train, merge, assess, report (core/lifecycle.py) ---------------------------

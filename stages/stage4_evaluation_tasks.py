@@ -63,8 +63,9 @@ import yaml
 from core import lifecycle
 from core.assess import generate_greedy
 from core.context import StageContext
-from core.generation import generate_cached, GenRequest
+from core.generation import GenRequest, generate_cached, sample_records
 from core.io import atomic_write_text, read_json, read_jsonl, write_jsonl
+from core.pairs import group_by_task, same_text, shared_pair_problem, write_pairs
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
 from core.run import StageSteps
 from core.stats import rate
@@ -169,10 +170,6 @@ def response_problem(text: str, guard) -> str | None:
     if SCAFFOLDING.search(text):
         return "prompt scaffolding"
     return None
-
-
-def same_text(text: str) -> str:
-    return " ".join(text.split())
 
 
 def pick_known_pair(samples: list[dict], passed_field: str, guard) -> tuple[dict, dict] | None:
@@ -371,13 +368,8 @@ def make_verdicts(ctx: StageContext, pool: dict) -> None:
                             VERDICT_STOPS)
     results = generate_cached(ctx.backend(), requests, settings, ctx.path("cache/verdicts.jsonl"),
                               ctx.guard(), ctx.profile.gen_batch_size, "stage 4 verdicts")
-    records = []
-    for task in tasks:
-        for k in range(ctx.profile.responses_per_task):
-            result = results[f"{task['id']}-{k}"]
-            records.append({"task_id": task["id"], "sample": k, "text": result["text"].strip(),
-                            "finish": result["finish"]})
-    write_jsonl(ctx.path("verdicts.jsonl"), records)
+    write_jsonl(ctx.path("verdicts.jsonl"),
+                sample_records(tasks, results, ctx.profile.responses_per_task))
 
 
 # 3. scores ---------------------------------------------------------------------------------------
@@ -503,40 +495,21 @@ def choose_pair(task: dict, samples: list[dict], other: list[dict]) -> tuple[dic
 
 def pair_problem(pair: dict, guard, exemplars: list[str]) -> str | None:
     """Shared last filter: identical, contaminated or exemplar-copying pairs."""
-    if same_text(pair["chosen"]) == same_text(pair["rejected"]):
-        return "identical"
-    if not guard.is_clean(pair["prompt"]):
-        return "chat markup in prompt"
-    for side in ("chosen", "rejected"):
-        if reason := unusable_reason(pair[side], guard, exemplars):
-            return f"{side}: {reason}"
-    return None
+    return shared_pair_problem(pair, guard, lambda text: unusable_reason(text, guard, exemplars))
 
 
 def make_pairs(ctx: StageContext, pool: dict) -> None:
-    tasks = load_tasks(ctx, "train")
-    by_task: dict[str, list[dict]] = {}
-    for sample in read_jsonl(ctx.path("scores.jsonl")):
-        by_task.setdefault(sample["task_id"], []).append(sample)
+    by_task = group_by_task(read_jsonl(ctx.path("scores.jsonl")))
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
-    pairs, dropped = [], []
-    for task in tasks:
+
+    def choose(task: dict) -> tuple[dict | None, str]:
         other = f"{task['pair_id']}-{other_letter(task['label'])}"
-        pair, reason = choose_pair(task, by_task.get(task["id"], []), by_task.get(other, []))
-        if pair is not None:
-            reason = pair_problem(pair, guard, exemplars) or "ok"
-        if reason == "ok":
-            pairs.append(pair)
-        else:
-            dropped.append({"task_id": task["id"], "reason": reason})
-    write_jsonl(ctx.path("pairs_dropped.jsonl"), dropped)
-    if not pairs:
-        raise RuntimeError(
-            f"stage 4 produced no preference pairs from {len(tasks)} judge tasks (reasons in "
-            f"{ctx.path('pairs_dropped.jsonl')}): the model wrote no verdict with the right "
-            f"letter and a one-sentence reason next to a wrong one; raise --limit")
-    write_jsonl(ctx.path("pairs_candidates.jsonl"), pairs)
-    ctx.log(f"pairs: {len(pairs)} kept, {len(dropped)} dropped")
+        return choose_pair(task, by_task.get(task["id"], []), by_task.get(other, []))
+
+    write_pairs(ctx, load_tasks(ctx, "train"), choose,
+                lambda pair, task: pair_problem(pair, guard, exemplars), "judge tasks",
+                "the model wrote no verdict with the right letter and a one-sentence reason "
+                "next to a wrong one; raise --limit")
 
 
 # 5-9. decontaminate, train, merge, assess, report (core/lifecycle.py) ----------------------------

@@ -55,8 +55,9 @@ from core import lifecycle
 from core.assess import greedy
 from core.constraints import constraint_from_dict, sample_constraints
 from core.context import StageContext
-from core.generation import generate_cached, GenRequest
+from core.generation import GenRequest, generate_cached, sample_records
 from core.io import atomic_write_text, read_jsonl, write_jsonl
+from core.pairs import group_by_task, shared_pair_problem, write_pairs
 from core.judge import judge_many, judge_prefix
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
 from core.run import StageSteps
@@ -377,11 +378,8 @@ def make_revisions(ctx: StageContext, pool: dict) -> None:
                             RESPONSE_STOPS)
     results = generate_cached(ctx.backend(), requests, settings, ctx.path("cache/revisions.jsonl"),
                               ctx.guard(), ctx.profile.gen_batch_size, "stage 5 revisions")
-    records = [{"task_id": task["id"], "sample": k,
-                "text": results[f"{task['id']}-{k}"]["text"].strip(),
-                "finish": results[f"{task['id']}-{k}"]["finish"]}
-               for task in tasks for k in range(ctx.profile.responses_per_task)]
-    write_jsonl(ctx.path("revisions.jsonl"), records)
+    write_jsonl(ctx.path("revisions.jsonl"),
+                sample_records(tasks, results, ctx.profile.responses_per_task))
 
 
 # 4. scores ---------------------------------------------------------------------------------------
@@ -507,51 +505,33 @@ def make_pair(task: dict, chosen: dict, rejected: dict, judgment: dict) -> dict:
 
 def pair_problem(pair: dict, task: dict, guard, exemplars: list[str]) -> str | None:
     """Shared last filter: identical, markup, unusable or exemplar-copying pairs."""
-    if same_text(pair["chosen"]) == same_text(pair["rejected"]):
-        return "identical"
-    if not guard.is_clean(pair["prompt"]):
-        return "chat markup in prompt"
-    for side in ("chosen", "rejected"):
-        if reason := unusable_reason(pair[side], task, guard, exemplars):
-            return f"{side}: {reason}"
-    return None
+    return shared_pair_problem(pair, guard,
+                               lambda text: unusable_reason(text, task, guard, exemplars),
+                               key=same_text)
 
 
 def make_pairs(ctx: StageContext, pool: dict) -> None:
-    tasks = load_tasks(ctx, "train")
     scored = read_jsonl(ctx.path("scores.jsonl"))
     judgments = read_jsonl(ctx.path("judgments.jsonl"))
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
-    pairs, dropped = [], []
-    for task in tasks:
-        samples = [s for s in scored if s["task_id"] == task["id"]]
-        pair, reason = choose_pair(task, samples,
-                                   [j for j in judgments if j["task_id"] == task["id"]])
-        if pair is not None:
-            reason = pair_problem(pair, task, guard, exemplars) or "ok"
-        if reason == "ok":
-            pairs.append(pair)
-        else:
-            dropped.append({"task_id": task["id"], "reason": reason})
-    write_jsonl(ctx.path("pairs_dropped.jsonl"), dropped)
-    if not pairs:
-        raise RuntimeError(no_pairs_message(ctx, len(tasks), scored, judgments))
-    write_jsonl(ctx.path("pairs_candidates.jsonl"), pairs)
-    ctx.log(f"pairs: {len(pairs)} kept, {len(dropped)} dropped")
+    scored_by, judged_by = group_by_task(scored), group_by_task(judgments)
+    write_pairs(ctx, load_tasks(ctx, "train"),
+                lambda task: choose_pair(task, scored_by.get(task["id"], []),
+                                         judged_by.get(task["id"], [])),
+                lambda pair, task: pair_problem(pair, task, guard, exemplars), "tasks",
+                no_pairs_hint(scored, judgments))
 
 
-def no_pairs_message(ctx: StageContext, tasks: int, scored: list[dict],
-                     judgments: list[dict]) -> str:
+def no_pairs_hint(scored: list[dict], judgments: list[dict]) -> str:
     """Why no pair came out, in numbers: the checks, then the judge."""
     usable = [s for s in scored if s["unusable"] is None]
     ties = sum(j["winner"] == "tie" for j in judgments)
-    return (f"stage 5 produced no preference pairs from {tasks} tasks: of {len(scored)} revisions "
-            f"{len(usable)} are usable, {sum(s['fixes_critique'] for s in usable)} fix the "
-            f"critique, {sum(s['keeps_content'] and s['changed'] for s in usable)} keep the "
-            f"draft's content and change it, {sum(s['passed'] for s in usable)} pass every check; "
-            f"the judge tied (orders disagree) on {ties} of {len(judgments)} comparisons (reasons "
-            f"per task in {ctx.path('pairs_dropped.jsonl')}). The input model cannot yet revise "
-            f"or judge revisions: use a stronger model, or raise --limit")
+    return (f"of {len(scored)} revisions {len(usable)} are usable, "
+            f"{sum(s['fixes_critique'] for s in usable)} fix the critique, "
+            f"{sum(s['keeps_content'] and s['changed'] for s in usable)} keep the draft's content "
+            f"and change it, {sum(s['passed'] for s in usable)} pass every check; the judge tied "
+            f"(orders disagree) on {ties} of {len(judgments)} comparisons. The input model cannot "
+            f"yet revise or judge revisions: use a stronger model, or raise --limit")
 
 
 # 6-10. decontaminate, train, merge, assess, report (core/lifecycle.py) ---------------------------

@@ -82,8 +82,10 @@ from core.assess import generate_greedy
 from core.constitution import Constitution, Principle
 from core.contamination import build_index, load_eval_texts
 from core.context import StageContext
-from core.generation import GenerationCache, GenRequest, generate_all
+from core.generation import GenRequest, generate_cached
 from core.io import atomic_write_text, read_jsonl, write_jsonl
+from core.listgen import ListGrowth, grow_list
+from core.pairs import write_pairs
 from core.judge import Verdict, judge_many, judge_prefix
 from core.prompting import (EXEMPLAR_END, RESPONSE_STOPS, draw, few_shot_prompt, house_prompt,
                             seed_for)
@@ -156,13 +158,9 @@ def run(ctx: StageContext) -> None:
 
 def generate(ctx: StageContext, step: str, requests: list[GenRequest], settings,
              where: str) -> dict[str, dict]:
-    """generate_all through the step's own cache file (closed after use)."""
-    cache = GenerationCache(ctx.path(f"cache/{step}.jsonl"))
-    try:
-        return generate_all(ctx.backend(), requests, settings, cache, ctx.guard(),
-                            ctx.profile.gen_batch_size, where)
-    finally:
-        cache.close()
+    """Generation through the step's own cache file."""
+    return generate_cached(ctx.backend(), requests, settings, ctx.path(f"cache/{step}.jsonl"),
+                           ctx.guard(), ctx.profile.gen_batch_size, where)
 
 
 # 1. prompts --------------------------------------------------------------------------------------
@@ -294,28 +292,16 @@ def write_prompts(ctx: StageContext, kind: str, seeds: list[str], needed: int,
     filter_ = NearDuplicateFilter(NEAR_DUPLICATE)
     filter_.kept.extend(seeds + known)
     guard = ctx.guard()
-    settings = ctx.sampling(PROMPT_TEMPERATURE, ctx.profile.instruction_max_new_tokens, ("\n",))
-    accepted: list[str] = []
-    for round_ in range(MAX_PROMPT_ROUNDS):
-        missing = needed - len(accepted)
-        if missing <= 0:
-            break
-        requests = []
-        for i in range(math.ceil(missing * OVERSAMPLE)):
-            rng = random.Random(seed_for(ctx.seed, f"{kind}-list", round_, i))
-            items = draw(seeds, rng, 3, 4) + rng.sample(accepted, min(2, len(accepted)))
-            rng.shuffle(items)
-            requests.append(GenRequest(f"{kind}-r{round_}-{i}", list_prompt(kind, items),
-                                       seed_for(ctx.seed, f"{kind}-prompt", round_, i)))
-        results = generate(ctx, f"prompts_{kind}", requests, settings, f"stage 6 {kind} prompts")
-        for request in requests:
-            text = " ".join(results[request.id]["text"].split())
-            problem = written_prompt_problem(text, guard, filter_)
-            audit.append({"id": request.id, "kind": kind, "text": text, "dropped": problem})
-            if problem is None:
-                accepted.append(text)
-        ctx.log(f"{kind} prompts round {round_}: {len(accepted)}/{needed} accepted")
-    return accepted[:needed]
+    growth = ListGrowth(prompt=lambda items: list_prompt(kind, items),
+                        clean=lambda text: " ".join(text.split()),
+                        problem=lambda text: written_prompt_problem(text, guard, filter_),
+                        temperature=PROMPT_TEMPERATURE, rounds=MAX_PROMPT_ROUNDS,
+                        oversample=OVERSAMPLE, cache=f"prompts_{kind}.jsonl",
+                        seed_names=(f"{kind}-list", f"{kind}-prompt"),
+                        where=f"stage 6 {kind} prompts", id_prefix=f"{kind}-")
+    accepted, offers = grow_list(ctx, growth, seeds, needed)
+    audit += [{**offer, "kind": kind} for offer in offers]
+    return accepted
 
 
 def hash_order(tasks: list[dict]) -> list[dict]:
@@ -708,26 +694,15 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
     tasks = load_tasks(ctx, "train")
     attempts = gather_attempts(ctx)
     guard, exemplars = ctx.guard(), exemplar_texts(pool, ctx.constitution)
-    pairs, dropped, audit = [], [], []
-    for t in tasks:
-        for a in attempts.get(t["id"], []):
-            audit.append({"task_id": t["id"], "attempt": a["attempt"],
-                          "principles": a["principles"],
-                          "outcome": attempt_outcome(a, guard, exemplars)})
-        pair, reason = choose_pair(t, attempts.get(t["id"], []), guard, exemplars)
-        if pair is None:
-            dropped.append({"task_id": t["id"], "reason": reason})
-        else:
-            pairs.append(pair)
-    write_jsonl(ctx.path("attempts.jsonl"), audit)
-    write_jsonl(ctx.path("pairs_dropped.jsonl"), dropped)
-    if not pairs:
-        raise RuntimeError(
-            f"stage 6 produced no preference pairs from {len(tasks)} prompts (reasons in "
-            f"{ctx.path('pairs_dropped.jsonl')}, per attempt in {ctx.path('attempts.jsonl')}); "
-            f"raise --limit so more prompts yield a pair")
-    write_jsonl(ctx.path("pairs_candidates.jsonl"), pairs)
-    ctx.log(f"pairs: {len(pairs)} kept, {len(dropped)} prompts dropped")
+    write_jsonl(ctx.path("attempts.jsonl"), [
+        {"task_id": t["id"], "attempt": a["attempt"], "principles": a["principles"],
+         "outcome": attempt_outcome(a, guard, exemplars)}
+        for t in tasks for a in attempts.get(t["id"], [])])
+    write_pairs(ctx, tasks,
+                lambda task: choose_pair(task, attempts.get(task["id"], []), guard, exemplars),
+                None, "prompts",
+                f"per attempt in {ctx.path('attempts.jsonl')}; raise --limit so more prompts "
+                f"yield a pair")
 
 
 # 7-11. decontaminate, train, merge, assess, report (core/lifecycle.py) ---------------------------

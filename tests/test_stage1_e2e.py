@@ -83,7 +83,8 @@ def test_interface_files(reference):
     assert metrics["contamination"]["records"] >= len(pairs)
     assert metrics["contamination"]["template_probe"]["has_chat_template"]
     config = yaml.safe_load((reference / "config.yaml").read_text())
-    assert config["run"] == {"model": "tiny-qwen2", "seed": 0, "limit": 8, "heldout": 8}
+    assert config["run"] == {"model": "tiny-qwen2", "seed": 0, "limit": 8, "heldout": 8,
+                             "baseline_limit": None}
     assert config["versions"]["trl"] and config["versions"]["transformers"]
     assert config["constitution"]["version"] == 1 and "git_commit" in config
     assert "Stage 1" in (stage / "report.md").read_text()

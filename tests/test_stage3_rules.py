@@ -5,6 +5,8 @@ import random
 
 import pytest
 
+from core.judge import consistent_winner
+
 from core.generation import cache_key
 from core.guards import TemplateGuard
 from core.io import AppendLog, read_jsonl
@@ -224,7 +226,8 @@ def sample(i, text, unusable=None):
 
 
 def judgment(x, y, margin_xy, margin_yx):
-    return {"task_id": "g1", "x": x, "y": y, "margin_xy": margin_xy, "margin_yx": margin_yx}
+    return {"task_id": "g1", "x": x, "y": y, "margin_xy": margin_xy, "margin_yx": margin_yx,
+            "winner": consistent_winner(margin_xy, margin_yx)}
 
 
 def test_chosen_passes_rejected_is_the_failure_passing_most_checks():

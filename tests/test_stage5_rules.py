@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from core.pairs import NoPairsError
 from core.guards import TemplateGuard
 from core.judge import judge_many, option_token_ids
 from core.prompting import house_prompt
@@ -361,8 +362,8 @@ def test_no_pairs_is_a_clear_error(tmp_path, tiny_dir, guard):
     write_jsonl(ctx.path("tasks.jsonl"), [t])
     write_jsonl(ctx.path("scores.jsonl"), samples_for(t, guard, [MISSED, FIXED]))
     write_jsonl(ctx.path("judgments.jsonl"), [{**judgment(1, 0, "tie", 1, -1), "task_id": t["id"]}])
-    with pytest.raises(RuntimeError, match="no preference pairs from 1 tasks: of 2 revisions 2 "
-                                           "are usable, 1 fix the critique"):
+    with pytest.raises(NoPairsError, match=r"no preference pairs from 1 tasks \(reasons in .*\); "
+                                           "of 2 revisions 2 are usable, 1 fix the critique"):
         s5.make_pairs(ctx, s5.load_pool())
     dropped = [json.loads(line) for line in ctx.path("pairs_dropped.jsonl").read_text().splitlines()]
     assert dropped == [{"task_id": t["id"], "reason": "judge tie (orders disagree)"}]
