@@ -10,6 +10,7 @@ import torch
 
 from core.backend import HFBackend, SamplingSettings, load_backend
 from core.constitution import Constitution
+from core.generation import GenRequest, generate_cached
 from core.guards import TemplateGuard
 from registry.models import ModelProfile
 
@@ -76,6 +77,13 @@ class StageContext:
                 AutoTokenizer.from_pretrained(self.model_path)
             self._guard = TemplateGuard(tokenizer)
         return self._guard
+
+    def generate(self, requests: list[GenRequest], settings: SamplingSettings, cache: str,
+                 where: str) -> dict[str, dict]:
+        """The input model's completions through the stage's cache file cache/<cache> (every
+        finished item is kept, so an interrupted step resumes where it stopped)."""
+        return generate_cached(self.backend(), requests, settings, self.path(f"cache/{cache}"),
+                               self.guard(), self.profile.gen_batch_size, where)
 
     def sampling(self, temperature: float, max_new_tokens: int,
                  stop: tuple[str, ...]) -> SamplingSettings:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from core.context import StageContext
-from core.generation import GenRequest, generate_cached
+from core.generation import GenRequest
 from core.prompting import draw, seed_for
 
 
@@ -43,9 +43,7 @@ def grow_list(ctx: StageContext, growth: ListGrowth, seeds: list[str],
             break
         requests = [list_request(ctx.seed, growth, seeds, accepted, round_, i)
                     for i in range(math.ceil(missing * growth.oversample))]
-        results = generate_cached(ctx.backend(), requests, settings,
-                                  ctx.path(f"cache/{growth.cache}"), ctx.guard(),
-                                  ctx.profile.gen_batch_size, growth.where)
+        results = ctx.generate(requests, settings, growth.cache, growth.where)
         for request in requests:
             text = growth.clean(results[request.id]["text"])
             problem = growth.problem(text)

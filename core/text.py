@@ -41,6 +41,19 @@ class NearDuplicateFilter:
         return True
 
 
+NEAR_DUPLICATE = 0.7  # ROUGE-L F above which two texts count as the same item
+
+
+def near_same(a: str, b: str, threshold: float = NEAR_DUPLICATE) -> bool:
+    """Equal after normalization, or ROUGE-L above `threshold`."""
+    return normalize(a) == normalize(b) or rouge_l(a, b) > threshold
+
+
+def first_near_same(text: str, others: list[str], threshold: float = NEAR_DUPLICATE) -> str | None:
+    """The first of `others` that is near-same as `text` (a held-out item leaking into training)."""
+    return next((other for other in others if near_same(text, other, threshold)), None)
+
+
 def degenerate_reason(text: str, min_words: int = 1, max_words: int | None = None) -> str | None:
     """Why `text` is unusable as model output (None when it is fine)."""
     stripped = text.strip()

@@ -42,7 +42,7 @@ from core import lifecycle
 from core.assess import assess_instructions
 from core.constraints import constraint_from_dict, instruction_with_constraints, sample_constraints
 from core.context import StageContext
-from core.generation import GenRequest, generate_cached, sample_records
+from core.generation import GenRequest, sample_records
 from core.io import atomic_write_text, read_jsonl, write_jsonl
 from core.listgen import ListGrowth, grow_list
 from core.judge import judge_many, judge_prefix
@@ -51,7 +51,8 @@ from core.pairs import (first_of_each_text, group_by_task, judge_wins, shared_pa
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
 from core.run import StageSteps
 from core.stats import rate
-from core.text import NearDuplicateFilter, copies_exemplar, degenerate_reason, normalize, rouge_l
+from core.text import (NearDuplicateFilter, copies_exemplar, degenerate_reason, first_near_same,
+                       normalize)
 
 NUMBER = 1
 NAME = "explicit-instructions"
@@ -175,14 +176,10 @@ def split_tasks(tasks: list[dict], heldout: int) -> list[dict]:
 def check_leakage(tasks: list[dict]) -> None:
     """No held-out instruction may equal or nearly equal a training one."""
     train = [t["instruction"] for t in tasks if t["split"] == "train"]
-    for task in tasks:
-        if task["split"] != "heldout":
-            continue
-        for other in train:
-            if normalize(other) == normalize(task["instruction"]) or \
-                    rouge_l(other, task["instruction"]) > NEAR_DUPLICATE:
-                raise RuntimeError(f"held-out instruction {task['id']} leaks into training: "
-                                   f"{task['instruction']!r} ~ {other!r}")
+    for task in (t for t in tasks if t["split"] == "heldout"):
+        if other := first_near_same(task["instruction"], train, NEAR_DUPLICATE):
+            raise RuntimeError(f"held-out instruction {task['id']} leaks into training: "
+                               f"{task['instruction']!r} ~ {other!r}")
 
 
 def load_tasks(ctx: StageContext, split: str) -> list[dict]:
@@ -210,8 +207,7 @@ def make_responses(ctx: StageContext, pool: dict) -> None:
     requests = response_requests(ctx, pool, tasks)
     settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
                             RESPONSE_STOPS)
-    results = generate_cached(ctx.backend(), requests, settings, ctx.path("cache/responses.jsonl"),
-                              ctx.guard(), ctx.profile.gen_batch_size, "stage 1 responses")
+    results = ctx.generate(requests, settings, "responses.jsonl", "stage 1 responses")
     write_jsonl(ctx.path("responses.jsonl"),
                 sample_records(tasks, results, ctx.profile.responses_per_task))
 

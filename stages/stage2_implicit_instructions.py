@@ -55,7 +55,7 @@ import yaml
 from core import lifecycle
 from core.assess import generate_greedy
 from core.context import StageContext
-from core.generation import GenRequest, generate_cached
+from core.generation import GenRequest
 from core.io import atomic_write_text, read_jsonl, write_jsonl
 from core.listgen import ListGrowth, grow_list
 from core.judge import judge_many, judge_prefix
@@ -63,7 +63,8 @@ from core.pairs import first_of_each_text, group_by_task, judge_wins, shared_pai
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
 from core.run import StageSteps
 from core.stats import rate
-from core.text import NearDuplicateFilter, copies_exemplar, degenerate_reason, normalize, rouge_l
+from core.text import (NearDuplicateFilter, copies_exemplar, degenerate_reason, first_near_same,
+                       normalize, rouge_l)
 
 NUMBER = 2
 NAME = "implicit-instructions"
@@ -265,14 +266,10 @@ def make_questions(ctx: StageContext, pool: dict) -> None:
 def check_leakage(tasks: list[dict]) -> None:
     """No held-out question may equal or nearly equal a training one."""
     train = [t["question"] for t in tasks if t["split"] == "train"]
-    for task in tasks:
-        if task["split"] != "heldout":
-            continue
-        for other in train:
-            if normalize(other) == normalize(task["question"]) or \
-                    rouge_l(other, task["question"]) > NEAR_DUPLICATE:
-                raise RuntimeError(f"held-out question {task['id']} leaks into training: "
-                                   f"{task['question']!r} ~ {other!r}")
+    for task in (t for t in tasks if t["split"] == "heldout"):
+        if other := first_near_same(task["question"], train, NEAR_DUPLICATE):
+            raise RuntimeError(f"held-out question {task['id']} leaks into training: "
+                               f"{task['question']!r} ~ {other!r}")
 
 
 def load_tasks(ctx: StageContext, split: str) -> list[dict]:
@@ -307,8 +304,7 @@ def make_responses(ctx: StageContext, pool: dict) -> None:
                 for t in tasks for rid, prompting in plans[t["id"]]]
     settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
                             RESPONSE_STOPS)
-    results = generate_cached(ctx.backend(), requests, settings, ctx.path("cache/responses.jsonl"),
-                              ctx.guard(), ctx.profile.gen_batch_size, "stage 2 responses")
+    results = ctx.generate(requests, settings, "responses.jsonl", "stage 2 responses")
     records = []
     for task in tasks:
         for sample, (request_id, prompting) in enumerate(plans[task["id"]]):

@@ -58,7 +58,7 @@ from nltk.stem.porter import PorterStemmer
 from core import lifecycle
 from core.assess import generate_greedy
 from core.context import StageContext
-from core.generation import GenRequest, generate_cached, sample_records
+from core.generation import GenRequest, sample_records
 from core.guards import TemplateGuard
 from core.io import atomic_write_text, read_jsonl, write_jsonl
 from core.listgen import ListGrowth, grow_list
@@ -67,7 +67,8 @@ from core.pairs import first_of_each_text, group_by_task, judge_wins, shared_pai
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
 from core.run import StageSteps
 from core.stats import rate
-from core.text import NearDuplicateFilter, copies_exemplar, degenerate_reason, normalize, rouge_l
+from core.text import (NearDuplicateFilter, copies_exemplar, degenerate_reason, first_near_same,
+                       normalize, rouge_l)
 
 NUMBER = 3
 NAME = "generation-tasks"
@@ -259,10 +260,9 @@ def check_leakage(tasks: list[dict]) -> None:
         topic = task["spec"]["topic"]
         if task["id"] in train_ids:
             raise RuntimeError(f"held-out task {task['id']} is also a training task")
-        for other in train_topics:
-            if normalize(other) == normalize(topic) or rouge_l(other, topic) > NEAR_DUPLICATE:
-                raise RuntimeError(f"held-out task {task['id']} leaks into training: its topic "
-                                   f"{topic!r} ~ training topic {other!r}")
+        if other := first_near_same(topic, sorted(train_topics), NEAR_DUPLICATE):
+            raise RuntimeError(f"held-out task {task['id']} leaks into training: its topic "
+                               f"{topic!r} ~ training topic {other!r}")
 
 
 def make_tasks(ctx: StageContext, pool: dict) -> None:
@@ -307,8 +307,7 @@ def make_responses(ctx: StageContext, pool: dict) -> None:
     requests = response_requests(ctx, pool, tasks)
     settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
                             RESPONSE_STOPS)
-    results = generate_cached(ctx.backend(), requests, settings, ctx.path("cache/responses.jsonl"),
-                              ctx.guard(), ctx.profile.gen_batch_size, "stage 3 responses")
+    results = ctx.generate(requests, settings, "responses.jsonl", "stage 3 responses")
     write_jsonl(ctx.path("responses.jsonl"),
                 sample_records(tasks, results, ctx.profile.responses_per_task))
 

@@ -63,13 +63,14 @@ import yaml
 from core import lifecycle
 from core.assess import generate_greedy
 from core.context import StageContext
-from core.generation import GenRequest, generate_cached, sample_records
+from core.generation import GenRequest, sample_records
 from core.io import atomic_write_text, read_json, read_jsonl, write_jsonl
 from core.pairs import group_by_task, same_text, shared_pair_problem, write_pairs
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
 from core.run import StageSteps
 from core.stats import rate
-from core.text import copies_exemplar, degenerate_reason, normalize, rouge_l
+from core.text import (copies_exemplar, degenerate_reason, first_near_same, near_same, normalize,
+                       rouge_l)
 
 NUMBER = 4
 NAME = "evaluation-tasks"
@@ -238,18 +239,13 @@ def split_labelled(pairs: list[dict], limit: int, heldout: int) -> tuple[list[di
     return held + kept, dropped
 
 
-def near_same(a: str, b: str) -> bool:
-    return normalize(a) == normalize(b) or rouge_l(a, b) > NEAR_DUPLICATE
-
-
 def check_leakage(pairs: list[dict]) -> None:
     """No held-out request may equal or nearly equal a training one."""
     train = [p for p in pairs if p["split"] == "train"]
     for held in (p for p in pairs if p["split"] == "heldout"):
-        for other in train:
-            if near_same(held["key"], other["key"]):
-                raise RuntimeError(f"held-out pair {held['id']} leaks into training: "
-                                   f"{held['key']!r} ~ {other['key']!r}")
+        if other := first_near_same(held["key"], [p["key"] for p in train], NEAR_DUPLICATE):
+            raise RuntimeError(f"held-out pair {held['id']} leaks into training: "
+                               f"{held['key']!r} ~ {other!r}")
 
 
 def judge_tasks(pairs: list[dict]) -> list[dict]:
@@ -366,8 +362,7 @@ def make_verdicts(ctx: StageContext, pool: dict) -> None:
     requests = verdict_requests(ctx, pool, tasks)
     settings = ctx.sampling(ctx.profile.temperature_critique, ctx.profile.max_new_tokens,
                             VERDICT_STOPS)
-    results = generate_cached(ctx.backend(), requests, settings, ctx.path("cache/verdicts.jsonl"),
-                              ctx.guard(), ctx.profile.gen_batch_size, "stage 4 verdicts")
+    results = ctx.generate(requests, settings, "verdicts.jsonl", "stage 4 verdicts")
     write_jsonl(ctx.path("verdicts.jsonl"),
                 sample_records(tasks, results, ctx.profile.responses_per_task))
 

@@ -63,7 +63,7 @@ from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, 
 from core.run import StageSteps
 from core.stats import rate
 from core.suites.baseline import REVISION_TEXT
-from core.text import copies_exemplar, degenerate_reason, normalize, rouge_l
+from core.text import copies_exemplar, degenerate_reason, near_same, normalize, rouge_l
 
 NUMBER = 5
 NAME = "revision-tasks"
@@ -263,8 +263,7 @@ def make_drafts(ctx: StageContext, pool: dict) -> None:
                    seed_for(ctx.seed, "draft", r)) for i, r in enumerate(requests)]
         settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
                                 RESPONSE_STOPS)
-        results = generate_cached(ctx.backend(), gen, settings, ctx.path("cache/drafts.jsonl"),
-                                  ctx.guard(), ctx.profile.gen_batch_size, "stage 5 drafts")
+        results = ctx.generate(gen, settings, "drafts.jsonl", "stage 5 drafts")
         for request, item in zip(requests, gen):
             draft = results[item.id]["text"].strip()
             records.append({"request": request, "draft": draft,
@@ -328,8 +327,7 @@ def check_leakage(tasks: list[dict]) -> None:
     train = [t for t in tasks if t["split"] == "train"]
     for task in (t for t in tasks if t["split"] == "heldout"):
         for other in train:
-            if normalize(other["request"]) == normalize(task["request"]) or \
-                    rouge_l(other["request"], task["request"]) > NEAR_DUPLICATE or \
+            if near_same(other["request"], task["request"], NEAR_DUPLICATE) or \
                     same_text(other["draft"]) == same_text(task["draft"]):
                 raise RuntimeError(f"held-out task {task['id']} leaks into training: "
                                    f"{task['request']!r} ~ {other['request']!r}")
@@ -376,8 +374,7 @@ def make_revisions(ctx: StageContext, pool: dict) -> None:
     requests = revision_requests(ctx, pool, tasks)
     settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
                             RESPONSE_STOPS)
-    results = generate_cached(ctx.backend(), requests, settings, ctx.path("cache/revisions.jsonl"),
-                              ctx.guard(), ctx.profile.gen_batch_size, "stage 5 revisions")
+    results = ctx.generate(requests, settings, "revisions.jsonl", "stage 5 revisions")
     write_jsonl(ctx.path("revisions.jsonl"),
                 sample_records(tasks, results, ctx.profile.responses_per_task))
 

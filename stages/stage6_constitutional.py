@@ -82,7 +82,7 @@ from core.assess import generate_greedy
 from core.constitution import Constitution, Principle
 from core.contamination import build_index, load_eval_texts
 from core.context import StageContext
-from core.generation import GenRequest, generate_cached
+from core.generation import GenRequest
 from core.io import atomic_write_text, read_jsonl, write_jsonl
 from core.listgen import ListGrowth, grow_list
 from core.pairs import write_pairs
@@ -154,13 +154,6 @@ def run(ctx: StageContext) -> None:
     }
     steps.run([(name, partial(actions[name], ctx, pool)) for name in STEPS], ctx.log)
     atomic_write_text(ctx.path("DONE"), "stage 6 complete\n")
-
-
-def generate(ctx: StageContext, step: str, requests: list[GenRequest], settings,
-             where: str) -> dict[str, dict]:
-    """Generation through the step's own cache file."""
-    return generate_cached(ctx.backend(), requests, settings, ctx.path(f"cache/{step}.jsonl"),
-                           ctx.guard(), ctx.profile.gen_batch_size, where)
 
 
 # 1. prompts --------------------------------------------------------------------------------------
@@ -416,7 +409,7 @@ def make_answers(ctx: StageContext, pool: dict) -> None:
                 for t in tasks for k in attempts]
     settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
                             RESPONSE_STOPS)
-    results = generate(ctx, "answers", requests, settings, "stage 6 answers")
+    results = ctx.generate(requests, settings, "answers.jsonl", "stage 6 answers")
     write_jsonl(ctx.path("answers.jsonl"), [
         {"task_id": t["id"], "attempt": k, "text": results[attempt_key(t["id"], k)]["text"].strip(),
          "finish": results[attempt_key(t["id"], k)]["finish"]} for t in tasks for k in attempts])
@@ -511,7 +504,7 @@ def make_critiques(ctx: StageContext, pool: dict) -> None:
         requests.append(GenRequest(key, prompt, seed_for(ctx.seed, "critique", key)))
     settings = ctx.sampling(ctx.profile.temperature_critique, ctx.profile.max_new_tokens,
                             CRITIQUE_STOPS)
-    results = generate(ctx, "critiques", requests, settings, "stage 6 critiques")
+    results = ctx.generate(requests, settings, "critiques.jsonl", "stage 6 critiques")
     write_jsonl(ctx.path("critiques.jsonl"), [
         {"task_id": a["task_id"], "attempt": a["attempt"],
          "principles": [p.name for p in drawn[attempt_key(a["task_id"], a["attempt"])]],
@@ -542,7 +535,7 @@ def make_revisions(ctx: StageContext, pool: dict) -> None:
         requests.append(GenRequest(key, prompt, seed_for(ctx.seed, "revision", key)))
     settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
                             REVISION_STOPS)
-    results = generate(ctx, "revisions", requests, settings, "stage 6 revisions")
+    results = ctx.generate(requests, settings, "revisions.jsonl", "stage 6 revisions")
     write_jsonl(ctx.path("revisions.jsonl"), [
         {"task_id": c["task_id"], "attempt": c["attempt"], "principles": c["principles"],
          "text": results[attempt_key(c["task_id"], c["attempt"])]["text"].strip()}
