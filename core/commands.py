@@ -8,9 +8,11 @@ from core.backend import load_backend
 from core.contamination import (ContaminationError, chat_template_probe, check_records,
                                 evaluation_index, template_problems, template_state,
                                 write_findings_tsv)
+from core.context import StageContext
 from core.guards import TemplateGuard
 from core.io import read_json, read_jsonl, write_json
 from core.models import PROJECT_ROOT, local_model_dir, resolve_model
+from core.pipeline import select_stage
 from core.report import fmt_rate
 from core.run import read_config, RunDirError
 from core.suites.runner import compare_results, run_suite
@@ -54,15 +56,20 @@ def default_out(name: str, path: str, suite: str) -> Path:
     return PROJECT_ROOT / "artifacts" / "assess" / f"{slug}-{digest}-{suite}.json"
 
 
-def pool_texts(stage: int) -> list[str]:
-    """Every string of the stage's own exemplar pool (its few-shot exemplars and more)."""
-    import yaml
+def stage_context(run_dir: Path, config: dict, stage: int) -> StageContext:
+    """The context a stage of this run was given (its input model, settings, data dir)."""
+    from core.constitution import load_constitution
 
-    from core.models import yaml_strings
-
-    pool = PROJECT_ROOT / "stages" / "pools" / f"stage{stage}.yaml"
-    texts = yaml_strings(yaml.safe_load(pool.read_text(encoding="utf-8")))
-    return [t for t in texts if len(t) >= 20]
+    stage_dir = run_dir / f"stage_{stage}"
+    input_record = stage_dir / "input.json"
+    model_path = read_json(input_record)["path"] if input_record.is_file() else config["model"]["path"]
+    run = config["run"]
+    return StageContext(run_dir=run_dir, number=stage, model_path=model_path, origin="recorded",
+                        profile=resolve_model(config["model"]["reference"]).profile,
+                        seed=run["seed"], limit=run["limit"], heldout=run["heldout"],
+                        constitution=load_constitution(Path(config["constitution"]["path"])),
+                        data_dir=Path(config["data_dir"]) if config.get("data_dir") else None,
+                        baseline_limit=run.get("baseline_limit"))
 
 
 def summary_rows(result: dict) -> list[tuple[str, str]]:
@@ -81,23 +88,25 @@ def check_contamination(run_dir: Path, stage: int, probe: bool, log=print) -> di
     stage_dir = run_dir / f"stage_{stage}"
     records_path = next((p for p in (stage_dir / "pairs.jsonl", stage_dir / "pairs_candidates.jsonl")
                          if p.is_file()), None)
+    if records_path is None and (stage_dir / "SKIPPED").is_file():
+        raise RunDirError(f"stage {stage} of {run_dir} was skipped (it kept no preference pairs; "
+                          f"see {stage_dir / 'SKIPPED'}): there are no training records to check")
     if records_path is None:
         raise RunDirError(f"{stage_dir} has no pairs yet; run the stage up to its pairs step")
     from transformers import AutoTokenizer, GenerationConfig
 
-    input_record = stage_dir / "input.json"
-    model_path = read_json(input_record)["path"] if input_record.is_file() else config["model"]["path"]
+    ctx = stage_context(run_dir, config, stage)
+    model_path = ctx.model_path
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     try:
         generation_config = GenerationConfig.from_pretrained(model_path)
     except OSError:
         generation_config = None
     records = read_jsonl(records_path)
-    heldout = [(t["id"], t["instruction"]) for t in read_jsonl(stage_dir / "instructions.jsonl")
-               if t["split"] == "heldout"]
-    data_dir = Path(config["data_dir"]) if config.get("data_dir") else None
+    protected = select_stage(stage).module.protected_sets(ctx)
     guard = TemplateGuard(tokenizer)
-    findings = check_records(records, evaluation_index(data_dir, heldout), pool_texts(stage), guard)
+    findings = check_records(records, evaluation_index(protected.data_dir, protected.heldout),
+                             protected.exemplars, guard)
     state = template_state(tokenizer, generation_config)
     problems = template_problems(state)
     write_findings_tsv(stage_dir / "contamination_check.tsv", findings, records)

@@ -114,6 +114,16 @@ def probe_texts() -> list[tuple[str, str]]:
             p.capability in CAPABILITIES]
 
 
+@dataclass(frozen=True)
+class Protected:
+    """What one stage's training records must not contain: its few-shot exemplar texts, its
+    held-out items (id, text), and the shared evaluation sets under `data_dir` (None: none)."""
+
+    exemplars: list[str]
+    heldout: list[tuple[str, str]]
+    data_dir: Path | None
+
+
 def evaluation_index(data_dir: Path | None, heldout: list[tuple[str, str]],
                      n: int = DEFAULT_N) -> NgramIndex:
     """Every evaluation text in use: the shared sets that exist under `data_dir`, the stage's

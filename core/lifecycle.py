@@ -29,17 +29,16 @@ def probe_questions() -> list[str]:
     return [p.text for p in load_probes()[0] if p.capability == "bare_questions"][:8]
 
 
-def decontaminate_pairs(ctx: StageContext, exemplars: list[str],
-                        heldout: list[tuple[str, str]]) -> None:
+def decontaminate_pairs(ctx: StageContext, protected: contamination.Protected) -> None:
     """pairs_candidates.jsonl -> pairs.jsonl: template failures stop the stage (unless
     overridden); 13-gram overlaps with evaluation sets and exemplar copies are removed and listed
     in contamination.tsv."""
     candidates = read_jsonl(ctx.path("pairs_candidates.jsonl"))
-    index = contamination.evaluation_index(ctx.data_dir, heldout)
+    index = contamination.evaluation_index(protected.data_dir, protected.heldout)
     tokenizer, generation_config = ctx.input_tokenizer_and_generation_config()
     template = contamination.template_state(tokenizer, generation_config)
     clean, findings, summary = contamination.decontaminate(
-        candidates, index, exemplars, ctx.guard(), template, ctx.allow_contamination)
+        candidates, index, protected.exemplars, ctx.guard(), template, ctx.allow_contamination)
     contamination.write_findings_tsv(ctx.path("contamination.tsv"), findings, candidates)
     summary["template_probe"] = contamination.chat_template_probe(ctx.backend(), probe_questions())
     write_json(ctx.path("contamination.json"), summary)

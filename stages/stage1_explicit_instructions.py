@@ -41,6 +41,7 @@ import yaml
 from core import lifecycle
 from core.assess import assess_instructions
 from core.constraints import constraint_from_dict, instruction_with_constraints, sample_constraints
+from core.contamination import Protected
 from core.context import StageContext
 from core.generation import GenRequest, sample_records
 from core.io import atomic_write_text, read_jsonl, write_jsonl
@@ -340,9 +341,15 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
 
 # 5-9. decontaminate, train, merge, assess, report (core/lifecycle.py) ----------------------------
 
+def protected_sets(ctx: StageContext) -> Protected:
+    """Training records may not copy the exemplars, the held-out instructions or the shared sets."""
+    return Protected(exemplar_texts(load_pool()),
+                     [(t["id"], t["instruction"]) for t in load_tasks(ctx, "heldout")],
+                     ctx.data_dir)
+
+
 def decontaminate(ctx: StageContext, pool: dict) -> None:
-    heldout = [(t["id"], t["instruction"]) for t in load_tasks(ctx, "heldout")]
-    lifecycle.decontaminate_pairs(ctx, exemplar_texts(pool), heldout)
+    lifecycle.decontaminate_pairs(ctx, protected_sets(ctx))
 
 
 def train(ctx: StageContext, pool: dict) -> None:

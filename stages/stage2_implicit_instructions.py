@@ -54,6 +54,7 @@ import yaml
 
 from core import lifecycle
 from core.assess import generate_greedy
+from core.contamination import Protected
 from core.context import StageContext
 from core.generation import GenRequest
 from core.io import atomic_write_text, read_jsonl, write_jsonl
@@ -605,8 +606,12 @@ def protected_texts(ctx: StageContext) -> list[tuple[str, str]]:
     return texts
 
 
+def protected_sets(ctx: StageContext) -> Protected:
+    return Protected(exemplar_texts(load_pool()), protected_texts(ctx), ctx.data_dir)
+
+
 def decontaminate(ctx: StageContext, pool: dict) -> None:
-    lifecycle.decontaminate_pairs(ctx, exemplar_texts(pool), protected_texts(ctx))
+    lifecycle.decontaminate_pairs(ctx, protected_sets(ctx))
 
 
 def train(ctx: StageContext, pool: dict) -> None:

@@ -57,6 +57,7 @@ from nltk.stem.porter import PorterStemmer
 
 from core import lifecycle
 from core.assess import generate_greedy
+from core.contamination import Protected
 from core.context import StageContext
 from core.generation import GenRequest, sample_records
 from core.guards import TemplateGuard
@@ -590,9 +591,14 @@ def earlier_heldout(ctx: StageContext) -> list[tuple[str, str]]:
     return items
 
 
-def decontaminate(ctx: StageContext, pool: dict) -> None:
+def protected_sets(ctx: StageContext) -> Protected:
+    """Exemplars, this stage's and the earlier stages' held-out items, and the shared sets."""
     heldout = [(t["id"], t["instruction"]) for t in load_tasks(ctx, "heldout")]
-    lifecycle.decontaminate_pairs(ctx, exemplar_texts(pool), heldout + earlier_heldout(ctx))
+    return Protected(exemplar_texts(load_pool()), heldout + earlier_heldout(ctx), ctx.data_dir)
+
+
+def decontaminate(ctx: StageContext, pool: dict) -> None:
+    lifecycle.decontaminate_pairs(ctx, protected_sets(ctx))
 
 
 def train(ctx: StageContext, pool: dict) -> None:

@@ -62,6 +62,7 @@ import yaml
 
 from core import lifecycle
 from core.assess import generate_greedy
+from core.contamination import Protected
 from core.context import StageContext
 from core.generation import GenRequest, sample_records
 from core.io import atomic_write_text, read_json, read_jsonl, write_jsonl
@@ -514,9 +515,14 @@ def heldout_texts(pairs: list[dict]) -> list[tuple[str, str]]:
     return [(f"{p['id']}/{field}", p[field]) for p in pairs for field in ("key", "better", "worse")]
 
 
+def protected_sets(ctx: StageContext) -> Protected:
+    """Exemplars, the held-out requests and responses, and the shared sets."""
+    return Protected(exemplar_texts(load_pool()), heldout_texts(load_labelled(ctx, "heldout")),
+                     ctx.data_dir)
+
+
 def decontaminate(ctx: StageContext, pool: dict) -> None:
-    lifecycle.decontaminate_pairs(ctx, exemplar_texts(pool),
-                                  heldout_texts(load_labelled(ctx, "heldout")))
+    lifecycle.decontaminate_pairs(ctx, protected_sets(ctx))
 
 
 def train(ctx: StageContext, pool: dict) -> None:

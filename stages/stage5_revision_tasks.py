@@ -54,6 +54,7 @@ import yaml
 from core import lifecycle
 from core.assess import greedy
 from core.constraints import constraint_from_dict, sample_constraints
+from core.contamination import Protected
 from core.context import StageContext
 from core.generation import GenRequest, generate_cached, sample_records
 from core.io import atomic_write_text, read_jsonl, write_jsonl
@@ -533,12 +534,16 @@ def no_pairs_hint(scored: list[dict], judgments: list[dict]) -> str:
 
 # 6-10. decontaminate, train, merge, assess, report (core/lifecycle.py) ---------------------------
 
-def decontaminate(ctx: StageContext, pool: dict) -> None:
+def protected_sets(ctx: StageContext) -> Protected:
     """Held-out requests and drafts are evaluation text: training records may not share them.
     (Critiques are left out: their template wording is shared by design.)"""
     heldout = [(f"{t['id']}-{part}", t[part]) for t in load_tasks(ctx, "heldout")
                for part in ("request", "draft")]
-    lifecycle.decontaminate_pairs(ctx, exemplar_texts(pool), heldout)
+    return Protected(exemplar_texts(load_pool()), heldout, ctx.data_dir)
+
+
+def decontaminate(ctx: StageContext, pool: dict) -> None:
+    lifecycle.decontaminate_pairs(ctx, protected_sets(ctx))
 
 
 def train(ctx: StageContext, pool: dict) -> None:

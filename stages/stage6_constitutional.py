@@ -71,7 +71,6 @@ import math
 import random
 import re
 from collections import Counter
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -81,6 +80,7 @@ from core import lifecycle
 from core.assess import generate_greedy
 from core.constitution import Constitution, Principle
 from core.contamination import build_index, load_eval_texts
+from core.contamination import Protected
 from core.context import StageContext
 from core.generation import GenRequest
 from core.io import atomic_write_text, read_jsonl, write_jsonl
@@ -713,11 +713,14 @@ def evaluation_texts(ctx: StageContext) -> list[tuple[str, str]]:
     return texts
 
 
+def protected_sets(ctx: StageContext) -> Protected:
+    """The shared sets are given as held-out texts (see `evaluation_texts`) and no data_dir: the
+    whole-set index would hold the red-team training halves too."""
+    return Protected(exemplar_texts(load_pool(), ctx.constitution), evaluation_texts(ctx), None)
+
+
 def decontaminate(ctx: StageContext, pool: dict) -> None:
-    """The shared sets are passed as held-out texts (see `evaluation_texts`), so the lifecycle
-    is given no data_dir of its own: it would index the red-team training parts too."""
-    lifecycle.decontaminate_pairs(replace(ctx, data_dir=None),
-                                  exemplar_texts(pool, ctx.constitution), evaluation_texts(ctx))
+    lifecycle.decontaminate_pairs(ctx, protected_sets(ctx))
 
 
 def train(ctx: StageContext, pool: dict) -> None:

@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.commands import check_contamination
 from core.guards import TemplateGuard
 from core.io import read_jsonl
 from core.models import weights_sha256
 from core.pairs import NoPairsError
 from core.pipeline import run_curriculum, run_stage, run_status
 from core.prompting import house_prompt
+from core.run import RunDirError
 from registry.stages import STAGES
 
 pytestmark = pytest.mark.slow
@@ -108,6 +110,17 @@ def test_baseline_reuses_the_previous_stages_outputs(run_dir):
         str(run_dir / f"stage_{n}" / "merged") for n, s in ended(run_dir).items() if s == "DONE"]
     cached = {p.name for p in (run_dir / "cache").glob("baseline-*.jsonl")}
     assert cached == {f"baseline-{weights_sha256(m)[:16]}.jsonl" for m in models}
+
+
+def test_check_contamination_rechecks_every_trained_stage(run_dir):
+    for number, state in ended(run_dir).items():
+        if state == "DONE":
+            result = check_contamination(run_dir, number, probe=False, log=lambda _: None)
+            assert result["ok"] and result["count"] == len(
+                read_jsonl(run_dir / f"stage_{number}" / "pairs.jsonl"))
+        else:
+            with pytest.raises(RunDirError, match="was skipped"):
+                check_contamination(run_dir, number, probe=False, log=lambda _: None)
 
 
 def test_resuming_a_finished_run_changes_nothing(run_dir, tiny_dir):
