@@ -22,6 +22,8 @@ from registry.models import profile_by_name
 from stages import stage4_evaluation_tasks as module
 
 pytestmark = pytest.mark.slow
+DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
+HAS_DATA = (DATA_DIR / module.HH_PATH).is_file()
 REASON = "It does what the request asks, and the other one falls short of it."
 
 
@@ -119,12 +121,15 @@ def test_metrics_and_assessment(stage):
         summary = assessment[side]["summary"]
         assert summary["accuracy_both_orders"]["n"] == 4
         assert {"accuracy_better_first", "accuracy_better_second", "verdict_parsed",
-                "reason_ok", "hh_accuracy_both_orders"} <= set(summary)
+                "reason_ok"} <= set(summary)
+        hh_items = [i for i in assessment[side]["items"] if i["id"].startswith("hh-")]
+        if not HAS_DATA:  # the HH-RLHF held-out set is read only when the shared data exists
+            assert not hh_items and "hh_accuracy_both_orders" not in summary
+            continue
         assert summary["hh_accuracy_both_orders"]["n"] == 4
         assert set(assessment[side]["position_bias_gap"]) == {"labelled", "hh"}
-        hh_items = [i for i in assessment[side]["items"] if i["id"].startswith("hh-")]
         assert len(hh_items) == 4 and all(i["passed"] is None for i in hh_items)
         assert all("text" not in i["better_first"] for i in hh_items)
     assert assessment["paired"]["items"] == 4
-    assert metrics["data"]["hh_heldout"] == 4
+    assert metrics["data"]["hh_heldout"] == (4 if HAS_DATA else 0)
     assert "Stage 4: evaluation-tasks" in (stage / "report.md").read_text()
