@@ -100,14 +100,6 @@ def generate_cached(backend, requests: list[GenRequest], settings: SamplingSetti
         cache.close()
 
 
-def sample_records(tasks: list[dict], results: dict[str, dict], k: int) -> list[dict]:
-    """K samples per task, requested as "<task id>-<k>", as records in task order:
-    {task_id, sample, text (stripped), finish}."""
-    return [{"task_id": task["id"], "sample": j, "text": results[f"{task['id']}-{j}"]["text"].strip(),
-             "finish": results[f"{task['id']}-{j}"]["finish"]}
-            for task in tasks for j in range(k)]
-
-
 @torch.no_grad()
 def sample_batch(model, tokenizer, prompts: list[str], settings: SamplingSettings,
                  seeds: list[int], on_finish: OnFinish | None = None) -> list[Completion]:

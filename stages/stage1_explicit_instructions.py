@@ -43,13 +43,14 @@ from core.assess import assess_instructions
 from core.constraints import constraint_from_dict, instruction_with_constraints, sample_constraints
 from core.contamination import Protected
 from core.context import StageContext
-from core.generation import GenRequest, sample_records
+from core.generation import GenRequest
 from core.io import atomic_write_text, read_jsonl, write_jsonl
 from core.listgen import ListGrowth, grow_list
 from core.judge import judge_many, judge_prefix
 from core.pairs import (first_of_each_text, group_by_task, judge_wins, shared_pair_problem,
                         write_pairs)
-from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
+from core.prompting import RESPONSE_STOPS, draw, house_prompt, seed_for
+from core.sampling import few_shot_requests, sample_to_file
 from core.run import StageSteps
 from core.stats import rate
 from core.text import (NearDuplicateFilter, copies_exemplar, degenerate_reason, first_near_same,
@@ -190,27 +191,21 @@ def load_tasks(ctx: StageContext, split: str) -> list[dict]:
 # 2. responses ------------------------------------------------------------------------------------
 
 def response_requests(ctx: StageContext, pool: dict, tasks: list[dict]) -> list[GenRequest]:
+    """3-4 response exemplars (with their constraints spelled out), then the task."""
     exemplars = pool["response_exemplars"]
-    requests = []
-    for task in tasks:
-        for k in range(ctx.profile.responses_per_task):
-            rng = random.Random(seed_for(ctx.seed, "response-exemplars", task["id"], k))
-            shots = [(instruction_with_constraints(e["instruction"], e.get("constraints") or []), e["response"])
-                     for e in draw(exemplars, rng, 3, 4)]
-            requests.append(GenRequest(f"{task['id']}-{k}",
-                                       few_shot_prompt(shots, task["prompt_instruction"]),
-                                       seed_for(ctx.seed, "response", task["id"], k)))
-    return requests
+
+    def shots(task: dict, rng: random.Random) -> list[tuple[str, str]]:
+        return [(instruction_with_constraints(e["instruction"], e.get("constraints") or []),
+                 e["response"]) for e in draw(exemplars, rng, 3, 4)]
+
+    return few_shot_requests(ctx.seed, tasks, ctx.profile.responses_per_task, "response", shots,
+                             lambda task: task["prompt_instruction"])
 
 
 def make_responses(ctx: StageContext, pool: dict) -> None:
     tasks = load_tasks(ctx, "train")
-    requests = response_requests(ctx, pool, tasks)
-    settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
-                            RESPONSE_STOPS)
-    results = ctx.generate(requests, settings, "responses.jsonl", "stage 1 responses")
-    write_jsonl(ctx.path("responses.jsonl"),
-                sample_records(tasks, results, ctx.profile.responses_per_task))
+    sample_to_file(ctx, tasks, response_requests(ctx, pool, tasks),
+                   ctx.profile.temperature_answer, RESPONSE_STOPS, "responses")
 
 
 # 3. scores ---------------------------------------------------------------------------------------

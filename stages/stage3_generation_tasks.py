@@ -59,13 +59,14 @@ from core import lifecycle
 from core.assess import generate_greedy
 from core.contamination import Protected
 from core.context import StageContext
-from core.generation import GenRequest, sample_records
+from core.generation import GenRequest
 from core.guards import TemplateGuard
 from core.io import atomic_write_text, read_jsonl, write_jsonl
 from core.listgen import ListGrowth, grow_list
 from core.judge import judge_many, judge_prefix
 from core.pairs import first_of_each_text, group_by_task, judge_wins, shared_pair_problem, write_pairs
-from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
+from core.prompting import RESPONSE_STOPS, draw, house_prompt, seed_for
+from core.sampling import few_shot_requests, sample_to_file
 from core.run import StageSteps
 from core.stats import rate
 from core.text import (NearDuplicateFilter, copies_exemplar, degenerate_reason, first_near_same,
@@ -292,25 +293,15 @@ def exemplar_shots(pool: dict, kind: str, rng: random.Random) -> list[tuple[str,
 
 
 def response_requests(ctx: StageContext, pool: dict, tasks: list[dict]) -> list[GenRequest]:
-    requests = []
-    for task in tasks:
-        for k in range(ctx.profile.responses_per_task):
-            rng = random.Random(seed_for(ctx.seed, "response-exemplars", task["id"], k))
-            shots = exemplar_shots(pool, task["spec"]["kind"], rng)
-            requests.append(GenRequest(f"{task['id']}-{k}",
-                                       few_shot_prompt(shots, task["instruction"]),
-                                       seed_for(ctx.seed, "response", task["id"], k)))
-    return requests
+    return few_shot_requests(ctx.seed, tasks, ctx.profile.responses_per_task, "response",
+                             lambda task, rng: exemplar_shots(pool, task["spec"]["kind"], rng),
+                             lambda task: task["instruction"])
 
 
 def make_responses(ctx: StageContext, pool: dict) -> None:
     tasks = load_tasks(ctx, "train")
-    requests = response_requests(ctx, pool, tasks)
-    settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
-                            RESPONSE_STOPS)
-    results = ctx.generate(requests, settings, "responses.jsonl", "stage 3 responses")
-    write_jsonl(ctx.path("responses.jsonl"),
-                sample_records(tasks, results, ctx.profile.responses_per_task))
+    sample_to_file(ctx, tasks, response_requests(ctx, pool, tasks),
+                   ctx.profile.temperature_answer, RESPONSE_STOPS, "responses")
 
 
 # checks ------------------------------------------------------------------------------------------

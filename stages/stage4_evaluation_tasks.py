@@ -64,10 +64,11 @@ from core import lifecycle
 from core.assess import generate_greedy
 from core.contamination import Protected
 from core.context import StageContext
-from core.generation import GenRequest, sample_records
+from core.generation import GenRequest
 from core.io import atomic_write_text, read_json, read_jsonl, write_jsonl
 from core.pairs import group_by_task, same_text, shared_pair_problem, write_pairs
-from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
+from core.prompting import RESPONSE_STOPS, draw, house_prompt
+from core.sampling import few_shot_requests, sample_to_file
 from core.run import StageSteps
 from core.stats import rate
 from core.text import (copies_exemplar, degenerate_reason, first_near_same, near_same, normalize,
@@ -348,24 +349,15 @@ def verdict_shots(pool: dict, rng: random.Random) -> list[tuple[str, str]]:
 
 
 def verdict_requests(ctx: StageContext, pool: dict, tasks: list[dict]) -> list[GenRequest]:
-    requests = []
-    for task in tasks:
-        for k in range(ctx.profile.responses_per_task):
-            rng = random.Random(seed_for(ctx.seed, "verdict-exemplars", task["id"], k))
-            prompt = few_shot_prompt(verdict_shots(pool, rng), task["prompt_instruction"])
-            requests.append(GenRequest(f"{task['id']}-{k}", prompt,
-                                       seed_for(ctx.seed, "verdict", task["id"], k)))
-    return requests
+    return few_shot_requests(ctx.seed, tasks, ctx.profile.responses_per_task, "verdict",
+                             lambda task, rng: verdict_shots(pool, rng),
+                             lambda task: task["prompt_instruction"])
 
 
 def make_verdicts(ctx: StageContext, pool: dict) -> None:
     tasks = load_tasks(ctx, "train")
-    requests = verdict_requests(ctx, pool, tasks)
-    settings = ctx.sampling(ctx.profile.temperature_critique, ctx.profile.max_new_tokens,
-                            VERDICT_STOPS)
-    results = ctx.generate(requests, settings, "verdicts.jsonl", "stage 4 verdicts")
-    write_jsonl(ctx.path("verdicts.jsonl"),
-                sample_records(tasks, results, ctx.profile.responses_per_task))
+    sample_to_file(ctx, tasks, verdict_requests(ctx, pool, tasks),
+                   ctx.profile.temperature_critique, VERDICT_STOPS, "verdicts")
 
 
 # 3. scores ---------------------------------------------------------------------------------------

@@ -56,11 +56,12 @@ from core.assess import greedy
 from core.constraints import constraint_from_dict, sample_constraints
 from core.contamination import Protected
 from core.context import StageContext
-from core.generation import GenRequest, generate_cached, sample_records
+from core.generation import GenRequest, generate_cached
 from core.io import atomic_write_text, read_jsonl, write_jsonl
 from core.pairs import group_by_task, shared_pair_problem, write_pairs
 from core.judge import judge_many, judge_prefix
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
+from core.sampling import few_shot_requests, sample_to_file
 from core.run import StageSteps
 from core.stats import rate
 from core.suites.baseline import REVISION_TEXT
@@ -358,26 +359,17 @@ def load_tasks(ctx: StageContext, split: str) -> list[dict]:
 # 3. revisions ------------------------------------------------------------------------------------
 
 def revision_requests(ctx: StageContext, pool: dict, tasks: list[dict]) -> list[GenRequest]:
-    requests = []
-    for task in tasks:
-        for k in range(ctx.profile.responses_per_task):
-            rng = random.Random(seed_for(ctx.seed, "revision-exemplars", task["id"], k))
-            shots = [(revision_text(e), e["revision"])
-                     for e in draw(pool["revision_exemplars"], rng)]
-            requests.append(GenRequest(f"{task['id']}-{k}",
-                                       few_shot_prompt(shots, revision_text(task)),
-                                       seed_for(ctx.seed, "revision", task["id"], k)))
-    return requests
+    return few_shot_requests(
+        ctx.seed, tasks, ctx.profile.responses_per_task, "revision",
+        lambda task, rng: [(revision_text(e), e["revision"])
+                           for e in draw(pool["revision_exemplars"], rng)],
+        revision_text)
 
 
 def make_revisions(ctx: StageContext, pool: dict) -> None:
     tasks = load_tasks(ctx, "train")
-    requests = revision_requests(ctx, pool, tasks)
-    settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
-                            RESPONSE_STOPS)
-    results = ctx.generate(requests, settings, "revisions.jsonl", "stage 5 revisions")
-    write_jsonl(ctx.path("revisions.jsonl"),
-                sample_records(tasks, results, ctx.profile.responses_per_task))
+    sample_to_file(ctx, tasks, revision_requests(ctx, pool, tasks),
+                   ctx.profile.temperature_answer, RESPONSE_STOPS, "revisions")
 
 
 # 4. scores ---------------------------------------------------------------------------------------

@@ -1,0 +1,44 @@
+"""K few-shot samples per task: the step shape stages 1, 3, 4 and 5 share (responses, verdicts,
+revisions). Each request is "<task id>-<k>"; its exemplars are drawn with the seed label
+"<kind>-exemplars" and its sampling is seeded with "<kind>", so a sample depends only on the run
+seed, the task and k (never on batch composition or on which other tasks exist)."""
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+from core.context import StageContext
+from core.generation import GenRequest
+from core.io import write_jsonl
+from core.prompting import few_shot_prompt, seed_for
+
+Shots = Callable[[dict, random.Random], list[tuple[str, str]]]  # (task, rng) -> [(instr, resp)]
+
+
+def few_shot_requests(seed: int, tasks: list[dict], k: int, kind: str, shots: Shots,
+                      instruction: Callable[[dict], str]) -> list[GenRequest]:
+    """K completion requests per task: drawn exemplars, then the task's instruction."""
+    requests = []
+    for task in tasks:
+        for j in range(k):
+            rng = random.Random(seed_for(seed, f"{kind}-exemplars", task["id"], j))
+            requests.append(GenRequest(f"{task['id']}-{j}",
+                                       few_shot_prompt(shots(task, rng), instruction(task)),
+                                       seed_for(seed, kind, task["id"], j)))
+    return requests
+
+
+def sample_records(tasks: list[dict], results: dict[str, dict], k: int) -> list[dict]:
+    """K samples per task as records in task order: {task_id, sample, text (stripped), finish}."""
+    return [{"task_id": task["id"], "sample": j, "text": results[f"{task['id']}-{j}"]["text"].strip(),
+             "finish": results[f"{task['id']}-{j}"]["finish"]}
+            for task in tasks for j in range(k)]
+
+
+def sample_to_file(ctx: StageContext, tasks: list[dict], requests: list[GenRequest],
+                   temperature: float, stops: tuple[str, ...], name: str) -> None:
+    """Generate `requests` (cached in cache/<name>.jsonl) and write <name>.jsonl."""
+    settings = ctx.sampling(temperature, ctx.profile.max_new_tokens, stops)
+    results = ctx.generate(requests, settings, f"{name}.jsonl", f"stage {ctx.number} {name}")
+    write_jsonl(ctx.path(f"{name}.jsonl"),
+                sample_records(tasks, results, ctx.profile.responses_per_task))
