@@ -6,6 +6,7 @@ A stage module calls these from its own step functions, passing what only it kno
 exemplars, its held-out texts, how to assess its held-out tasks)."""
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -17,9 +18,18 @@ from core.io import atomic_write_text, read_json, read_jsonl, write_json, write_
 from core.merge import merge_adapter
 from core.models import weights_sha256
 from core.pairs import NoPairsError
+from core.run import StageSteps
 from core.stats import mcnemar_exact
 
 AssessHeldout = Callable[[object, str], dict]  # (backend, "before"|"after") -> {"summary", "items"}
+
+
+def run_steps(ctx: StageContext, pool: dict, steps: list[str],
+              actions: dict[str, Callable[[StageContext, dict], None]]) -> None:
+    """Run (or resume) a stage's steps in order, each called with (ctx, pool); then write DONE."""
+    StageSteps(ctx.stage_dir, steps).run(
+        [(name, partial(actions[name], ctx, pool)) for name in steps], ctx.log)
+    atomic_write_text(ctx.path("DONE"), f"stage {ctx.number} complete\n")
 
 
 def probe_questions() -> list[str]:
@@ -86,14 +96,15 @@ def assess_models(ctx: StageContext, assess_heldout: AssessHeldout, headline: st
     p = ctx.profile
     for label, path in (("before", ctx.model_path), ("after", str(ctx.path("merged")))):
         backend = load_backend(path, p)
+        sha = model_weights_sha(ctx, label, path)
         outcomes[label] = {**assess_heldout(backend, label), "model": path}
         baseline[label] = run_suite("baseline", backend, ctx.guard(),
-                                    suite_cache(ctx, "baseline", path, label),
+                                    suite_cache(ctx, "baseline", sha, label),
                                     ctx.baseline_limit, p.max_new_tokens, p.gen_batch_size)
         if label == "before":
             baseline["fewshot_reference"] = run_suite(
                 "fewshot-reference", backend, ctx.guard(),
-                suite_cache(ctx, "fewshot", path, label), ctx.baseline_limit,
+                suite_cache(ctx, "fewshot", sha, label), ctx.baseline_limit,
                 p.max_new_tokens, p.gen_batch_size)
         else:
             baseline["template_probe_after"] = contamination.chat_template_probe(
@@ -105,11 +116,20 @@ def assess_models(ctx: StageContext, assess_heldout: AssessHeldout, headline: st
     write_json(ctx.path("assessment.json"), outcomes)
 
 
-def suite_cache(ctx: StageContext, suite: str, model_path: str, label: str) -> Path:
-    """Where a suite's generations are cached: per model weights at the run level, so stage N
-    reuses stage N-1's "after" outputs for its "before" (greedy decoding, same weights, same
-    prompts); per stage for a model without local weights."""
-    sha = weights_sha256(model_path)
+def model_weights_sha(ctx: StageContext, label: str, path: str) -> str | None:
+    """The weights hash already recorded for the input ("before": input.json) or the merged
+    model ("after": merge.json); hashed here only when the stage ran without that record (a
+    32B model's 65 GB take minutes to hash)."""
+    record = ctx.path("input.json" if label == "before" else "merge.json")
+    if record.is_file() and "weights_sha256" in (recorded := read_json(record)):
+        return recorded["weights_sha256"]
+    return weights_sha256(path)
+
+
+def suite_cache(ctx: StageContext, suite: str, sha: str | None, label: str) -> Path:
+    """Where a suite's generations are cached: per model weights (`sha`) at the run level, so
+    stage N reuses stage N-1's "after" outputs for its "before" (greedy decoding, same weights,
+    same prompts); per stage for a model without local weights (sha None)."""
     if sha is None:
         return ctx.path(f"cache/assess_{suite}_{label}.jsonl")
     return ctx.run_dir / "cache" / f"{suite}-{sha[:16]}.jsonl"

@@ -33,7 +33,6 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from functools import partial
 from pathlib import Path
 
 import yaml
@@ -44,14 +43,13 @@ from core.constraints import constraint_from_dict, instruction_with_constraints,
 from core.contamination import Protected
 from core.context import StageContext
 from core.generation import GenRequest
-from core.io import atomic_write_text, read_jsonl, write_jsonl
+from core.io import read_jsonl, write_jsonl
 from core.listgen import ListGrowth, grow_list
 from core.judge import judge_many, judge_prefix
 from core.pairs import (first_of_each_text, group_by_task, judge_wins, shared_pair_problem,
                         write_pairs)
 from core.prompting import RESPONSE_STOPS, draw, house_prompt, seed_for
 from core.sampling import few_shot_requests, sample_to_file
-from core.run import StageSteps
 from core.stats import rate
 from core.text import (NearDuplicateFilter, copies_exemplar, degenerate_reason, first_near_same,
                        normalize)
@@ -86,15 +84,11 @@ def exemplar_texts(pool: dict) -> list[str]:
 
 def run(ctx: StageContext) -> None:
     """Run (or resume) every step of stage 1, then write DONE."""
-    pool = load_pool()
-    steps = StageSteps(ctx.stage_dir, STEPS)
-    actions = {
+    lifecycle.run_steps(ctx, load_pool(), STEPS, {
         "instructions": make_instructions, "responses": make_responses, "scores": make_scores,
         "pairs": make_pairs, "decontaminate": decontaminate, "train": train, "merge": merge,
         "assess": assess, "report": report,
-    }
-    steps.run([(name, partial(actions[name], ctx, pool)) for name in STEPS], ctx.log)
-    atomic_write_text(ctx.path("DONE"), "stage 1 complete\n")
+    })
 
 
 # 1. instructions ---------------------------------------------------------------------------------

@@ -55,7 +55,6 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import yaml
@@ -65,11 +64,10 @@ from core.assess import generate_greedy
 from core.contamination import Protected
 from core.context import StageContext
 from core.generation import GenRequest
-from core.io import atomic_write_text, read_json, read_jsonl, write_jsonl
+from core.io import read_json, read_jsonl, write_jsonl
 from core.pairs import group_by_task, same_text, shared_pair_problem, write_pairs
 from core.prompting import RESPONSE_STOPS, draw, house_prompt
 from core.sampling import few_shot_requests, sample_to_file
-from core.run import StageSteps
 from core.stats import rate
 from core.text import (copies_exemplar, degenerate_reason, first_near_same, near_same, normalize,
                        rouge_l)
@@ -137,15 +135,11 @@ def exemplar_texts(pool: dict) -> list[str]:
 
 def run(ctx: StageContext) -> None:
     """Run (or resume) every step of stage 4, then write DONE."""
-    pool = load_pool()
-    steps = StageSteps(ctx.stage_dir, STEPS)
-    actions = {
+    lifecycle.run_steps(ctx, load_pool(), STEPS, {
         "tasks": make_tasks, "verdicts": make_verdicts, "scores": make_scores,
         "pairs": make_pairs, "decontaminate": decontaminate, "train": train, "merge": merge,
         "assess": assess, "report": report,
-    }
-    steps.run([(name, partial(actions[name], ctx, pool)) for name in STEPS], ctx.log)
-    atomic_write_text(ctx.path("DONE"), "stage 4 complete\n")
+    })
 
 
 # 1. tasks ----------------------------------------------------------------------------------------

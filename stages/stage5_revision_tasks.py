@@ -46,7 +46,6 @@ import math
 import random
 import re
 from collections import Counter
-from functools import partial
 from pathlib import Path
 
 import yaml
@@ -57,12 +56,11 @@ from core.constraints import constraint_from_dict, sample_constraints
 from core.contamination import Protected
 from core.context import StageContext
 from core.generation import GenRequest, generate_cached
-from core.io import atomic_write_text, read_jsonl, write_jsonl
+from core.io import read_jsonl, write_jsonl
 from core.pairs import group_by_task, shared_pair_problem, write_pairs
 from core.judge import judge_many, judge_prefix
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
 from core.sampling import few_shot_requests, sample_to_file
-from core.run import StageSteps
 from core.stats import rate
 from core.suites.baseline import REVISION_TEXT
 from core.text import copies_exemplar, degenerate_reason, near_same, normalize, rouge_l
@@ -116,15 +114,11 @@ def exemplar_texts(pool: dict) -> list[str]:
 
 def run(ctx: StageContext) -> None:
     """Run (or resume) every step of stage 5, then write DONE."""
-    pool = load_pool()
-    steps = StageSteps(ctx.stage_dir, STEPS)
-    actions = {
+    lifecycle.run_steps(ctx, load_pool(), STEPS, {
         "drafts": make_drafts, "tasks": make_tasks, "revisions": make_revisions,
         "scores": make_scores, "pairs": make_pairs, "decontaminate": decontaminate,
         "train": train, "merge": merge, "assess": assess, "report": report,
-    }
-    steps.run([(name, partial(actions[name], ctx, pool)) for name in STEPS], ctx.log)
-    atomic_write_text(ctx.path("DONE"), "stage 5 complete\n")
+    })
 
 
 # shared text rules -------------------------------------------------------------------------------

@@ -71,7 +71,6 @@ import math
 import random
 import re
 from collections import Counter
-from functools import partial
 from pathlib import Path
 
 import yaml
@@ -83,13 +82,12 @@ from core.contamination import build_index, load_eval_texts
 from core.contamination import Protected
 from core.context import StageContext
 from core.generation import GenRequest
-from core.io import atomic_write_text, read_jsonl, write_jsonl
+from core.io import read_jsonl, write_jsonl
 from core.listgen import ListGrowth, grow_list
 from core.pairs import write_pairs
 from core.judge import Verdict, judge_many, judge_prefix
 from core.prompting import (EXEMPLAR_END, RESPONSE_STOPS, draw, few_shot_prompt, house_prompt,
                             seed_for)
-from core.run import StageSteps
 from core.stats import rate
 from core.suites.baseline import is_refusal
 from core.text import NearDuplicateFilter, copies_exemplar, degenerate_reason, normalize, rouge_l
@@ -144,16 +142,12 @@ def exemplar_texts(pool: dict, constitution: Constitution) -> list[str]:
 
 def run(ctx: StageContext) -> None:
     """Run (or resume) every step of stage 6, then write DONE."""
-    pool = load_pool()
-    steps = StageSteps(ctx.stage_dir, STEPS)
-    actions = {
+    lifecycle.run_steps(ctx, load_pool(), STEPS, {
         "prompts": make_prompts, "answers": make_answers, "critiques": make_critiques,
         "revisions": make_revisions, "judgments": make_judgments, "pairs": make_pairs,
         "decontaminate": decontaminate, "train": train, "merge": merge, "assess": assess,
         "report": report,
-    }
-    steps.run([(name, partial(actions[name], ctx, pool)) for name in STEPS], ctx.log)
-    atomic_write_text(ctx.path("DONE"), "stage 6 complete\n")
+    })
 
 
 # 1. prompts --------------------------------------------------------------------------------------
