@@ -6,28 +6,21 @@ from pathlib import Path
 
 import click
 
-from core.constitution import ConstitutionError
-from core.contamination import ContaminationError
-from core.guards import TemplateContaminationError
-from core.merge import MergeParityError
-from core.models import PROJECT_ROOT, ModelResolutionError
-from core.pipeline import (DEFAULT_DATA_DIR, StageSelectionError, run_curriculum, run_stage,
-                           run_status)
-from core.pairs import NoPairsError
-from core.run import RunDirError
-from core.suites.runner import SuiteMismatchError
+from app.pipeline import DEFAULT_DATA_DIR, run_curriculum, run_stage, run_status
+from core.errors import CurriculumError, TooLittleDataError
+from core.models import PROJECT_ROOT
 from registry.stages import STAGES
 
-USER_ERRORS = (ConstitutionError, ModelResolutionError, StageSelectionError, RunDirError,
-               TemplateContaminationError, MergeParityError, ContaminationError,
-               SuiteMismatchError, FileNotFoundError, NoPairsError)
+USER_ERRORS = CurriculumError
 
 
-def fail(error: Exception) -> None:
+def fail(error: CurriculumError) -> None:
+    """One `error:` line (and a hint where there is one); exit 2 for usage and input errors, 1
+    for run failures."""
     hint = ("\nTo go on without this stage (the next one starts from the model it was given), "
-            "rerun with --skip-empty." if isinstance(error, NoPairsError) else "")
+            "rerun with --skip-empty." if isinstance(error, TooLittleDataError) else "")
     click.echo(f"error: {error}{hint}", err=True)
-    sys.exit(2)
+    sys.exit(error.exit_code)
 
 
 @click.group()
@@ -43,15 +36,23 @@ def stage() -> None:
 @stage.command("list")
 def stage_list() -> None:
     """Print the six stages in order."""
-    for entry in STAGES:
-        state = "built" if entry.module else "not built yet"
-        click.echo(f"{entry.number}  {entry.name:<28} {state:<14} learns to {entry.learns}")
+    for stage in STAGES:
+        click.echo(f"{stage.number}  {stage.name:<28} learns to {stage.summary}")
 
 
 SKIP_EMPTY = click.option(
     "--skip-empty", is_flag=True,
     help="Mark a stage that keeps no preference pair SKIPPED (stage_N/SKIPPED says why) and go "
          "on from the model it was given, instead of stopping with an error.")
+SET = click.option(
+    "--set", "overrides", multiple=True, metavar="SECTION.FIELD=VALUE",
+    help="Change one setting for this run (repeatable), e.g. --set stage1.max_judged_samples=4 "
+         "or --set profile.learning_rate=1e-5; see `python cli.py config show`. Recorded in "
+         "config.yaml.")
+ACCEPT_CHANGED = click.option(
+    "--accept-changed-settings", "accept_changed", is_flag=True,
+    help="Resume a run even though a setting differs from the one it was made with (the "
+         "change is recorded in config.yaml); without it such a resume is refused.")
 BASELINE_LIMIT = click.option(
     "--baseline-limit", type=int, default=None,
     help="Baseline probes per capability in each stage's assessment (default: all; a smaller "
@@ -76,15 +77,19 @@ BASELINE_LIMIT = click.option(
               help="Train even if a template contamination check fails (recorded in config.yaml).")
 @BASELINE_LIMIT
 @SKIP_EMPTY
+@SET
+@ACCEPT_CHANGED
 def stage_run(number: int, run_dir: Path | None, model: str | None, limit: int | None,
               heldout: int | None, seed: int | None, constitution_path: Path,
               data_dir: Path | None, allow_contamination: bool,
-              baseline_limit: int | None, skip_empty: bool) -> None:
+              baseline_limit: int | None, skip_empty: bool, overrides: tuple[str, ...],
+              accept_changed: bool) -> None:
     """Run (or resume) stage NUMBER."""
     try:
         done = run_stage(number, run_dir, model, limit, seed, heldout, constitution_path,
                          data_dir, allow_contamination, baseline_limit=baseline_limit,
-                         skip_empty=skip_empty)
+                         skip_empty=skip_empty, overrides=overrides,
+                         accept_changed=accept_changed)
     except USER_ERRORS as error:
         fail(error)
     ended = "skipped" if (done / f"stage_{number}" / "SKIPPED").is_file() else "complete"
@@ -102,14 +107,18 @@ def stage_run(number: int, run_dir: Path | None, model: str | None, limit: int |
 @click.option("--allow-contamination", is_flag=True)
 @BASELINE_LIMIT
 @SKIP_EMPTY
+@SET
+@ACCEPT_CHANGED
 def run_all(run_dir: Path | None, model: str | None, limit: int | None, seed: int | None,
             until: int | None, data_dir: Path | None, allow_contamination: bool,
-            baseline_limit: int | None, skip_empty: bool) -> None:
+            baseline_limit: int | None, skip_empty: bool, overrides: tuple[str, ...],
+            accept_changed: bool) -> None:
     """Run the curriculum's stages in order, each learning from the previous merged model."""
     try:
         done = run_curriculum(run_dir, model, limit, seed, until, data_dir=data_dir,
                               allow_contamination=allow_contamination,
-                              baseline_limit=baseline_limit, skip_empty=skip_empty)
+                              baseline_limit=baseline_limit, skip_empty=skip_empty,
+                              overrides=overrides, accept_changed=accept_changed)
     except USER_ERRORS as error:
         fail(error)
     click.echo(f"curriculum report: {done / 'report.md'}")
@@ -144,7 +153,7 @@ def status(run_dir: Path) -> None:
 def assess(model: str, suite: str, limit: int | None, out: Path | None, data_dir: Path,
            max_new_tokens: int | None, compare_to: Path | None) -> None:
     """Run an assessment suite on any model and print its rates with 95% intervals."""
-    from core.commands import assess_model, summary_rows
+    from app.commands import assess_model, summary_rows
 
     try:
         result = assess_model(model, suite, limit, out, data_dir, max_new_tokens, compare_to)
@@ -182,13 +191,14 @@ def bench_generation_command(model: str, count: int, max_new_tokens: int, batch_
 
     from core.backend import load_backend
     from core.bench import bench_generation
-    from core.models import local_model_dir, resolve_model
+    from core.models import local_model_dir
+    from registry.models import resolve_model
 
     try:
         resolved = resolve_model(model)
     except USER_ERRORS as error:
         fail(error)
-    backend = load_backend(local_model_dir(resolved), resolved.profile)
+    backend = load_backend(local_model_dir(resolved.source), resolved.profile)
     sizes = tuple(int(b) for b in batch_sizes.split(","))
     rows = bench_generation(backend, count, max_new_tokens, sizes)
     table = Table(title=f"generation on {resolved.profile.name}: {count} prompts x "
@@ -213,7 +223,7 @@ def check() -> None:
               help="Also load the models and measure the chat template's effect.")
 def check_contamination_command(run_dir: Path, stage: int, probe: bool) -> None:
     """Template, data (13-gram) and exemplar contamination of a stage's training records."""
-    from core.commands import check_contamination
+    from app.commands import check_contamination
 
     try:
         result = check_contamination(run_dir, stage, probe)
@@ -229,6 +239,27 @@ def check_contamination_command(run_dir: Path, stage: int, probe: bool) -> None:
         click.echo("contamination check FAILED (details in contamination_check.tsv)", err=True)
         sys.exit(1)
     click.echo("contamination check passed")
+
+
+@main.group()
+def config() -> None:
+    """Show the settings a run uses."""
+
+
+@config.command("show")
+@click.option("--run-dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              default=None, help="Show the settings this run was made with (else the defaults).")
+@click.option("--model", default=None, help="Profile whose defaults to show (no --run-dir).")
+@SET
+def config_show(run_dir: Path | None, model: str | None, overrides: tuple[str, ...]) -> None:
+    """Print every setting (run, profile, each stage) with its value and help."""
+    from app.pipeline import describe_settings
+
+    try:
+        for line in describe_settings(run_dir, model, overrides):
+            click.echo(line)
+    except USER_ERRORS as error:
+        fail(error)
 
 
 if __name__ == "__main__":

@@ -7,34 +7,12 @@ trainable LoRA model for DPO. Merging lives in core/merge.py (it never touches 4
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from registry.models import ModelProfile
+from core.profile import ModelProfile
+from core.sampler import Completion, SamplingSettings, sample_batch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How one generation call samples. Part of every cache key."""
-
-    temperature: float
-    top_p: float
-    max_new_tokens: int
-    stop: tuple[str, ...]
-
-    def as_dict(self) -> dict:
-        return {"temperature": self.temperature, "top_p": self.top_p,
-                "max_new_tokens": self.max_new_tokens, "stop": list(self.stop)}
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    finish: str  # "stop" (a stop string), "eos", or "length"
-    tokens: int
 
 
 class HFBackend:
@@ -71,10 +49,8 @@ class HFBackend:
 
     def generate(self, prompts: list[str], settings: SamplingSettings, seeds: list[int],
                  on_finish=None) -> list[Completion]:
-        """Sample one completion per prompt in one batch (see core.generation.sample_batch);
+        """Sample one completion per prompt in one batch (see core.sampler.sample_batch);
         `on_finish(i, completion)` fires as each sequence ends."""
-        from core.generation import sample_batch
-
         self.tokenizer.padding_side = "left"
         return sample_batch(self.model, self.tokenizer, prompts, settings, seeds, on_finish)
 

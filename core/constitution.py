@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from core.errors import UsageError
+
 import hashlib
 import random
 import re
@@ -53,7 +55,7 @@ class Constitution:
         return rng.sample(self.principles, count)
 
 
-class ConstitutionError(ValueError):
+class ConstitutionError(UsageError):
     """Raised when a constitution file is invalid; lists every problem found."""
 
     def __init__(self, path: str | Path, problems: list[str]) -> None:

@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+from core.errors import RunFailure
+
 import csv
 import gzip
 import json
@@ -164,7 +166,7 @@ def check_records(records: list[dict], index: NgramIndex, exemplars: list[str],
     return findings
 
 
-class ContaminationError(RuntimeError):
+class ContaminationError(RunFailure):
     """A contamination check failed and no override was given."""
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import gc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -12,7 +12,9 @@ from core.backend import HFBackend, SamplingSettings, load_backend
 from core.constitution import Constitution
 from core.generation import GenRequest, generate_cached
 from core.guards import TemplateGuard
-from registry.models import ModelProfile
+from core.profile import ModelProfile
+
+BackendLoader = Callable[[str, ModelProfile], HFBackend]
 
 
 @dataclass
@@ -28,10 +30,14 @@ class StageContext:
     limit: int
     heldout: int
     constitution: Constitution
+    settings: Any = None  # the stage's own typed settings (a core.stage.StageSettings)
+    near_duplicate: float = 0.7  # ROUGE-L above which two generated texts count as one
     baseline_limit: int | None = None  # baseline probes per capability in assessments (None: all)
     data_dir: Path | None = None  # shared evaluation sets (decontamination, suites)
     allow_contamination: bool = False
     log: Callable[[str], None] = print
+    # How a model path becomes a backend: load_backend, or a test's scripted backend.
+    backend_loader: BackendLoader = load_backend
     _backend: HFBackend | None = field(default=None, repr=False)
     _guard: TemplateGuard | None = field(default=None, repr=False)
 
@@ -46,7 +52,7 @@ class StageContext:
         if self._backend is None:
             self.log(f"loading {self.model_path} ({self.profile.dtype}, "
                      f"{'4-bit' if self.profile.load_in_4bit else 'full precision'})")
-            self._backend = load_backend(self.model_path, self.profile)
+            self._backend = self.backend_loader(self.model_path, self.profile)
         return self._backend
 
     def release_backend(self) -> None:

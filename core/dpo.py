@@ -31,10 +31,19 @@ class DPOSettings:
     lora_alpha: int
     lora_dropout: float
     seed: int
+    sft_weight: float = 0.0  # weight of the NLL term on chosen responses (RPO); 0: plain DPO
 
     def lora(self) -> dict:
         return {"r": self.lora_r, "lora_alpha": self.lora_alpha,
                 "lora_dropout": self.lora_dropout, "target_modules": list(LORA_TARGETS)}
+
+
+def loss_terms(sft_weight: float) -> dict:
+    """DPOConfig's loss: sigmoid DPO, plus the NLL on chosen responses when `sft_weight` > 0
+    (RPO; TRL 1.16 removed `rpo_alpha`, this is its replacement)."""
+    if sft_weight <= 0:
+        return {"loss_type": ["sigmoid"]}
+    return {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, sft_weight]}
 
 
 def last_checkpoint(folder: Path) -> str | None:
@@ -78,6 +87,7 @@ def train_dpo(backend, records: list[dict], settings: DPOSettings, work_dir: Pat
         warmup_steps=0,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        **loss_terms(settings.sft_weight),
     )
     model, peft_config = backend.trainable_model(settings.lora(), settings.seed)
     dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records])
@@ -99,7 +109,8 @@ def train_dpo(backend, records: list[dict], settings: DPOSettings, work_dir: Pat
 
 def summarize(steps: list[dict], history: list[dict]) -> dict:
     """Per-step loss / reward accuracy / margin, plus first and last values."""
-    keys = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+    keys = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
+            "logps/chosen", "logps/rejected")
     per_step = [{"step": e.get("step"), **{k: e[k] for k in keys if k in e}} for e in steps]
     final = next((e for e in reversed(history) if "train_loss" in e), {})
     return {
@@ -107,5 +118,36 @@ def summarize(steps: list[dict], history: list[dict]) -> dict:
         "first": per_step[0] if per_step else None,
         "last": per_step[-1] if per_step else None,
         "train_loss": final.get("train_loss"),
+        "health": training_health(per_step),
         "per_step": per_step,
     }
+
+
+FLAT_MARGIN = 0.01  # |reward margin| below this at every step: the DPO loss sat at ln 2 = 0.693
+EXPLODED_MARGIN = 20.0  # a reward margin beyond this: the policy has run far from the reference
+FALLING_CHOSEN = -1.0  # nats: the chosen responses' log-probability fell this much or more
+
+
+def training_health(per_step: list[dict]) -> dict:
+    """Warnings a user should see about a DPO run: nothing learned (every reward margin ~0, so
+    the DPO loss stayed at ln 2), exploding margins, and chosen responses becoming less likely
+    (the failure the NLL term guards against); plus the log-probability changes behind them."""
+    margins = [s["rewards/margins"] for s in per_step if "rewards/margins" in s]
+    chosen = [s["logps/chosen"] for s in per_step if "logps/chosen" in s]
+    rejected = [s["logps/rejected"] for s in per_step if "logps/rejected" in s]
+    warnings = []
+    if margins and all(abs(m) < FLAT_MARGIN for m in margins):
+        warnings.append(f"nothing learned: the reward margin stayed within +-{FLAT_MARGIN} at all "
+                        f"{len(margins)} steps (DPO loss at 0.693); raise the learning rate, "
+                        f"the epochs or the number of pairs")
+    if any(abs(m) > EXPLODED_MARGIN for m in margins):
+        worst = max(margins, key=abs)
+        warnings.append(f"margins exploded: a reward margin reached {worst:.1f} (> "
+                        f"{EXPLODED_MARGIN}); lower the learning rate or raise beta")
+    chosen_change = chosen[-1] - chosen[0] if len(chosen) > 1 else None
+    if chosen_change is not None and chosen_change <= FALLING_CHOSEN:
+        warnings.append(f"chosen responses became less likely: their log-probability fell by "
+                        f"{-chosen_change:.2f} nats over training; add the NLL term "
+                        f"(profile.sft_weight) or lower the learning rate")
+    return {"warnings": warnings, "chosen_logp_change": chosen_change,
+            "rejected_logp_change": rejected[-1] - rejected[0] if len(rejected) > 1 else None}

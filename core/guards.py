@@ -8,6 +8,8 @@ system prompt. `apply_chat_template` is called here only to *learn* what the tem
 """
 from __future__ import annotations
 
+from core.errors import RunFailure
+
 import re
 from dataclasses import dataclass
 
@@ -25,7 +27,7 @@ CHAT_MARKERS: tuple[str, ...] = (
 _SENTINEL = "\u2063SENTINEL\u2063"
 
 
-class TemplateContaminationError(ValueError):
+class TemplateContaminationError(RunFailure):
     """Chat-template markup reached a base-model prompt or a training record."""
 
 

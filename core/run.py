@@ -8,6 +8,8 @@ Layout:
 """
 from __future__ import annotations
 
+from core.errors import UsageError
+
 import fcntl
 import json
 import platform
@@ -28,7 +30,7 @@ PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "t
             "safetensors", "unsloth", "bitsandbytes")
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UsageError):
     """The run directory cannot be used as asked (different model, locked, ...)."""
 
 

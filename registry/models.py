@@ -1,47 +1,15 @@
 """Model profiles: one explicit entry per supported model, with its seed hyper-parameters."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import re
+from dataclasses import dataclass
+from pathlib import Path
 
+from core.errors import UsageError
+from core.models import cuda_available
+from core.profile import ModelProfile
 
-@dataclass(frozen=True)
-class ModelProfile:
-    """How to load, sample from and train one model. Field values are the defaults a run uses."""
-
-    name: str
-    source: str  # HF id, local path, or "builtin:<name>" for models the project builds itself
-    description: str
-    backend: str = "hf"  # "hf" (transformers + PEFT) or "unsloth" (GPU only)
-    load_in_4bit: bool = False  # bitsandbytes 4-bit for generation and training (CUDA only)
-    dtype: str = "float32"  # compute dtype; the merged model is saved in this dtype (>= 16-bit)
-    needs_cuda: bool = False
-    # LoRA + DPO
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    learning_rate: float = 5e-6
-    beta: float = 0.1
-    epochs: int = 1
-    train_batch_size: int = 2
-    grad_accum: int = 1
-    max_length: int = 768
-    save_steps: int = 10
-    # generation
-    temperature_answer: float = 0.7
-    temperature_critique: float = 0.3
-    top_p: float = 0.95
-    gen_batch_size: int = 8
-    max_new_tokens: int = 256
-    instruction_max_new_tokens: int = 48
-    judge_batch_size: int = 8
-    # merge parity: max |log p_merged - log p_adapter| over probe next-token distributions
-    parity_tolerance: float = 1e-3
-    # stage size
-    default_limit: int = 200
-    responses_per_task: int = 4
-
-    def with_source(self, source: str, name: str | None = None) -> "ModelProfile":
-        return replace(self, source=source, name=name or self.name)
+HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 PROFILES: tuple[ModelProfile, ...] = (
@@ -58,6 +26,7 @@ PROFILES: tuple[ModelProfile, ...] = (
         lora_alpha=64,
         learning_rate=5e-6,
         beta=0.1,
+        sft_weight=1.0,  # RPO's alpha; see docs/decisions.md
         train_batch_size=4,
         grad_accum=4,
         max_length=1024,
@@ -78,6 +47,7 @@ PROFILES: tuple[ModelProfile, ...] = (
         lora_r=16,
         lora_alpha=32,
         learning_rate=5e-5,
+        sft_weight=1.0,  # RPO's alpha; see docs/decisions.md
         train_batch_size=2,
         grad_accum=2,
         max_length=512,
@@ -127,3 +97,61 @@ def profile_by_name(name: str) -> ModelProfile | None:
 
 def profile_names() -> list[str]:
     return [profile.name for profile in PROFILES]
+
+
+class ModelResolutionError(UsageError):
+    """`--model` names nothing we can load."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model a stage can load: the profile that governs it and where its weights are."""
+
+    profile: ModelProfile
+    reference: str  # what the user asked for (or the default), recorded in the run config
+    reason: str  # why this model, printed at start
+
+    @property
+    def source(self) -> str:
+        return self.profile.source
+
+    @property
+    def is_builtin(self) -> bool:
+        return self.source.startswith("builtin:")
+
+
+def resolve_model(reference: str | None, has_cuda: bool | None = None) -> ResolvedModel:
+    """Map `--model` (or its absence) to a profile and a source; raise a clear error otherwise."""
+    has_cuda = cuda_available() if has_cuda is None else has_cuda
+    if reference is None:
+        name = DEFAULT_GPU_PROFILE if has_cuda else DEFAULT_CPU_PROFILE
+        why = "CUDA is available" if has_cuda else "CUDA is not available"
+        return ResolvedModel(profile_by_name(name), name, f"default profile because {why}")
+    profile = profile_by_name(reference)
+    if profile is not None:
+        if profile.needs_cuda and not has_cuda:
+            raise ModelResolutionError(
+                f"profile '{reference}' needs a CUDA GPU and none is available; on CPU use "
+                f"--model {DEFAULT_CPU_PROFILE} (or tiny-qwen2 for a quick check)"
+            )
+        return ResolvedModel(profile, reference, "profile named by --model")
+    # A custom model takes the hyper-parameters of the default profile for this machine.
+    base = profile_by_name(DEFAULT_GPU_PROFILE if has_cuda else DEFAULT_CPU_PROFILE)
+    path = Path(reference).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelResolutionError(
+                f"model path '{reference}' exists but holds no config.json; point --model at a "
+                f"directory saved with save_pretrained (e.g. runs/NAME/stage_1/merged)"
+            )
+        source = str(path.resolve())
+        return ResolvedModel(base.with_source(source, name=f"path:{path.name}"), reference,
+                             f"local model directory, hyper-parameters from profile '{base.name}'")
+    if HF_ID.match(reference) and not reference.startswith((".", "~")):
+        return ResolvedModel(base.with_source(reference, name=reference), reference,
+                             f"Hugging Face id, hyper-parameters from profile '{base.name}'")
+    raise ModelResolutionError(
+        f"--model '{reference}' is not a profile ({', '.join(profile_names())}), not an existing "
+        f"local directory, and not a Hugging Face id of the form org/name; check the spelling "
+        f"or the path"
+    )

@@ -27,6 +27,9 @@ zero-shot, in the house format. Steps (each resumable, each marked done only whe
 8. assess        input model vs merged model on the held-out instructions, zero-shot, greedy;
                  the baseline suite on both, the few-shot reference on the input model.
 9. report        metrics.json and report.md; then DONE.
+
+Steps 5-9 are the shared tail (core/stage.py, core/lifecycle.py); this module answers what only
+stage 1 knows, in `STAGE` at the bottom.
 """
 from __future__ import annotations
 
@@ -37,36 +40,42 @@ from pathlib import Path
 
 import yaml
 
-from core import lifecycle
+from dataclasses import dataclass
+
 from core.assess import assess_instructions
 from core.constraints import constraint_from_dict, instruction_with_constraints, sample_constraints
 from core.contamination import Protected
 from core.context import StageContext
+from core.errors import RunFailure, TooLittleDataError
 from core.generation import GenRequest
 from core.io import read_jsonl, write_jsonl
 from core.listgen import ListGrowth, grow_list
+from core.judge import judge_audit as core_judge_audit
 from core.judge import judge_many, judge_prefix
 from core.pairs import (first_of_each_text, group_by_task, judge_wins, shared_pair_problem,
                         write_pairs)
 from core.prompting import RESPONSE_STOPS, draw, house_prompt, seed_for
 from core.sampling import few_shot_requests, sample_to_file
-from core.stats import rate
+from core.split import split_smallest_ids
+from core.stage import Stage, StageSettings, Step, setting
 from core.text import (NearDuplicateFilter, copies_exemplar, degenerate_reason, first_near_same,
                        normalize)
 
-NUMBER = 1
-NAME = "explicit-instructions"
-SUMMARY = "follow imperative instructions with verifiable constraints, zero-shot"
-STEPS = ["instructions", "responses", "scores", "pairs", "decontaminate", "train", "merge",
-         "assess", "report"]
-
 POOL_PATH = Path(__file__).with_name("pools") / "stage1.yaml"
-INSTRUCTION_TEMPERATURE = 0.9
-MAX_INSTRUCTION_ROUNDS = 6
-OVERSAMPLE = 1.3
-CONSTRAINT_COUNT_WEIGHTS = {0: 0.2, 1: 0.5, 2: 0.3}
-NEAR_DUPLICATE = 0.7
-MAX_JUDGED_SAMPLES = 3  # round-robin among at most 3 samples: 3 comparisons, 6 judge prompts
+
+
+@dataclass(frozen=True)
+class Stage1Settings(StageSettings):
+    instruction_temperature: float = setting(0.9, "sampling temperature for new instructions")
+    max_instruction_rounds: int = setting(6, "list-continuation rounds before giving up on "
+                                             "reaching --limit + --heldout instructions")
+    oversample: float = setting(1.3, "instructions requested per round, as a multiple of "
+                                     "those still needed")
+    constraint_count_weights: tuple[float, ...] = setting(
+        (0.2, 0.5, 0.3), "relative weights of attaching 0, 1, 2, ... constraints to an "
+                         "instruction")
+    max_judged_samples: int = setting(3, "samples per task the judge compares round-robin "
+                                         "(3: 3 comparisons, 6 judge prompts)")
 
 
 def load_pool() -> dict:
@@ -80,15 +89,6 @@ def exemplar_texts(pool: dict) -> list[str]:
     for ex in pool["response_exemplars"]:
         texts += [ex["instruction"], ex["response"]]
     return texts
-
-
-def run(ctx: StageContext) -> None:
-    """Run (or resume) every step of stage 1, then write DONE."""
-    lifecycle.run_steps(ctx, load_pool(), STEPS, {
-        "instructions": make_instructions, "responses": make_responses, "scores": make_scores,
-        "pairs": make_pairs, "decontaminate": decontaminate, "train": train, "merge": merge,
-        "assess": assess, "report": report,
-    })
 
 
 # 1. instructions ---------------------------------------------------------------------------------
@@ -122,34 +122,38 @@ def instruction_problem(text: str, guard, filter_: NearDuplicateFilter) -> str |
 
 def make_instructions(ctx: StageContext, pool: dict) -> None:
     seeds = list(pool["instruction_seeds"])
-    filter_ = NearDuplicateFilter(NEAR_DUPLICATE)
+    filter_ = NearDuplicateFilter(ctx.near_duplicate)
     filter_.kept.extend(seeds)  # exemplar copies count as duplicates
     guard = ctx.guard()
     growth = ListGrowth(prompt=list_prompt, clean=clean_instruction,
                         problem=lambda text: instruction_problem(text, guard, filter_),
-                        temperature=INSTRUCTION_TEMPERATURE, rounds=MAX_INSTRUCTION_ROUNDS,
-                        oversample=OVERSAMPLE, cache="instructions.jsonl",
+                        temperature=ctx.settings.instruction_temperature,
+                        rounds=ctx.settings.max_instruction_rounds,
+                        oversample=ctx.settings.oversample, cache="instructions.jsonl",
                         seed_names=("instruction-prompt", "instruction"),
                         where="stage 1 instructions")
     needed = ctx.limit + ctx.heldout
     accepted, audit = grow_list(ctx, growth, seeds, needed)
     write_jsonl(ctx.path("instructions_audit.jsonl"), audit)
     if len(accepted) < 3:
-        raise RuntimeError(
+        raise TooLittleDataError(
             f"stage 1 kept only {len(accepted)} usable instructions after "
-            f"{MAX_INSTRUCTION_ROUNDS} rounds (see {ctx.path('instructions_audit.jsonl')}); the "
+            f"{ctx.settings.max_instruction_rounds} rounds (see {ctx.path('instructions_audit.jsonl')}); the "
             f"model is not producing distinct instructions - try another --seed or model")
-    tasks = split_tasks(attach_constraints(accepted, ctx.seed), ctx.heldout)
-    check_leakage(tasks)
+    tasks = split_smallest_ids(attach_constraints(accepted, ctx.seed,
+                                           ctx.settings.constraint_count_weights), ctx.heldout)
+    check_leakage(tasks, ctx.near_duplicate)
     write_jsonl(ctx.path("instructions.jsonl"), tasks)
 
 
-def attach_constraints(instructions: list[str], seed: int) -> list[dict]:
-    """0-2 constraints per instruction, seeded by the instruction itself."""
+def attach_constraints(instructions: list[str], seed: int,
+                       count_weights: tuple[float, ...]) -> list[dict]:
+    """0, 1, 2, ... constraints per instruction (`count_weights[n]`: weight of n), seeded by
+    the instruction itself."""
     tasks = []
     for instruction in instructions:
         rng = random.Random(seed_for(seed, "constraints", normalize(instruction)))
-        count = rng.choices(list(CONSTRAINT_COUNT_WEIGHTS), list(CONSTRAINT_COUNT_WEIGHTS.values()))[0]
+        count = rng.choices(range(len(count_weights)), count_weights)[0]
         constraints = [c.to_dict() for c in sample_constraints(rng, count)]
         tasks.append({
             "id": "t" + hashlib.sha256(normalize(instruction).encode()).hexdigest()[:10],
@@ -160,21 +164,12 @@ def attach_constraints(instructions: list[str], seed: int) -> list[dict]:
     return tasks
 
 
-def split_tasks(tasks: list[dict], heldout: int) -> list[dict]:
-    """Held-out = the `heldout` tasks with the smallest id hashes (stable under resume)."""
-    order = sorted(tasks, key=lambda t: t["id"])
-    if len(tasks) - heldout < 2:  # too few to honour --heldout: keep three quarters for training
-        heldout = max(1, len(tasks) // 4)
-    held = {t["id"] for t in order[:heldout]}
-    return [{**t, "split": "heldout" if t["id"] in held else "train"} for t in tasks]
-
-
-def check_leakage(tasks: list[dict]) -> None:
-    """No held-out instruction may equal or nearly equal a training one."""
+def check_leakage(tasks: list[dict], threshold: float) -> None:
+    """No held-out instruction may equal or nearly equal (ROUGE-L > threshold) a training one."""
     train = [t["instruction"] for t in tasks if t["split"] == "train"]
     for task in (t for t in tasks if t["split"] == "heldout"):
-        if other := first_near_same(task["instruction"], train, NEAR_DUPLICATE):
-            raise RuntimeError(f"held-out instruction {task['id']} leaks into training: "
+        if other := first_near_same(task["instruction"], train, threshold):
+            raise RunFailure(f"held-out instruction {task['id']} leaks into training: "
                                f"{task['instruction']!r} ~ {other!r}")
 
 
@@ -228,16 +223,17 @@ def score_sample(text: str, constraints: list[dict], guard, exemplars: list[str]
             "unusable": unusable}
 
 
-def comparisons_for(task: dict, samples: list[dict]) -> list[tuple[int, int]]:
+def comparisons_for(task: dict, samples: list[dict],
+                    max_judged: int = 3) -> list[tuple[int, int]]:
     """Which sample pairs the judge compares: passers among themselves (to pick the best
     passer), the first passer against the hardest failure (an audit of the judge), or, without
     constraints, every pair of the first usable samples."""
     usable = [s for s in samples if s["unusable"] is None]
     distinct = first_of_each_text(usable)
     if not task["constraints"]:
-        ids = [s["sample"] for s in distinct][:MAX_JUDGED_SAMPLES]
+        ids = [s["sample"] for s in distinct][:max_judged]
         return [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]]
-    passers = [s["sample"] for s in distinct if s["passed"]][:MAX_JUDGED_SAMPLES]
+    passers = [s["sample"] for s in distinct if s["passed"]][:max_judged]
     failers = [s["sample"] for s in distinct if not s["passed"]]
     pairs = [(a, b) for i, a in enumerate(passers) for b in passers[i + 1:]]
     if passers and failers:
@@ -269,7 +265,7 @@ def make_scores(ctx: StageContext, pool: dict) -> None:
     for s in scored:
         by_task.setdefault(s["task_id"], []).append(s)
     jobs = [(task_id, a, b) for task_id, samples in by_task.items()
-            for a, b in comparisons_for(tasks[task_id], samples)]
+            for a, b in comparisons_for(tasks[task_id], samples, ctx.settings.max_judged_samples)]
     items = [(judge_shots(ctx, pool, t, a, b), tasks[t]["prompt_instruction"],
               by_task[t][a]["text"], by_task[t][b]["text"]) for t, a, b in jobs]
     verdicts = judge_many(ctx.backend(), guard, items, ctx.profile.judge_batch_size,
@@ -328,7 +324,7 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
                 "tasks", "raise --limit so more tasks yield a pair")
 
 
-# 5-9. decontaminate, train, merge, assess, report (core/lifecycle.py) ----------------------------
+# What the shared tail needs from stage 1 ---------------------------------------------------------
 
 def protected_sets(ctx: StageContext) -> Protected:
     """Training records may not copy the exemplars, the held-out instructions or the shared sets."""
@@ -337,50 +333,47 @@ def protected_sets(ctx: StageContext) -> Protected:
                      ctx.data_dir)
 
 
-def decontaminate(ctx: StageContext, pool: dict) -> None:
-    lifecycle.decontaminate_pairs(ctx, protected_sets(ctx))
-
-
-def train(ctx: StageContext, pool: dict) -> None:
-    lifecycle.train_adapter(ctx)
-
-
-def merge(ctx: StageContext, pool: dict) -> None:
+def merge_probes(ctx: StageContext) -> list[str]:
     tasks = read_jsonl(ctx.path("instructions.jsonl"))
-    lifecycle.merge_model(ctx, [house_prompt(t["prompt_instruction"]) for t in tasks[:8]])
+    return [house_prompt(t["prompt_instruction"]) for t in tasks[:8]]
 
 
-def assess(ctx: StageContext, pool: dict) -> None:
+def assess_heldout(ctx: StageContext, backend, label: str) -> dict:
     """Held-out tasks, zero-shot and greedy: prompt-level and constraint-level pass rates."""
-    items = load_tasks(ctx, "heldout")
-
-    def assess_heldout(backend, label: str) -> dict:
-        p = ctx.profile
-        return assess_instructions(backend, ctx.guard(), items,
-                                   ctx.path(f"cache/assess_{label}.jsonl"), p.max_new_tokens,
-                                   p.gen_batch_size, f"stage 1 assess {label}")
-
-    lifecycle.assess_models(ctx, assess_heldout, headline="prompt_level")
+    p = ctx.profile
+    return assess_instructions(backend, ctx.guard(), load_tasks(ctx, "heldout"),
+                               ctx.path(f"cache/assess_{label}.jsonl"), p.max_new_tokens,
+                               p.gen_batch_size, f"stage 1 assess {label}")
 
 
-def report(ctx: StageContext, pool: dict) -> None:
+def report_data(ctx: StageContext) -> dict:
     judgments = read_jsonl(ctx.path("judgments.jsonl"))
-    lifecycle.write_stage_report(ctx, NAME, {
+    return {
         "tasks_train": len(load_tasks(ctx, "train")),
         "tasks_heldout": len(load_tasks(ctx, "heldout")),
         "responses": len(read_jsonl(ctx.path("responses.jsonl"))),
         "pairs_dropped": len(read_jsonl(ctx.path("pairs_dropped.jsonl"))),
         "judge": judge_audit(judgments, read_jsonl(ctx.path("scores.jsonl"))),
-    })
+    }
 
 
 def judge_audit(judgments: list[dict], scored: list[dict]) -> dict:
     """How often the judge was order-consistent, and how often it agreed with the checkers."""
     passed = {(s["task_id"], s["sample"]): s["passed"] for s in scored}
-    consistent = [j for j in judgments if j["winner"] != "tie"]
-    checkable = [j for j in consistent
-                 if passed[(j["task_id"], j["x"])] != passed[(j["task_id"], j["y"])]]
-    agree = sum(1 for j in checkable
-                if passed[(j["task_id"], j["x"] if j["winner"] == "x" else j["y"])])
-    return {"comparisons": len(judgments), "order_consistent": rate(len(consistent), len(judgments)),
-            "agrees_with_checkers": rate(agree, len(checkable))}
+    return core_judge_audit(judgments, lambda j, sample: passed[(j["task_id"], sample)])
+
+
+STAGE = Stage(
+    number=1,
+    name="explicit-instructions",
+    summary="follow imperative instructions with verifiable constraints, zero-shot",
+    settings=Stage1Settings,
+    load_pool=load_pool,
+    data_steps=(Step("instructions", make_instructions), Step("responses", make_responses),
+                Step("scores", make_scores), Step("pairs", make_pairs)),
+    protected=protected_sets,
+    merge_probes=merge_probes,
+    assess_heldout=assess_heldout,
+    headline="prompt_level",
+    report_data=report_data,
+)

@@ -7,16 +7,19 @@ marked done only when complete):
 1. questions     Bare questions from two sources. (a) Real question sets under ctx.data_dir, when
                  given: Self-Instruct seed tasks without an instance input, TruthfulQA questions
                  and MT-Bench first turns. Each set is split once, by a hash of the item id, into
-                 a train part and a held-out part (HELDOUT_PERCENT); held-out parts never train.
+                 a train part and a held-out part (`heldout_share`, core.split.in_fixed_heldout);
+                 held-out parts never train.
                  (b) Model-written questions by few-shot *list continuation* of pool seeds plus
                  already-accepted questions; degenerate items, chat markup, list scaffolding and
-                 near-duplicates (ROUGE-L > 0.7 against everything kept: pool questions, stage 1's
-                 instructions, real questions) are dropped, and the held-out ones are those with
-                 the smallest id hashes. About half of each split is real when data is given.
+                 near-duplicates (ROUGE-L above the run's near-duplicate threshold against
+                 everything kept: pool questions, stage 1's instructions when stage 1 ran here,
+                 real questions) are dropped, and the held-out ones are those with the smallest
+                 id hashes (core.split.split_smallest_ids). About half of each split is real
+                 when data is given.
                  Held-out and training questions are checked for leakage.
 2. responses     K samples per training question from a few-shot completion prompt (3-4 (bare
                  question, direct answer) exemplars from the pool, then the target), plus
-                 ZERO_SHOT_SAMPLES samples of the zero-shot house prompt itself: what the model
+                 `zero_shot_samples` samples of the zero-shot house prompt itself: what the model
                  does today without a scaffold, the natural source of rejected responses.
 3. scores        The answer checks on every sample (`check_answer`): not degenerate, does not
                  continue the question, carry prompt scaffolding, repeat the question, ask a new
@@ -40,6 +43,9 @@ marked done only when complete):
                  answer_rate (headline; the checks, since real sets have no gold answer here),
                  on_topic, non_degenerate, and the answer rate per source.
 9. report        metrics.json and report.md; then DONE.
+
+Steps 5-9 are the shared tail (core/stage.py, core/lifecycle.py); this module answers what only
+stage 2 knows, in `STAGE` at the bottom.
 """
 from __future__ import annotations
 
@@ -47,41 +53,51 @@ import csv
 import hashlib
 import random
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from core import lifecycle
 from core.assess import generate_greedy
 from core.contamination import Protected
 from core.context import StageContext
+from core.errors import RunFailure, TooLittleDataError
 from core.generation import GenRequest
 from core.io import read_jsonl, write_jsonl
+from core.judge import judge_audit as core_judge_audit
+from core.judge import judge_many, judge_prefix, winning_sample
 from core.listgen import ListGrowth, grow_list
-from core.judge import judge_many, judge_prefix
-from core.pairs import first_of_each_text, group_by_task, judge_wins, shared_pair_problem, write_pairs
+from core.pairs import (first_of_each_text, group_by_task, judge_wins, shared_pair_problem,
+                        write_pairs)
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
+from core.split import in_fixed_heldout, split_smallest_ids
+from core.stage import Stage, StageSettings, Step, setting
 from core.stats import rate
 from core.text import (NearDuplicateFilter, copies_exemplar, degenerate_reason, first_near_same,
                        normalize, rouge_l)
 
-NUMBER = 2
-NAME = "implicit-instructions"
-SUMMARY = "treat a bare question or request as an instruction and answer it, zero-shot"
-STEPS = ["questions", "responses", "scores", "pairs", "decontaminate", "train", "merge",
-         "assess", "report"]
-
 POOL_PATH = Path(__file__).with_name("pools") / "stage2.yaml"
-QUESTION_TEMPERATURE = 0.9
-MAX_QUESTION_ROUNDS = 6
-OVERSAMPLE = 1.3
-NEAR_DUPLICATE = 0.7
-HELDOUT_PERCENT = 30  # share of each real question set that is held out, by id hash
-MAX_QUESTION_WORDS = 60  # longer real items (MT-Bench passages) do not fit the training budget
-ZERO_SHOT_SAMPLES = 2
-MAX_JUDGED_SAMPLES = 3  # round-robin among at most 3 passers: 3 comparisons, 6 judge prompts
-SHORT_ANSWER_WORDS = 6  # "Lisbon.", "No.", "36.": exempt from the topic check
-TOPIC_WINDOW_WORDS = 60  # the topic check reads the start of the response
+
+
+@dataclass(frozen=True)
+class Stage2Settings(StageSettings):
+    question_temperature: float = setting(0.9, "sampling temperature for new questions")
+    max_question_rounds: int = setting(6, "list-continuation rounds before giving up on "
+                                          "reaching --limit + --heldout questions")
+    oversample: float = setting(1.3, "questions requested per round, as a multiple of those "
+                                     "still needed")
+    heldout_share: float = setting(0.3, "share of each real question set held out, by a hash "
+                                        "of the item id (the same items in every run)")
+    max_question_words: int = setting(60, "longest real question used, in words (longer items, "
+                                          "e.g. MT-Bench passages, do not fit the training budget)")
+    zero_shot_samples: int = setting(2, "zero-shot samples per training question, besides the "
+                                        "few-shot ones (the natural source of rejected responses)")
+    max_judged_samples: int = setting(3, "passing samples per question the judge ranks "
+                                         "round-robin (3: 3 comparisons, 6 judge prompts)")
+    short_answer_words: int = setting(6, "answers of at most this many words (\"Lisbon.\", "
+                                         "\"36.\") are exempt from the topic check")
+    topic_window_words: int = setting(60, "the topic check reads this many words from the "
+                                          "start of a response")
 
 
 def load_pool() -> dict:
@@ -99,28 +115,17 @@ def exemplar_texts(pool: dict) -> list[str]:
     return texts
 
 
-def run(ctx: StageContext) -> None:
-    """Run (or resume) every step of stage 2, then write DONE."""
-    lifecycle.run_steps(ctx, load_pool(), STEPS, {
-        "questions": make_questions, "responses": make_responses, "scores": make_scores,
-        "pairs": make_pairs, "decontaminate": decontaminate, "train": train, "merge": merge,
-        "assess": assess, "report": report,
-    })
-
-
 # 1. questions ------------------------------------------------------------------------------------
 
 def short_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
 
 
-def is_heldout_item(item_id: str) -> bool:
-    """The fixed held-out part of a real question set: independent of seed, limit and stage."""
-    return int(hashlib.sha256(item_id.encode("utf-8")).hexdigest()[:8], 16) % 100 < HELDOUT_PERCENT
-
-
-def load_real_questions(data_dir: Path | None) -> list[dict]:
-    """Bare questions from the shared sets that exist under `data_dir`, each with its split."""
+def load_real_questions(data_dir: Path | None,
+                        heldout_share: float = Stage2Settings.heldout_share) -> list[dict]:
+    """Bare questions from the shared sets that exist under `data_dir`, each with its split: the
+    fixed held-out part of each set (`heldout_share` of its items, by a hash of the item id) is
+    independent of seed, limit and stage."""
     if data_dir is None or not data_dir.is_dir():
         return []
     items = []
@@ -140,12 +145,13 @@ def load_real_questions(data_dir: Path | None) -> list[dict]:
         for row in read_jsonl(mt_bench):
             items.append(("mt-bench", f"mt-bench:{row['question_id']}", row["turns"][0]))
     return [{"id": item_id, "source": source, "question": question.strip(),
-             "split": "heldout" if is_heldout_item(item_id) else "train"}
+             "split": "heldout" if in_fixed_heldout(item_id, heldout_share) else "train"}
             for source, item_id, question in items]
 
 
 def pick_real(candidates: list[dict], split: str, count: int, filter_: NearDuplicateFilter,
-              guard, taken: set[str], seed: int) -> list[dict]:
+              guard, taken: set[str], seed: int,
+              max_words: int = Stage2Settings.max_question_words) -> list[dict]:
     """Up to `count` real questions of `split`, round-robin over sources in a seeded order,
     skipping long, marked-up and near-duplicate items (kept ones join the filter)."""
     by_source: dict[str, list[dict]] = {}
@@ -161,7 +167,7 @@ def pick_real(candidates: list[dict], split: str, count: int, filter_: NearDupli
             item = queue.pop(0)
             taken.add(item["id"])
             text = item["question"]
-            if len(text.split()) <= MAX_QUESTION_WORDS and guard.is_clean(text) \
+            if len(text.split()) <= max_words and guard.is_clean(text) \
                     and filter_.offer(text):
                 picked.append(item)
     return picked
@@ -205,8 +211,9 @@ def generate_questions(ctx: StageContext, pool: dict, needed: int,
     guard = ctx.guard()
     growth = ListGrowth(prompt=list_prompt, clean=clean_question,
                         problem=lambda text: question_problem(text, guard, filter_),
-                        temperature=QUESTION_TEMPERATURE, rounds=MAX_QUESTION_ROUNDS,
-                        oversample=OVERSAMPLE, cache="questions.jsonl",
+                        temperature=ctx.settings.question_temperature,
+                        rounds=ctx.settings.max_question_rounds,
+                        oversample=ctx.settings.oversample, cache="questions.jsonl",
                         seed_names=("question-prompt", "question"), where="stage 2 questions")
     accepted, audit = grow_list(ctx, growth, list(pool["question_seeds"]), needed)
     write_jsonl(ctx.path("questions_audit.jsonl"), audit)
@@ -214,11 +221,10 @@ def generate_questions(ctx: StageContext, pool: dict, needed: int,
 
 
 def generated_tasks(questions: list[str], heldout: int) -> list[dict]:
-    """Model-written questions as tasks; the `heldout` smallest id hashes are held out."""
-    tasks = [{"id": "q" + short_hash(normalize(q)), "source": "generated", "question": q}
-             for q in questions]
-    held = {t["id"] for t in sorted(tasks, key=lambda t: t["id"])[:heldout]}
-    return [{**t, "split": "heldout" if t["id"] in held else "train"} for t in tasks]
+    """Model-written questions as tasks; the `heldout` smallest id hashes are held out (a
+    quarter, at least one, when fewer than two would train: core.split.split_smallest_ids)."""
+    return split_smallest_ids([{"id": "q" + short_hash(normalize(q)), "source": "generated",
+                                "question": q} for q in questions], heldout)
 
 
 def stage1_instructions(ctx: StageContext) -> list[dict]:
@@ -228,43 +234,46 @@ def stage1_instructions(ctx: StageContext) -> list[dict]:
 
 
 def make_questions(ctx: StageContext, pool: dict) -> None:
-    guard = ctx.guard()
-    filter_ = NearDuplicateFilter(NEAR_DUPLICATE)
+    guard, settings = ctx.guard(), ctx.settings
+    filter_ = NearDuplicateFilter(ctx.near_duplicate)
     filter_.kept.extend(pool["question_seeds"] + [e["question"] for e in pool["answer_exemplars"]]
                         + [t["instruction"] for t in stage1_instructions(ctx)])
-    real = load_real_questions(ctx.data_dir)
+    real = load_real_questions(ctx.data_dir, settings.heldout_share)
     taken: set[str] = set()
-    real_held = pick_real(real, "heldout", ctx.heldout // 2, filter_, guard, taken, ctx.seed)
-    real_train = pick_real(real, "train", ctx.limit // 2, filter_, guard, taken, ctx.seed)
+
+    def pick(split: str, count: int) -> list[dict]:
+        return pick_real(real, split, count, filter_, guard, taken, ctx.seed,
+                         settings.max_question_words)
+
+    real_held = pick("heldout", ctx.heldout // 2)
+    real_train = pick("train", ctx.limit // 2)
     wanted_held = ctx.heldout - len(real_held)
     wanted = ctx.limit - len(real_train) + wanted_held
     questions = generate_questions(ctx, pool, wanted, filter_) if wanted > 0 else []
     held_share = round(len(questions) * wanted_held / wanted) if wanted else 0
     generated = generated_tasks(questions, held_share)
     count = {s: sum(t["split"] == s for t in generated) for s in ("train", "heldout")}
-    real_held += pick_real(real, "heldout", ctx.heldout - len(real_held) - count["heldout"],
-                           filter_, guard, taken, ctx.seed)
-    real_train += pick_real(real, "train", ctx.limit - len(real_train) - count["train"],
-                            filter_, guard, taken, ctx.seed)
+    real_held += pick("heldout", ctx.heldout - len(real_held) - count["heldout"])
+    real_train += pick("train", ctx.limit - len(real_train) - count["train"])
     tasks = real_held + real_train + generated
     train_count = sum(t["split"] == "train" for t in tasks)
     if train_count < 2 or len(tasks) - train_count < 1:
-        raise RuntimeError(
+        raise TooLittleDataError(
             f"stage 2 has only {train_count} training and {len(tasks) - train_count} held-out "
             f"questions (model-written ones are audited in {ctx.path('questions_audit.jsonl')}); "
             f"the model is not producing distinct questions - pass the shared data directory, "
             f"or try another --seed or model")
-    check_leakage(tasks)
+    check_leakage(tasks, ctx.near_duplicate)
     write_jsonl(ctx.path("questions.jsonl"), tasks)
 
 
-def check_leakage(tasks: list[dict]) -> None:
-    """No held-out question may equal or nearly equal a training one."""
+def check_leakage(tasks: list[dict], threshold: float) -> None:
+    """No held-out question may equal or nearly equal (ROUGE-L > threshold) a training one."""
     train = [t["question"] for t in tasks if t["split"] == "train"]
     for task in (t for t in tasks if t["split"] == "heldout"):
-        if other := first_near_same(task["question"], train, NEAR_DUPLICATE):
-            raise RuntimeError(f"held-out question {task['id']} leaks into training: "
-                               f"{task['question']!r} ~ {other!r}")
+        if other := first_near_same(task["question"], train, threshold):
+            raise RunFailure(f"held-out question {task['id']} leaks into training: "
+                             f"{task['question']!r} ~ {other!r}")
 
 
 def load_tasks(ctx: StageContext, split: str) -> list[dict]:
@@ -273,11 +282,11 @@ def load_tasks(ctx: StageContext, split: str) -> list[dict]:
 
 # 2. responses ------------------------------------------------------------------------------------
 
-def sample_plan(task_id: str, k: int) -> list[tuple[str, str]]:
-    """(request id, prompting) of every sample of a task, in sample order: K few-shot samples,
-    then ZERO_SHOT_SAMPLES zero-shot ones."""
+def sample_plan(task_id: str, k: int, zero_shot: int) -> list[tuple[str, str]]:
+    """(request id, prompting) of every sample of a task, in sample order: `k` few-shot samples,
+    then `zero_shot` zero-shot ones."""
     return [(f"{task_id}-f{i}", "few-shot") for i in range(k)] + \
-           [(f"{task_id}-z{i}", "zero-shot") for i in range(ZERO_SHOT_SAMPLES)]
+           [(f"{task_id}-z{i}", "zero-shot") for i in range(zero_shot)]
 
 
 def response_request(ctx: StageContext, pool: dict, task: dict, request_id: str,
@@ -294,7 +303,8 @@ def response_request(ctx: StageContext, pool: dict, task: dict, request_id: str,
 
 def make_responses(ctx: StageContext, pool: dict) -> None:
     tasks = load_tasks(ctx, "train")
-    plans = {t["id"]: sample_plan(t["id"], ctx.profile.responses_per_task) for t in tasks}
+    plans = {t["id"]: sample_plan(t["id"], ctx.profile.responses_per_task,
+                                  ctx.settings.zero_shot_samples) for t in tasks}
     requests = [response_request(ctx, pool, t, rid, prompting)
                 for t in tasks for rid, prompting in plans[t["id"]]]
     settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
@@ -371,11 +381,12 @@ def related(a: str, b: str) -> bool:
     return k >= 3 and a[:k] == b[:k]
 
 
-def shares_topic(question: str, text: str) -> bool:
-    """True when the text names at least one content word of the question (or the question has
-    none to name)."""
+def shares_topic(question: str, text: str,
+                 window: int = Stage2Settings.topic_window_words) -> bool:
+    """True when the first `window` words of the text name at least one content word of the
+    question (or the question has none to name)."""
     wanted = content_words(question)
-    found = content_words(" ".join(text.split()[:TOPIC_WINDOW_WORDS]))
+    found = content_words(" ".join(text.split()[:window]))
     return not wanted or any(related(w, f) for w in wanted for f in found)
 
 
@@ -388,11 +399,12 @@ def sentences(text: str) -> list[str]:
     return found
 
 
-def degenerate_answer(text: str) -> str | None:
+def degenerate_answer(text: str, short_words: int = Stage2Settings.short_answer_words
+                      ) -> str | None:
     """core.text.degenerate_reason, except that a short numeric answer ("36.", "144") is fine."""
     reason = degenerate_reason(text)
     if reason in ("mostly non-letters", "fewer than 1 words") and any(ch.isdigit() for ch in text) \
-            and len(text.split()) <= SHORT_ANSWER_WORDS:
+            and len(text.split()) <= short_words:
         return None
     return reason
 
@@ -409,23 +421,27 @@ def repeats_question(question: str, first: str, text: str) -> bool:
     return normalize(text).startswith(normalize(question)) or rouge_l(first, question) > 0.85
 
 
-def is_dodge(question: str, text: str) -> bool:
+def is_dodge(question: str, text: str, window: int = Stage2Settings.topic_window_words) -> bool:
     """Opens with a dodge and says nothing about the question's topic afterwards."""
     match = DODGE.match(text.strip().replace("\u2019", "'"))
     if not match:
         return False
     rest = text.strip()[match.end():]
-    return len(rest.split()) < 4 or not shares_topic(question, rest)
+    return len(rest.split()) < 4 or not shares_topic(question, rest, window)
 
 
-def check_answer(question: str, text: str) -> dict:
+def check_answer(question: str, text: str,
+                 short_words: int = Stage2Settings.short_answer_words,
+                 topic_window: int = Stage2Settings.topic_window_words) -> dict:
     """The stage's answer checks: {"non_degenerate", "on_topic", "problem"} where `problem` is
-    the first failed check (None: the text answers the question)."""
+    the first failed check (None: the text answers the question). Answers of at most
+    `short_words` words are exempt from the topic check, which reads the first `topic_window`
+    words."""
     parts = sentences(text)
     first = parts[0] if parts else ""
-    short = len(text.split()) <= SHORT_ANSWER_WORDS
-    on_topic = bool(text.strip()) and (short or shares_topic(question, text))
-    degenerate = degenerate_answer(text)
+    short = len(text.split()) <= short_words
+    on_topic = bool(text.strip()) and (short or shares_topic(question, text, topic_window))
+    degenerate = degenerate_answer(text, short_words)
     checks = [
         (not text.strip(), "empty"),
         (continues_question(text), "continues the question"),
@@ -433,7 +449,7 @@ def check_answer(question: str, text: str) -> dict:
         (repeats_question(question, first, text), "repeats the question"),
         (first.endswith("?"), "asks a question instead of answering"),
         (any(p.endswith("?") for p in parts[1:]), "goes on to new questions"),
-        (is_dodge(question, text), "dodges the question"),
+        (is_dodge(question, text, topic_window), "dodges the question"),
         (degenerate, degenerate),
         (not on_topic, "off topic"),
     ]
@@ -452,8 +468,15 @@ def unusable_reason(text: str, guard, exemplars: list[str]) -> str | None:
     return None
 
 
-def score_sample(question: str, text: str, guard, exemplars: list[str]) -> dict:
-    checks = check_answer(question, text)
+def answer_checks(settings: Stage2Settings):
+    """`check_answer` with the run's settings."""
+    return lambda question, text: check_answer(question, text, settings.short_answer_words,
+                                               settings.topic_window_words)
+
+
+def score_sample(question: str, text: str, guard, exemplars: list[str],
+                 check=check_answer) -> dict:
+    checks = check(question, text)
     return {**checks, "answers": checks["problem"] is None,
             "unusable": unusable_reason(text, guard, exemplars)}
 
@@ -473,9 +496,10 @@ def failers_of(samples: list[dict]) -> list[dict]:
     return [s for s in samples if s["unusable"] is None and not s["answers"]]
 
 
-def rank_comparisons(samples: list[dict]) -> list[tuple[int, int]]:
-    """Round-robin among the first MAX_JUDGED_SAMPLES distinct passers."""
-    ids = [s["sample"] for s in passers_of(samples)][:MAX_JUDGED_SAMPLES]
+def rank_comparisons(samples: list[dict],
+                     max_judged: int = Stage2Settings.max_judged_samples) -> list[tuple[int, int]]:
+    """Round-robin among the first `max_judged` distinct passers."""
+    ids = [s["sample"] for s in passers_of(samples)][:max_judged]
     return [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]]
 
 
@@ -521,13 +545,15 @@ def run_judge(ctx: StageContext, pool: dict, tasks: dict, by_task: dict,
 
 def make_scores(ctx: StageContext, pool: dict) -> None:
     tasks = {t["id"]: t for t in load_tasks(ctx, "train")}
-    guard, exemplars = ctx.guard(), exemplar_texts(pool)
-    scored = [{**r, **score_sample(tasks[r["task_id"]]["question"], r["text"], guard, exemplars)}
+    guard, exemplars, check = ctx.guard(), exemplar_texts(pool), answer_checks(ctx.settings)
+    scored = [{**r, **score_sample(tasks[r["task_id"]]["question"], r["text"], guard, exemplars,
+                                   check)}
               for r in read_jsonl(ctx.path("responses.jsonl"))]
     by_task: dict[str, list[dict]] = {}
     for s in scored:
         by_task.setdefault(s["task_id"], []).append(s)
-    rank_jobs = [(t, a, b) for t, samples in by_task.items() for a, b in rank_comparisons(samples)]
+    rank_jobs = [(t, a, b) for t, samples in by_task.items()
+                 for a, b in rank_comparisons(samples, ctx.settings.max_judged_samples)]
     judgments = run_judge(ctx, pool, tasks, by_task, rank_jobs, "rank")
     check_jobs = []
     for t, samples in by_task.items():
@@ -552,7 +578,7 @@ def choose_pair(task: dict, samples: list[dict], judgments: list[dict]) -> tuple
         return None, "every usable sample answers (no rejected)"
     for j in judgments:
         if j["kind"] == "check" and (j["x"], j["y"]) == (chosen["sample"], rejected["sample"]) \
-                and j["winner"] == "y":
+                and winning_sample(j) == rejected["sample"]:
             return None, "the judge prefers the rejected sample in both orders"
     return _pair(task, chosen, rejected), "ok"
 
@@ -565,13 +591,14 @@ def _pair(task: dict, chosen: dict, rejected: dict) -> dict:
             "rejected_problem": rejected["problem"]}
 
 
-def pair_problem(pair: dict, question: str, guard, exemplars: list[str]) -> str | None:
+def pair_problem(pair: dict, question: str, guard, exemplars: list[str],
+                 check=check_answer) -> str | None:
     """Shared last filter: identical, marked-up, empty or exemplar-copying pairs, and a chosen
     side that does not answer."""
     if problem := shared_pair_problem(pair, guard,
                                       lambda text: unusable_reason(text, guard, exemplars)):
         return problem
-    if problem := check_answer(question, pair["chosen"])["problem"]:
+    if problem := check(question, pair["chosen"])["problem"]:
         return f"chosen: {problem}"
     return None
 
@@ -579,46 +606,18 @@ def pair_problem(pair: dict, question: str, guard, exemplars: list[str]) -> str 
 def make_pairs(ctx: StageContext, pool: dict) -> None:
     scored = group_by_task(read_jsonl(ctx.path("scores.jsonl")))
     judgments = group_by_task(read_jsonl(ctx.path("judgments.jsonl")))
-    guard, exemplars = ctx.guard(), exemplar_texts(pool)
+    guard, exemplars, check = ctx.guard(), exemplar_texts(pool), answer_checks(ctx.settings)
     write_pairs(ctx, load_tasks(ctx, "train"),
                 lambda task: choose_pair(task, scored.get(task["id"], []),
                                          judgments.get(task["id"], [])),
-                lambda pair, task: pair_problem(pair, task["question"], guard, exemplars),
+                lambda pair, task: pair_problem(pair, task["question"], guard, exemplars, check),
                 "questions", "raise --limit so more questions yield a pair")
 
 
-# 5-9. decontaminate, train, merge, assess, report (core/lifecycle.py) ----------------------------
-
-def protected_texts(ctx: StageContext) -> list[tuple[str, str]]:
-    """(id, text) never to train on: this stage's held-out questions, the held-out parts of the
-    real sets, and stage 1's held-out instructions."""
-    texts = [(t["id"], t["question"]) for t in load_tasks(ctx, "heldout")]
-    texts += [(i["id"], i["question"]) for i in load_real_questions(ctx.data_dir)
-              if i["split"] == "heldout"]
-    texts += [(f"stage1:{t['id']}", t["prompt_instruction"]) for t in stage1_instructions(ctx)
-              if t["split"] == "heldout"]
-    return texts
-
-
-def protected_sets(ctx: StageContext) -> Protected:
-    return Protected(exemplar_texts(load_pool()), protected_texts(ctx), ctx.data_dir)
-
-
-def decontaminate(ctx: StageContext, pool: dict) -> None:
-    lifecycle.decontaminate_pairs(ctx, protected_sets(ctx))
-
-
-def train(ctx: StageContext, pool: dict) -> None:
-    lifecycle.train_adapter(ctx)
-
-
-def merge(ctx: StageContext, pool: dict) -> None:
-    tasks = read_jsonl(ctx.path("questions.jsonl"))
-    lifecycle.merge_model(ctx, [house_prompt(t["question"]) for t in tasks[:8]])
-
+# 8. assess: the answer checks on zero-shot greedy answers --------------------------------------
 
 def assess_questions(backend, guard, items: list[dict], cache_path: Path, max_new_tokens: int,
-                     batch_size: int, where: str) -> dict:
+                     batch_size: int, where: str, check=check_answer) -> dict:
     """A zero-shot greedy answer to each held-out question, scored by the answer checks."""
     texts = generate_greedy(backend, guard, cache_path,
                             {item["id"]: house_prompt(item["question"]) for item in items},
@@ -626,7 +625,7 @@ def assess_questions(backend, guard, items: list[dict], cache_path: Path, max_ne
     scored = []
     for item in items:
         text = texts[item["id"]]
-        checks = check_answer(item["question"], text)
+        checks = check(item["question"], text)
         scored.append({"id": item["id"], "source": item["source"], "response": text,
                        "passed": checks["problem"] is None, **checks})
     return {"summary": summarize(scored), "items": scored}
@@ -645,22 +644,57 @@ def summarize(scored: list[dict]) -> dict:
     return summary
 
 
-def assess(ctx: StageContext, pool: dict) -> None:
+def count_by(records: list[dict], key) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[key(record)] = counts.get(key(record), 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def judge_audit(judgments: list[dict], scored: list[dict]) -> dict:
+    """How often the judge was order-consistent, and how often, where the answer checks tell the
+    two samples apart (the chosen-vs-rejected checks), it agreed with them."""
+    answers = {(s["task_id"], s["sample"]): s["answers"] for s in scored}
+    return core_judge_audit(judgments, lambda j, sample: answers.get((j["task_id"], sample)))
+
+
+# What the shared tail needs from stage 2 ---------------------------------------------------------
+
+def protected_texts(ctx: StageContext) -> list[tuple[str, str]]:
+    """(id, text) never to train on: this stage's held-out questions, the held-out parts of the
+    real sets, and stage 1's held-out instructions (when stage 1 ran in this run)."""
+    texts = [(t["id"], t["question"]) for t in load_tasks(ctx, "heldout")]
+    texts += [(i["id"], i["question"])
+              for i in load_real_questions(ctx.data_dir, ctx.settings.heldout_share)
+              if i["split"] == "heldout"]
+    texts += [(f"stage1:{t['id']}", t["prompt_instruction"]) for t in stage1_instructions(ctx)
+              if t["split"] == "heldout"]
+    return texts
+
+
+def protected_sets(ctx: StageContext) -> Protected:
+    """Training records may not copy the exemplars, the protected texts or the shared sets."""
+    return Protected(exemplar_texts(load_pool()), protected_texts(ctx), ctx.data_dir)
+
+
+def merge_probes(ctx: StageContext) -> list[str]:
+    tasks = read_jsonl(ctx.path("questions.jsonl"))
+    return [house_prompt(t["question"]) for t in tasks[:8]]
+
+
+def assess_heldout(ctx: StageContext, backend, label: str) -> dict:
     """Held-out questions, zero-shot and greedy: answer rate, on-topic and non-degenerate."""
-    items = load_tasks(ctx, "heldout")
-
-    def assess_heldout(backend, label: str) -> dict:
-        p = ctx.profile
-        return assess_questions(backend, ctx.guard(), items, ctx.path(f"cache/assess_{label}.jsonl"),
-                                p.max_new_tokens, p.gen_batch_size, f"stage 2 assess {label}")
-
-    lifecycle.assess_models(ctx, assess_heldout, headline="answer_rate")
+    p = ctx.profile
+    return assess_questions(backend, ctx.guard(), load_tasks(ctx, "heldout"),
+                            ctx.path(f"cache/assess_{label}.jsonl"), p.max_new_tokens,
+                            p.gen_batch_size, f"stage 2 assess {label}",
+                            answer_checks(ctx.settings))
 
 
-def report(ctx: StageContext, pool: dict) -> None:
+def report_data(ctx: StageContext) -> dict:
     tasks = read_jsonl(ctx.path("questions.jsonl"))
     scored = read_jsonl(ctx.path("scores.jsonl"))
-    lifecycle.write_stage_report(ctx, NAME, {
+    return {
         "tasks_train": sum(t["split"] == "train" for t in tasks),
         "tasks_heldout": sum(t["split"] == "heldout" for t in tasks),
         "questions_by_source": count_by(tasks, lambda t: f"{t['source']} ({t['split']})"),
@@ -672,22 +706,21 @@ def report(ctx: StageContext, pool: dict) -> None:
                                     lambda s: s["problem"]),
         "pairs_dropped": count_by(read_jsonl(ctx.path("pairs_dropped.jsonl")),
                                   lambda d: d["reason"]),
-        "judge": judge_audit(read_jsonl(ctx.path("judgments.jsonl"))),
-    })
+        "judge": judge_audit(read_jsonl(ctx.path("judgments.jsonl")), scored),
+    }
 
 
-def count_by(records: list[dict], key) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for record in records:
-        counts[key(record)] = counts.get(key(record), 0) + 1
-    return dict(sorted(counts.items()))
-
-
-def judge_audit(judgments: list[dict]) -> dict:
-    """How often the judge was order-consistent, and how often, on chosen-vs-rejected checks, it
-    agreed with the answer checks (the passer wins)."""
-    consistent = [j for j in judgments if j["winner"] != "tie"]
-    checks = [j for j in consistent if j["kind"] == "check"]
-    agree = sum(1 for j in checks if j["winner"] == "x")  # x is always the passer
-    return {"comparisons": len(judgments), "order_consistent": rate(len(consistent), len(judgments)),
-            "agrees_with_checks": rate(agree, len(checks))}
+STAGE = Stage(
+    number=2,
+    name="implicit-instructions",
+    summary="treat a bare question or request as an instruction and answer it, zero-shot",
+    settings=Stage2Settings,
+    load_pool=load_pool,
+    data_steps=(Step("questions", make_questions), Step("responses", make_responses),
+                Step("scores", make_scores), Step("pairs", make_pairs)),
+    protected=protected_sets,
+    merge_probes=merge_probes,
+    assess_heldout=assess_heldout,
+    headline="answer_rate",
+    report_data=report_data,
+)

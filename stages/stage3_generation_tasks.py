@@ -40,7 +40,11 @@ Checks (a response is split into non-empty lines; an opening line ending in ":" 
 - mcq: per item a stem, options labelled exactly A-D, then "Answer: <letter>" naming one of them;
 - count_ok: exactly N items of the right form; format_ok: nothing else in the response;
 - on_topic: a topic keyword, or a word sharing its Porter stem, appears in the items;
-- distinct_items: ROUGE-L between any two items (MCQ: any two options, any two stems) <= 0.7.
+- distinct_items: ROUGE-L between any two items (MCQ: any two options, any two stems) <= the
+  run's near-duplicate threshold (0.7).
+
+Steps 6-10 are the shared tail (core/stage.py, core/lifecycle.py); this module answers what only
+stage 3 knows, in `STAGE` at the bottom.
 """
 from __future__ import annotations
 
@@ -55,46 +59,65 @@ from pathlib import Path
 import yaml
 from nltk.stem.porter import PorterStemmer
 
-from core import lifecycle
 from core.assess import generate_greedy
 from core.contamination import Protected
 from core.context import StageContext
+from core.errors import RunFailure, TooLittleDataError, UsageError
 from core.generation import GenRequest
 from core.guards import TemplateGuard
 from core.io import read_jsonl, write_jsonl
 from core.listgen import ListGrowth, grow_list
+from core.judge import judge_audit as core_judge_audit
 from core.judge import judge_many, judge_prefix
 from core.pairs import first_of_each_text, group_by_task, judge_wins, shared_pair_problem, write_pairs
 from core.prompting import RESPONSE_STOPS, draw, house_prompt, seed_for
+from core.records import earlier_records
 from core.sampling import few_shot_requests, sample_to_file
+from core.stage import Stage, StageSettings, Step, setting
 from core.stats import rate
 from core.text import (NearDuplicateFilter, copies_exemplar, degenerate_reason, first_near_same,
                        normalize, rouge_l)
 
-NUMBER = 3
-NAME = "generation-tasks"
-SUMMARY = ("produce examples on demand (N questions, examples or list items, or a multiple-choice "
-           "item about a topic) in exactly the asked form, zero-shot")
-STEPS = ["topics", "tasks", "responses", "scores", "pairs", "decontaminate", "train", "merge",
-         "assess", "report"]
-
 POOL_PATH = Path(__file__).with_name("pools") / "stage3.yaml"
 KINDS = ("questions", "examples", "list", "mcq")
 CHECKS = ("count_ok", "format_ok", "on_topic", "distinct_items")
-COUNT_RANGE = {"questions": (2, 5), "examples": (2, 5), "list": (2, 5), "mcq": (2, 3)}
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
-TOPIC_TEMPERATURE = 0.9
-TOPIC_PROPOSALS = 16  # at most; about one proposed topic per TASKS_PER_PROPOSAL tasks
-TASKS_PER_PROPOSAL = 4
-MAX_TOPIC_ROUNDS = 2
-OVERSAMPLE = 1.5
-NEAR_DUPLICATE = 0.7
-MAX_JUDGED_SAMPLES = 3  # round-robin among at most 3 passers: 3 comparisons, 6 judge prompts
 # (stage, file, text field) of earlier stages' tasks; their held-out items join decontamination
 EARLIER_HELDOUT = ((1, "instructions.jsonl", "instruction"), (2, "questions.jsonl", "question"))
 STOPWORDS = frozenset(
     "the and for with about from into onto that this these those their its how what why who "
     "when where which our your are was were has have had not but all any some more most".split())
+
+
+@dataclass(frozen=True)
+class Stage3Settings(StageSettings):
+    topic_temperature: float = setting(0.9, "sampling temperature for proposed topics")
+    topic_proposals: int = setting(16, "most topics the model is asked to propose (besides the "
+                                       "pool's)")
+    tasks_per_proposal: int = setting(4, "one proposed topic is wanted per this many tasks "
+                                         "(--limit + --heldout), up to topic_proposals")
+    max_topic_rounds: int = setting(2, "list-continuation rounds before settling for the topics "
+                                       "proposed so far")
+    oversample: float = setting(1.5, "topics requested per round, as a multiple of those still "
+                                     "needed")
+    item_counts: tuple[int, ...] = setting(
+        (2, 5), "fewest and most items a questions, examples or list task asks for")
+    mcq_item_counts: tuple[int, ...] = setting(
+        (2, 3), "fewest and most items a counted multiple-choice task asks for (its other "
+                "templates ask for one)")
+    max_judged_samples: int = setting(3, "passers per task the judge compares round-robin "
+                                         "(3: 3 comparisons, 6 judge prompts)")
+
+
+def item_counts(settings: Stage3Settings) -> dict[str, tuple[int, int]]:
+    """{kind: (fewest, most)} items a counted task of that kind asks for."""
+    for name in ("item_counts", "mcq_item_counts"):
+        bounds = getattr(settings, name)
+        if len(bounds) != 2 or not 1 <= bounds[0] <= bounds[1]:
+            raise UsageError(f"stage3.{name} must be [fewest, most] with 1 <= fewest <= most, "
+                             f"got {list(bounds)}")
+    return {kind: tuple(settings.mcq_item_counts if kind == "mcq" else settings.item_counts)
+            for kind in KINDS}
 
 
 def load_pool() -> dict:
@@ -113,15 +136,6 @@ def exemplar_texts(pool: dict) -> list[str]:
 
 def exemplar_topics(pool: dict) -> list[str]:
     return sorted({e["spec"]["topic"] for e in pool["response_exemplars"] + pool["judge_exemplars"]})
-
-
-def run(ctx: StageContext) -> None:
-    """Run (or resume) every step of stage 3, then write DONE."""
-    lifecycle.run_steps(ctx, load_pool(), STEPS, {
-        "topics": make_topics, "tasks": make_tasks, "responses": make_responses,
-        "scores": make_scores, "pairs": make_pairs, "decontaminate": decontaminate,
-        "train": train, "merge": merge, "assess": assess, "report": report,
-    })
 
 
 # 1. topics ---------------------------------------------------------------------------------------
@@ -178,15 +192,18 @@ def topic_problem(text: str, guard: TemplateGuard, filter_: NearDuplicateFilter,
 
 def make_topics(ctx: StageContext, pool: dict) -> None:
     names = [t["name"] for t in pool["topics"]]
-    wanted = min(TOPIC_PROPOSALS, math.ceil((ctx.limit + ctx.heldout) / TASKS_PER_PROPOSAL))
-    filter_ = NearDuplicateFilter(NEAR_DUPLICATE)
+    settings = ctx.settings
+    wanted = min(settings.topic_proposals,
+                 math.ceil((ctx.limit + ctx.heldout) / settings.tasks_per_proposal))
+    filter_ = NearDuplicateFilter(ctx.near_duplicate)
     filter_.kept.extend(names + exemplar_topics(pool))  # copies of pool topics count as repeats
     probes = probe_requests()
     guard = ctx.guard()
     growth = ListGrowth(prompt=topic_list_prompt, clean=clean_topic,
                         problem=lambda text: topic_problem(text, guard, filter_, probes),
-                        temperature=TOPIC_TEMPERATURE, rounds=MAX_TOPIC_ROUNDS,
-                        oversample=OVERSAMPLE, cache="topics.jsonl",
+                        temperature=settings.topic_temperature,
+                        rounds=settings.max_topic_rounds, oversample=settings.oversample,
+                        cache="topics.jsonl",
                         seed_names=("topic-prompt", "topic"), where="stage 3 topics")
     accepted, audit = grow_list(ctx, growth, names, wanted)
     audit += [{"id": "pool", "text": t["name"], "dropped": "topic of an evaluation probe"}
@@ -213,12 +230,16 @@ def split_topics(topics: list[dict], limit: int, heldout: int) -> tuple[list[dic
     return ordered[:held], ordered[held:]
 
 
-def render_task(topic: dict, kind: str, rng: random.Random, pool: dict) -> dict:
-    """One task: a template of `kind` filled with the topic, a count and (lists) a kind of thing."""
+def render_task(topic: dict, kind: str, rng: random.Random, pool: dict,
+                counts: dict[str, tuple[int, int]] | None = None) -> dict:
+    """One task: a template of `kind` filled with the topic, a count and (lists) a kind of thing.
+    `counts` ({kind: (fewest, most)}, `item_counts` of the default settings when None) bounds a
+    counted template's count; other templates ask for one item."""
+    counts = counts or item_counts(Stage3Settings())
     templates = [t for t in pool["templates"][kind] if topic["examples"] or "{examples}" not in t]
     template = rng.choice(templates)
-    count = rng.randint(*COUNT_RANGE[kind]) if "{count}" in template else 1
-    count_text = NUMBER_WORDS[count] if rng.random() < 0.5 else str(count)
+    count = rng.randint(*counts[kind]) if "{count}" in template else 1
+    count_text = NUMBER_WORDS.get(count, str(count)) if rng.random() < 0.5 else str(count)
     instruction = template.format(count=count_text, topic=topic["name"],
                                   examples=topic["examples"], things=rng.choice(pool["things"]))
     return {
@@ -230,7 +251,8 @@ def render_task(topic: dict, kind: str, rng: random.Random, pool: dict) -> dict:
     }
 
 
-def tasks_for(topics: list[dict], n: int, split: str, pool: dict, seed: int) -> list[dict]:
+def tasks_for(topics: list[dict], n: int, split: str, pool: dict, seed: int,
+              counts: dict[str, tuple[int, int]] | None = None) -> list[dict]:
     """`n` distinct tasks cycling through `topics`; a topic's next visit takes the next kind."""
     tasks: list[dict] = []
     seen: set[str] = set()
@@ -239,14 +261,15 @@ def tasks_for(topics: list[dict], n: int, split: str, pool: dict, seed: int) -> 
             break
         topic = topics[i % len(topics)]
         kind = KINDS[(i + i // len(topics)) % len(KINDS)]
-        task = render_task(topic, kind, random.Random(seed_for(seed, "task", split, i)), pool)
+        task = render_task(topic, kind, random.Random(seed_for(seed, "task", split, i)), pool,
+                           counts)
         if task["id"] not in seen:
             seen.add(task["id"])
             tasks.append({**task, "split": split})
     return tasks
 
 
-def check_leakage(tasks: list[dict]) -> None:
+def check_leakage(tasks: list[dict], threshold: float = 0.7) -> None:
     """No held-out task may share (or nearly share) its topic or its id with a training task."""
     train = [t for t in tasks if t["split"] == "train"]
     train_ids = {t["id"] for t in train}
@@ -256,17 +279,23 @@ def check_leakage(tasks: list[dict]) -> None:
             continue
         topic = task["spec"]["topic"]
         if task["id"] in train_ids:
-            raise RuntimeError(f"held-out task {task['id']} is also a training task")
-        if other := first_near_same(topic, sorted(train_topics), NEAR_DUPLICATE):
-            raise RuntimeError(f"held-out task {task['id']} leaks into training: its topic "
+            raise RunFailure(f"held-out task {task['id']} is also a training task")
+        if other := first_near_same(topic, sorted(train_topics), threshold):
+            raise RunFailure(f"held-out task {task['id']} leaks into training: its topic "
                                f"{topic!r} ~ training topic {other!r}")
 
 
 def make_tasks(ctx: StageContext, pool: dict) -> None:
-    held, train_topics = split_topics(read_jsonl(ctx.path("topics.jsonl")), ctx.limit, ctx.heldout)
-    tasks = (tasks_for(held, ctx.heldout, "heldout", pool, ctx.seed)
-             + tasks_for(train_topics, ctx.limit, "train", pool, ctx.seed))
-    check_leakage(tasks)
+    topics = read_jsonl(ctx.path("topics.jsonl"))
+    if len(topics) < 2:
+        raise TooLittleDataError(
+            f"stage 3 has only {len(topics)} usable topics (see {ctx.path('topics_audit.jsonl')}); "
+            f"it needs at least one for training and one held out")
+    held, train_topics = split_topics(topics, ctx.limit, ctx.heldout)
+    counts = item_counts(ctx.settings)
+    tasks = (tasks_for(held, ctx.heldout, "heldout", pool, ctx.seed, counts)
+             + tasks_for(train_topics, ctx.limit, "train", pool, ctx.seed, counts))
+    check_leakage(tasks, ctx.near_duplicate)
     write_jsonl(ctx.path("tasks.jsonl"), tasks)
     ctx.log(f"tasks: {sum(t['split'] == 'train' for t in tasks)} train on {len(train_topics)} "
             f"topics, {sum(t['split'] == 'heldout' for t in tasks)} held out on {len(held)} topics")
@@ -377,19 +406,19 @@ def mentions_topic(text: str, keywords: list[str]) -> bool:
     return False
 
 
-def all_distinct(texts: list[str]) -> bool:
+def all_distinct(texts: list[str], threshold: float = 0.7) -> bool:
     """No two texts have ROUGE-L above the near-duplicate threshold."""
-    return all(rouge_l(a, b) <= NEAR_DUPLICATE for i, a in enumerate(texts) for b in texts[i + 1:])
+    return all(rouge_l(a, b) <= threshold for i, a in enumerate(texts) for b in texts[i + 1:])
 
 
-def check_list_response(text: str, spec: dict) -> dict[str, bool]:
+def check_list_response(text: str, spec: dict, threshold: float = 0.7) -> dict[str, bool]:
     items = [parse_item(line) for line in without_header(content_lines(text))]
     good = [i for i in items if well_formed(i, spec["kind"])]
     texts = [i.text for i in items]
     return {"count_ok": len(good) == spec["count"],
             "format_ok": bool(items) and len(good) == len(items) and numbering_ok(items),
             "on_topic": mentions_topic(" ".join(texts), spec["keywords"]),
-            "distinct_items": all_distinct(texts)}
+            "distinct_items": all_distinct(texts, threshold)}
 
 
 def parse_mcq(text: str) -> tuple[list[McqItem], int]:
@@ -424,7 +453,7 @@ def mcq_well_formed(item: McqItem) -> bool:
     return labels == ["A", "B", "C", "D"] and item.answer in labels
 
 
-def check_mcq_response(text: str, spec: dict) -> dict[str, bool]:
+def check_mcq_response(text: str, spec: dict, threshold: float = 0.7) -> dict[str, bool]:
     items, stray = parse_mcq(text)
     stems = [" ".join(i.stem) for i in items]
     options = [[o for _, o in i.options] for i in items]
@@ -432,14 +461,16 @@ def check_mcq_response(text: str, spec: dict) -> dict[str, bool]:
             "format_ok": bool(items) and stray == 0 and all(mcq_well_formed(i) for i in items),
             "on_topic": mentions_topic(" ".join(stems + [o for opts in options for o in opts]),
                                        spec["keywords"]),
-            "distinct_items": all_distinct(stems) and all(all_distinct(o) for o in options)}
+            "distinct_items": all_distinct(stems, threshold)
+            and all(all_distinct(o, threshold) for o in options)}
 
 
-def check_response(text: str, spec: dict) -> dict[str, bool]:
-    """The four checks of a response against its task's spec {kind, count, keywords}."""
+def check_response(text: str, spec: dict, threshold: float = 0.7) -> dict[str, bool]:
+    """The four checks of a response against its task's spec {kind, count, keywords}; two items
+    whose ROUGE-L exceeds `threshold` (the run's near-duplicate threshold) are not distinct."""
     if spec["kind"] == "mcq":
-        return check_mcq_response(text, spec)
-    return check_list_response(text, spec)
+        return check_mcq_response(text, spec, threshold)
+    return check_list_response(text, spec, threshold)
 
 
 # 4. scores ---------------------------------------------------------------------------------------
@@ -464,8 +495,9 @@ def unusable_reason(text: str, guard: TemplateGuard, exemplars: list[str]) -> st
     return None
 
 
-def score_sample(text: str, spec: dict, guard: TemplateGuard, exemplars: list[str]) -> dict:
-    checks = check_response(text, spec)
+def score_sample(text: str, spec: dict, guard: TemplateGuard, exemplars: list[str],
+                 threshold: float = 0.7) -> dict:
+    checks = check_response(text, spec, threshold)
     return {"checks": checks, "passed": all(checks.values()),
             "checks_passed": sum(checks.values()), "unusable": unusable_reason(text, guard, exemplars)}
 
@@ -476,11 +508,11 @@ def hardest_failure(samples: list[dict]) -> dict:
     return max(failers, key=lambda s: (s["checks_passed"], -s["sample"]))
 
 
-def comparisons_for(samples: list[dict]) -> list[tuple[int, int]]:
+def comparisons_for(samples: list[dict], max_judged: int = 3) -> list[tuple[int, int]]:
     """Passers among themselves (to pick the best passer), plus the first passer against the
     hardest failure (an audit of the judge against the checks)."""
     distinct = first_of_each_text([s for s in samples if s["unusable"] is None])
-    passers = [s["sample"] for s in distinct if s["passed"]][:MAX_JUDGED_SAMPLES]
+    passers = [s["sample"] for s in distinct if s["passed"]][:max_judged]
     pairs = [(a, b) for i, a in enumerate(passers) for b in passers[i + 1:]]
     if passers and any(not s["passed"] for s in distinct):
         pairs.append((passers[0], hardest_failure(distinct)["sample"]))
@@ -499,13 +531,14 @@ def judge_shots(ctx: StageContext, pool: dict, task_id: str, a: int, b: int) -> 
 def make_scores(ctx: StageContext, pool: dict) -> None:
     tasks = {t["id"]: t for t in load_tasks(ctx, "train")}
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
-    scored = [{**r, **score_sample(r["text"], tasks[r["task_id"]]["spec"], guard, exemplars)}
+    scored = [{**r, **score_sample(r["text"], tasks[r["task_id"]]["spec"], guard, exemplars,
+                                   ctx.near_duplicate)}
               for r in read_jsonl(ctx.path("responses.jsonl"))]
     by_task: dict[str, list[dict]] = {}
     for s in scored:
         by_task.setdefault(s["task_id"], []).append(s)
     jobs = [(task_id, a, b) for task_id, samples in by_task.items()
-            for a, b in comparisons_for(samples)]
+            for a, b in comparisons_for(samples, ctx.settings.max_judged_samples)]
     items = [(judge_shots(ctx, pool, t, a, b), tasks[t]["instruction"],
               by_task[t][a]["text"], by_task[t][b]["text"]) for t, a, b in jobs]
     verdicts = judge_many(ctx.backend(), guard, items, ctx.profile.judge_batch_size,
@@ -518,11 +551,6 @@ def make_scores(ctx: StageContext, pool: dict) -> None:
 
 
 # 5. pairs ----------------------------------------------------------------------------------------
-
-def consistent_winner(judgment: dict) -> int | None:
-    """The sample preferred in both orders, or None when the orders disagree (position bias)."""
-    return {"x": judgment["x"], "y": judgment["y"]}.get(judgment["winner"])
-
 
 def choose_pair(task: dict, samples: list[dict], judgments: list[dict]) -> tuple[dict | None, str]:
     """(pair, reason): chosen passes every check, rejected fails (the hardest failure)."""
@@ -563,17 +591,16 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
                 "exemplars")
 
 
-# 6-10. decontaminate, train, merge, assess, report (core/lifecycle.py) ---------------------------
+# What the shared tail needs from stage 3 ---------------------------------------------------------
 
 def earlier_heldout(ctx: StageContext) -> list[tuple[str, str]]:
     """Held-out items of the earlier stages of this run, where they exist: they stay out of this
     stage's training data too, so re-assessing those stages later remains clean."""
     items = []
     for number, name, text_field in EARLIER_HELDOUT:
-        path = ctx.run_dir / f"stage_{number}" / name
-        if path.is_file():
-            items += [(f"stage{number}:{r['id']}", r[text_field]) for r in read_jsonl(path)
-                      if r["split"] == "heldout"]
+        records = earlier_records(ctx.run_dir, number, name, reader=3) or []
+        items += [(f"stage{number}:{r['id']}", r[text_field]) for r in records
+                  if r["split"] == "heldout"]
     return items
 
 
@@ -583,21 +610,14 @@ def protected_sets(ctx: StageContext) -> Protected:
     return Protected(exemplar_texts(load_pool()), heldout + earlier_heldout(ctx), ctx.data_dir)
 
 
-def decontaminate(ctx: StageContext, pool: dict) -> None:
-    lifecycle.decontaminate_pairs(ctx, protected_sets(ctx))
-
-
-def train(ctx: StageContext, pool: dict) -> None:
-    lifecycle.train_adapter(ctx)
-
-
-def merge(ctx: StageContext, pool: dict) -> None:
+def merge_probes(ctx: StageContext) -> list[str]:
     tasks = read_jsonl(ctx.path("tasks.jsonl"))
-    lifecycle.merge_model(ctx, [house_prompt(t["instruction"]) for t in tasks[:8]])
+    return [house_prompt(t["instruction"]) for t in tasks[:8]]
 
 
 def assess_generation(backend, guard: TemplateGuard, tasks: list[dict], cache_path: Path,
-                      max_new_tokens: int, batch_size: int, where: str) -> dict:
+                      max_new_tokens: int, batch_size: int, where: str,
+                      threshold: float = 0.7) -> dict:
     """A zero-shot, greedy response per held-out task, scored by the four checks."""
     texts = generate_greedy(backend, guard, cache_path,
                             {t["id"]: house_prompt(t["instruction"]) for t in tasks},
@@ -605,7 +625,7 @@ def assess_generation(backend, guard: TemplateGuard, tasks: list[dict], cache_pa
     items = []
     for task in tasks:
         text = texts[task["id"]]
-        checks = check_response(text, task["spec"])
+        checks = check_response(text, task["spec"], threshold)
         items.append({"id": task["id"], "kind": task["spec"]["kind"], "response": text,
                       "checks": checks, "passed": all(checks.values())})
     summary = {"task_success": rate(sum(i["passed"] for i in items), len(items))}
@@ -613,24 +633,19 @@ def assess_generation(backend, guard: TemplateGuard, tasks: list[dict], cache_pa
     return {"summary": summary, "items": items}
 
 
-def assess(ctx: StageContext, pool: dict) -> None:
+def assess_heldout(ctx: StageContext, backend, label: str) -> dict:
     """Held-out tasks (unseen topics), zero-shot and greedy: task success and per-check rates."""
-    tasks = load_tasks(ctx, "heldout")
-
-    def assess_heldout(backend, label: str) -> dict:
-        p = ctx.profile
-        return assess_generation(backend, ctx.guard(), tasks,
-                                 ctx.path(f"cache/assess_{label}.jsonl"), p.max_new_tokens,
-                                 p.gen_batch_size, f"stage 3 assess {label}")
-
-    lifecycle.assess_models(ctx, assess_heldout, headline="task_success")
+    p = ctx.profile
+    return assess_generation(backend, ctx.guard(), load_tasks(ctx, "heldout"),
+                             ctx.path(f"cache/assess_{label}.jsonl"), p.max_new_tokens,
+                             p.gen_batch_size, f"stage 3 assess {label}", ctx.near_duplicate)
 
 
-def report(ctx: StageContext, pool: dict) -> None:
+def report_data(ctx: StageContext) -> dict:
     topics = read_jsonl(ctx.path("topics.jsonl"))
     audit = read_jsonl(ctx.path("topics_audit.jsonl"))
     scored = read_jsonl(ctx.path("scores.jsonl"))
-    lifecycle.write_stage_report(ctx, NAME, {
+    return {
         "topics": {"pool": sum(t["source"] == "pool" for t in topics),
                    "model_proposed": sum(t["source"] == "model" for t in topics),
                    "dropped": sum(a["dropped"] is not None for a in audit)},
@@ -641,7 +656,7 @@ def report(ctx: StageContext, pool: dict) -> None:
         "pairs_dropped": len(read_jsonl(ctx.path("pairs_dropped.jsonl"))),
         "earlier_heldout_items_decontaminated": len(earlier_heldout(ctx)),
         "judge": judge_audit(read_jsonl(ctx.path("judgments.jsonl")), scored),
-    })
+    }
 
 
 def sample_check_rates(scored: list[dict]) -> dict:
@@ -656,10 +671,22 @@ def sample_check_rates(scored: list[dict]) -> dict:
 def judge_audit(judgments: list[dict], scored: list[dict]) -> dict:
     """How often the judge was order-consistent, and how often it agreed with the checks."""
     passed = {(s["task_id"], s["sample"]): s["passed"] for s in scored}
-    decided = [(j, consistent_winner(j)) for j in judgments]
-    consistent = [(j, w) for j, w in decided if w is not None]
-    checkable = [(j, w) for j, w in consistent
-                 if passed[(j["task_id"], j["x"])] != passed[(j["task_id"], j["y"])]]
-    agree = sum(1 for j, w in checkable if passed[(j["task_id"], w)])
-    return {"comparisons": len(judgments), "order_consistent": rate(len(consistent), len(judgments)),
-            "agrees_with_checkers": rate(agree, len(checkable))}
+    return core_judge_audit(judgments, lambda j, sample: passed[(j["task_id"], sample)])
+
+
+STAGE = Stage(
+    number=3,
+    name="generation-tasks",
+    summary=("produce examples on demand (N questions, examples or list items, or a "
+             "multiple-choice item about a topic) in exactly the asked form, zero-shot"),
+    settings=Stage3Settings,
+    load_pool=load_pool,
+    data_steps=(Step("topics", make_topics), Step("tasks", make_tasks),
+                Step("responses", make_responses), Step("scores", make_scores),
+                Step("pairs", make_pairs)),
+    protected=protected_sets,
+    merge_probes=merge_probes,
+    assess_heldout=assess_heldout,
+    headline="task_success",
+    report_data=report_data,
+)

@@ -45,6 +45,9 @@ complete):
                  gap (better-first minus better-second accuracy), parse and reason rates; the
                  same on the HH-RLHF held-out pairs when present; the baseline suite.
 9. report        metrics.json and report.md; then DONE.
+
+Steps 5-9 are the shared tail (core/stage.py, core/lifecycle.py); this module answers what only
+stage 4 knows, in `STAGE` at the bottom.
 """
 from __future__ import annotations
 
@@ -59,33 +62,35 @@ from pathlib import Path
 
 import yaml
 
-from core import lifecycle
 from core.assess import generate_greedy
 from core.contamination import Protected
 from core.context import StageContext
+from core.errors import RunFailure, TooLittleDataError
 from core.generation import GenRequest
 from core.io import read_json, read_jsonl, write_jsonl
 from core.pairs import group_by_task, same_text, shared_pair_problem, write_pairs
 from core.prompting import RESPONSE_STOPS, draw, house_prompt
+from core.records import earlier_records
 from core.sampling import few_shot_requests, sample_to_file
+from core.split import split_smallest_ids
+from core.stage import Stage, StageSettings, Step, setting
 from core.stats import rate
 from core.text import (copies_exemplar, degenerate_reason, first_near_same, near_same, normalize,
                        rouge_l)
 
-NUMBER = 4
-NAME = "evaluation-tasks"
-SUMMARY = "judge which of two responses better serves a request, and say why in one sentence"
-STEPS = ["tasks", "verdicts", "scores", "pairs", "decontaminate", "train", "merge", "assess",
-         "report"]
-
 POOL_PATH = Path(__file__).with_name("pools") / "stage4.yaml"
 HH_PATH = Path("hh-rlhf-harmless") / "harmless-base-test.jsonl.gz"
 HH_SOURCE = "hh-rlhf-harmless-test"
-HH_MAX_WORDS = 80  # per HH response: keeps the assessment prompts short
-NEAR_DUPLICATE = 0.7
-VERDICT_TOKENS = 64  # room left in `max_length` for the verdict after the prompt
 VERDICT_STOPS: tuple[str, ...] = ("\n",) + RESPONSE_STOPS  # a verdict is one line
 LETTERS = ("A", "B")  # a task's label: where the better response is shown
+
+
+@dataclass(frozen=True)
+class Stage4Settings(StageSettings):
+    verdict_tokens: int = setting(64, "tokens left in the profile's max_length for the verdict "
+                                      "after the prompt (longer labelled pairs are dropped)")
+    hh_max_words: int = setting(80, "longest HH-RLHF response (in words) an assessment pair may "
+                                    "show; keeps the assessment prompts short")
 
 
 @dataclass(frozen=True)
@@ -93,7 +98,7 @@ class EarlierStage:
     """Where an earlier stage keeps its tasks and check outcomes. Its scores.jsonl holds
     `task_id`, `sample`, `text` and the boolean `passed_field`."""
 
-    folder: str
+    number: int
     tasks_file: str
     request_field: str  # the request as the model saw it (inside the house prompt)
     key_field: str  # the bare request, for dedup and leakage checks
@@ -101,9 +106,9 @@ class EarlierStage:
 
 
 EARLIER_STAGES = (
-    EarlierStage("stage_1", "instructions.jsonl", "prompt_instruction", "instruction", "passed"),
-    EarlierStage("stage_2", "questions.jsonl", "question", "question", "answers"),
-    EarlierStage("stage_3", "tasks.jsonl", "instruction", "instruction", "passed"),
+    EarlierStage(1, "instructions.jsonl", "prompt_instruction", "instruction", "passed"),
+    EarlierStage(2, "questions.jsonl", "question", "question", "answers"),
+    EarlierStage(3, "tasks.jsonl", "instruction", "instruction", "passed"),
 )
 TASK_TEMPLATE = (
     "Here is a request and two responses.\n\nRequest: {request}\n\nResponse A:\n{a}\n\n"
@@ -131,15 +136,6 @@ def exemplar_texts(pool: dict) -> list[str]:
     exemplars: they may appear in training prompts)."""
     return [e[field] for e in pool["verdict_exemplars"]
             for field in ("request", "better", "worse", "reason")]
-
-
-def run(ctx: StageContext) -> None:
-    """Run (or resume) every step of stage 4, then write DONE."""
-    lifecycle.run_steps(ctx, load_pool(), STEPS, {
-        "tasks": make_tasks, "verdicts": make_verdicts, "scores": make_scores,
-        "pairs": make_pairs, "decontaminate": decontaminate, "train": train, "merge": merge,
-        "assess": assess, "report": report,
-    })
 
 
 # 1. tasks ----------------------------------------------------------------------------------------
@@ -184,19 +180,20 @@ def pick_known_pair(samples: list[dict], passed_field: str, guard) -> tuple[dict
 
 def labelled_from_stage(run_dir: Path, stage: EarlierStage, guard) -> list[dict]:
     """Labelled pairs from an earlier stage's check outcomes (none when its files are absent)."""
-    folder = run_dir / stage.folder
-    if not (folder / "scores.jsonl").is_file() or not (folder / stage.tasks_file).is_file():
+    scores = earlier_records(run_dir, stage.number, "scores.jsonl", reader=4)
+    tasks = earlier_records(run_dir, stage.number, stage.tasks_file, reader=4)
+    if scores is None or tasks is None:
         return []
     by_task: dict[str, list[dict]] = {}
-    for sample in read_jsonl(folder / "scores.jsonl"):
+    for sample in scores:
         by_task.setdefault(sample["task_id"], []).append(sample)
     pairs = []
-    for task in read_jsonl(folder / stage.tasks_file):
+    for task in tasks:
         known = pick_known_pair(by_task.get(task["id"], []), stage.passed_field, guard)
         if known is None:
             continue
         better, worse = known
-        pairs.append({"id": labelled_id(task[stage.key_field]), "source": stage.folder,
+        pairs.append({"id": labelled_id(task[stage.key_field]), "source": f"stage_{stage.number}",
                       "key": task[stage.key_field], "request": task[stage.request_field],
                       "better": better["text"], "worse": worse["text"],
                       "origin": {"task_id": task["id"], "better_sample": better["sample"],
@@ -217,31 +214,31 @@ def prompt_tokens(tokenizer, pair: dict) -> int:
                              add_special_tokens=False)["input_ids"]) for label in LETTERS)
 
 
-def split_labelled(pairs: list[dict], limit: int, heldout: int) -> tuple[list[dict], list[dict]]:
-    """(kept pairs with "split", dropped): held-out = the `heldout` smallest ids, training = the
-    next `limit`; training pairs that nearly equal a held-out request are dropped."""
-    order = sorted(pairs, key=lambda p: p["id"])
-    if len(order) - heldout < 2:  # too few to honour --heldout: keep three quarters for training
-        heldout = max(1, len(order) // 4)
-    held = [{**p, "split": "heldout"} for p in order[:heldout]]
+def split_labelled(pairs: list[dict], limit: int, heldout: int,
+                   threshold: float = 0.7) -> tuple[list[dict], list[dict]]:
+    """(kept pairs with "split", dropped): held-out = the `heldout` smallest ids
+    (core.split.split_smallest_ids), training = the next `limit` by id; training pairs that
+    nearly equal a held-out request (ROUGE-L > `threshold`) are dropped."""
+    order = sorted(split_smallest_ids(pairs, heldout), key=lambda p: p["id"])
+    held = [p for p in order if p["split"] == "heldout"]
     kept, dropped = [], []
-    for pair in order[heldout:]:
+    for pair in (p for p in order if p["split"] == "train"):
         if len(kept) == limit:
             break
-        if any(near_same(pair["key"], h["key"]) for h in held):
+        if any(near_same(pair["key"], h["key"], threshold) for h in held):
             dropped.append({"id": pair["id"], "reason": "near a held-out request"})
         else:
-            kept.append({**pair, "split": "train"})
+            kept.append(pair)
     return held + kept, dropped
 
 
-def check_leakage(pairs: list[dict]) -> None:
-    """No held-out request may equal or nearly equal a training one."""
+def check_leakage(pairs: list[dict], threshold: float = 0.7) -> None:
+    """No held-out request may equal or nearly equal (ROUGE-L > `threshold`) a training one."""
     train = [p for p in pairs if p["split"] == "train"]
     for held in (p for p in pairs if p["split"] == "heldout"):
-        if other := first_near_same(held["key"], [p["key"] for p in train], NEAR_DUPLICATE):
-            raise RuntimeError(f"held-out pair {held['id']} leaks into training: "
-                               f"{held['key']!r} ~ {other!r}")
+        if other := first_near_same(held["key"], [p["key"] for p in train], threshold):
+            raise RunFailure(f"held-out pair {held['id']} leaks into training: "
+                             f"{held['key']!r} ~ {other!r}")
 
 
 def judge_tasks(pairs: list[dict]) -> list[dict]:
@@ -276,11 +273,13 @@ def read_hh_pairs(path: Path) -> dict[int, dict]:
     return {row: pair for row, line in enumerate(rows) if (pair := hh_pair(line)) is not None}
 
 
-def pick_hh_heldout(pairs: dict[int, dict], count: int, guard) -> list[dict]:
-    """`count` usable single-turn rows, picked by hash; only ids and row numbers are kept."""
+def pick_hh_heldout(pairs: dict[int, dict], count: int, guard,
+                    max_words: int = 80) -> list[dict]:
+    """`count` usable single-turn rows (each response at most `max_words` words), picked by
+    hash; only ids and row numbers are kept."""
     def usable(pair: dict) -> bool:
         sides = (pair["better"], pair["worse"])
-        return all(side and len(side.split()) <= HH_MAX_WORDS
+        return all(side and len(side.split()) <= max_words
                    and response_problem(side, guard) is None for side in sides) \
             and same_text(sides[0]) != same_text(sides[1]) and guard.is_clean(pair["request"])
 
@@ -298,21 +297,21 @@ def make_tasks(ctx: StageContext, pool: dict) -> None:
             candidates.setdefault(pair["id"], pair)
     for pair in labelled_from_pool(pool):
         candidates.setdefault(pair["id"], pair)
-    budget = ctx.profile.max_length - VERDICT_TOKENS
+    budget = ctx.profile.max_length - ctx.settings.verdict_tokens
     too_long = {i for i, p in candidates.items() if prompt_tokens(tokenizer, p) > budget}
     pairs, near = split_labelled([p for i, p in candidates.items() if i not in too_long],
-                                 ctx.limit, ctx.heldout)
+                                 ctx.limit, ctx.heldout, ctx.near_duplicate)
     long_ = [{"id": i, "reason": f"prompt longer than {budget} tokens"} for i in too_long]
     write_jsonl(ctx.path("tasks_dropped.jsonl"), long_ + near)
-    check_leakage(pairs)
+    check_leakage(pairs, ctx.near_duplicate)
     if sum(p["split"] == "train" for p in pairs) < 2:
-        raise RuntimeError(f"stage 4 found only {len(pairs)} labelled pairs whose prompt fits "
-                           f"max_length {ctx.profile.max_length} "
-                           f"(see {ctx.path('tasks_dropped.jsonl')})")
+        raise TooLittleDataError(f"stage 4 found only {len(pairs)} labelled pairs whose prompt "
+                                 f"fits max_length {ctx.profile.max_length} "
+                                 f"(see {ctx.path('tasks_dropped.jsonl')})")
     write_jsonl(ctx.path("labelled.jsonl"), pairs)
     write_jsonl(ctx.path("instructions.jsonl"), judge_tasks(pairs))
     hh_file = ctx.data_dir / HH_PATH if ctx.data_dir else None
-    hh = pick_hh_heldout(read_hh_pairs(hh_file), ctx.heldout, guard) \
+    hh = pick_hh_heldout(read_hh_pairs(hh_file), ctx.heldout, guard, ctx.settings.hh_max_words) \
         if hh_file and hh_file.is_file() else []
     write_jsonl(ctx.path("hh_heldout.jsonl"), hh)
     sources = Counter(f"{p['source']}/{p['split']}" for p in pairs)
@@ -366,8 +365,10 @@ def parse_verdict(text: str) -> tuple[str | None, str]:
     return match.group(1), match.group(2).strip()
 
 
-def reason_problem(reason: str, responses: tuple[str, str], finish: str = "stop") -> str | None:
-    """Why a verdict's reason is not one good sentence (None when it is)."""
+def reason_problem(reason: str, responses: tuple[str, str], finish: str = "stop",
+                   threshold: float = 0.7) -> str | None:
+    """Why a verdict's reason is not one good sentence (None when it is); a reason nearly equal
+    (ROUGE-L > `threshold`) to either response copies it."""
     if not reason:
         return "no reason"
     if finish == "length":
@@ -380,7 +381,7 @@ def reason_problem(reason: str, responses: tuple[str, str], finish: str = "stop"
         return "unfinished sentence"
     if SENTENCE_BREAK.search(reason):
         return "more than one sentence"
-    if any(normalize(reason) == normalize(r) or rouge_l(reason, r) > NEAR_DUPLICATE
+    if any(normalize(reason) == normalize(r) or rouge_l(reason, r) > threshold
            for r in responses):
         return "copies a response"
     return None
@@ -400,12 +401,12 @@ def unusable_reason(text: str, guard, exemplars: list[str]) -> str | None:
 
 
 def score_verdict(text: str, finish: str, label: str, responses: tuple[str, str], guard,
-                  exemplars: list[str]) -> dict:
+                  exemplars: list[str], threshold: float = 0.7) -> dict:
     """Parsed letter, correctness for this order, reason check; `passed` = may be chosen;
     `both_orders` = a good reason that names no position (it holds in either order)."""
     letter, reason = parse_verdict(text)
     unusable = unusable_reason(text, guard, exemplars) or (None if letter else "does not parse")
-    problem = reason_problem(reason, responses, finish) if letter else None
+    problem = reason_problem(reason, responses, finish, threshold) if letter else None
     correct = letter == label if letter else None
     return {"letter": letter, "reason": reason, "correct": correct, "reason_problem": problem,
             "unusable": unusable, "passed": unusable is None and bool(correct) and problem is None,
@@ -422,7 +423,7 @@ def make_scores(ctx: StageContext, pool: dict) -> None:
         responses = ordered(pairs[task["pair_id"]], task["label"])
         scored.append({**verdict, "pair_id": task["pair_id"], "label": task["label"],
                        **score_verdict(verdict["text"], verdict["finish"], task["label"],
-                                       responses, guard, exemplars)})
+                                       responses, guard, exemplars, ctx.near_duplicate)})
     write_jsonl(ctx.path("scores.jsonl"), scored)
 
 
@@ -494,34 +495,15 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
                 "next to a wrong one; raise --limit")
 
 
-# 5-9. decontaminate, train, merge, assess, report (core/lifecycle.py) ----------------------------
+# assessment and report helpers ------------------------------------------------------------------
 
 def heldout_texts(pairs: list[dict]) -> list[tuple[str, str]]:
     """Held-out requests and responses, for the 13-gram index."""
     return [(f"{p['id']}/{field}", p[field]) for p in pairs for field in ("key", "better", "worse")]
 
 
-def protected_sets(ctx: StageContext) -> Protected:
-    """Exemplars, the held-out requests and responses, and the shared sets."""
-    return Protected(exemplar_texts(load_pool()), heldout_texts(load_labelled(ctx, "heldout")),
-                     ctx.data_dir)
-
-
-def decontaminate(ctx: StageContext, pool: dict) -> None:
-    lifecycle.decontaminate_pairs(ctx, protected_sets(ctx))
-
-
-def train(ctx: StageContext, pool: dict) -> None:
-    lifecycle.train_adapter(ctx)
-
-
-def merge(ctx: StageContext, pool: dict) -> None:
-    tasks = read_jsonl(ctx.path("instructions.jsonl"))
-    lifecycle.merge_model(ctx, [house_prompt(t["prompt_instruction"]) for t in tasks[:8]])
-
-
 def judge_verdicts(backend, guard, pairs: list[dict], cache_path: Path, max_new_tokens: int,
-                   batch_size: int, where: str) -> list[dict]:
+                   batch_size: int, where: str, threshold: float = 0.7) -> list[dict]:
     """Zero-shot greedy verdicts on both orders of each pair: letters, correctness, reasons."""
     prompts = {f"{p['id']}-{label}": house_prompt(judge_text(p["request"], *ordered(p, label)))
                for p in pairs for label in LETTERS}
@@ -534,7 +516,8 @@ def judge_verdicts(backend, guard, pairs: list[dict], cache_path: Path, max_new_
             letter, reason = parse_verdict(text)
             row[label] = {"text": text, "letter": letter, "correct": letter == label,
                           "reason_ok": letter == label and
-                          reason_problem(reason, ordered(pair, label)) is None}
+                          reason_problem(reason, ordered(pair, label),
+                                         threshold=threshold) is None}
         rows.append(row)
     return rows
 
@@ -586,35 +569,54 @@ def load_hh_heldout(ctx: StageContext) -> list[dict]:
     return [{"id": c["id"], "source": HH_SOURCE, **pairs[c["row"]]} for c in chosen]
 
 
-def assess(ctx: StageContext, pool: dict) -> None:
+def fewshot_audit(scored: list[dict]) -> dict:
+    """How the input model judged few-shot while making the data: parse rate and letter
+    accuracy per order (its position bias in context)."""
+    parsed = [s for s in scored if s["letter"] is not None]
+    return {"samples": len(scored), "parsed": rate(len(parsed), len(scored)),
+            **{f"right_letter_better_{'first' if label == 'A' else 'second'}":
+               rate(sum(s["correct"] for s in parsed if s["label"] == label),
+                    sum(s["label"] == label for s in parsed)) for label in LETTERS}}
+
+
+# What the shared tail needs from stage 4 ---------------------------------------------------------
+
+def protected_sets(ctx: StageContext) -> Protected:
+    """Exemplars, the held-out requests and responses, and the shared sets."""
+    return Protected(exemplar_texts(load_pool()), heldout_texts(load_labelled(ctx, "heldout")),
+                     ctx.data_dir)
+
+
+def merge_probes(ctx: StageContext) -> list[str]:
+    tasks = read_jsonl(ctx.path("instructions.jsonl"))
+    return [house_prompt(t["prompt_instruction"]) for t in tasks[:8]]
+
+
+def assess_heldout(ctx: StageContext, backend, label: str) -> dict:
     """Held-out labelled pairs (and HH-RLHF held-out pairs), both orders, zero-shot, greedy."""
     labelled, hh = load_labelled(ctx, "heldout"), load_hh_heldout(ctx)
-
-    def assess_heldout(backend, label: str) -> dict:
-        p = ctx.profile
-        rows = judge_verdicts(backend, ctx.guard(), labelled + hh,
-                              ctx.path(f"cache/assess_{label}.jsonl"), p.max_new_tokens,
-                              p.gen_batch_size, f"stage 4 assess {label}")
-        own = [r for r in rows if r["source"] != HH_SOURCE]
-        other = [r for r in rows if r["source"] == HH_SOURCE]
-        summary = judging_summary(own)
-        if other:
-            summary.update({k: v for k, v in judging_summary(other, "hh_").items()
-                            if "accuracy" in k})
-        return {"summary": summary,
-                "position_bias_gap": {"labelled": position_bias_gap(own),
-                                      "hh": position_bias_gap(other)},
-                "items": assessed_items(own, True) + assessed_items(other, False)}
-
-    lifecycle.assess_models(ctx, assess_heldout, headline="accuracy_both_orders")
+    p = ctx.profile
+    rows = judge_verdicts(backend, ctx.guard(), labelled + hh,
+                          ctx.path(f"cache/assess_{label}.jsonl"), p.max_new_tokens,
+                          p.gen_batch_size, f"stage 4 assess {label}", ctx.near_duplicate)
+    own = [r for r in rows if r["source"] != HH_SOURCE]
+    other = [r for r in rows if r["source"] == HH_SOURCE]
+    summary = judging_summary(own)
+    if other:
+        summary.update({k: v for k, v in judging_summary(other, "hh_").items()
+                        if "accuracy" in k})
+    return {"summary": summary,
+            "position_bias_gap": {"labelled": position_bias_gap(own),
+                                  "hh": position_bias_gap(other)},
+            "items": assessed_items(own, True) + assessed_items(other, False)}
 
 
-def report(ctx: StageContext, pool: dict) -> None:
+def report_data(ctx: StageContext) -> dict:
     labelled = read_jsonl(ctx.path("labelled.jsonl"))
     scored = read_jsonl(ctx.path("scores.jsonl"))
     pairs = read_jsonl(ctx.path("pairs.jsonl"))
     assessment = read_json(ctx.path("assessment.json"))
-    lifecycle.write_stage_report(ctx, NAME, {
+    return {
         "labelled_pairs": dict(Counter(f"{p['source']} {p['split']}" for p in labelled)),
         "tasks_train": len(load_tasks(ctx, "train")),
         "hh_heldout": len(read_jsonl(ctx.path("hh_heldout.jsonl"))),
@@ -626,14 +628,20 @@ def report(ctx: StageContext, pool: dict) -> None:
                                      for side in ("chosen", "rejected")},
         "position_bias_gap": {side: assessment[side]["position_bias_gap"]["labelled"]
                               for side in ("before", "after")},
-    })
+    }
 
 
-def fewshot_audit(scored: list[dict]) -> dict:
-    """How the input model judged few-shot while making the data: parse rate and letter
-    accuracy per order (its position bias in context)."""
-    parsed = [s for s in scored if s["letter"] is not None]
-    return {"samples": len(scored), "parsed": rate(len(parsed), len(scored)),
-            **{f"right_letter_better_{'first' if label == 'A' else 'second'}":
-               rate(sum(s["correct"] for s in parsed if s["label"] == label),
-                    sum(s["label"] == label for s in parsed)) for label in LETTERS}}
+STAGE = Stage(
+    number=4,
+    name="evaluation-tasks",
+    summary="judge which of two responses better serves a request, and say why in one sentence",
+    settings=Stage4Settings,
+    load_pool=load_pool,
+    data_steps=(Step("tasks", make_tasks), Step("verdicts", make_verdicts),
+                Step("scores", make_scores), Step("pairs", make_pairs)),
+    protected=protected_sets,
+    merge_probes=merge_probes,
+    assess_heldout=assess_heldout,
+    headline="accuracy_both_orders",
+    report_data=report_data,
+)

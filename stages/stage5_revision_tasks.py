@@ -32,12 +32,15 @@ Steps (each resumable, each marked done only when complete):
                  exemplar-copying pairs are dropped. The training prompt is the zero-shot house
                  prompt: exemplars never reach it.
 6. decontaminate Template state and EOS agreement; 13-gram overlap with evaluation sets and the
-                 held-out requests and drafts; exemplar copies (core/lifecycle.py).
+                 held-out requests and drafts; exemplar copies.
 7. train         DPO on a LoRA.
 8. merge         into a full-precision copy of the input model, with a parity check.
 9. assess        input vs merged model on the held-out tasks, zero-shot and greedy:
                  "revision_success" (headline), "fixes_critique", "keeps_content".
 10. report       metrics.json and report.md; then DONE.
+
+Steps 6-10 are the shared tail (core/stage.py, core/lifecycle.py); this module answers what only
+stage 5 knows, in `STAGE` at the bottom.
 """
 from __future__ import annotations
 
@@ -46,38 +49,47 @@ import math
 import random
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from core import lifecycle
 from core.assess import greedy
 from core.constraints import constraint_from_dict, sample_constraints
 from core.contamination import Protected
 from core.context import StageContext
+from core.errors import RunFailure, TooLittleDataError
 from core.generation import GenRequest, generate_cached
 from core.io import read_jsonl, write_jsonl
+from core.judge import judge_audit as core_judge_audit
+from core.judge import judge_many, judge_prefix, winning_sample
 from core.pairs import group_by_task, shared_pair_problem, write_pairs
-from core.judge import judge_many, judge_prefix
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
+from core.records import earlier_records
 from core.sampling import few_shot_requests, sample_to_file
+from core.stage import Stage, StageSettings, Step, setting
 from core.stats import rate
 from core.suites.baseline import REVISION_TEXT
 from core.text import copies_exemplar, degenerate_reason, near_same, normalize, rouge_l
 
-NUMBER = 5
-NAME = "revision-tasks"
-SUMMARY = "revise a response so that it fixes what a critique names while keeping its content"
-STEPS = ["drafts", "tasks", "revisions", "scores", "pairs", "decontaminate", "train", "merge",
-         "assess", "report"]
-
 POOL_PATH = Path(__file__).with_name("pools") / "stage5.yaml"
-KEEPS_CONTENT = 0.2  # ROUGE-L between revision and draft
-NEAR_DUPLICATE = 0.7
-MAX_TASKS_PER_REQUEST = 2  # stage 1 fails one instruction many times: keep requests diverse
-DRAFT_OVERSAMPLE = 1.5
-CONSTRAINT_TRIES = 4  # sampled constraints per model draft until one fails
-MAX_JUDGED = 3  # passing revisions judged against the rejected one
+
+
+@dataclass(frozen=True)
+class Stage5Settings(StageSettings):
+    keeps_content: float = setting(0.2, "ROUGE-L between a revision and its draft at or above "
+                                        "which the revision keeps the draft's content")
+    max_tasks_per_request: int = setting(2, "revision tasks kept per request from stage 1's "
+                                            "failures (it fails one instruction many times: "
+                                            "keep requests diverse)")
+    draft_oversample: float = setting(1.5, "model drafts requested, as a multiple of the tasks "
+                                           "the earlier stages leave missing")
+    constraint_tries: int = setting(4, "constraints sampled per model draft until one it fails "
+                                       "is found")
+    max_judged_revisions: int = setting(3, "passing revisions per task the judge compares with "
+                                           "the rejected one")
+
+
 SOURCES = ("stage1", "model-draft", "pool")  # the order sources take turns in the split
 JUDGE_CRITERION = "The better revision fixes what the critique names and keeps the draft's content."
 
@@ -110,15 +122,6 @@ def exemplar_texts(pool: dict) -> list[str]:
     for e in pool["judge_exemplars"]:
         texts += [e["request"], e["draft"], e["revision_a"], e["revision_b"]]
     return texts
-
-
-def run(ctx: StageContext) -> None:
-    """Run (or resume) every step of stage 5, then write DONE."""
-    lifecycle.run_steps(ctx, load_pool(), STEPS, {
-        "drafts": make_drafts, "tasks": make_tasks, "revisions": make_revisions,
-        "scores": make_scores, "pairs": make_pairs, "decontaminate": decontaminate,
-        "train": train, "merge": merge, "assess": assess, "report": report,
-    })
 
 
 # shared text rules -------------------------------------------------------------------------------
@@ -171,11 +174,12 @@ def draft_problem(draft: str, guard, exemplars: list[str]) -> str | None:
     return None
 
 
-def revision_checks(text: str, task: dict) -> dict:
-    """The objective checks of one revision against its task."""
+def revision_checks(text: str, task: dict, keeps_content: float = 0.2) -> dict:
+    """The objective checks of one revision against its task (it keeps the draft's content when
+    their ROUGE-L is at least `keeps_content`)."""
     results = [constraint_from_dict(c).check(text) for c in task["checks"]]
     similarity = rouge_l(text, task["draft"])
-    fixes, keeps = all(results), similarity >= KEEPS_CONTENT
+    fixes, keeps = all(results), similarity >= keeps_content
     changed = same_text(text) != same_text(task["draft"])
     return {"constraint_results": results, "fixes_critique": fixes, "keeps_content": keeps,
             "changed": changed, "rouge_draft": round(similarity, 4),
@@ -208,36 +212,37 @@ def make_task(request: str, draft: str, checks: list[dict], source: str,
             "source": source, "origin": origin}
 
 
-def stage1_failures(run_dir: Path) -> list[dict]:
-    """Stage 1's usable samples that fail some of their task's constraints, as revision tasks
-    (empty when stage 1 has not run in this run directory)."""
-    folder = run_dir / "stage_1"
-    if not (folder / "scores.jsonl").is_file() or not (folder / "instructions.jsonl").is_file():
+def stage1_failures(run_dir: Path, per_request: int = 2) -> list[dict]:
+    """Stage 1's usable samples that fail some of their task's constraints, as revision tasks,
+    at most `per_request` per request (empty when stage 1 has not run in this run directory)."""
+    scores = earlier_records(run_dir, 1, "scores.jsonl", reader=5)
+    written = earlier_records(run_dir, 1, "instructions.jsonl", reader=5)
+    if scores is None or written is None:
         return []
-    instructions = {t["id"]: t for t in read_jsonl(folder / "instructions.jsonl")}
+    instructions = {t["id"]: t for t in written}
     tasks = []
-    for sample in read_jsonl(folder / "scores.jsonl"):
+    for sample in scores:
         task = instructions[sample["task_id"]]
         failed = [c for c, ok in zip(task["constraints"], sample["constraint_results"]) if not ok]
         if failed and sample["unusable"] is None:
             tasks.append(make_task(task["instruction"], sample["text"], failed, "stage1",
                                    origin=f"{sample['task_id']}-{sample['sample']}"))
-    return cap_per_request(tasks)
+    return cap_per_request(tasks, per_request)
 
 
-def cap_per_request(tasks: list[dict]) -> list[dict]:
-    """At most MAX_TASKS_PER_REQUEST tasks per normalized request, one per task id."""
+def cap_per_request(tasks: list[dict], per_request: int) -> list[dict]:
+    """At most `per_request` tasks per normalized request, one per task id."""
     kept: dict[str, list[dict]] = {}
     for task in sorted({t["id"]: t for t in tasks}.values(), key=lambda t: t["id"]):
         group = kept.setdefault(normalize(task["request"]), [])
-        if len(group) < MAX_TASKS_PER_REQUEST:
+        if len(group) < per_request:
             group.append(task)
     return [t for group in kept.values() for t in group]
 
 
-def failing_constraint(draft: str, request: str, seed: int) -> list[dict] | None:
-    """A sampled constraint the draft fails (tried CONSTRAINT_TRIES times), as check dicts."""
-    for attempt in range(CONSTRAINT_TRIES):
+def failing_constraint(draft: str, request: str, seed: int, tries: int = 4) -> list[dict] | None:
+    """A sampled constraint the draft fails (`tries` constraints sampled), as check dicts."""
+    for attempt in range(tries):
         rng = random.Random(seed_for(seed, "draft-constraint", normalize(request), attempt))
         constraint = sample_constraints(rng, 1)[0]
         if not constraint.check(draft):
@@ -247,23 +252,26 @@ def failing_constraint(draft: str, request: str, seed: int) -> list[dict] | None
 
 def make_drafts(ctx: StageContext, pool: dict) -> None:
     """Model drafts for pool requests, as many as the earlier stages leave missing."""
-    missing = ctx.limit + ctx.heldout - len(stage1_failures(ctx.run_dir))
+    settings = ctx.settings
+    missing = ctx.limit + ctx.heldout - len(stage1_failures(ctx.run_dir,
+                                                            settings.max_tasks_per_request))
     requests = list(pool["requests"])
     random.Random(seed_for(ctx.seed, "draft-requests")).shuffle(requests)
-    requests = requests[: max(0, math.ceil(missing * DRAFT_OVERSAMPLE))]
+    requests = requests[: max(0, math.ceil(missing * settings.draft_oversample))]
     records = []
     if requests:
         shots_pool = [(e["request"], e["draft"]) for e in pool["revision_exemplars"]]
         gen = [GenRequest(f"d{i}", few_shot_prompt(
                    draw(shots_pool, random.Random(seed_for(ctx.seed, "draft-exemplars", r))), r),
                    seed_for(ctx.seed, "draft", r)) for i, r in enumerate(requests)]
-        settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
+        sampling = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
                                 RESPONSE_STOPS)
-        results = ctx.generate(gen, settings, "drafts.jsonl", "stage 5 drafts")
+        results = ctx.generate(gen, sampling, "drafts.jsonl", "stage 5 drafts")
         for request, item in zip(requests, gen):
             draft = results[item.id]["text"].strip()
             records.append({"request": request, "draft": draft,
-                            "checks": failing_constraint(draft, request, ctx.seed)})
+                            "checks": failing_constraint(draft, request, ctx.seed,
+                                                         settings.constraint_tries)})
     write_jsonl(ctx.path("drafts.jsonl"), records)
     ctx.log(f"drafts: {len(records)} written ({max(0, missing)} tasks missing after stage 1)")
 
@@ -284,11 +292,12 @@ def request_key(request: str) -> str:
     return hashlib.sha256(normalize(request).encode()).hexdigest()
 
 
-def split_tasks(tasks: list[dict], limit: int, heldout: int) -> list[dict]:
+def split_tasks(tasks: list[dict], limit: int, heldout: int, threshold: float = 0.7) -> list[dict]:
     """Held-out: one task from each of `heldout` requests; training: the other requests' tasks
-    (minus near-duplicates of a held-out request or draft), at most `limit`. Both take the
-    sources in turn (stage 1, model drafts, pool), each source in hash order, so every source is
-    represented whatever the limit. Stable under resume and input order."""
+    (minus near-duplicates, ROUGE-L > `threshold`, of a held-out request, or copies of a held-out
+    draft), at most `limit`. Both take the sources in turn (stage 1, model drafts, pool), each
+    source in hash order, so every source is represented whatever the limit. Stable under resume
+    and input order."""
     groups: dict[str, list[dict]] = {}
     for task in sorted(tasks, key=lambda t: t["id"]):
         groups.setdefault(request_key(task["request"]), []).append(task)
@@ -299,7 +308,7 @@ def split_tasks(tasks: list[dict], limit: int, heldout: int) -> list[dict]:
     held = [groups[k][0] for k in keys[:heldout]]
     train = {source: [t for _, _, t in sorted(
                  (rank, t["id"], t) for k in keys[heldout:] for rank, t in enumerate(groups[k])
-                 if t["source"] == source and not near_heldout(t, held))]
+                 if t["source"] == source and not near_heldout(t, held, threshold))]
              for source in SOURCES}
     chosen = in_turn(train)[:limit]
     return [{**t, "split": "heldout"} for t in held] + [{**t, "split": "train"} for t in chosen]
@@ -312,35 +321,39 @@ def in_turn(by_source: dict[str, list]) -> list:
             (lst[i] for lst in lists if i < len(lst))]
 
 
-def near_heldout(task: dict, held: list[dict]) -> bool:
-    """The task's request nearly equals, or its draft equals, a held-out one."""
-    return any(rouge_l(task["request"], h["request"]) > NEAR_DUPLICATE or
+def near_heldout(task: dict, held: list[dict], threshold: float) -> bool:
+    """The task's request nearly equals (ROUGE-L > threshold), or its draft equals, a held-out
+    one."""
+    return any(rouge_l(task["request"], h["request"]) > threshold or
                same_text(task["draft"]) == same_text(h["draft"]) for h in held)
 
 
-def check_leakage(tasks: list[dict]) -> None:
-    """No held-out request or draft may equal or nearly equal a training one."""
+def check_leakage(tasks: list[dict], threshold: float) -> None:
+    """No held-out request may equal or nearly equal (ROUGE-L > threshold) a training one, nor
+    a held-out draft equal a training one."""
     train = [t for t in tasks if t["split"] == "train"]
     for task in (t for t in tasks if t["split"] == "heldout"):
         for other in train:
-            if near_same(other["request"], task["request"], NEAR_DUPLICATE) or \
+            if near_same(other["request"], task["request"], threshold) or \
                     same_text(other["draft"]) == same_text(task["draft"]):
-                raise RuntimeError(f"held-out task {task['id']} leaks into training: "
+                raise RunFailure(f"held-out task {task['id']} leaks into training: "
                                    f"{task['request']!r} ~ {other['request']!r}")
 
 
 def make_tasks(ctx: StageContext, pool: dict) -> None:
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
-    candidates = list({t["id"]: t for t in stage1_failures(ctx.run_dir) + pool_tasks(pool)
+    stage1 = stage1_failures(ctx.run_dir, ctx.settings.max_tasks_per_request)
+    candidates = list({t["id"]: t for t in stage1 + pool_tasks(pool)
                        + drafted_tasks(ctx)}.values())
     audit = [{"id": t["id"], "source": t["source"],
               "dropped": draft_problem(t["draft"], guard, exemplars)} for t in candidates]
     usable = [t for t, a in zip(candidates, audit) if a["dropped"] is None]
     write_jsonl(ctx.path("tasks_audit.jsonl"), audit)
-    tasks = split_tasks(usable, ctx.limit, ctx.heldout)
-    check_leakage(tasks)
+    tasks = split_tasks(usable, ctx.limit, ctx.heldout, ctx.near_duplicate)
+    check_leakage(tasks, ctx.near_duplicate)
     if not any(t["split"] == "train" for t in tasks):
-        raise RuntimeError(f"stage 5 has no training tasks (see {ctx.path('tasks_audit.jsonl')})")
+        raise TooLittleDataError(
+            f"stage 5 has no training tasks (see {ctx.path('tasks_audit.jsonl')})")
     write_jsonl(ctx.path("tasks.jsonl"), tasks)
     ctx.log(f"tasks: {dict(Counter(t['split'] for t in tasks))} from "
             f"{dict(Counter(t['source'] for t in tasks))}")
@@ -368,8 +381,9 @@ def make_revisions(ctx: StageContext, pool: dict) -> None:
 
 # 4. scores ---------------------------------------------------------------------------------------
 
-def score_revision(text: str, task: dict, guard, exemplars: list[str]) -> dict:
-    return {**revision_checks(text, task),
+def score_revision(text: str, task: dict, guard, exemplars: list[str],
+                   keeps_content: float = 0.2) -> dict:
+    return {**revision_checks(text, task, keeps_content),
             "unusable": unusable_reason(text, task, guard, exemplars)}
 
 
@@ -392,11 +406,12 @@ def rejected_revision(failers: list[dict]) -> dict:
                                        -s["sample"]))
 
 
-def judge_jobs(task_id: str, samples: list[dict], seed: int) -> list[tuple[str, int, int, int]]:
-    """(task id, x, y, passer) comparisons: up to MAX_JUDGED passing revisions against the
+def judge_jobs(task_id: str, samples: list[dict], seed: int,
+               max_judged: int = 3) -> list[tuple[str, int, int, int]]:
+    """(task id, x, y, passer) comparisons: up to `max_judged` passing revisions against the
     rejected one; which is shown first is a seeded coin (both orders are asked anyway)."""
     usable = distinct_usable(samples)
-    passers = [s["sample"] for s in usable if s["passed"]][:MAX_JUDGED]
+    passers = [s["sample"] for s in usable if s["passed"]][:max_judged]
     failers = [s for s in usable if not s["passed"]]
     if not passers or not failers:
         return []
@@ -432,13 +447,14 @@ def judgment_records(jobs: list[tuple[str, int, int, int]], verdicts: list) -> l
 def make_scores(ctx: StageContext, pool: dict) -> None:
     tasks = {t["id"]: t for t in load_tasks(ctx, "train")}
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
-    scored = [{**r, **score_revision(r["text"], tasks[r["task_id"]], guard, exemplars)}
+    scored = [{**r, **score_revision(r["text"], tasks[r["task_id"]], guard, exemplars,
+                                     ctx.settings.keeps_content)}
               for r in read_jsonl(ctx.path("revisions.jsonl"))]
     by_task: dict[str, list[dict]] = {}
     for s in scored:
         by_task.setdefault(s["task_id"], []).append(s)
     jobs = [job for task_id, samples in by_task.items()
-            for job in judge_jobs(task_id, samples, ctx.seed)]
+            for job in judge_jobs(task_id, samples, ctx.seed, ctx.settings.max_judged_revisions)]
     items = [(judge_shots(ctx, pool, t, x, y), judge_instruction(tasks[t]),
               by_task[t][x]["text"], by_task[t][y]["text"]) for t, x, y, _ in jobs]
     verdicts = judge_many(ctx.backend(), guard, items, ctx.profile.judge_batch_size,
@@ -448,11 +464,6 @@ def make_scores(ctx: StageContext, pool: dict) -> None:
 
 
 # 5. pairs ----------------------------------------------------------------------------------------
-
-def winner_sample(judgment: dict) -> int | None:
-    """The sample that won in both orders (None on a tie)."""
-    return {"x": judgment["x"], "y": judgment["y"]}.get(judgment["winner"])
-
 
 def choose_pair(task: dict, samples: list[dict], judgments: list[dict]) -> tuple[dict | None, str]:
     """(pair, reason): chosen passes the checks and wins the judgment in both orders against
@@ -469,13 +480,13 @@ def choose_pair(task: dict, samples: list[dict], judgments: list[dict]) -> tuple
               and rejected["sample"] in (j["x"], j["y"])]
     if not judged:
         return None, "not judged"
-    wins = [j for j in judged if winner_sample(j) in passers]
+    wins = [j for j in judged if winning_sample(j) in passers]
     if not wins:
         if all(j["winner"] == "tie" for j in judged):
             return None, "judge tie (orders disagree)"
         return None, "judge prefers the failing revision"
     best = max(wins, key=lambda j: abs(j["margin_xy"] + j["margin_yx"]))
-    return make_pair(task, passers[winner_sample(best)], rejected, best), "ok"
+    return make_pair(task, passers[winning_sample(best)], rejected, best), "ok"
 
 
 def make_pair(task: dict, chosen: dict, rejected: dict, judgment: dict) -> dict:
@@ -518,33 +529,14 @@ def no_pairs_hint(scored: list[dict], judgments: list[dict]) -> str:
             f"yet revise or judge revisions: use a stronger model, or raise --limit")
 
 
-# 6-10. decontaminate, train, merge, assess, report (core/lifecycle.py) ---------------------------
-
-def protected_sets(ctx: StageContext) -> Protected:
-    """Held-out requests and drafts are evaluation text: training records may not share them.
-    (Critiques are left out: their template wording is shared by design.)"""
-    heldout = [(f"{t['id']}-{part}", t[part]) for t in load_tasks(ctx, "heldout")
-               for part in ("request", "draft")]
-    return Protected(exemplar_texts(load_pool()), heldout, ctx.data_dir)
 
 
-def decontaminate(ctx: StageContext, pool: dict) -> None:
-    lifecycle.decontaminate_pairs(ctx, protected_sets(ctx))
+# held-out assessment rules -----------------------------------------------------------------------
 
-
-def train(ctx: StageContext, pool: dict) -> None:
-    lifecycle.train_adapter(ctx)
-
-
-def merge(ctx: StageContext, pool: dict) -> None:
-    tasks = read_jsonl(ctx.path("tasks.jsonl"))
-    lifecycle.merge_model(ctx, [house_prompt(revision_text(t)) for t in tasks[:8]])
-
-
-def assessed_item(task: dict, text: str) -> dict:
+def assessed_item(task: dict, text: str, keeps_content: float = 0.2) -> dict:
     """One held-out revision scored: success = fixes the critique, keeps the content, changes
     the draft, is not degenerate and has no meta-prefix."""
-    checks = revision_checks(text, task)
+    checks = revision_checks(text, task, keeps_content)
     degenerate = degenerate_reason(text)
     prefix = meta_prefix(text, task["draft"], task["checks"])
     return {"id": task["id"], "revision": text, **checks, "degenerate": degenerate,
@@ -561,26 +553,39 @@ def summarize_assessment(items: list[dict]) -> dict:
             "non_degenerate": rate(sum(i["degenerate"] is None for i in items), n)}
 
 
-def assess(ctx: StageContext, pool: dict) -> None:
+# What the shared tail needs from stage 5 ---------------------------------------------------------
+
+def protected_sets(ctx: StageContext) -> Protected:
+    """Held-out requests and drafts are evaluation text: training records may not share them.
+    (Critiques are left out: their template wording is shared by design.)"""
+    heldout = [(f"{t['id']}-{part}", t[part]) for t in load_tasks(ctx, "heldout")
+               for part in ("request", "draft")]
+    return Protected(exemplar_texts(load_pool()), heldout, ctx.data_dir)
+
+
+def merge_probes(ctx: StageContext) -> list[str]:
+    tasks = read_jsonl(ctx.path("tasks.jsonl"))
+    return [house_prompt(revision_text(t)) for t in tasks[:8]]
+
+
+def assess_heldout(ctx: StageContext, backend, label: str) -> dict:
     """Held-out tasks, zero-shot and greedy: revision success and its parts."""
+    p = ctx.profile
     tasks = load_tasks(ctx, "heldout")
-
-    def assess_heldout(backend, label: str) -> dict:
-        p = ctx.profile
-        requests = [GenRequest(t["id"], house_prompt(revision_text(t)), 0) for t in tasks]
-        results = generate_cached(backend, requests, greedy(p.max_new_tokens), ctx.path(f"cache/assess_{label}.jsonl"),
-                                  ctx.guard(), p.gen_batch_size, f"stage 5 assess {label}")
-        items = [assessed_item(t, results[t["id"]]["text"].strip()) for t in tasks]
-        return {"summary": summarize_assessment(items), "items": items}
-
-    lifecycle.assess_models(ctx, assess_heldout, headline="revision_success")
+    requests = [GenRequest(t["id"], house_prompt(revision_text(t)), 0) for t in tasks]
+    results = generate_cached(backend, requests, greedy(p.max_new_tokens),
+                              ctx.path(f"cache/assess_{label}.jsonl"), ctx.guard(),
+                              p.gen_batch_size, f"stage 5 assess {label}")
+    items = [assessed_item(t, results[t["id"]]["text"].strip(), ctx.settings.keeps_content)
+             for t in tasks]
+    return {"summary": summarize_assessment(items), "items": items}
 
 
-def report(ctx: StageContext, pool: dict) -> None:
+def report_data(ctx: StageContext) -> dict:
     tasks = read_jsonl(ctx.path("tasks.jsonl"))
     scored = read_jsonl(ctx.path("scores.jsonl"))
     dropped = read_jsonl(ctx.path("pairs_dropped.jsonl"))
-    lifecycle.write_stage_report(ctx, NAME, {
+    return {
         "tasks_train": sum(t["split"] == "train" for t in tasks),
         "tasks_heldout": sum(t["split"] == "heldout" for t in tasks),
         "train_sources": dict(Counter(t["source"] for t in tasks if t["split"] == "train")),
@@ -593,14 +598,27 @@ def report(ctx: StageContext, pool: dict) -> None:
         "pairs_dropped": len(dropped),
         "pairs_dropped_reasons": dict(Counter(d["reason"] for d in dropped)),
         "judge": judge_audit(read_jsonl(ctx.path("judgments.jsonl"))),
-    })
+    }
 
 
 def judge_audit(judgments: list[dict]) -> dict:
     """How often the judge was order-consistent, and how often a consistent verdict preferred
-    the revision that passes the checks."""
-    consistent = [j for j in judgments if j["winner"] != "tie"]
-    agree = sum(winner_sample(j) == j["passer"] for j in consistent)
-    return {"comparisons": len(judgments),
-            "order_consistent": rate(len(consistent), len(judgments)),
-            "prefers_passing_revision": rate(agree, len(consistent))}
+    the revision that passes the checks (each comparison pits a passer against a failure)."""
+    return core_judge_audit(judgments, lambda j, sample: sample == j["passer"])
+
+
+STAGE = Stage(
+    number=5,
+    name="revision-tasks",
+    summary="revise a response so that it fixes what a critique names while keeping its content",
+    settings=Stage5Settings,
+    load_pool=load_pool,
+    data_steps=(Step("drafts", make_drafts), Step("tasks", make_tasks),
+                Step("revisions", make_revisions), Step("scores", make_scores),
+                Step("pairs", make_pairs)),
+    protected=protected_sets,
+    merge_probes=merge_probes,
+    assess_heldout=assess_heldout,
+    headline="revision_success",
+    report_data=report_data,
+)

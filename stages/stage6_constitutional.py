@@ -9,11 +9,13 @@ benign requests. Steps (each resumable, each marked done only when complete):
                  kind, source, split): red-team prompts, helpful prompts and benign look-alikes.
                  - Red-team, when ctx.data_dir holds them: the AILuminate demo set (CSV parser;
                    release_prompt_id) and the first human turns of HH-RLHF harmless-base-test.
-                   A fixed half of each set, chosen by a hash of set name and item id (not the
-                   seed), is the held-out part: held-out red-team prompts come only from it and
-                   no training prompt may come from it, equal it, near-duplicate it (ROUGE-L >
-                   0.7) or share a 13-gram with it. A third of the red-team training prompts are
-                   written by the model (few-shot list continuation of the pool's red-team seeds,
+                   A fixed part of each set (heldout_share, half by default), chosen by a hash
+                   of set name and item id (core.split.in_fixed_heldout; not the seed), is the
+                   held-out part: held-out red-team prompts come only from it and no training
+                   prompt may come from it, equal it, near-duplicate it (ROUGE-L above the run's
+                   near_duplicate, 0.7) or share a 13-gram with it. A third
+                   (written_redteam_share) of the red-team training prompts are written by the
+                   model (few-shot list continuation of the pool's red-team seeds,
                    near-duplicates dropped). Without the data sets every red-team prompt is
                    model-written and the held-out ones are those with the smallest id hashes.
                    Red-team prompt text never reaches the log; only ids and counts do.
@@ -45,7 +47,7 @@ benign requests. Steps (each resumable, each marked done only when complete):
                  or looping texts, chat markup and prompt scaffolding. The training prompt is
                  the zero-shot house prompt of the original request; every record names its
                  two principles (`principles`) and keeps its critique, for audit.
-7. decontaminate core.lifecycle.decontaminate_pairs against this stage's evaluation texts: its
+7. decontaminate Pairs are checked against this stage's evaluation texts: its
                  held-out prompts, the held-out parts of the two red-team sets, every other
                  shared set (IFEval) and the baseline probes. The red-team sets' training parts
                  are training data by design here, so (unlike other stages) they are not indexed
@@ -61,6 +63,9 @@ benign requests. Steps (each resumable, each marked done only when complete):
                  stock phrases and counts quoted ones, so it measures declining, not safety.
 11. report       metrics.json and report.md; then DONE.
 
+Steps 7-11 are the shared tail (core/stage.py, core/lifecycle.py); this module answers what only
+stage 6 knows, in `STAGE` at the bottom.
+
 Not built: the optional Llama Guard 3 filter on revisions (GPU-only, off by default in the
 design). Pairs are chosen by the principle-conditioned self-judgment and the filters above only.
 """
@@ -71,44 +76,35 @@ import math
 import random
 import re
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from core import lifecycle
 from core.assess import generate_greedy
 from core.constitution import Constitution, Principle
 from core.contamination import build_index, load_eval_texts
 from core.contamination import Protected
 from core.context import StageContext
+from core.errors import RunFailure, TooLittleDataError
 from core.generation import GenRequest
 from core.io import read_jsonl, write_jsonl
 from core.listgen import ListGrowth, grow_list
 from core.pairs import write_pairs
 from core.judge import Verdict, judge_many, judge_prefix
+from core.judge import judge_audit as core_judge_audit
 from core.prompting import (EXEMPLAR_END, RESPONSE_STOPS, draw, few_shot_prompt, house_prompt,
                             seed_for)
+from core.split import in_fixed_heldout
+from core.stage import Stage, StageSettings, Step, setting
 from core.stats import rate
 from core.suites.baseline import is_refusal
 from core.text import NearDuplicateFilter, copies_exemplar, degenerate_reason, normalize, rouge_l
 
-NUMBER = 6
-NAME = "constitutional-integration"
-SUMMARY = ("critique and revise its own answers against two random principles; be harmless "
-           "without being evasive")
-STEPS = ["prompts", "answers", "critiques", "revisions", "judgments", "pairs", "decontaminate",
-         "train", "merge", "assess", "report"]
-
 POOL_PATH = Path(__file__).with_name("pools") / "stage6.yaml"
 REDTEAM_SETS = {"ailuminate": "ail", "hh-rlhf-harmless-test": "hh"}  # set name -> id prefix
-HELDOUT_SHARE = 0.5  # the fixed held-out part of each red-team set
-WRITTEN_REDTEAM_SHARE = 1 / 3  # model-written share of red-team training prompts (with data sets)
-PROMPT_WORDS = (3, 80)
-PROMPT_TEMPERATURE = 0.9
-MAX_PROMPT_ROUNDS = 6
-OVERSAMPLE = 1.3
-NEAR_DUPLICATE = 0.7
-CAI_SHOTS = 3  # critique/revision exemplars are long: 3 keeps the prompt short
+# The method critiques, revises and judges against two principles (the judge prompt says "these
+# two checks"; every pool exemplar names two): part of the design, not a knob.
 PRINCIPLES_PER_CRITIQUE = 2
 CRITIQUE_STOPS = ("\n###", "\nRevision request:", "\nRequest:", "\nAnswer:", "\nInstruction:")
 # Prompt labels that must never appear at the start of a line of model text we keep.
@@ -117,6 +113,23 @@ SCAFFOLDING = re.compile(r"^\s*(?:Request( \d+)?|Answer|Critique request|Critiqu
                          re.MULTILINE)
 REVISION_STOPS = ("\n###", "\nRequest:", "\nAnswer:", "\nCritique request:",
                   "\nRevision request:", "\nInstruction:")
+
+
+@dataclass(frozen=True)
+class Stage6Settings(StageSettings):
+    heldout_share: float = setting(0.5, "the fixed held-out part of each shared red-team set "
+                                        "(by a hash of set name and item id)")
+    written_redteam_share: float = setting(1 / 3, "model-written share of the red-team training "
+                                                  "prompts when the shared sets are present")
+    prompt_words: tuple[int, int] = setting((3, 80), "fewest and most words of a usable shared "
+                                                     "red-team prompt")
+    prompt_temperature: float = setting(0.9, "sampling temperature for model-written prompts")
+    max_prompt_rounds: int = setting(6, "list-continuation rounds before giving up on writing "
+                                        "the prompts still needed")
+    oversample: float = setting(1.3, "prompts requested per round, as a multiple of those "
+                                     "still needed")
+    cai_shots: int = setting(3, "critique/revision exemplars per prompt (they are long: 3 "
+                                "keeps the prompt short)")
 
 
 def load_pool() -> dict:
@@ -138,16 +151,6 @@ def exemplar_texts(pool: dict, constitution: Constitution) -> list[str]:
     for p in constitution.principles:
         texts += [p.critique_request, p.revision_request]
     return texts
-
-
-def run(ctx: StageContext) -> None:
-    """Run (or resume) every step of stage 6, then write DONE."""
-    lifecycle.run_steps(ctx, load_pool(), STEPS, {
-        "prompts": make_prompts, "answers": make_answers, "critiques": make_critiques,
-        "revisions": make_revisions, "judgments": make_judgments, "pairs": make_pairs,
-        "decontaminate": decontaminate, "train": train, "merge": merge, "assess": assess,
-        "report": report,
-    })
 
 
 # 1. prompts --------------------------------------------------------------------------------------
@@ -175,19 +178,15 @@ def with_split(tasks: list[dict], split: str) -> list[dict]:
     return [{**t, "split": split} for t in tasks]
 
 
-def in_heldout_part(set_name: str, item_id: str) -> bool:
-    """The fixed held-out half of a red-team set (independent of seed, limit and model)."""
-    digest = hashlib.sha256(f"{set_name}:{item_id}".encode()).hexdigest()
-    return int(digest[:8], 16) / 16**8 < HELDOUT_SHARE
+def usable_prompt(text: str, guard, words: tuple[int, int] = (3, 80)) -> bool:
+    count = len(text.split())
+    return words[0] <= count <= words[1] and guard.is_clean(text)
 
 
-def usable_prompt(text: str, guard) -> bool:
-    words = len(text.split())
-    return PROMPT_WORDS[0] <= words <= PROMPT_WORDS[1] and guard.is_clean(text)
-
-
-def redteam_sets(data_dir: Path | None, guard) -> dict[str, dict[str, list[tuple[str, str]]]]:
-    """{set: {"heldout": [(id, text)], "train": [(id, text)]}} for the red-team sets present."""
+def redteam_sets(data_dir: Path | None, share: float
+                 ) -> dict[str, dict[str, list[tuple[str, str]]]]:
+    """{set: {"heldout": [(id, text)], "train": [(id, text)]}} for the red-team sets present;
+    `share` of each set is its held-out part."""
     if data_dir is None or not data_dir.is_dir():
         return {}
     sets = {}
@@ -196,7 +195,8 @@ def redteam_sets(data_dir: Path | None, guard) -> dict[str, dict[str, list[tuple
             continue
         parts: dict[str, list[tuple[str, str]]] = {"heldout": [], "train": []}
         for item_id, text in items:
-            parts["heldout" if in_heldout_part(name, item_id) else "train"].append((item_id, text))
+            held = in_fixed_heldout(f"{name}:{item_id}", share)
+            parts["heldout" if held else "train"].append((item_id, text))
         sets[name] = parts
     return sets
 
@@ -205,8 +205,10 @@ class LeakGuard:
     """Rejects training candidates that equal, near-duplicate (ROUGE-L) or share a 13-gram with
     a held-out text, or repeat an accepted training prompt."""
 
-    def __init__(self, heldout: list[str], heldout_parts: dict[str, list[tuple[str, str]]]):
+    def __init__(self, heldout: list[str], heldout_parts: dict[str, list[tuple[str, str]]],
+                 threshold: float = 0.7):
         self.heldout = heldout
+        self.threshold = threshold
         self.norms = {normalize(t) for t in heldout}
         self.norms |= {normalize(text) for items in heldout_parts.values() for _, text in items}
         self.index = build_index(heldout_parts)
@@ -216,18 +218,19 @@ class LeakGuard:
         norm = normalize(text)
         if norm in self.norms or norm in self.taken or self.index.first_hit(text):
             return False
-        if any(rouge_l(text, other) > NEAR_DUPLICATE for other in self.heldout):
+        if any(rouge_l(text, other) > self.threshold for other in self.heldout):
             return False
         self.taken.add(norm)
         return True
 
 
-def pick_shared(sets: dict, part: str, count: int, seed: int, guard, accept=None) -> list[dict]:
+def pick_shared(sets: dict, part: str, count: int, seed: int, guard, accept=None,
+                words: tuple[int, int] = (3, 80)) -> list[dict]:
     """`count` red-team tasks from one part of the shared sets, alternating between sets, in a
-    seeded order; `accept` (if given) must agree to each."""
+    seeded order; each has `words` (fewest, most) words; `accept` (if given) must agree to each."""
     queues = []
     for name in sorted(sets):
-        items = [(i, t) for i, t in sets[name][part] if usable_prompt(t, guard)]
+        items = [(i, t) for i, t in sets[name][part] if usable_prompt(t, guard, words)]
         random.Random(seed_for(seed, "redteam-order", name, part)).shuffle(items)
         queues.append((name, items))
     chosen, seen = [], set()
@@ -276,14 +279,15 @@ def write_prompts(ctx: StageContext, kind: str, seeds: list[str], needed: int,
     of a seed, a known prompt or each other."""
     if needed <= 0:
         return []
-    filter_ = NearDuplicateFilter(NEAR_DUPLICATE)
+    filter_ = NearDuplicateFilter(ctx.near_duplicate)
     filter_.kept.extend(seeds + known)
     guard = ctx.guard()
     growth = ListGrowth(prompt=lambda items: list_prompt(kind, items),
                         clean=lambda text: " ".join(text.split()),
                         problem=lambda text: written_prompt_problem(text, guard, filter_),
-                        temperature=PROMPT_TEMPERATURE, rounds=MAX_PROMPT_ROUNDS,
-                        oversample=OVERSAMPLE, cache=f"prompts_{kind}.jsonl",
+                        temperature=ctx.settings.prompt_temperature,
+                        rounds=ctx.settings.max_prompt_rounds,
+                        oversample=ctx.settings.oversample, cache=f"prompts_{kind}.jsonl",
                         seed_names=(f"{kind}-list", f"{kind}-prompt"),
                         where=f"stage 6 {kind} prompts", id_prefix=f"{kind}-")
     accepted, offers = grow_list(ctx, growth, seeds, needed)
@@ -308,8 +312,9 @@ def redteam_split(ctx: StageContext, pool: dict, shared: dict, train: int, heldo
     """(held-out red-team tasks, model-written training candidates, not yet leak-checked)."""
     if shared:
         written = write_prompts(ctx, "redteam", pool["redteam_seeds"],
-                                math.ceil(train * WRITTEN_REDTEAM_SHARE), [], audit)
-        return (pick_shared(shared, "heldout", heldout, ctx.seed, ctx.guard()),
+                                math.ceil(train * ctx.settings.written_redteam_share), [], audit)
+        return (pick_shared(shared, "heldout", heldout, ctx.seed, ctx.guard(),
+                            words=ctx.settings.prompt_words),
                 [task("redteam", "model", t) for t in written])
     written = write_prompts(ctx, "redteam", pool["redteam_seeds"], train + heldout, [], audit)
     ordered = hash_order([task("redteam", "model", t) for t in written])
@@ -338,31 +343,34 @@ def make_prompts(ctx: StageContext, pool: dict) -> None:
     red_train, help_train = halves(ctx.limit)
     red_held, help_held = halves(ctx.heldout)
     guard, audit = ctx.guard(), []
-    shared = redteam_sets(ctx.data_dir, guard)
+    shared = redteam_sets(ctx.data_dir, ctx.settings.heldout_share)
     helpful = hash_order([task("helpful", "pool", p) for p in pool["helpful_prompts"]])
     red_heldout, red_candidates = redteam_split(ctx, pool, shared, red_train, red_held, audit)
     heldout = ([task("benign", "pool", p) for p in pool["benign_lookalikes"]]
                + helpful[:help_held] + red_heldout)
     leak = LeakGuard([t["instruction"] for t in heldout],
-                     {name: parts["heldout"] for name, parts in shared.items()})
+                     {name: parts["heldout"] for name, parts in shared.items()},
+                     ctx.near_duplicate)
     train = [t for t in red_candidates if leak.accept(t["instruction"])]
     if shared:
-        train += pick_shared(shared, "train", red_train - len(train), ctx.seed, guard, leak.accept)
+        train += pick_shared(shared, "train", red_train - len(train), ctx.seed, guard,
+                             leak.accept, ctx.settings.prompt_words)
     train += helpful_training(ctx, pool, helpful[help_held:], help_train, heldout, leak, audit)
     tasks = with_split(heldout, "heldout") + with_split(train, "train")
     write_jsonl(ctx.path("prompts_audit.jsonl"), audit)
-    check_prompts(tasks)
+    check_prompts(tasks, ctx.near_duplicate)
     write_jsonl(ctx.path("instructions.jsonl"), tasks)
     counts = Counter((t["split"], t["kind"]) for t in tasks)
     ctx.log("prompts: " + ", ".join(f"{s}/{k} {n}" for (s, k), n in sorted(counts.items())))
 
 
-def check_prompts(tasks: list[dict]) -> None:
-    """Enough of each kind, unique ids, and no held-out prompt leaking into training."""
+def check_prompts(tasks: list[dict], threshold: float = 0.7) -> None:
+    """Enough of each kind (else TooLittleDataError), unique ids, and no held-out prompt equal
+    to or a near-duplicate (ROUGE-L > threshold) of a training one (else RunFailure)."""
     train = [t for t in tasks if t["split"] == "train"]
     held = [t for t in tasks if t["split"] == "heldout"]
     if len(train) < 2 or not any(t["kind"] == "redteam" for t in held):
-        raise RuntimeError(
+        raise TooLittleDataError(
             f"stage 6 has {len(train)} training prompts and "
             f"{sum(t['kind'] == 'redteam' for t in held)} held-out red-team prompts; it needs at "
             f"least 2 and 1 (the model wrote too few usable red-team prompts - see "
@@ -370,13 +378,13 @@ def check_prompts(tasks: list[dict]) -> None:
             f"or try another --seed)")
     ids = [t["id"] for t in tasks]
     if len(ids) != len(set(ids)):
-        raise RuntimeError("stage 6 prompt ids are not unique: "
+        raise RunFailure("stage 6 prompt ids are not unique: "
                            f"{[i for i, n in Counter(ids).items() if n > 1]}")
     for h in held:
         for t in train:
             if normalize(t["instruction"]) == normalize(h["instruction"]) or \
-                    rouge_l(t["instruction"], h["instruction"]) > NEAR_DUPLICATE:
-                raise RuntimeError(f"held-out prompt {h['id']} leaks into training ({t['id']})")
+                    rouge_l(t["instruction"], h["instruction"]) > threshold:
+                raise RunFailure(f"held-out prompt {h['id']} leaks into training ({t['id']})")
 
 
 def load_tasks(ctx: StageContext, split: str) -> list[dict]:
@@ -443,7 +451,7 @@ def cai_exemplar_block(example: dict, constitution: Constitution) -> str:
 def cai_prefix(ctx: StageContext, pool: dict, task_id: str, attempt: int) -> str:
     """The critique/revision exemplars of one attempt (the same in both steps)."""
     rng = random.Random(seed_for(ctx.seed, "cai-exemplars", task_id, attempt))
-    shots = draw(pool["cai_exemplars"], rng, CAI_SHOTS, CAI_SHOTS)
+    shots = draw(pool["cai_exemplars"], rng, ctx.settings.cai_shots, ctx.settings.cai_shots)
     return "".join(cai_exemplar_block(e, ctx.constitution) for e in shots)
 
 
@@ -692,7 +700,7 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
                 f"yield a pair")
 
 
-# 7-11. decontaminate, train, merge, assess, report (core/lifecycle.py) ---------------------------
+# What the shared tail needs from stage 6 ---------------------------------------------------------
 
 def evaluation_texts(ctx: StageContext) -> list[tuple[str, str]]:
     """What training text must not overlap: this stage's held-out prompts, the held-out parts of
@@ -701,9 +709,10 @@ def evaluation_texts(ctx: StageContext) -> list[tuple[str, str]]:
     texts = [(f"stage6-heldout:{t['id']}", t["instruction"]) for t in load_tasks(ctx, "heldout")]
     if ctx.data_dir is None or not ctx.data_dir.is_dir():
         return texts
+    share = ctx.settings.heldout_share
     for name, items in load_eval_texts(ctx.data_dir).items():
         texts += [(f"{name}:{item_id}", text) for item_id, text in items
-                  if name not in REDTEAM_SETS or in_heldout_part(name, item_id)]
+                  if name not in REDTEAM_SETS or in_fixed_heldout(f"{name}:{item_id}", share)]
     return texts
 
 
@@ -713,17 +722,8 @@ def protected_sets(ctx: StageContext) -> Protected:
     return Protected(exemplar_texts(load_pool(), ctx.constitution), evaluation_texts(ctx), None)
 
 
-def decontaminate(ctx: StageContext, pool: dict) -> None:
-    lifecycle.decontaminate_pairs(ctx, protected_sets(ctx))
-
-
-def train(ctx: StageContext, pool: dict) -> None:
-    lifecycle.train_adapter(ctx)
-
-
-def merge(ctx: StageContext, pool: dict) -> None:
-    tasks = load_tasks(ctx, "train")
-    lifecycle.merge_model(ctx, [house_prompt(t["instruction"]) for t in tasks[:8]])
+def merge_probes(ctx: StageContext) -> list[str]:
+    return [house_prompt(t["instruction"]) for t in load_tasks(ctx, "train")[:8]]
 
 
 def score_answer(kind: str, text: str) -> dict:
@@ -761,24 +761,19 @@ def summarize(scored: list[dict]) -> dict:
     }
 
 
-def assess(ctx: StageContext, pool: dict) -> None:
-    """Held-out prompts, zero-shot and greedy: harmless_rate is the headline."""
-    items = load_tasks(ctx, "heldout")
-
-    def assess_heldout(backend, label: str) -> dict:
-        p = ctx.profile
-        return assess_prompts(backend, ctx.guard(), items, ctx.path(f"cache/assess_{label}.jsonl"),
-                              p.max_new_tokens, p.gen_batch_size, f"stage 6 assess {label}")
-
-    lifecycle.assess_models(ctx, assess_heldout, headline="harmless_rate")
+def assess_heldout(ctx: StageContext, backend, label: str) -> dict:
+    """Held-out prompts, zero-shot and greedy, scored per kind (harmless_rate is the headline)."""
+    p = ctx.profile
+    return assess_prompts(backend, ctx.guard(), load_tasks(ctx, "heldout"),
+                          ctx.path(f"cache/assess_{label}.jsonl"), p.max_new_tokens,
+                          p.gen_batch_size, f"stage 6 assess {label}")
 
 
-def report(ctx: StageContext, pool: dict) -> None:
+def report_data(ctx: StageContext) -> dict:
     tasks = read_jsonl(ctx.path("instructions.jsonl"))
-    judgments = read_jsonl(ctx.path("judgments.jsonl"))
     audit = read_jsonl(ctx.path("attempts.jsonl"))
     pairs = read_jsonl(ctx.path("pairs.jsonl"))
-    lifecycle.write_stage_report(ctx, NAME, {
+    return {
         "tasks": {f"{s}/{k}": n for (s, k), n in
                   sorted(Counter((t["split"], t["kind"]) for t in tasks).items())},
         "task_sources": dict(Counter(t["source"] for t in tasks)),
@@ -786,13 +781,38 @@ def report(ctx: StageContext, pool: dict) -> None:
         "critiques": len(read_jsonl(ctx.path("critiques.jsonl"))),
         "revisions": len(read_jsonl(ctx.path("revisions.jsonl"))),
         "attempt_outcomes": dict(Counter(a["outcome"] for a in audit).most_common()),
-        "judge": {"comparisons": len(judgments),
-                  "order_consistent": rate(sum(j["winner"] != "tie" for j in judgments),
-                                           len(judgments)),
-                  "revision_wins": rate(sum(j["winner"] == "revision" for j in judgments),
-                                        len(judgments))},
+        "judge": judge_audit(read_jsonl(ctx.path("judgments.jsonl"))),
         "pairs_by_kind": dict(Counter(p["kind"] for p in pairs)),
         "principles_in_pairs": dict(
             Counter(n for p in pairs for n in p["principles"]).most_common()),
         "pairs_dropped": len(read_jsonl(ctx.path("pairs_dropped.jsonl"))),
-    })
+    }
+
+
+def judge_audit(judgments: list[dict]) -> dict:
+    """How often the judge was order-consistent and how often it preferred the revision. No
+    check tells a revision from its original, so `agrees_with_checks` has no cases (n = 0)."""
+    as_xy = [{"x": "revision", "y": "original",
+              "winner": {"revision": "x", "original": "y"}.get(j["winner"], "tie")}
+             for j in judgments]
+    return {**core_judge_audit(as_xy, lambda judgment, sample: None),
+            "revision_wins": rate(sum(j["winner"] == "revision" for j in judgments),
+                                  len(judgments))}
+
+
+STAGE = Stage(
+    number=6,
+    name="constitutional-integration",
+    summary=("critique and revise its own answers against two random principles; be harmless "
+             "without being evasive"),
+    settings=Stage6Settings,
+    load_pool=load_pool,
+    data_steps=(Step("prompts", make_prompts), Step("answers", make_answers),
+                Step("critiques", make_critiques), Step("revisions", make_revisions),
+                Step("judgments", make_judgments), Step("pairs", make_pairs)),
+    protected=protected_sets,
+    merge_probes=merge_probes,
+    assess_heldout=assess_heldout,
+    headline="harmless_rate",
+    report_data=report_data,
+)

@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from core.commands import check_contamination
+from app.commands import check_contamination
 from core.guards import TemplateGuard
 from core.io import read_jsonl
 from core.models import weights_sha256
-from core.pairs import NoPairsError
-from core.pipeline import run_curriculum, run_stage, run_status
+from core.errors import NoPairsError
+from app.pipeline import run_curriculum, run_stage, run_status
 from core.prompting import house_prompt
 from core.run import RunDirError
 from registry.stages import STAGES

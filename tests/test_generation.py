@@ -2,7 +2,8 @@
 import json
 
 from core.backend import SamplingSettings
-from core.generation import GenerationCache, GenRequest, generate_all, stop_offset
+from core.generation import GenerationCache, GenRequest, generate_all
+from core.sampler import stop_offset
 from core.guards import TemplateGuard
 from core.prompting import house_prompt
 

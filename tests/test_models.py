@@ -1,7 +1,7 @@
 """Model resolution and the built-in tiny model."""
 import pytest
 
-from core.models import ModelResolutionError, resolve_model
+from registry.models import ModelResolutionError, resolve_model
 
 
 def test_default_depends_on_cuda():

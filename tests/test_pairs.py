@@ -7,10 +7,11 @@ from core.constitution import load_constitution
 from core.context import StageContext
 from core.guards import TemplateGuard
 from core.io import read_jsonl
-from core.models import PROJECT_ROOT, resolve_model
+from core.models import PROJECT_ROOT
+from registry.models import resolve_model
 from core.pairs import (NoPairsError, first_of_each_text, group_by_task, judge_wins,
                         shared_pair_problem, write_pairs)
-from core.pipeline import SKIPPED, stage_input
+from app.pipeline import SKIPPED, stage_input
 from registry.models import profile_by_name
 
 

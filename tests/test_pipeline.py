@@ -1,9 +1,9 @@
 """Stage chaining and run-directory rules (no model needed)."""
 import pytest
 
-from core.models import resolve_model
+from registry.models import resolve_model
 from core.models import weights_sha256
-from core.pipeline import StageSelectionError, record_input, stage_input
+from app.pipeline import StageSelectionError, record_input, stage_input
 
 
 def test_stage_one_starts_from_the_run_model(tmp_path, tiny_dir):

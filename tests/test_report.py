@@ -1,7 +1,7 @@
 """Reports, the benchmark command and result comparison, on synthetic or tiny inputs."""
 import pytest
 
-from core.commands import default_out
+from app.commands import default_out
 from core.report import capability_rows
 from core.stats import rate
 from core.suites.runner import SuiteMismatchError, compare_results

@@ -1,7 +1,9 @@
 """Stage 1's instruction, split and pair rules on hand-written cases."""
 import pytest
 
+from core.errors import RunFailure
 from core.guards import TemplateGuard
+from core.split import split_smallest_ids
 from stages import stage1_explicit_instructions as s1
 
 LOWER = [{"kind": "lowercase", "params": {}}]
@@ -106,20 +108,24 @@ def test_instruction_filter(guard):
     assert "Write a haiku about autumn leaves falling." in f.kept
 
 
+WEIGHTS = s1.Stage1Settings().constraint_count_weights
+
+
 def test_split_is_stable_and_leakage_checked():
     tasks = s1.attach_constraints([f"Write a story about a {w} who learns to fly." for w in
-                                   ["cat", "dog", "fish", "horse", "bird", "cow"]], seed=0)
-    split = s1.split_tasks(tasks, heldout=2)
+                                   ["cat", "dog", "fish", "horse", "bird", "cow"]], 0, WEIGHTS)
+    split = split_smallest_ids(tasks, heldout=2)
     assert sum(t["split"] == "heldout" for t in split) == 2
-    assert s1.split_tasks(list(reversed(tasks)), heldout=2) == sorted(
+    assert split_smallest_ids(list(reversed(tasks)), heldout=2) == sorted(
         split, key=lambda t: [x["id"] for x in reversed(tasks)].index(t["id"]))
-    with pytest.raises(RuntimeError, match="leaks into training"):
-        s1.check_leakage(split)  # these six differ by one word: ROUGE-L > 0.7
+    with pytest.raises(RunFailure, match="leaks into training"):
+        s1.check_leakage(split, 0.7)  # these six differ by one word: ROUGE-L > 0.7
+    s1.check_leakage(split, 0.99)  # not near-identical at a stricter threshold
 
 
 def test_constraints_are_attached_deterministically():
-    a = s1.attach_constraints(["Describe a sunny day at the beach."], seed=3)
-    b = s1.attach_constraints(["Describe a sunny day at the beach."], seed=3)
+    a = s1.attach_constraints(["Describe a sunny day at the beach."], 3, WEIGHTS)
+    b = s1.attach_constraints(["Describe a sunny day at the beach."], 3, WEIGHTS)
     assert a == b and 0 <= len(a[0]["constraints"]) <= 2
     assert a[0]["prompt_instruction"].startswith("Describe a sunny day at the beach.")
 

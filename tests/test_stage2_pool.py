@@ -11,6 +11,7 @@ import yaml
 
 from core.text import rouge_l
 from stages.stage2_implicit_instructions import POOL_PATH, check_answer
+from tests.pool_text import yaml_strings as _strings
 
 FORBIDDEN = ("<|", "|>", "<start_of_turn>", "\nInstruction:", "\nResponse:", "###", "User:",
              "Assistant:")
@@ -20,16 +21,6 @@ SCAFFOLD_LINE = re.compile(r"^\s*(?:Instruction|Response|Task|Question|Answer)\b
 @lru_cache(maxsize=1)
 def _pool() -> dict:
     return yaml.safe_load(POOL_PATH.read_text(encoding="utf-8"))
-
-
-def _strings(node) -> list[str]:
-    if isinstance(node, str):
-        return [node]
-    if isinstance(node, dict):
-        return [s for value in node.values() for s in _strings(value)]
-    if isinstance(node, list):
-        return [s for value in node for s in _strings(value)]
-    return []
 
 
 def _questions() -> list[str]:

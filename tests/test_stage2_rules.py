@@ -4,9 +4,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.errors import RunFailure
 from core.guards import TemplateGuard
 from core.judge import judge_many, option_token_ids
+from core.split import in_fixed_heldout
 from stages import stage2_implicit_instructions as s2
+
+SHARE = s2.Stage2Settings().heldout_share
 
 QUESTION = "How do vaccines protect the body?"
 ANSWER = "Vaccines show the immune system a harmless piece of a germ, so it learns to fight it."
@@ -63,6 +67,16 @@ def test_topic_matching_uses_light_stems():
     assert s2.shares_topic("Why?", "Anything at all.")  # nothing to match: on topic
 
 
+def test_answer_check_knobs_are_parameters():
+    question = "How long do vaccines protect the body?"
+    assert problem("Ten years.", question) is None  # short: exempt from the topic check
+    assert s2.check_answer(question, "Ten years or so, often.", short_words=2)["problem"] \
+        == "off topic"
+    late = "Most adults need a booster now and then, and the timing varies. Vaccines wear off."
+    assert problem(late, question) is None
+    assert s2.check_answer(question, late, topic_window=5)["problem"] == "off topic"
+
+
 def test_on_topic_and_non_degenerate_flags():
     assert s2.check_answer(QUESTION, ANSWER) == {"non_degenerate": True, "on_topic": True,
                                                  "problem": None}
@@ -113,21 +127,24 @@ def write_sets(root: Path) -> None:
 
 def test_real_questions_are_read_and_split_by_id_hash(tmp_path):
     write_sets(tmp_path)
-    items = s2.load_real_questions(tmp_path)
+    items = s2.load_real_questions(tmp_path, SHARE)
     assert [i["source"] for i in items] == ["self-instruct", "truthfulqa", "mt-bench"]
     assert items[0]["id"] == "self-instruct:seed_task_0"  # seed_task_1 has an instance input
     assert items[1]["question"] == "Why do veins appear blue,\nreally?"  # a CSV parser
     assert items[2]["question"] == "Write a haiku about tea."  # the first turn only
     for item in items:
-        assert item["split"] == ("heldout" if s2.is_heldout_item(item["id"]) else "train")
+        assert item["split"] == ("heldout" if in_fixed_heldout(item["id"], SHARE) else "train")
+    assert [i["split"] for i in s2.load_real_questions(tmp_path, 1.0)] == ["heldout"] * 3
+    assert [i["split"] for i in s2.load_real_questions(tmp_path, 0.0)] == ["train"] * 3
     assert s2.load_real_questions(None) == [] and s2.load_real_questions(tmp_path / "none") == []
 
 
 def test_the_heldout_part_of_a_real_set_is_fixed():
     ids = [f"truthfulqa:{i}" for i in range(2000)]
-    held = [i for i in ids if s2.is_heldout_item(i)]
+    held = [i for i in ids if in_fixed_heldout(i, SHARE)]
     assert 0.25 < len(held) / len(ids) < 0.35
-    assert held == [i for i in ids if s2.is_heldout_item(i)]  # no seed, no state
+    assert held == [i for i in ids if in_fixed_heldout(i, SHARE)]  # no seed, no state
+    assert set(held) <= {i for i in ids if in_fixed_heldout(i, 0.5)}  # a larger share adds items
 
 
 def real(source, i, question, split="train"):
@@ -153,6 +170,10 @@ def test_pick_real_skips_near_duplicates_long_and_marked_up_items(guard):
              real("a", 2, "<|im_start|>user hi there"), real("a", 3, "How do magnets work?")]
     picked = s2.pick_real(items, "train", 4, f, guard, set(), seed=0)
     assert [p["id"] for p in picked] == ["a:3"]
+    short = s2.pick_real([real("a", 4, "How do tides work?"),
+                          real("a", 5, "Why do cats purr when they are happy?")],
+                         "train", 2, s2.NearDuplicateFilter(0.7), guard, set(), seed=0, max_words=4)
+    assert [p["id"] for p in short] == ["a:4"]
 
 
 def test_generated_split_and_leakage():
@@ -160,8 +181,11 @@ def test_generated_split_and_leakage():
     tasks = s2.generated_tasks(questions, heldout=1)
     assert sum(t["split"] == "heldout" for t in tasks) == 1
     assert s2.generated_tasks(list(reversed(questions)), heldout=1)[::-1] == tasks
-    with pytest.raises(RuntimeError, match="leaks into training"):
-        s2.check_leakage(tasks)
+    held = min(t["id"] for t in tasks)  # the smallest id hash is held out
+    assert [t["id"] for t in tasks if t["split"] == "heldout"] == [held]
+    with pytest.raises(RunFailure, match="leaks into training"):
+        s2.check_leakage(tasks, 0.7)
+    s2.check_leakage(tasks, 0.99)  # a stricter notion of "the same question" lets them pass
 
 
 # pairs -------------------------------------------------------------------------------------------
@@ -289,9 +313,29 @@ def test_samples_copying_an_exemplar_are_unusable(guard):
 
 
 def test_sample_plan_orders_few_shot_then_zero_shot():
-    plan = s2.sample_plan("t1", 3)
-    assert [p for _, p in plan] == ["few-shot"] * 3 + ["zero-shot"] * s2.ZERO_SHOT_SAMPLES
+    plan = s2.sample_plan("t1", 3, s2.Stage2Settings().zero_shot_samples)
+    assert [p for _, p in plan] == ["few-shot"] * 3 + ["zero-shot"] * 2
     assert len({rid for rid, _ in plan}) == len(plan)
+    assert [p for _, p in s2.sample_plan("t1", 1, 0)] == ["few-shot"]
+
+
+def test_rank_comparisons_are_round_robin_among_the_first_passers():
+    samples = [sample(i, f"Vaccines train the immune system, reason {i}.") for i in range(5)]
+    assert s2.rank_comparisons(samples) == [(0, 1), (0, 2), (1, 2)]
+    assert s2.rank_comparisons(samples, max_judged=2) == [(0, 1)]
+
+
+def test_judge_audit_compares_only_where_the_checks_differ():
+    scored = [{"task_id": "t1", "sample": 0, "answers": True},
+              {"task_id": "t1", "sample": 1, "answers": True},
+              {"task_id": "t1", "sample": 2, "answers": False}]
+    judgments = [rank(0, 1, "x"), {**rank(0, 2, "x"), "kind": "check"},
+                 {**rank(1, 2, "tie"), "kind": "check"}]
+    audit = s2.judge_audit(judgments, scored)
+    assert set(audit) == {"comparisons", "order_consistent", "agrees_with_checks"}
+    assert audit["comparisons"] == 3
+    assert audit["order_consistent"]["k"] == 2
+    assert audit["agrees_with_checks"]["k"] == audit["agrees_with_checks"]["n"] == 1
 
 
 def test_assessment_summary_rates():

@@ -6,24 +6,16 @@ import re
 
 import pytest
 
+from core.config import RunSettings
 from core.guards import TemplateGuard
 from core.text import NearDuplicateFilter
 from stages import stage3_generation_tasks as s3
+from tests.pool_text import yaml_strings as strings
 
 POOL = s3.load_pool()
 FORBIDDEN = ("<|", "|>", "<start_of_turn>", "\nInstruction:", "\nResponse:", "###", "User:",
              "Assistant:")
 SCAFFOLD_LINE = re.compile(r"^\s*(?:Instruction|Response|Task|Topic \d)\b", re.MULTILINE)
-
-
-def strings(node) -> list[str]:
-    if isinstance(node, str):
-        return [node]
-    if isinstance(node, dict):
-        return [s for key, value in node.items() for s in [str(key), *strings(value)]]
-    if isinstance(node, list):
-        return [s for value in node for s in strings(value)]
-    return []
 
 
 def test_top_level_shape():
@@ -37,7 +29,7 @@ def test_topics_are_distinct_and_their_keywords_fit():
     topics = POOL["topics"]
     assert 55 <= len(topics) <= 70
     names = [t["name"] for t in topics]
-    kept = NearDuplicateFilter(s3.NEAR_DUPLICATE)
+    kept = NearDuplicateFilter(RunSettings().near_duplicate)
     assert all(kept.offer(n) for n in names + s3.exemplar_topics(POOL))  # no near-duplicates
     for t in topics:
         assert set(t) == {"name", "examples", "keywords"}, t

@@ -1,16 +1,13 @@
-"""Stage 3's checkers, task, split and pair rules on hand-written cases (no model), then the
-stage end to end on the tiny model (marked slow)."""
-import json
+"""Stage 3's checkers, task, split and pair rules on hand-written cases (no model; the stage end
+to end is tests/test_stage3_e2e.py)."""
 import random
 
 import pytest
 
-from core.judge import consistent_winner
-
-from core.generation import cache_key
+from core.errors import NoPairsError, RunFailure, UsageError
 from core.guards import TemplateGuard
-from core.io import AppendLog, read_jsonl
-from core.prompting import RESPONSE_STOPS, house_prompt
+from core.judge import consistent_winner, winning_sample
+from core.prompting import house_prompt
 from core.text import NearDuplicateFilter
 from stages import stage3_generation_tasks as s3
 
@@ -125,6 +122,12 @@ def test_near_duplicate_items_fail_distinctness():
     assert passes("- Lava is hot.\n- Magma is underground.", "list", 2)["distinct_items"] is True
 
 
+def test_distinctness_follows_the_run_threshold():
+    close = "- Lava flows slowly downhill.\n- Lava flows slowly into the sea."
+    assert passes(close, "list", 2)["distinct_items"] is True
+    assert s3.check_response(close, spec("list", 2), threshold=0.5)["distinct_items"] is False
+
+
 def test_unusable_reasons():
     guard = TemplateGuard()
     assert s3.unusable_reason("", guard, []) == "empty"
@@ -153,8 +156,22 @@ def test_render_task_is_deterministic_and_carries_its_spec():
         assert a == s3.render_task(t, kind, random.Random(3), POOL)
         assert a["spec"]["kind"] == kind and a["spec"]["keywords"] == VOLCANO_KEYWORDS
         assert "volcanoes" in a["instruction"] and "{" not in a["instruction"]
-        low, high = (1, 3) if kind == "mcq" else s3.COUNT_RANGE[kind]
+        low, high = (1, 3) if kind == "mcq" else s3.item_counts(s3.Stage3Settings())[kind]
         assert low <= a["spec"]["count"] <= high
+
+
+def test_item_counts_come_from_the_settings():
+    counts = s3.item_counts(s3.Stage3Settings(item_counts=(4, 4), mcq_item_counts=(3, 3)))
+    topics = [topic(f"topic number {w}") for w in ["alpha", "beta", "gamma"]]
+    tasks = s3.tasks_for(topics, 16, "train", POOL, 0, counts)
+    assert {t["spec"]["count"] for t in tasks if t["spec"]["kind"] != "mcq"} == {4}
+    assert {t["spec"]["count"] for t in tasks if t["spec"]["kind"] == "mcq"} <= {1, 3}
+    default = s3.tasks_for(topics, 16, "train", POOL, 0)
+    assert default == s3.tasks_for(topics, 16, "train", POOL, 0,
+                                   s3.item_counts(s3.Stage3Settings()))
+    for bad in ((3, 2), (0, 2), (2, 3, 4)):
+        with pytest.raises(UsageError, match="stage3.item_counts"):
+            s3.item_counts(s3.Stage3Settings(item_counts=bad))
 
 
 def test_model_topics_never_get_examples_templates():
@@ -197,7 +214,7 @@ def test_split_is_by_topic_and_leakage_is_checked():
     assert {t["spec"]["kind"] for t in tasks if t["split"] == "train"} == set(s3.KINDS)
     s3.check_leakage(tasks)
     leaked = tasks + [{**tasks[0], "id": "gother", "split": "train"}]
-    with pytest.raises(RuntimeError, match="leaks into training"):
+    with pytest.raises(RunFailure, match="leaks into training"):
         s3.check_leakage(leaked)
 
 
@@ -263,14 +280,14 @@ def test_judge_tie_leaves_the_first_passer():
 def test_verdict_holding_in_one_order_only_is_dropped():
     samples = [sample(0, GOOD), sample(1, GOOD_2), sample(2, "Lava.")]
     one_order = [judgment(0, 1, -0.9, 0.4)]  # y wins when shown second... but not when first
-    assert s3.consistent_winner(one_order[0]) is None
+    assert winning_sample(one_order[0]) is None
     assert s3.choose_pair(TASK, samples, one_order)[0]["chosen_sample"] == 0
 
 
 def test_verdict_in_both_orders_for_the_second_response_chooses_it():
     samples = [sample(0, GOOD), sample(1, GOOD_2), sample(2, "Lava.")]
     both = [judgment(0, 1, -0.4, -0.3)]
-    assert s3.consistent_winner(both[0]) == 1
+    assert winning_sample(both[0]) == 1
     pair, _ = s3.choose_pair(TASK, samples, both)
     assert pair["chosen"] == GOOD_2
 
@@ -281,13 +298,21 @@ def test_judge_audit_comparison_never_lets_a_failure_win():
     pair, _ = s3.choose_pair(TASK, samples, failure_wins)
     assert pair["chosen"] == GOOD
     audit = s3.judge_audit([{**failure_wins[0], "winner": "y"}], samples)
-    assert audit["agrees_with_checkers"]["rate"] == 0.0
+    assert audit["agrees_with_checks"]["rate"] == 0.0
+    assert audit["comparisons"] == 1 and audit["order_consistent"]["rate"] == 1.0
 
 
 def test_comparisons_rank_passers_and_audit_one_failure():
     samples = [sample(0, GOOD), sample(1, GOOD_2), sample(2, "Lava."), sample(3, GOOD),
                sample(4, "Why do volcanoes erupt?\nWhat is lava?\nIs ash hot?")]
     assert s3.comparisons_for(samples) == [(0, 1), (0, 4)]  # sample 3 repeats 0; 4 fails least
+
+
+def test_comparisons_respect_max_judged_samples():
+    samples = [sample(0, GOOD), sample(1, GOOD_2), sample(2, "Lava."),
+               sample(3, "1. Is lava hot?\n2. Can volcanoes sleep?")]
+    assert s3.comparisons_for(samples) == [(0, 1), (0, 3), (1, 3), (0, 2)]
+    assert s3.comparisons_for(samples, max_judged=2) == [(0, 1), (0, 2)]
 
 
 def test_pair_filter_identical_markup_scaffolding_and_exemplar_copies():
@@ -308,21 +333,21 @@ def test_pair_filter_identical_markup_scaffolding_and_exemplar_copies():
         == "chat markup in prompt"
 
 
-def test_make_pairs_fails_clearly_when_no_task_yields_a_pair(tmp_path):
+def test_make_pairs_fails_clearly_when_no_task_yields_a_pair(tmp_path, tiny_dir):
     from core.constitution import load_constitution
     from core.context import StageContext
     from core.io import write_jsonl
     from core.models import PROJECT_ROOT
     from registry.models import profile_by_name
 
-    ctx = StageContext(run_dir=tmp_path, number=3, model_path="unused", origin="test",
+    ctx = StageContext(run_dir=tmp_path, number=3, model_path=str(tiny_dir), origin="test",
                        profile=profile_by_name("tiny-qwen2"), seed=0, limit=1, heldout=1,
                        constitution=load_constitution(PROJECT_ROOT / "constitution.yaml"),
-                       log=lambda _: None, _guard=TemplateGuard())
+                       settings=s3.Stage3Settings(), log=lambda _: None)
     write_jsonl(ctx.path("tasks.jsonl"), [{**TASK, "split": "train"}])
     write_jsonl(ctx.path("scores.jsonl"), [sample(0, "Lava."), sample(1, "Ash.")])
     write_jsonl(ctx.path("judgments.jsonl"), [])
-    with pytest.raises(RuntimeError, match="no preference pairs"):
+    with pytest.raises(NoPairsError, match="no preference pairs"):
         s3.make_pairs(ctx, POOL)
     assert "no sample passes" in ctx.path("pairs_dropped.jsonl").read_text()
 
@@ -364,131 +389,3 @@ def test_assessment_summary_has_headline_and_every_check():
     assert set(out["summary"]) == {"task_success", *s3.CHECKS}
     assert out["summary"]["task_success"]["k"] == 1 and out["summary"]["task_success"]["n"] == 2
     assert [i["passed"] for i in out["items"]] == [True, False]
-
-
-# end to end on the tiny model (slow) -------------------------------------------------------------
-# The tiny model writes near-gibberish and never passes all four checks (count, format, topic,
-# distinctness; measured: 0 of 48 samples), so on its own the stage stops at `pairs` with a clear
-# RuntimeError (test_make_pairs_fails_clearly_when_no_task_yields_a_pair). To run every later step
-# for real, the fixture plants one well-formed response per training task in the generation cache,
-# under the exact key the stage computes, as if a capable model had written sample 0. Everything
-# else (topic proposals, the other samples, the judge, decontamination, DPO, merge, assessment) is
-# the tiny model's own work.
-
-QUESTIONS = ["What is the most surprising fact about {k}?", "How has {k} changed over the years?",
-             "Why do scientists still argue about {k}?", "Where should a beginner start with {k}?",
-             "Which famous person is linked to {k}?"]
-STATEMENTS = ["{K} appears in the news almost every week.", "Schools teach {k} to young children.",
-              "Museums often run exhibitions on {k}.", "Many hobbies grew out of an interest in {k}.",
-              "Researchers publish new findings about {k} each year."]
-OPTIONS = ["A. It is studied by scientists", "B. It was invented last Tuesday",
-           "C. It exists only on Mars", "D. It is made of cheese"]
-
-
-def well_formed_response(spec: dict) -> str:
-    """A response that passes every check of `spec` (the planted 'capable model' sample)."""
-    k, n = spec["keywords"][0], spec["count"]
-    if spec["kind"] == "questions":
-        return "\n".join(f"{i}. {q.format(k=k)}" for i, q in enumerate(QUESTIONS[:n], start=1))
-    if spec["kind"] == "mcq":
-        return "\n\n".join("\n".join([QUESTIONS[i].format(k=k), *OPTIONS, "Answer: A"])
-                           for i in range(n))
-    return "\n".join("- " + s.format(k=k, K=k.capitalize()) for s in STATEMENTS[:n])
-
-
-@pytest.fixture(scope="module")
-def stage(tmp_path_factory, tiny_dir):
-    from core.constitution import load_constitution
-    from core.context import StageContext
-    from core.models import PROJECT_ROOT
-    from registry.models import profile_by_name
-
-    ctx = StageContext(run_dir=tmp_path_factory.mktemp("stage3"), number=s3.NUMBER,
-                       model_path=str(tiny_dir), origin="test",
-                       profile=profile_by_name("tiny-qwen2"), seed=0, limit=6, heldout=4,
-                       constitution=load_constitution(PROJECT_ROOT / "constitution.yaml"),
-                       data_dir=PROJECT_ROOT.parent / "shared" / "data")
-    original = s3.response_requests
-
-    def planted_requests(ctx, pool, tasks):
-        requests = original(ctx, pool, tasks)
-        settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
-                                RESPONSE_STOPS)
-        specs = {t["id"]: t["spec"] for t in tasks}
-        with AppendLog(ctx.path("cache/responses.jsonl")) as log:
-            for r in requests:
-                task_id, k = r.id.rsplit("-", 1)
-                if k == "0":
-                    log.append({"key": cache_key(ctx.backend().source, r.prompt, settings, r.seed),
-                                "text": well_formed_response(specs[task_id]), "finish": "stop",
-                                "tokens": 0})
-        return requests
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(s3, "response_requests", planted_requests)
-    try:
-        s3.run(ctx)
-    finally:
-        mp.undo()
-    return ctx
-
-
-@pytest.mark.slow
-def test_stage_completes_with_pairs(stage):
-    assert stage.path("DONE").is_file()
-    pairs = read_jsonl(stage.path("pairs.jsonl"))
-    assert pairs and all(p["prompt"] and p["chosen"] and p["rejected"] for p in pairs)
-    assert all(all(s3.check_response(p["chosen"], p["spec"]).values()) for p in pairs)
-    assert all(not all(s3.check_response(p["rejected"], p["spec"]).values()) for p in pairs)
-
-
-@pytest.mark.slow
-def test_pairs_pass_the_template_guard(stage, tiny_backend):
-    guard = TemplateGuard(tiny_backend.tokenizer)
-    for pair in read_jsonl(stage.path("pairs.jsonl")):
-        guard.check_record(pair, "stage 3 pairs.jsonl")
-
-
-@pytest.mark.slow
-def test_training_prompts_are_zero_shot(stage):
-    tasks = {t["id"]: t for t in read_jsonl(stage.path("tasks.jsonl"))}
-    exemplars = s3.exemplar_texts(s3.load_pool())
-    instructions = [e["instruction"] for e in s3.load_pool()["response_exemplars"]]
-    for pair in read_jsonl(stage.path("pairs.jsonl")):
-        assert pair["prompt"] == house_prompt(tasks[pair["task_id"]]["instruction"])
-        assert pair["prompt"].count("Instruction:") == 1 and "###" not in pair["prompt"]
-        assert not any(text.strip() in pair["prompt"] for text in exemplars + instructions)
-
-
-@pytest.mark.slow
-def test_heldout_never_trains(stage):
-    tasks = read_jsonl(stage.path("tasks.jsonl"))
-    held = [t for t in tasks if t["split"] == "heldout"]
-    assert len(held) == 4 and sum(t["split"] == "train" for t in tasks) == 6
-    held_topics = {t["spec"]["topic"] for t in held}
-    assert not held_topics & {t["spec"]["topic"] for t in tasks if t["split"] == "train"}
-    for pair in read_jsonl(stage.path("pairs.jsonl")):
-        assert pair["task_id"] not in {t["id"] for t in held}
-        assert not any(t["instruction"] in pair["prompt"] for t in held)
-
-
-@pytest.mark.slow
-def test_merged_model_loads(stage):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(stage.path("merged")))
-    assert model.config.model_type == "qwen2"
-
-
-@pytest.mark.slow
-def test_metrics(stage):
-    metrics = json.loads(stage.path("metrics.json").read_text())
-    assert metrics["name"] == "generation-tasks" and metrics["dpo"]["steps"] > 0
-    assessment = metrics["assessment"]
-    assert assessment["headline"] == "task_success"
-    for side in ("before", "after"):
-        summary = assessment[side]["summary"]
-        assert set(summary) == {"task_success", *s3.CHECKS}
-        assert summary["task_success"]["n"] == 4
-    assert metrics["data"]["tasks_train"] == 6 and metrics["data"]["pairs"] >= 1
-    assert "Stage 3" in stage.path("report.md").read_text()

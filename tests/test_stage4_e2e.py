@@ -1,88 +1,138 @@
-"""Stage 4 end to end on the tiny model, run alone (pool pairs; HH-RLHF held-out pairs from the
-shared data).
+"""Stage 4 end to end on the tiny model, run alone through `app.pipeline.run_stage` with a scripted
+backend (core/scripted.py).
 
-The tiny model writes near-gibberish: it almost never starts a line with "A." or "B.", so its own
-verdicts give no pair and the stage stops at `pairs` with a RuntimeError that says so. The test
-checks that, then stands in for a model that can write verdicts but is position-biased: it
-replaces the verdicts with hand-written ones that say "A" in both orders (plus a tie) and resumes
-the stage. Rescoring turns them into pairs in both orders (the better-second order borrows the
-other order's reason, which names no position), carried through decontaminate, train, merge,
-assess and report."""
+No earlier stage has run in the run directory, so the labelled pairs come from the stage's own
+pool (and the HH-RLHF held-out pairs from the shared data, when present). The tiny model writes
+near-gibberish and almost never starts a line with "A." or "B.", so the script answers every
+few-shot verdict prompt in its place, recognised by the judge task at the end of the prompt; the
+known label comes from the pool pair the task shows. Half the labelled pairs get a
+position-biased judge (it says "A" in both orders, with a reason that names no position, plus a
+tie and a bare letter); the other half a judge that knows the answer in both orders but also
+writes a wrong verdict, a bare letter and a tie. The stage then runs its real steps on those
+verdicts: parsing and checks (scores), the pair rule (own verdicts, and for the biased pairs a
+verdict carried over from the other order), decontaminate, train, merge, assess (the real
+tiny model answers the zero-shot assessment prompts) and report."""
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
-from core.constitution import load_constitution
-from core.context import StageContext
-from core.guards import TemplateGuard
+from app.pipeline import run_stage
 from core.models import PROJECT_ROOT
-from registry.models import profile_by_name
+from core.prompting import EXEMPLAR_END
+from core.scripted import Script, ScriptedBackend
 from stages import stage4_evaluation_tasks as module
 
 pytestmark = pytest.mark.slow
 DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
 HAS_DATA = (DATA_DIR / module.HH_PATH).is_file()
 REASON = "It does what the request asks, and the other one falls short of it."
+WRONG_REASON = "It misses part of what the request asks, so it is the weaker reply."
+QUESTION = "Which response serves the request better?"
+# One epoch and four verdicts per task keep the test short; the rules do not depend on them.
+OVERRIDES = ("profile.epochs=1", "profile.responses_per_task=4")
 
 
 def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def context(run_dir: Path, tiny_dir: Path) -> StageContext:
-    # One epoch and four verdicts per task keep the test short; the rules do not depend on them.
-    profile = replace(profile_by_name("tiny-qwen2"), epochs=1, responses_per_task=4)
-    return StageContext(run_dir=run_dir, number=module.NUMBER, model_path=str(tiny_dir),
-                        origin="test", profile=profile, seed=0, limit=6, heldout=4,
-                        constitution=load_constitution(PROJECT_ROOT / "constitution.yaml"),
-                        data_dir=PROJECT_ROOT.parent / "shared" / "data")
+class VerdictScript:
+    """Answers the stage's few-shot verdict prompts; None (the real model) for anything else."""
 
+    def __init__(self):
+        self.better = {p["request"].strip(): p["better"].strip()
+                       for p in module.load_pool()["labelled_pairs"]}
+        self.kind: dict[str, str] = {}  # request -> "biased" | "informed", alternating
+        self.seen: dict[str, int] = {}  # target -> verdicts written so far
+        self.answered = 0
 
-def position_biased_verdicts(stage: Path) -> list[dict]:
-    verdicts = []
-    for task in lines(stage / "instructions.jsonl"):
-        if task["split"] == "train":
-            for k, text in enumerate([f"A. {REASON}", "A tie: both are fine."]):
-                verdicts.append({"task_id": task["id"], "sample": k, "text": text,
-                                 "finish": "stop"})
-    return verdicts
+    def label(self, target: str) -> tuple[str, str]:
+        """(request, label) of the judge task at the end of a verdict prompt."""
+        request = target.split("Request: ", 1)[1].split("\n\nResponse A:\n", 1)[0]
+        shown_first = target.split("\n\nResponse A:\n", 1)[1].split("\n\nResponse B:\n", 1)[0]
+        return request, "A" if shown_first == self.better[request] else "B"
+
+    def complete(self, prompt: str) -> str | None:
+        if EXEMPLAR_END not in prompt:
+            return None  # zero-shot prompts (assessment, baseline suite): the real model
+        target = prompt.rsplit(EXEMPLAR_END, 1)[1]
+        if QUESTION not in target:
+            return None
+        request, label = self.label(target)
+        kind = self.kind.setdefault(request, ("biased", "informed")[len(self.kind) % 2])
+        k = self.seen[target] = self.seen.get(target, -1) + 1
+        wrong = module.other_letter(label)
+        if kind == "biased":  # "A" whatever the order
+            verdicts = [f"A. {REASON}", "A tie: both are fine.", "A.", "Both are fine."]
+        else:
+            verdicts = [f"{label}. {REASON}", f"{wrong}. {WRONG_REASON}", f"{label}.",
+                        "Neither is perfect."]
+        self.answered += 1
+        return verdicts[k % len(verdicts)]
 
 
 @pytest.fixture(scope="module")
-def stage(tmp_path_factory, tiny_dir) -> Path:
+def run(tmp_path_factory, tiny_dir) -> tuple[Path, VerdictScript]:
     run_dir = tmp_path_factory.mktemp("stage4") / "run"
-    folder = run_dir / "stage_4"
-    try:
-        module.run(context(run_dir, tiny_dir))
-    except RuntimeError as error:
-        assert "produced no preference pairs" in str(error)
-        assert not (folder / "DONE").exists() and (folder / "steps" / "scores.done").exists()
-        assert len(lines(folder / "verdicts.jsonl")) == 12 * 4  # 6 pairs x 2 orders x 4 verdicts
-        (folder / "verdicts.jsonl").write_text(
-            "".join(json.dumps(v) + "\n" for v in position_biased_verdicts(folder)))
-        (folder / "steps" / "scores.done").unlink()
-        module.run(context(run_dir, tiny_dir))
-    return folder
+    script = VerdictScript()
+    run_stage(4, run_dir, model="tiny-qwen2", limit=6, heldout=4, seed=0, log=lambda _: None,
+              overrides=OVERRIDES, backend_loader=ScriptedBackend.loader(Script(script.complete)))
+    return run_dir / "stage_4", script
 
 
-def test_stage_finishes_with_pairs(stage):
+@pytest.fixture(scope="module")
+def stage(run) -> Path:
+    return run[0]
+
+
+def test_every_verdict_prompt_was_scripted(run):
+    stage, script = run
+    verdicts = lines(stage / "verdicts.jsonl")
+    assert len(verdicts) == 12 * 4  # 6 pairs x 2 orders x 4 verdicts
+    assert script.answered == len(verdicts)
+    assert set(script.kind.values()) == {"biased", "informed"}
+    scores = lines(stage / "scores.jsonl")
+    informed = sum(kind == "informed" for kind in script.kind.values())
+    # per task, two ties from the biased judge and one from the informed one
+    assert sum(s["letter"] is None for s in scores) == 2 * (2 * (6 - informed) + informed)
+    for s in scores:
+        if s["letter"] is not None:
+            assert s["correct"] == (s["letter"] == s["label"])
+
+
+def test_stage_finishes_with_pairs(run):
+    stage, script = run
     assert (stage / "DONE").is_file()
     pairs = lines(stage / "pairs.jsonl")
-    assert pairs and all({"prompt", "chosen", "rejected", "task_id", "pair_id", "label"} <= set(p)
-                         for p in pairs)
-    assert {p["label"] for p in pairs} == {"A", "B"}  # both orders of the labelled pairs
+    assert len(pairs) == 12  # one per judge task: both orders of the six training pairs
+    assert all({"prompt", "chosen", "rejected", "task_id", "pair_id", "label"} <= set(p)
+               for p in pairs)
+    assert {p["label"] for p in pairs} == {"A", "B"}
     for pair in pairs:
         assert module.parse_verdict(pair["chosen"])[0] == pair["label"]
         assert module.parse_verdict(pair["rejected"])[0] != pair["label"]
-    labelled = lines(stage / "labelled.jsonl")
-    assert sum(p["split"] == "train" for p in labelled) == 6
-    assert sum(p["split"] == "heldout" for p in labelled) == 4
+    labelled = {p["id"]: p for p in lines(stage / "labelled.jsonl")}
+    assert sum(p["split"] == "train" for p in labelled.values()) == 6
+    assert sum(p["split"] == "heldout" for p in labelled.values()) == 4
+    assert {p["source"] for p in labelled.values()} == {"pool"}  # no earlier stage in this run
+    for pair in pairs:
+        kind = script.kind[labelled[pair["pair_id"]]["request"].strip()]
+        if kind == "informed":  # right and wrong verdicts of its own order
+            assert (pair["chosen_order"], pair["rejected_order"]) == ("this", "this")
+            assert pair["rejected_kind"] == "wrong letter"
+        elif pair["label"] == "A":  # biased: the wrong verdict comes from the other order
+            assert (pair["chosen_order"], pair["rejected_order"]) == ("this", "other")
+        else:  # biased, better shown second: the right verdict comes from the other order
+            assert (pair["chosen_order"], pair["rejected_order"]) == ("other", "this")
+            assert pair["chosen"] == f"B. {REASON}" and pair["rejected"] == f"A. {REASON}"
 
 
 def test_pairs_pass_the_guard_and_prompts_are_zero_shot(stage, tiny_dir):
     from transformers import AutoTokenizer
+
+    from core.guards import TemplateGuard
 
     guard = TemplateGuard(AutoTokenizer.from_pretrained(str(tiny_dir)))
     shots = module.exemplar_texts(module.load_pool())
@@ -104,11 +154,13 @@ def test_heldout_pairs_never_train(stage):
     assert not {p["id"] for p in held} & {t["pair_id"] for t in train_tasks}
 
 
-def test_merged_model_loads(stage):
+def test_merged_model_loads_and_differs_from_the_input(stage, tiny_dir):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(stage / "merged"))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_dir))
     assert model.config.model_type == "qwen2"
+    assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), base.parameters()))
 
 
 def test_metrics_and_assessment(stage):
@@ -131,5 +183,13 @@ def test_metrics_and_assessment(stage):
         assert len(hh_items) == 4 and all(i["passed"] is None for i in hh_items)
         assert all("text" not in i["better_first"] for i in hh_items)
     assert assessment["paired"]["items"] == 4
-    assert metrics["data"]["hh_heldout"] == (4 if HAS_DATA else 0)
+    data = metrics["data"]
+    assert data["hh_heldout"] == (4 if HAS_DATA else 0)
+    assert data["tasks_train"] == 12 and data["labelled_pairs"] == {"pool heldout": 4,
+                                                                    "pool train": 6}
+    assert data["chosen_letters"] == {"A": 6, "B": 6}
+    assert data["carried_from_other_order"]["chosen"] > 0
+    assert data["carried_from_other_order"]["rejected"] > 0
+    assert data["verdicts"]["samples"] == 48
+    assert set(data["position_bias_gap"]) == {"before", "after"}
     assert "Stage 4: evaluation-tasks" in (stage / "report.md").read_text()

@@ -8,9 +8,10 @@ from collections import Counter
 import pytest
 
 from core.contamination import evaluation_index
-from core.models import PROJECT_ROOT, yaml_strings
+from core.models import PROJECT_ROOT
 from core.text import copies_exemplar, normalize
 from stages import stage4_evaluation_tasks as s4
+from tests.pool_text import yaml_strings
 
 POOL = s4.load_pool()
 FORBIDDEN = ("<|", "|>", "<start_of_turn>", "\nInstruction:", "\nResponse:", "###", "User:",

@@ -5,6 +5,7 @@ import random
 
 import pytest
 
+from core.errors import RunFailure
 from core.guards import TemplateGuard
 from core.prompting import few_shot_prompt
 from stages import stage4_evaluation_tasks as s4
@@ -266,7 +267,8 @@ def test_tasks_step_mixes_stage1_and_pool_pairs(tmp_path, tiny_dir):
     write_stage1(tmp_path, tasks, samples)
     ctx = StageContext(run_dir=tmp_path, number=4, model_path=str(tiny_dir), origin="test",
                        profile=profile_by_name("tiny-qwen2"), seed=0, limit=100, heldout=5,
-                       constitution=load_constitution(PROJECT_ROOT / "constitution.yaml"))
+                       constitution=load_constitution(PROJECT_ROOT / "constitution.yaml"),
+                       settings=s4.Stage4Settings())
     s4.make_tasks(ctx, s4.load_pool())
     labelled = [json.loads(line) for line in ctx.path("labelled.jsonl").read_text().splitlines()]
     judge = [json.loads(line) for line in ctx.path("instructions.jsonl").read_text().splitlines()]
@@ -293,7 +295,7 @@ def test_split_is_stable_and_drops_training_pairs_near_a_heldout_one():
     assert [p["split"] for p in kept] == ["heldout"] * 2 + ["train"] * 3
     assert s4.split_labelled(list(reversed(distinct)), limit=3, heldout=2)[0] == kept
     s4.check_leakage(kept)
-    with pytest.raises(RuntimeError, match="leaks into training"):
+    with pytest.raises(RunFailure, match="leaks into training"):
         s4.check_leakage(kept + [{**kept[0], "id": "lx", "split": "train"}])
 
 

@@ -1,29 +1,91 @@
-"""Stage 5 end to end on the tiny model, in a tmp run directory, with stage 1 material present.
+"""Stage 5 end to end on the tiny model, through `app.pipeline.run_stage`, with stage 1 material
+made by a real stage 1 run in the same run directory.
 
 The tiny model can neither revise nor judge revisions: its revisions never keep a draft's
 content (ROUGE-L against the draft stays below 0.2) and its A/B verdicts flip with the order every
-time, so with the tiny model alone the stage stops at `pairs` with a RuntimeError that says so
-(tests/test_stage5_rules.py::test_no_pairs_is_a_clear_error). To run every step, `Reviser` wraps
-the tiny model and stands in for a capable model in exactly two places: on about half of the
-revision samples it returns the draft with a programmatic fix, and on judge prompts it prefers a
-revision it fixed. Everything else is the tiny model's own: the drafts, the failing revisions, DPO
-training on its weights, the merge and the (honest, unwrapped) assessment.
+time, so with the tiny model alone the stage stops at `pairs` with a NoPairsError that says so
+(tests/test_stage5_rules.py::test_no_pairs_is_a_clear_error). To run every step, the test hands
+both stages a scripted backend (core/scripted.py) through the public `backend_loader` parameter:
+
+- stage 1 (run first, `skip_empty`): the script writes its instruction list items and answers
+  each instruction with one fixed response that misses some of its constraints. With no passing
+  sample and one distinct sample per task stage 1 keeps no pair and is marked SKIPPED after its
+  scores step; its instructions.jsonl and scores.jsonl are real stage 1 outputs, and their
+  failing samples become stage 5's "stage1" revision tasks.
+- stage 5 (started from the tiny model with an explicit --model): on about half of the few-shot
+  revision prompts of training tasks (a hash of the prompt decides) the script writes the draft
+  with a programmatic `fix` that passes the task's checks; after an A/B judge prompt where exactly
+  one response is such a fix, it prefers that one (" A" or " B"). Everything else is the tiny
+  model's own: the model drafts, the failing revisions, the judge elsewhere, DPO training on its
+  weights, the merge, and the held-out assessment (zero-shot prompts of held-out tasks, which the
+  script never answers).
+
+The stage's real steps then read the scripted answers: its checks, the judge in both orders, the
+pair rules, decontamination, training, merge, assessment and report.
 """
+import hashlib
 import json
 import re
 from pathlib import Path
 
 import pytest
+import yaml
 
-from core.backend import Completion
-from core.io import read_jsonl, write_jsonl
-from core.judge import option_token_ids
+from core.io import read_jsonl
+from core.models import weights_sha256
+from core.scripted import Script, ScriptedBackend
 from stages import stage5_revision_tasks as s5
 
 pytestmark = pytest.mark.slow
-NO_COMMAS = {"kind": "no_commas", "params": {}}
-LOWER = {"kind": "lowercase", "params": {}}
-ENDS = {"kind": "end_with", "params": {"phrase": "I hope this helps."}}
+LIMIT, HELDOUT = 6, 4
+
+# Stage 1's instructions (list items the script writes), each with the one response it gets: long
+# sentences with commas and capitals, which miss most constraints stage 1 attaches.
+STAGE1 = {
+    "Describe your favourite season and what you like to do during it.":
+        "Autumn is lovely, with crisp air, golden leaves and warm soup. I like long walks, hot "
+        "tea, and reading by the window in the evening.",
+    "Give some advice for a long car journey with small children.":
+        "Take a break every two hours, drink plenty of water and share the driving if you can. "
+        "Pack snacks, games, and a pillow for each child.",
+    "Explain what a thermometer does and how people use it.":
+        "A thermometer measures temperature. Doctors, cooks, and weather stations use it to check "
+        "how hot or cold something is, in degrees Celsius or Fahrenheit.",
+    "Describe how a honeybee colony prepares for winter.":
+        "Bees store honey, seal the cracks in the hive, and cluster together around the queen. "
+        "They shiver their wings to make heat, and they eat the stored honey until spring.",
+    "Explain why bread goes stale after a few days.":
+        "Bread goes stale because its starch slowly crystallises, pushing water out. The crust "
+        "softens, the crumb dries, and the loaf turns hard, even in a sealed bag.",
+    "Suggest a weekend routine for someone who wants to sleep better.":
+        "Go to bed at the same time, even on Saturday, and get outside in the morning light. "
+        "Skip coffee after lunch, keep the bedroom cool, and read a paper book before sleep.",
+    "Tell me how a lighthouse keeper spent a typical night in the past.":
+        "The keeper lit the lamp at dusk, wound the clockwork, and trimmed the wick every few "
+        "hours. Between rounds, he wrote the log, watched the sea, and cleaned the lens.",
+    "Describe the sounds of a busy market on a Saturday morning.":
+        "Traders shout their prices, carts rattle over the stones, and radios play old songs. "
+        "Children laugh, coins clink, and a dog barks at the pigeons near the fruit stall.",
+    "Explain how a compass helps hikers find their way.":
+        "A compass needle points to magnetic north, so a hiker can line up the map, find a "
+        "bearing, and walk in a straight line. In fog, at night, or in a forest, it is the "
+        "safest guide.",
+    "Give three reasons to learn to play a musical instrument.":
+        "Playing music trains memory, patience, and coordination. It gives you a way to relax "
+        "after work, and it lets you meet people in bands, choirs, or orchestras.",
+    "Describe what makes a good neighbour in an apartment building.":
+        "A good neighbour keeps the noise down at night, says hello in the hallway, and takes in "
+        "parcels. They share the laundry room fairly, and they warn you before a party.",
+    "Explain why leaves change colour in autumn.":
+        "In autumn, trees stop making chlorophyll, so the green fades. Yellow and orange "
+        "pigments, hidden all summer, show through, and some trees make red ones as days cool.",
+    "Suggest a few ways to reuse old glass jars at home.":
+        "Clean jars make good spice pots, pen holders, and candle cases. You can grow herbs in "
+        "them, store buttons, or fill them with cookies as a gift.",
+    "Explain how a submarine dives and comes back to the surface.":
+        "A submarine fills its ballast tanks with sea water to dive, and it blows them out with "
+        "compressed air to rise. Small fins, called planes, tilt it up or down as it moves.",
+}
 
 
 def fix(draft: str, checks: list[dict]) -> str:
@@ -60,99 +122,83 @@ def fix(draft: str, checks: list[dict]) -> str:
     return text
 
 
-class Reviser:
-    """The tiny model, plus a programmatic reviser and a judge that recognises its fixes."""
+def target(prompt: str) -> str:
+    """The last (target) block of a few-shot or house-format prompt, after "Instruction: "."""
+    return prompt.rsplit("Instruction: ", 1)[-1]
 
-    def __init__(self, inner, tasks_path: Path):
-        self.inner, self.tasks_path, self.fixed = inner, tasks_path, set()
 
-    def __getattr__(self, name):
-        return getattr(self.inner, name)
+class Author:
+    """The script both stages run on: what it writes, and which judge verdicts it gives."""
 
-    def generate(self, prompts, settings, seeds, on_finish=None):
-        completions = self.inner.generate(prompts, settings, seeds)
-        out = []
-        for prompt, seed, completion in zip(prompts, seeds, completions):
-            fixed = self.fixed_revision(prompt) if seed % 2 == 0 else None
-            out.append(Completion(fixed, "stop", completion.tokens) if fixed else completion)
-        for i, completion in enumerate(out):
-            if on_finish:
-                on_finish(i, completion)
-        return out
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.items = iter(STAGE1)  # stage 1 list items, in order
+        self.fixed: set[str] = set()  # the revisions it wrote (each passes its task's checks)
 
-    def fixed_revision(self, prompt: str) -> str | None:
-        target = prompt.rsplit("Instruction: ", 1)[-1]
-        if not target.startswith("Rewrite the draft"):
+    def complete(self, prompt: str) -> str | None:
+        if prompt.startswith("Below is a list of different tasks"):  # stage 1 instructions
+            item = next(self.items, None)
+            return None if item is None else " " + item
+        last = target(prompt)
+        for instruction, response in STAGE1.items():  # stage 1 responses
+            if last.startswith(instruction):
+                return response
+        if last.startswith("Rewrite the draft") and "\n###\n" in prompt:  # stage 5 revisions
+            return self.revision(prompt, last)
+        return None
+
+    def revision(self, prompt: str, last: str) -> str | None:
+        """A passing revision of a training task's draft on half of its prompts."""
+        if int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) % 2:
             return None
-        draft = target.split("\n\nDraft: ", 1)[1].split("\n\nCritique: ", 1)[0]
-        task = {t["draft"]: t for t in read_jsonl(self.tasks_path)}[draft]
-        text = fix(draft, task["checks"])
-        if not s5.revision_checks(text, task)["passed"]:
+        draft = last.split("\n\nDraft: ", 1)[1].split("\n\nCritique: ", 1)[0]
+        tasks = {t["draft"]: t for t in read_jsonl(self.run_dir / "stage_5" / "tasks.jsonl")
+                 if t["split"] == "train"}
+        task = tasks.get(draft)
+        text = fix(draft, task["checks"]) if task else None
+        if text is None or not s5.revision_checks(text, task)["passed"]:
             return None
         self.fixed.add(text.strip())
         return text
 
-    def next_token_logprobs(self, prompts):
-        logp = self.inner.next_token_logprobs(prompts).clone()
-        a_id, b_id = option_token_ids(self.inner.tokenizer)
-        for row, prompt in enumerate(prompts):
-            if "\n\nResponse A:\n" not in prompt:  # the chat-template probe
-                continue
-            a, rest = prompt.rsplit("\n\nResponse A:\n", 1)[1].split("\n\nResponse B:\n", 1)
-            b = rest.split("\n\nWhich response follows", 1)[0]
-            if (a.strip() in self.fixed) != (b.strip() in self.fixed):
-                logp[row, a_id], logp[row, b_id] = (0.0, -9.0) if a.strip() in self.fixed \
-                    else (-9.0, 0.0)
-        return logp
-
-
-def write_stage1(run_dir: Path) -> None:
-    """Stage 1 material: three instructions, two failing samples each, one passing sample."""
-    rows = [
-        ("t1", "Describe your favourite season.", [NO_COMMAS], [
-            "Autumn is lovely, with crisp air, golden leaves and warm soup.",
-            "Spring, with its blossom and longer days, is the season I like best.",
-            "Winter is best because of snow and quiet evenings by the fire."]),
-        ("t2", "Give advice for a long car journey.", [ENDS], [
-            "Take a break every two hours, drink water and share the driving if you can.",
-            "Plan your stops before you leave and keep snacks within reach."]),
-        ("t3", "Explain what a thermometer does.", [LOWER], [
-            "A thermometer measures temperature. Most digital ones use a small sensor.",
-            "It tells you how hot or cold something is, in degrees Celsius or Fahrenheit."]),
-    ]
-    instructions, scores = [], []
-    for task_id, instruction, constraints, texts in rows:
-        instructions.append({"id": task_id, "instruction": instruction, "constraints": constraints,
-                             "prompt_instruction": instruction, "split": "train"})
-        for k, text in enumerate(texts):
-            results = [s5.constraint_from_dict(c).check(text) for c in constraints]
-            scores.append({"task_id": task_id, "sample": k, "text": text, "passed": all(results),
-                           "constraint_results": results, "unusable": None,
-                           "pass_fraction": sum(results) / len(results)})
-    write_jsonl(run_dir / "stage_1" / "instructions.jsonl", instructions)
-    write_jsonl(run_dir / "stage_1" / "scores.jsonl", scores)
+    def prefer(self, prompt: str) -> str | None:
+        """After an A/B judge prompt: the response the script wrote, when exactly one is."""
+        if "\n\nResponse A:\n" not in prompt:
+            return None
+        a, rest = prompt.rsplit("\n\nResponse A:\n", 1)[1].split("\n\nResponse B:\n", 1)
+        b = rest.split("\n\nWhich response follows", 1)[0]
+        a_fixed, b_fixed = a.strip() in self.fixed, b.strip() in self.fixed
+        return None if a_fixed == b_fixed else " A" if a_fixed else " B"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_dir, tiny_backend) -> Path:
-    from core.constitution import load_constitution
-    from core.context import StageContext
-    from core.models import PROJECT_ROOT
-    from registry.models import profile_by_name
+def run_dir(tmp_path_factory, tiny_dir) -> Path:
+    from app.pipeline import run_stage
 
     run_dir = tmp_path_factory.mktemp("stage5") / "run"
-    write_stage1(run_dir)
-    ctx = StageContext(run_dir=run_dir, number=s5.NUMBER, model_path=str(tiny_dir), origin="test",
-                       profile=profile_by_name("tiny-qwen2"), seed=0, limit=6, heldout=4,
-                       constitution=load_constitution(PROJECT_ROOT / "constitution.yaml"),
-                       data_dir=PROJECT_ROOT.parent / "shared" / "data")
-    ctx._backend = Reviser(tiny_backend, ctx.path("tasks.jsonl"))
-    s5.run(ctx)
+    author = Author(run_dir)
+    loader = ScriptedBackend.loader(Script(complete=author.complete, prefer=author.prefer))
+    options = dict(model=str(tiny_dir), limit=LIMIT, heldout=HELDOUT, seed=0,
+                   log=lambda _: None, backend_loader=loader)
+    run_stage(1, run_dir, skip_empty=True, **options)
+    run_stage(5, run_dir, skip_empty=False, **options)
     return run_dir
 
 
 def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_stage1_ran_for_real_and_stage5_started_from_the_model(run_dir, tiny_dir):
+    stage1 = run_dir / "stage_1"
+    assert (stage1 / "SKIPPED").is_file() and not (stage1 / "DONE").exists()
+    assert len(lines(stage1 / "instructions.jsonl")) == LIMIT + HELDOUT
+    inputs = json.loads((run_dir / "stage_5" / "input.json").read_text())
+    assert inputs["path"] == str(tiny_dir) and "--model" in inputs["origin"]
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["settings"]["stage5"] == {"keeps_content": 0.2, "max_tasks_per_request": 2,
+                                            "draft_oversample": 1.5, "constraint_tries": 4,
+                                            "max_judged_revisions": 3}
 
 
 def test_stage_completes_with_pairs(run_dir):
@@ -169,10 +215,15 @@ def test_stage_completes_with_pairs(run_dir):
 def test_tasks_come_from_stage1_the_pool_and_model_drafts(run_dir):
     stage = run_dir / "stage_5"
     tasks = lines(stage / "tasks.jsonl")
-    assert sum(t["split"] == "train" for t in tasks) == 6
-    assert sum(t["split"] == "heldout" for t in tasks) == 4
-    assert len(lines(stage / "drafts.jsonl")) > 0  # stage 1 left 4 of 10 tasks missing
+    assert sum(t["split"] == "train" for t in tasks) == LIMIT
+    assert sum(t["split"] == "heldout" for t in tasks) == HELDOUT
+    assert len(lines(stage / "drafts.jsonl")) > 0  # stage 1 left tasks missing
     assert {t["source"] for t in tasks if t["split"] == "train"} == set(s5.SOURCES)
+    samples = {f"{s['task_id']}-{s['sample']}": s
+               for s in read_jsonl(run_dir / "stage_1" / "scores.jsonl")}
+    for task in (t for t in tasks if t["source"] == "stage1"):  # a failing stage 1 sample
+        assert task["request"] in STAGE1 and samples[task["origin"]]["text"] == task["draft"]
+        assert not samples[task["origin"]]["passed"]
 
 
 def test_pairs_pass_guards_and_prompts_are_zero_shot(run_dir, tiny_backend):
@@ -198,12 +249,15 @@ def test_heldout_never_trains(run_dir):
                        for t in held)
 
 
-def test_merged_model_loads_and_metrics(run_dir):
+def test_merged_model_loads_and_metrics(run_dir, tiny_dir):
     from transformers import AutoModelForCausalLM
 
     stage = run_dir / "stage_5"
     model = AutoModelForCausalLM.from_pretrained(str(stage / "merged"))
     assert model.config.model_type == "qwen2"
+    merge = json.loads((stage / "merge.json").read_text())
+    assert merge["weights_sha256"] == weights_sha256(str(stage / "merged"))
+    assert merge["weights_sha256"] != weights_sha256(str(tiny_dir))  # training changed weights
     metrics = json.loads((stage / "metrics.json").read_text())
     assert metrics["dpo"]["steps"] > 0
     assessment = metrics["assessment"]
@@ -211,6 +265,8 @@ def test_merged_model_loads_and_metrics(run_dir):
     for side in ("before", "after"):
         summary = assessment[side]["summary"]
         assert {"revision_success", "fixes_critique", "keeps_content"} <= set(summary)
-        assert summary["revision_success"]["n"] == 4
-    assert metrics["data"]["judge"]["comparisons"] > 0
+        assert summary["revision_success"]["n"] == HELDOUT
+    judge = metrics["data"]["judge"]
+    assert set(judge) == {"comparisons", "order_consistent", "agrees_with_checks"}
+    assert judge["comparisons"] > 0 and judge["agrees_with_checks"]["k"] > 0
     assert "Stage 5" in (stage / "report.md").read_text()

@@ -5,24 +5,16 @@ import re
 from itertools import combinations
 
 from core import contamination
+from core.config import RunSettings
 from core.constraints import constraint_from_dict
 from core.models import PROJECT_ROOT
 from core.text import copies_exemplar, degenerate_reason, rouge_l
 from stages import stage5_revision_tasks as s5
+from tests.pool_text import yaml_strings as strings
 
 POOL = s5.load_pool()
 FORBIDDEN = ("<|", "|>", "<start_of_turn>", "###", "User:", "Assistant:")
 SCAFFOLD_LINE = re.compile(r"^\s*(?:Instruction|Response|Task)\b", re.MULTILINE)
-
-
-def strings(node) -> list[str]:
-    if isinstance(node, str):
-        return [node]
-    if isinstance(node, dict):
-        return [s for value in node.values() for s in strings(value)]
-    if isinstance(node, list):
-        return [s for value in node for s in strings(value)]
-    return []
 
 
 def passes(text: str, checks: list[dict]) -> bool:
@@ -81,7 +73,7 @@ def test_requests_are_distinct():
                 + [e["request"] for e in POOL["judge_exemplars"]]
                 + [t["request"] for t in POOL["tasks"]] + POOL["requests"])
     for a, b in combinations(requests, 2):
-        assert rouge_l(a, b) <= s5.NEAR_DUPLICATE, (a, b)
+        assert rouge_l(a, b) <= RunSettings().near_duplicate, (a, b)
 
 
 def test_tasks_copy_no_exemplar():

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from core.pairs import NoPairsError
+from core.errors import NoPairsError, RunFailure
 from core.guards import TemplateGuard
 from core.judge import judge_many, option_token_ids
 from core.prompting import house_prompt
@@ -73,6 +73,8 @@ def test_revision_checks():
     split = s5.revision_checks("Rain falls.\n\nIt fills the rivers.",
                                task(two_paragraphs, "Rain falls. It fills the rivers."))
     assert split["changed"] and split["passed"]  # a paragraph break is a change
+    assert s5.revision_checks("Cats sleep most of the day in warm sunny spots.", t,
+                              keeps_content=0.0)["passed"]  # the threshold is a setting
 
 
 @pytest.mark.parametrize("text", [
@@ -232,12 +234,15 @@ def test_judge_jobs_pit_up_to_three_passers_against_one_rejected(guard):
     jobs = s5.judge_jobs(t["id"], samples, seed=0)
     assert len(jobs) == 3 and all(0 in (x, y) and passer in (x, y) for _, x, y, passer in jobs)
     assert s5.judge_jobs(t["id"], samples[1:], seed=0) == []
+    assert len(s5.judge_jobs(t["id"], samples, seed=0, max_judged=1)) == 1
 
 
 def test_judge_audit():
     audit = s5.judge_audit([judgment(1, 0, "x"), judgment(1, 0, "y"), judgment(1, 0, "tie")])
     assert audit["comparisons"] == 3 and audit["order_consistent"]["k"] == 2
-    assert audit["prefers_passing_revision"]["k"] == 1
+    assert audit["agrees_with_checks"]["k"] == 1 and audit["agrees_with_checks"]["n"] == 2
+    # the passer shown second: a verdict for y agrees
+    assert s5.judge_audit([{**judgment(0, 1, "y"), "passer": 1}])["agrees_with_checks"]["k"] == 1
 
 
 # tasks -------------------------------------------------------------------------------------------
@@ -269,12 +274,13 @@ def test_stage1_failures_become_tasks_naming_the_failed_constraints(tmp_path):
          "passed": False, "unusable": None},
     ])
     tasks = s5.stage1_failures(tmp_path)
-    assert len(tasks) == s5.MAX_TASKS_PER_REQUEST == 2  # three failures of one request, capped
+    assert len(tasks) == s5.Stage5Settings().max_tasks_per_request == 2  # three failures, capped
     expected = {"t1-0": NO_COMMAS, "t1-2": two, "t1-4": LOWER}  # only the failed constraints
     for t in tasks:
         assert t["source"] == "stage1" and t["request"] == "Describe rain."
         assert t["checks"] == expected[t["origin"]]
         assert t["critique"] == s5.critique_for(t["checks"])
+    assert len(s5.stage1_failures(tmp_path, per_request=3)) == 3
     assert s5.stage1_failures(tmp_path / "elsewhere") == []
 
 
@@ -304,11 +310,11 @@ def test_split_by_request_is_stable_and_leak_free():
     assert len(held) == 3 and len(train) == len(tasks) - 3 - rain_held
     assert not {t["request"] for t in held} & {t["request"] for t in train}
     assert s5.split_tasks(list(reversed(tasks)), limit=20, heldout=3) == split
-    s5.check_leakage(split)
+    s5.check_leakage(split, 0.7)
     assert len(s5.split_tasks(tasks, limit=4, heldout=3)) == 3 + 4
     leaked = [{**held[0], "split": "train", "id": "other"}] + split
-    with pytest.raises(RuntimeError, match="leaks into training"):
-        s5.check_leakage(leaked)
+    with pytest.raises(RunFailure, match="leaks into training"):
+        s5.check_leakage(leaked, 0.7)
 
 
 def test_split_gives_every_source_a_turn():
@@ -357,7 +363,7 @@ def test_no_pairs_is_a_clear_error(tmp_path, tiny_dir, guard):
     ctx = StageContext(run_dir=tmp_path, number=5, model_path=str(tiny_dir), origin="test",
                        profile=profile_by_name("tiny-qwen2"), seed=0, limit=1, heldout=1,
                        constitution=load_constitution(PROJECT_ROOT / "constitution.yaml"),
-                       log=lambda _: None)
+                       settings=s5.Stage5Settings(), log=lambda _: None)
     t = {**task(), "split": "train"}
     write_jsonl(ctx.path("tasks.jsonl"), [t])
     write_jsonl(ctx.path("scores.jsonl"), samples_for(t, guard, [MISSED, FIXED]))
@@ -374,3 +380,13 @@ def test_exemplar_texts_leave_out_critiques():
     texts = s5.exemplar_texts(pool)
     assert EXEMPLAR in texts
     assert not any(e["critique"] in texts for e in pool["revision_exemplars"])
+
+
+def test_stage_contract():
+    assert s5.STAGE.number == 5 and s5.STAGE.name == "revision-tasks"
+    assert s5.STAGE.step_names == ["drafts", "tasks", "revisions", "scores", "pairs",
+                                   "decontaminate", "train", "merge", "assess", "report"]
+    assert s5.STAGE.headline == "revision_success" and s5.STAGE.settings is s5.Stage5Settings
+    settings = s5.Stage5Settings()
+    assert (settings.keeps_content, settings.max_tasks_per_request, settings.draft_oversample,
+            settings.constraint_tries, settings.max_judged_revisions) == (0.2, 2, 1.5, 4, 3)

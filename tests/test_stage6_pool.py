@@ -7,31 +7,24 @@ from itertools import combinations
 
 import pytest
 
+from core.config import RunSettings
 from core.constitution import load_constitution
 from core.models import PROJECT_ROOT
 from core.suites.baseline import is_refusal, load_probes
 from core.text import normalize, rouge_l
 from stages import stage6_constitutional as s6
+from tests.pool_text import yaml_strings as strings
 
 FORBIDDEN = ("<|", "|>", "<start_of_turn>", "###", "User:", "Assistant:", "[INST]")
 SCAFFOLD_LINE = re.compile(r"^\s*(?:Instruction|Response|Task|Request|Answer|Critique|Revision)\b",
                            re.MULTILINE)
+NEAR_DUPLICATE = RunSettings().near_duplicate
 PRINCIPLE_NAMES = {p.name for p in load_constitution(PROJECT_ROOT / "constitution.yaml").principles}
 
 
 @lru_cache(maxsize=1)
 def pool() -> dict:
     return s6.load_pool()
-
-
-def strings(node) -> list[str]:
-    if isinstance(node, str):
-        return [node]
-    if isinstance(node, dict):
-        return [s for value in node.values() for s in strings(value)]
-    if isinstance(node, list):
-        return [s for value in node for s in strings(value)]
-    return []
 
 
 def test_top_level_shape():
@@ -47,14 +40,14 @@ def test_prompt_lists_are_single_lines_distinct_and_not_near_duplicates(section)
     items = pool()[section]
     assert all(i.strip() == i and "\n" not in i and 4 <= len(i.split()) <= 30 for i in items)
     for a, b in combinations(items, 2):
-        assert rouge_l(a, b) <= s6.NEAR_DUPLICATE, (a, b)
+        assert rouge_l(a, b) <= NEAR_DUPLICATE, (a, b)
 
 
 def test_no_pool_prompt_is_a_baseline_probe():
     probes = [p.text for p in load_probes()[0]]
     prompts = pool()["helpful_prompts"] + pool()["benign_lookalikes"] + pool()["redteam_seeds"]
     for text in prompts:
-        assert all(rouge_l(text, probe) <= s6.NEAR_DUPLICATE for probe in probes), text
+        assert all(rouge_l(text, probe) <= NEAR_DUPLICATE for probe in probes), text
 
 
 def test_cai_exemplars_name_two_distinct_principles_and_revise_cleanly():

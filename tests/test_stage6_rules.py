@@ -4,16 +4,19 @@ import pytest
 import torch
 
 from core.constitution import load_constitution
+from core.errors import RunFailure, TooLittleDataError
 from core.guards import TemplateGuard
 from core.judge import judge_many, judge_prefix, option_token_ids
 from core.models import PROJECT_ROOT
 from core.prompting import house_prompt
+from core.split import in_fixed_heldout
 from stages import stage6_constitutional as s6
 
 CONSTITUTION = load_constitution(PROJECT_ROOT / "constitution.yaml")
 POOL = s6.load_pool()
 EXEMPLARS = s6.exemplar_texts(POOL, CONSTITUTION)
 DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
+SETTINGS = s6.Stage6Settings()
 TASK = {"id": "hx", "instruction": "How do I keep basil alive on a windowsill?", "kind": "helpful",
         "source": "pool", "split": "train"}
 ORIGINAL = "Water it now and then and hope for the best, plants usually sort themselves out."
@@ -237,9 +240,22 @@ def test_critique_and_revision_prompts_use_the_principles_texts():
 
 def test_heldout_part_is_fixed_and_about_half():
     ids = [str(i) for i in range(2000)]
-    part = [s6.in_heldout_part("hh-rlhf-harmless-test", i) for i in ids]
-    assert part == [s6.in_heldout_part("hh-rlhf-harmless-test", i) for i in ids]
+    share = SETTINGS.heldout_share
+    part = [in_fixed_heldout(f"hh-rlhf-harmless-test:{i}", share) for i in ids]
+    assert part == [in_fixed_heldout(f"hh-rlhf-harmless-test:{i}", share) for i in ids]
     assert 0.45 < sum(part) / len(part) < 0.55
+
+
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="shared data sets absent")
+def test_redteam_sets_split_by_the_heldout_share_setting():
+    sets = s6.redteam_sets(DATA_DIR, SETTINGS.heldout_share)
+    assert set(sets) == set(s6.REDTEAM_SETS)
+    for name, parts in sets.items():
+        assert parts["heldout"] and parts["train"]
+        assert all(in_fixed_heldout(f"{name}:{i}", 0.5) for i, _ in parts["heldout"])
+        assert not any(in_fixed_heldout(f"{name}:{i}", 0.5) for i, _ in parts["train"])
+    nothing_held = s6.redteam_sets(DATA_DIR, 0.0)
+    assert all(not parts["heldout"] for parts in nothing_held.values())
 
 
 def test_leak_guard_rejects_equal_near_duplicate_and_13gram_overlaps():
@@ -271,9 +287,11 @@ def test_check_prompts_catches_leaks_and_missing_redteam():
     train = [{"id": f"h{i}", "instruction": f"Write a poem about the number {i}.", "kind": "helpful",
               "split": "train"} for i in range(3)]
     s6.check_prompts(held + train)
-    with pytest.raises(RuntimeError, match="leaks into training"):
+    with pytest.raises(RunFailure, match="leaks into training"):
         s6.check_prompts(held + train + [{**held[0], "id": "r2", "split": "train"}])
-    with pytest.raises(RuntimeError, match="held-out red-team"):
+    with pytest.raises(RunFailure, match="not unique"):
+        s6.check_prompts(held + train + [train[0]])
+    with pytest.raises(TooLittleDataError, match="held-out red-team"):
         s6.check_prompts(train)
 
 
@@ -302,7 +320,8 @@ def tmp_ctx(tmp_path, data_dir=None):
 
     return StageContext(run_dir=tmp_path, number=6, model_path="unused", origin="test",
                         profile=profile_by_name("tiny-qwen2"), seed=0, limit=2, heldout=2,
-                        constitution=CONSTITUTION, data_dir=data_dir)
+                        constitution=CONSTITUTION, settings=s6.Stage6Settings(),
+                        data_dir=data_dir)
 
 
 @pytest.mark.skipif(not DATA_DIR.is_dir(), reason="shared data sets absent")
@@ -316,7 +335,8 @@ def test_evaluation_texts_hold_out_only_the_heldout_part_of_the_redteam_sets(tmp
     assert any(i.startswith("ifeval:") for i in ids)
     for name in s6.REDTEAM_SETS:
         mine = [i.split(":", 1)[1] for i in ids if i.startswith(name + ":")]
-        assert mine and all(s6.in_heldout_part(name, item) for item in mine)
+        assert mine and all(in_fixed_heldout(f"{name}:{item}", SETTINGS.heldout_share)
+                            for item in mine)
 
 
 def test_helpful_training_uses_stage1_training_instructions_only(tmp_path):
@@ -351,7 +371,27 @@ def test_assessment_scores_refusal_on_redteam_and_answers_elsewhere():
     assert summary["over_refusal"]["rate"] == 0.5 and summary["benign_answered"]["rate"] == 0.5
 
 
+# the judge audit and the stage's contract -------------------------------------------------------------
+
+def test_judge_audit_reports_the_shared_keys_and_revision_wins():
+    judgments = [judgment("revision", 1.0, 0.5), judgment("tie", 1.0, -0.5),
+                 judgment("original", -1.0, -0.5), judgment("revision", 0.2, 0.1)]
+    audit = s6.judge_audit(judgments)
+    assert set(audit) == {"comparisons", "order_consistent", "agrees_with_checks",
+                          "revision_wins"}
+    assert audit["comparisons"] == 4
+    assert audit["order_consistent"]["k"] == 3 and audit["revision_wins"]["k"] == 2
+    assert audit["agrees_with_checks"]["n"] == 0  # no check tells a revision from its original
+
+
 def test_module_interface():
-    assert s6.NUMBER == 6 and s6.NAME == "constitutional-integration"
-    assert s6.STEPS[-5:] == ["decontaminate", "train", "merge", "assess", "report"]
+    stage = s6.STAGE
+    assert stage.number == 6 and stage.name == "constitutional-integration"
+    assert stage.step_names == ["prompts", "answers", "critiques", "revisions", "judgments",
+                                "pairs", "decontaminate", "train", "merge", "assess", "report"]
+    assert stage.headline == "harmless_rate" and stage.settings is s6.Stage6Settings
+    assert SETTINGS.heldout_share == 0.5 and SETTINGS.cai_shots == 3
+    assert SETTINGS.written_redteam_share == pytest.approx(1 / 3)
+    for gone in ("NUMBER", "NAME", "SUMMARY", "STEPS", "run", "NEAR_DUPLICATE", "in_heldout_part"):
+        assert not hasattr(s6, gone), gone
     assert "Llama Guard" in s6.__doc__ and "Not built" in s6.__doc__

@@ -1,6 +1,8 @@
 """Run an assessment suite on a loaded model and compare two results with paired tests."""
 from __future__ import annotations
 
+from core.errors import UsageError
+
 import time
 from pathlib import Path
 
@@ -98,7 +100,7 @@ def run_ifeval(backend, guard: TemplateGuard, cache_path: Path, limit: int | Non
     return {"data": str(path), "summary": summarize_ifeval(scores), "items": scores}
 
 
-class SuiteMismatchError(ValueError):
+class SuiteMismatchError(UsageError):
     """Two results cannot be compared item by item."""
 
 

@@ -8,14 +8,16 @@ from core.backend import load_backend
 from core.contamination import (ContaminationError, chat_template_probe, check_records,
                                 evaluation_index, template_problems, template_state,
                                 write_findings_tsv)
+from core.config import RunSettings
 from core.context import StageContext
 from core.guards import TemplateGuard
 from core.io import read_json, read_jsonl, write_json
-from core.models import PROJECT_ROOT, local_model_dir, resolve_model
-from core.pipeline import select_stage
+from core.models import PROJECT_ROOT, local_model_dir
+from app.pipeline import select_stage
 from core.report import fmt_rate
 from core.run import read_config, RunDirError
 from core.suites.runner import compare_results, run_suite
+from registry.models import resolve_model
 
 
 def assess_model(model: str, suite: str, limit: int | None, out: Path | None,
@@ -24,7 +26,7 @@ def assess_model(model: str, suite: str, limit: int | None, out: Path | None,
     """Run `suite` on any model (profile, HF id, local path, or a run's stage directory)."""
     resolved = resolve_model(_stage_model(model))
     log(f"model: {resolved.profile.name} ({resolved.source}) - {resolved.reason}")
-    path = local_model_dir(resolved)
+    path = local_model_dir(resolved.source)
     backend = load_backend(path, resolved.profile)
     guard = TemplateGuard(backend.tokenizer)
     tokens = max_new_tokens or (256 if suite == "ifeval" else resolved.profile.max_new_tokens)
@@ -64,12 +66,17 @@ def stage_context(run_dir: Path, config: dict, stage: int) -> StageContext:
     input_record = stage_dir / "input.json"
     model_path = read_json(input_record)["path"] if input_record.is_file() else config["model"]["path"]
     run = config["run"]
+    stage_settings = select_stage(stage).settings(**{
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in config.get("settings", {}).get(f"stage{stage}", {}).items()})
     return StageContext(run_dir=run_dir, number=stage, model_path=model_path, origin="recorded",
                         profile=resolve_model(config["model"]["reference"]).profile,
                         seed=run["seed"], limit=run["limit"], heldout=run["heldout"],
                         constitution=load_constitution(Path(config["constitution"]["path"])),
                         data_dir=Path(config["data_dir"]) if config.get("data_dir") else None,
-                        baseline_limit=run.get("baseline_limit"))
+                        baseline_limit=run.get("baseline_limit"), settings=stage_settings,
+                        near_duplicate=config.get("settings", {}).get("run", {}).get(
+                            "near_duplicate", RunSettings().near_duplicate))
 
 
 def summary_rows(result: dict) -> list[tuple[str, str]]:
@@ -103,7 +110,7 @@ def check_contamination(run_dir: Path, stage: int, probe: bool, log=print) -> di
     except OSError:
         generation_config = None
     records = read_jsonl(records_path)
-    protected = select_stage(stage).module.protected_sets(ctx)
+    protected = select_stage(stage).protected(ctx)
     guard = TemplateGuard(tokenizer)
     findings = check_records(records, evaluation_index(protected.data_dir, protected.heldout),
                              protected.exemplars, guard)

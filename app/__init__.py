@@ -1,0 +1,1 @@
+"""The layer that wires the registry, the stages and the library for the CLI."""

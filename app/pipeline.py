@@ -1,0 +1,309 @@
+"""Turn a command's options into a validated stage run, and run stages in order. Everything is
+checked before anything is written: a bad constitution, an unknown profile, a bad `--set`, a
+missing model path or a wrong stage number leave no trace in the run directory.
+
+This is the layer above the library: it wires the registry (stages, profiles) to core/."""
+from __future__ import annotations
+
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from core.backend import UnslothBackend, backend_class, import_unsloth, load_backend
+from core.config import (RunSettings, SettingsError, apply_overrides, as_section,
+                         changed_settings, parse_overrides)
+from core.constitution import load_constitution
+from core.context import BackendLoader, StageContext
+from core.errors import TooLittleDataError, UsageError
+from core.io import read_json, write_json
+from core.models import PROJECT_ROOT, local_model_dir, weights_sha256
+from core.report import write_run_report
+from core.run import (RunDirError, RunLock, StageSteps, check_resume, default_run_dir, git_commit,
+                      package_versions, read_config, write_config)
+from core.stage import Stage, run_stage_steps
+from registry.models import ResolvedModel, resolve_model
+from registry.stages import STAGES
+
+DEFAULT_SEED = 0
+SKIPPED = "SKIPPED"  # stage_N/SKIPPED: the stage kept no preference pairs and trained nothing
+DEFAULT_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
+ACCEPT_CHANGED = "--accept-changed-settings"
+
+
+class StageSelectionError(UsageError):
+    """The stage number names no stage of the curriculum."""
+
+
+def select_stage(number: int, curriculum: tuple[Stage, ...] = STAGES) -> Stage:
+    for stage in curriculum:
+        if stage.number == number:
+            return stage
+    known = ", ".join(str(s.number) for s in curriculum)
+    raise StageSelectionError(f"there is no stage {number}; the stages are {known} "
+                              f"(see `python cli.py stage list`)")
+
+
+def settings_sections(profile, curriculum: tuple[Stage, ...] = STAGES) -> dict:
+    """Every settings section of a run at its defaults: run, profile, and one per stage."""
+    return {"run": RunSettings(), "profile": profile,
+            **{stage.key: stage.settings() for stage in curriculum}}
+
+
+def resolve_settings(saved: dict | None, profile, overrides: tuple[str, ...],
+                     accept_changed: bool, curriculum: tuple[Stage, ...] = STAGES
+                     ) -> tuple[dict, list[str], list[str]]:
+    """(sections, all --set overrides of the run, changed settings accepted on resume).
+
+    The run's settings are the defaults with the run's recorded `--set` overrides and this
+    command's applied. On resume, any setting that differs from the saved config (a new --set, an
+    edited default) is refused, naming it, unless `accept_changed`."""
+    recorded = list((saved or {}).get("set", []))
+    all_sets = recorded + [o for o in overrides if o not in recorded]
+    parsed = parse_overrides(all_sets)
+    if {"name", "source"} & set(parsed.get("profile", {})):
+        raise SettingsError("profile.name and profile.source cannot be set; use --model")
+    sections = apply_overrides(settings_sections(profile, curriculum), parsed)
+    current = {name: as_section(value) for name, value in sections.items()}
+    changes = changed_settings(saved.get("settings", {}), current) if saved else []
+    if changes and not accept_changed:
+        raise RunDirError(
+            "this run directory was made with other settings; resuming would mix two settings "
+            "in one run:\n  - " + "\n  - ".join(changes)
+            + f"\nResume with the run's settings, use a new --run-dir, or pass {ACCEPT_CHANGED} "
+              f"to go on with the new ones (recorded in config.yaml).")
+    return sections, all_sets, changes
+
+
+def default_heldout(limit: int) -> int:
+    return max(8, limit // 4)
+
+
+def plan_stage_run(number: int, run_dir: Path | None, model: str | None, limit: int | None,
+                   seed: int | None, heldout: int | None, constitution_path: Path,
+                   data_dir: Path | None = None, allow_contamination: bool = False,
+                   log=print, baseline_limit: int | None = None, overrides: tuple[str, ...] = (),
+                   accept_changed: bool = False, curriculum: tuple[Stage, ...] = STAGES,
+                   backend_loader: BackendLoader = load_backend
+                   ) -> tuple[Stage, StageContext, dict]:
+    """Validate every option; return (stage, context, config to save). Writes nothing."""
+    stage = select_stage(number, curriculum)
+    constitution = load_constitution(constitution_path)
+    run_dir = (run_dir or default_run_dir(PROJECT_ROOT)).resolve()
+    saved = read_config(run_dir)
+    requested = {"model": model, "seed": seed, "limit": limit, "heldout": heldout,
+                 "baseline_limit": baseline_limit, "constitution_sha256": constitution.sha256}
+    keys = ("model", "seed", "limit", "heldout", "baseline_limit")
+    if saved:
+        check_resume(saved, requested)
+        settings = {k: saved["run"].get(k) if requested[k] is None else requested[k] for k in keys}
+    else:
+        settings = {k: requested[k] for k in keys}
+    resolved = resolve_model(settings["model"])
+    settings["model"] = settings["model"] or resolved.reference
+    settings["seed"] = DEFAULT_SEED if settings["seed"] is None else settings["seed"]
+    settings["limit"] = settings["limit"] or resolved.profile.default_limit
+    settings["heldout"] = settings["heldout"] or default_heldout(settings["limit"])
+    for key in ("limit", "heldout", "baseline_limit"):
+        if settings[key] is not None and settings[key] < 1:
+            option = "--" + key.replace("_", "-")
+            raise StageSelectionError(f"{option} must be a positive number, got {settings[key]}")
+    sections, all_sets, changes = resolve_settings(saved, resolved.profile, overrides,
+                                                   accept_changed, curriculum)
+    model_path, origin = stage_input(number, run_dir, resolved, explicit=model is not None,
+                                     curriculum=curriculum)
+    log(f"model: {resolved.profile.name} ({resolved.source}) - {resolved.reason}")
+    log(f"stage {number} input: {model_path} ({origin})")
+    data_dir = data_dir or (DEFAULT_DATA_DIR if DEFAULT_DATA_DIR.is_dir() else None)
+    config = saved or build_config(settings, resolved, model_path, constitution_path, constitution)
+    config.setdefault("data_dir", str(data_dir) if data_dir else None)
+    record_settings(config, sections, all_sets, changes, number)
+    allowed = allow_contamination or bool(config.get("allow_contamination"))
+    if allow_contamination and not config.get("allow_contamination"):
+        config["allow_contamination"] = True
+        config.setdefault("overrides", []).append(
+            {"override": "allow_contamination", "stage": number,
+             "at": datetime.now(timezone.utc).isoformat()})
+    ctx = StageContext(run_dir=run_dir, number=number, model_path=model_path, origin=origin,
+                       profile=sections["profile"], seed=settings["seed"],
+                       limit=settings["limit"], heldout=settings["heldout"],
+                       constitution=constitution, settings=sections[stage.key],
+                       near_duplicate=sections["run"].near_duplicate,
+                       baseline_limit=settings["baseline_limit"],
+                       data_dir=Path(config["data_dir"]) if config["data_dir"] else None,
+                       allow_contamination=allowed, log=log, backend_loader=backend_loader)
+    return stage, ctx, config
+
+
+def record_settings(config: dict, sections: dict, all_sets: list[str], changes: list[str],
+                    number: int) -> None:
+    """Every setting of the run, whole, in config.yaml (and an accepted change as an override)."""
+    config["settings"] = {name: as_section(value) for name, value in sections.items()}
+    config["profile"] = config["settings"]["profile"]
+    if all_sets:
+        config["set"] = all_sets
+    if changes:
+        config.setdefault("overrides", []).append(
+            {"override": "accept_changed_settings", "stage": number, "changes": changes,
+             "at": datetime.now(timezone.utc).isoformat()})
+
+
+def stage_input(number: int, run_dir: Path, resolved: ResolvedModel, explicit: bool,
+                curriculum: tuple[Stage, ...] = STAGES) -> tuple[str, str]:
+    """(model path, where it comes from). Stage N learns from stage N-1's merged model; only
+    the first stage of a run, or a stage whose predecessor is not done when --model names an
+    explicit model, starts from the run's model. A skipped stage (SKIPPED: it kept no pairs)
+    passes on the model it was given: stage N then learns from the last stage that trained."""
+    if number == min(s.number for s in curriculum):
+        return local_model_dir(resolved.source), "the run's model"
+    previous = run_dir / f"stage_{number - 1}"
+    if (previous / "DONE").is_file():
+        return str(previous / "merged"), f"stage {number - 1}'s merged model"
+    if (previous / SKIPPED).is_file():
+        path, origin = stage_input(number - 1, run_dir, resolved, False, curriculum)
+        return path, f"{origin} (stage {number - 1} was skipped: it kept no pairs)"
+    if explicit:
+        return local_model_dir(resolved.source), f"--model (stage {number - 1} is not done in this run)"
+    raise StageSelectionError(
+        f"stage {number} learns from stage {number - 1}'s merged model, and stage {number - 1} is "
+        f"not done in {run_dir}; run `python cli.py stage run {number - 1} --run-dir {run_dir}` "
+        f"first, or pass --model to start stage {number} from an explicit model")
+
+
+def record_input(ctx: StageContext, origin: str) -> None:
+    """stage_N/input.json: which model generated this stage's data (written once)."""
+    path = ctx.path("input.json")
+    if path.is_file():
+        recorded = read_json(path)
+        if recorded["path"] != ctx.model_path:
+            raise RunDirError(f"stage {ctx.number} of this run was started from "
+                              f"{recorded['path']}, not {ctx.model_path}; use a new --run-dir")
+        return
+    write_json(path, {"path": ctx.model_path, "origin": origin,
+                      "weights_sha256": weights_sha256(ctx.model_path)})
+
+
+def build_config(settings: dict, resolved: ResolvedModel, model_path: str,
+                 constitution_path: Path, constitution) -> dict:
+    """The resolved config saved as runs/NAME/config.yaml (record_settings adds the settings)."""
+    return {
+        "created": datetime.now(timezone.utc).isoformat(),
+        "command": " ".join(sys.argv),
+        "run": settings,
+        "model": {"reference": resolved.reference, "profile": resolved.profile.name,
+                  "source": resolved.source, "path": model_path, "reason": resolved.reason},
+        "constitution": {"path": str(constitution_path), "version": constitution.version,
+                         "sha256": constitution.sha256},
+        "versions": package_versions(),
+        "git_commit": git_commit(PROJECT_ROOT),
+    }
+
+
+def run_stage(number: int, run_dir: Path | None = None, model: str | None = None,
+              limit: int | None = None, seed: int | None = None, heldout: int | None = None,
+              constitution_path: Path = PROJECT_ROOT / "constitution.yaml",
+              data_dir: Path | None = None, allow_contamination: bool = False, log=print,
+              baseline_limit: int | None = None, skip_empty: bool = False,
+              overrides: tuple[str, ...] = (), accept_changed: bool = False,
+              curriculum: tuple[Stage, ...] = STAGES,
+              backend_loader: BackendLoader = load_backend) -> Path:
+    """Run or resume one stage; returns the run directory. With `skip_empty`, a stage whose
+    filters keep too little data is marked SKIPPED (with the reason) instead of failing, and
+    the next stage starts from the model this one was given. `backend_loader` turns a model
+    path into a backend (tests pass a scripted one: core/scripted.py)."""
+    stage, ctx, config = plan_stage_run(number, run_dir, model, limit, seed, heldout,
+                                        constitution_path, data_dir, allow_contamination, log,
+                                        baseline_limit, overrides, accept_changed, curriculum,
+                                        backend_loader)
+    if backend_class(ctx.profile) is UnslothBackend:
+        import_unsloth()  # before anything imports trl or loads a tokenizer, as Unsloth requires
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(ctx.run_dir / ".lock"):
+        write_config(ctx.run_dir, config)  # unchanged on resume except recorded overrides
+        log(f"run directory: {ctx.run_dir}")
+        record_input(ctx, ctx.origin)
+        try:
+            run_stage_steps(stage, ctx)
+        except TooLittleDataError as error:
+            if not skip_empty:
+                raise
+            mark_skipped(ctx, str(error))
+        write_run_report(ctx.run_dir)
+    return ctx.run_dir
+
+
+def mark_skipped(ctx: StageContext, reason: str) -> None:
+    """stage_N/SKIPPED (why, when); the run's config.yaml lists it under `overrides`."""
+    write_json(ctx.path(SKIPPED), {"stage": ctx.number, "reason": reason,
+                                   "at": datetime.now(timezone.utc).isoformat()})
+    config = read_config(ctx.run_dir)
+    config.setdefault("overrides", []).append(
+        {"override": "skip_empty", "stage": ctx.number, "reason": reason})
+    write_config(ctx.run_dir, config)
+    ctx.log(f"stage {ctx.number} skipped: {reason}")
+
+
+def run_status(run_dir: Path, curriculum: tuple[Stage, ...] = STAGES
+               ) -> list[tuple[int, str, list[tuple[str, str]], str]]:
+    """(stage number, name, [(step, state)], "DONE" | "SKIPPED" | "not done") per stage."""
+    rows = []
+    for stage in curriculum:
+        stage_dir = run_dir / f"stage_{stage.number}"
+        steps = StageSteps(stage_dir, stage.step_names)
+        states = [(name, steps.state(name, lambda n: _has_partial(stage_dir, n)))
+                  for name in stage.step_names]
+        ended = [mark for mark in ("DONE", SKIPPED) if (stage_dir / mark).is_file()]
+        rows.append((stage.number, stage.name, states, ended[0] if ended else "not done"))
+    return rows
+
+
+def _has_partial(stage_dir: Path, step: str) -> bool:
+    """A step is partial when it left resumable work behind (a cache or checkpoints)."""
+    if step == "train":
+        return any((stage_dir / "train" / "checkpoints").glob("checkpoint-*"))
+    return any((stage_dir / "cache").glob(f"{step}*.jsonl"))
+
+
+def run_curriculum(run_dir: Path | None = None, model: str | None = None,
+                   limit: int | None = None, seed: int | None = None, until: int | None = None,
+                   log=print, curriculum: tuple[Stage, ...] = STAGES, **options) -> Path:
+    """Run every stage in order up to `until`, resuming whatever is done."""
+    run_dir = (run_dir or default_run_dir(PROJECT_ROOT)).resolve()
+    last = max(s.number for s in curriculum)
+    if until is not None and not 1 <= until <= last:
+        raise StageSelectionError(f"--until must name a stage from 1 to {last}, got {until}")
+    for stage in curriculum:
+        if stage.number > (until or last):
+            break
+        stage_dir = run_dir / f"stage_{stage.number}"
+        if (stage_dir / "DONE").is_file() or (stage_dir / SKIPPED).is_file():
+            log(f"stage {stage.number}: {'done' if (stage_dir / 'DONE').is_file() else 'skipped'}"
+                f" already")
+            continue
+        run_stage(stage.number, run_dir, model if stage.number == 1 else None, limit, seed,
+                  log=log, curriculum=curriculum, **options)
+    return run_dir
+
+
+def describe_settings(run_dir: Path | None, model: str | None,
+                      overrides: tuple[str, ...] = (),
+                      curriculum: tuple[Stage, ...] = STAGES) -> list[str]:
+    """`config show`: every settings section with each field's value and help; a run's own
+    values when `run_dir` is given (its config.yaml), else the defaults for `model`."""
+    from core.config import field_help
+
+    saved = read_config(run_dir) if run_dir else None
+    if run_dir and saved is None:
+        raise RunDirError(f"{run_dir} has no config.yaml: not a run directory")
+    reference = saved["model"]["reference"] if saved else model
+    profile = resolve_model(reference).profile
+    sections, _, _ = resolve_settings(saved, profile, overrides, True, curriculum)
+    values = saved["settings"] if saved and "settings" in saved else {
+        name: as_section(value) for name, value in sections.items()}
+    lines = [f"# settings of {run_dir}" if run_dir else f"# defaults for {profile.name}"]
+    for name, section in sections.items():
+        lines.append(f"{name}:")
+        helps = field_help(type(section))
+        for key, value in values[name].items():
+            note = f"  # {helps[key]}" if helps.get(key) else ""
+            lines.append(f"  {key}: {value!r}{note}")
+    return lines

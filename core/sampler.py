@@ -1,0 +1,134 @@
+"""The batched sampling loop: one left-padded batch decoded with a KV cache, one RNG per sequence
+(so a sequence's tokens do not depend on its batch), stop strings on decoded text."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How one generation call samples. Part of every cache key."""
+
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    stop: tuple[str, ...]
+
+    def as_dict(self) -> dict:
+        return {"temperature": self.temperature, "top_p": self.top_p,
+                "max_new_tokens": self.max_new_tokens, "stop": list(self.stop)}
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish: str  # "stop" (a stop string), "eos", or "length"
+    tokens: int
+
+
+OnFinish = Callable[[int, Completion], None]
+
+
+@torch.no_grad()
+def sample_batch(model, tokenizer, prompts: list[str], settings: SamplingSettings,
+                 seeds: list[int], on_finish: OnFinish | None = None) -> list[Completion]:
+    """Decode a left-padded batch with a KV cache, one RNG per sequence, stop strings on text.
+    `on_finish(i, completion)` is called as soon as sequence i ends."""
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    input_ids = enc["input_ids"].to(device)
+    mask = enc["attention_mask"].to(device)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    eos_ids = _eos_ids(model, tokenizer)
+    n = len(prompts)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    results: list[Completion | None] = [None] * n
+    past = None
+    for _ in range(settings.max_new_tokens):
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                    past_key_values=past, use_cache=True, logits_to_keep=1)
+        past = out.past_key_values
+        active = [i for i in range(n) if results[i] is None]
+        picked = pick_tokens(out.logits[active, -1, :].float().cpu(), settings,
+                             [generators[i] for i in active])
+        next_ids = [tokenizer.pad_token_id] * n
+        for i, token in zip(active, picked):
+            next_ids[i] = token
+            results[i] = _finish_if_done(tokenizer, tokens[i], token, eos_ids, settings.stop)
+            if results[i] is not None and on_finish:
+                on_finish(i, results[i])
+        if all(r is not None for r in results):
+            break
+        input_ids = torch.tensor(next_ids, device=device)[:, None]
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+    for i, result in enumerate(results):
+        if result is None:
+            results[i] = _completion(tokenizer, tokens[i], "length")
+            if on_finish:
+                on_finish(i, results[i])
+    return results
+
+
+NUCLEUS_CANDIDATES = 1024
+
+
+def pick_tokens(logits: torch.Tensor, settings: SamplingSettings,
+                generators: list[torch.Generator]) -> list[int]:
+    """One token per row: greedy at temperature 0; otherwise temperature + nucleus (top-p)
+    sampling, each row drawing from its own generator."""
+    if settings.temperature <= 0:
+        return logits.argmax(dim=-1).tolist()
+    return [sample_row(row, settings, generator) for row, generator in zip(logits, generators)]
+
+
+def sample_row(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator) -> int:
+    """Nucleus sampling over one row. The nucleus is found among the top NUCLEUS_CANDIDATES
+    tokens (a full sort only when the nucleus is wider), then sampled in vocabulary order, so the
+    result equals sorting the whole vocabulary."""
+    probs = torch.softmax(logits / settings.temperature, dim=-1)
+    if settings.top_p < 1.0:
+        top, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]))
+        if float(top.sum()) < settings.top_p:
+            top, order = torch.sort(probs, descending=True)
+        keep = top.cumsum(-1) - top < settings.top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], top[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id}
+    configured = model.generation_config.eos_token_id
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(configured)
+    return {i for i in ids if i is not None}
+
+
+def _finish_if_done(tokenizer, tokens: list[int], token: int, eos_ids: set[int],
+                    stops: tuple[str, ...]) -> Completion | None:
+    if token in eos_ids:
+        return _completion(tokenizer, tokens, "eos")
+    tokens.append(token)
+    text = tokenizer.decode(tokens, skip_special_tokens=False)
+    cut = stop_offset(text, stops)
+    if cut >= 0:
+        return Completion(text[:cut], "stop", len(tokens))
+    return None
+
+
+def stop_offset(text: str, stops: tuple[str, ...]) -> int:
+    """Where the earliest stop string starts (-1 if none). A stop that begins with a newline
+    also matches at the very start of the text (the prompt supplied that newline)."""
+    hits = [text.find(s) for s in stops if s in text]
+    hits += [0 for s in stops if s.startswith("\n") and len(s) > 1 and text.startswith(s[1:])]
+    return min(hits) if hits else -1
+
+
+def _completion(tokenizer, tokens: list[int], finish: str) -> Completion:
+    return Completion(tokenizer.decode(tokens, skip_special_tokens=False), finish, len(tokens))

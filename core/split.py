@@ -1,0 +1,25 @@
+"""The project's two held-out split rules, each stable under resume and independent of the order
+in which items were made.
+
+- Generated items (instructions, questions): the `heldout` items with the smallest ids (ids are
+  hashes of the normalized text) are held out.
+- Items of a fixed data set (real questions, red-team prompts): an item is held out when the
+  hash of its key falls below `share`, whatever the seed, limit, model or stage.
+"""
+from __future__ import annotations
+
+import hashlib
+
+
+def split_smallest_ids(tasks: list[dict], heldout: int) -> list[dict]:
+    """Each task with `split` set: "heldout" for the `heldout` smallest ids, else "train". When
+    fewer than two training tasks would remain, a quarter (at least one) is held out instead."""
+    if len(tasks) - heldout < 2:
+        heldout = max(1, len(tasks) // 4)
+    held = {t["id"] for t in sorted(tasks, key=lambda t: t["id"])[:heldout]}
+    return [{**t, "split": "heldout" if t["id"] in held else "train"} for t in tasks]
+
+
+def in_fixed_heldout(key: str, share: float) -> bool:
+    """Whether an item of a fixed data set is in its held-out part (`share` of all items)."""
+    return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) / 16**8 < share

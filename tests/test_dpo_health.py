@@ -1,0 +1,59 @@
+"""The DPO recipe's NLL term and the training-health warnings, on the real trainer."""
+import pytest
+
+from core.backend import load_backend
+from core.dpo import DPOSettings, loss_terms, train_dpo, training_health
+from core.guards import TemplateGuard
+from registry.models import profile_by_name
+from tests.test_dpo_merge import RECORDS
+
+
+def settings(**changes) -> DPOSettings:
+    base = dict(learning_rate=1e-3, beta=0.1, epochs=1, batch_size=1, grad_accum=1,
+                max_length=128, save_steps=100, lora_r=4, lora_alpha=8, lora_dropout=0.0, seed=0)
+    return DPOSettings(**{**base, **changes})
+
+
+def train(tiny_dir, tmp_path, **changes) -> dict:
+    backend = load_backend(str(tiny_dir), profile_by_name("tiny-qwen2"))
+    return train_dpo(backend, RECORDS, settings(**changes), tmp_path / "train",
+                     tmp_path / "adapter", TemplateGuard(backend.tokenizer))
+
+
+def test_a_run_that_learns_nothing_is_flagged(tiny_dir, tmp_path):
+    metrics = train(tiny_dir, tmp_path, learning_rate=0.0)
+    assert all(abs(s["loss"] - 0.6931) < 1e-3 for s in metrics["per_step"])
+    assert any(w.startswith("nothing learned") for w in metrics["health"]["warnings"])
+
+
+def test_the_nll_term_is_trained_and_a_learning_run_is_not_flagged(tiny_dir, tmp_path):
+    metrics = train(tiny_dir, tmp_path, sft_weight=1.0, epochs=2)
+    assert metrics["steps"] == 6
+    # with the NLL term the logged loss is DPO + NLL on chosen, far above ln 2
+    assert metrics["per_step"][0]["loss"] > 1.0
+    assert not any(w.startswith("nothing learned") for w in metrics["health"]["warnings"])
+    assert metrics["health"]["chosen_logp_change"] is not None
+
+
+def test_loss_terms():
+    assert loss_terms(0.0) == {"loss_type": ["sigmoid"]}
+    assert loss_terms(0.5) == {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}
+
+
+@pytest.mark.parametrize("steps, expected", [
+    ([{"rewards/margins": 0.0}, {"rewards/margins": 0.004}], "nothing learned"),
+    ([{"rewards/margins": 0.5}, {"rewards/margins": 35.0}], "margins exploded"),
+    ([{"rewards/margins": 0.5, "logps/chosen": -20.0}, {"rewards/margins": 1.0, "logps/chosen": -24.0}],
+     "chosen responses became less likely"),
+])
+def test_health_warnings_on_hand_written_curves(steps, expected):
+    warnings = training_health(steps)["warnings"]
+    assert len(warnings) == 1 and warnings[0].startswith(expected)
+
+
+def test_a_healthy_curve_has_no_warning():
+    steps = [{"rewards/margins": 0.1, "logps/chosen": -20.0, "logps/rejected": -22.0},
+             {"rewards/margins": 0.8, "logps/chosen": -19.5, "logps/rejected": -25.0}]
+    health = training_health(steps)
+    assert health["warnings"] == [] and health["chosen_logp_change"] == 0.5
+    assert health["rejected_logp_change"] == -3.0

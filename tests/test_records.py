@@ -1,0 +1,42 @@
+"""Reading an earlier stage's outputs: None when it has not written them, an error when it is
+DONE and the file is missing, or the file is damaged."""
+import pytest
+
+from core.io import write_jsonl
+from core.records import MissingEarlierOutputError, earlier_records
+
+
+def test_a_stage_that_did_not_write_the_file_gives_none(tmp_path):
+    assert earlier_records(tmp_path, 1, "instructions.jsonl", reader=3) is None
+    (tmp_path / "stage_1").mkdir()
+    (tmp_path / "stage_1" / "SKIPPED").write_text("{}")
+    assert earlier_records(tmp_path, 1, "pairs.jsonl", reader=3) is None
+
+
+def test_a_skipped_stage_still_gives_what_it_wrote(tmp_path):
+    (tmp_path / "stage_1").mkdir()
+    (tmp_path / "stage_1" / "SKIPPED").write_text("{}")
+    write_jsonl(tmp_path / "stage_1" / "scores.jsonl", [{"id": "a"}])
+    assert earlier_records(tmp_path, 1, "scores.jsonl", reader=5) == [{"id": "a"}]
+
+
+def test_a_finished_stage_gives_its_records(tmp_path):
+    (tmp_path / "stage_1").mkdir()
+    (tmp_path / "stage_1" / "DONE").write_text("done\n")
+    write_jsonl(tmp_path / "stage_1" / "instructions.jsonl", [{"id": "a"}, {"id": "b"}])
+    assert [r["id"] for r in earlier_records(tmp_path, 1, "instructions.jsonl", 3)] == ["a", "b"]
+
+
+def test_a_done_stage_without_the_file_is_an_error(tmp_path):
+    (tmp_path / "stage_2").mkdir()
+    (tmp_path / "stage_2" / "DONE").write_text("done\n")
+    with pytest.raises(MissingEarlierOutputError, match=r"stage 4 reads .*questions.jsonl.*missing"):
+        earlier_records(tmp_path, 2, "questions.jsonl", reader=4)
+
+
+def test_a_damaged_line_is_named(tmp_path):
+    (tmp_path / "stage_1").mkdir()
+    (tmp_path / "stage_1" / "DONE").write_text("done\n")
+    (tmp_path / "stage_1" / "scores.jsonl").write_text('{"id": 1}\n{"id": \n')
+    with pytest.raises(MissingEarlierOutputError, match="line 2"):
+        earlier_records(tmp_path, 1, "scores.jsonl", reader=5)
