@@ -10,8 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from core.backend import UnslothBackend, backend_class, import_unsloth, load_backend
-from core.config import (RunSettings, SettingsError, apply_overrides, as_section,
-                         changed_settings, parse_overrides)
+from core.config import RunSettings, apply_overrides, as_section, changed_settings
 from core.constitution import load_constitution
 from core.context import BackendLoader, StageContext
 from core.errors import TooLittleDataError, UsageError
@@ -59,10 +58,8 @@ def resolve_settings(saved: dict | None, profile, overrides: tuple[str, ...],
     edited default) is refused, naming it, unless `accept_changed`."""
     recorded = list((saved or {}).get("set", []))
     all_sets = recorded + [o for o in overrides if o not in recorded]
-    parsed = parse_overrides(all_sets)
-    if {"name", "source"} & set(parsed.get("profile", {})):
-        raise SettingsError("profile.name and profile.source cannot be set; use --model")
-    sections = apply_overrides(settings_sections(profile, curriculum), parsed)
+    sections = apply_overrides(settings_sections(profile, curriculum), all_sets,
+                               locked=frozenset({"profile.name", "profile.source"}))
     current = {name: as_section(value) for name, value in sections.items()}
     changes = changed_settings(saved.get("settings", {}), current) if saved else []
     if changes and not accept_changed:

@@ -8,6 +8,7 @@ are parsed as YAML and checked against the field's type, and every problem is re
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -40,53 +41,46 @@ def as_section(value: Any) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(value).items()}
 
 
-def parse_overrides(pairs: tuple[str, ...] | list[str]) -> dict[str, dict[str, Any]]:
-    """["stage1.samples_per_task=8", ...] -> {"stage1": {"samples_per_task": 8}}."""
-    parsed: dict[str, dict[str, Any]] = {}
+def apply_overrides(sections: dict[str, Any], items: list[str] | tuple[str, ...],
+                    locked: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """New settings sections with `items` ("stage1.max_judged_samples=4", ...) applied. Values
+    are read as YAML and checked against the field's type; a malformed item, an unknown section
+    or field, a `locked` one ("profile.name") or a wrongly typed value: every problem is
+    reported in one SettingsError."""
     problems = []
-    for item in pairs:
+    changes: dict[str, dict[str, Any]] = {}
+    for item in items:
         key, sep, raw = item.partition("=")
         section, dot, name = key.strip().partition(".")
         if not sep or not dot or not section or not name:
             problems.append(f"--set {item!r}: expected SECTION.FIELD=VALUE, e.g. "
                             f"stage1.max_judged_samples=4")
-            continue
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        parsed.setdefault(section, {})[name] = value
-    if problems:
-        raise SettingsError("; ".join(problems))
-    return parsed
-
-
-def apply_overrides(sections: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """New settings sections with `overrides` applied; every unknown section, unknown field or
-    wrongly typed value is reported in one error."""
-    problems = []
-    result = dict(sections)
-    for section, values in overrides.items():
-        if section not in sections:
+        elif section not in sections:
             problems.append(f"unknown settings section {section!r} (known: "
                             f"{', '.join(sections)})")
-            continue
-        current = sections[section]
-        known = {f.name: f for f in fields(current)}
-        changes = {}
-        for name, value in values.items():
-            if name not in known:
-                problems.append(f"{section} has no setting {name!r} (known: {', '.join(known)})")
-                continue
-            problem, coerced = coerce(value, field_type(type(current), name))
+        elif f"{section}.{name}" in locked:
+            problems.append(f"{section}.{name} cannot be set with --set")
+        elif name not in {f.name for f in fields(sections[section])}:
+            known = ", ".join(f.name for f in fields(sections[section]))
+            problems.append(f"{section} has no setting {name!r} (known: {known})")
+        else:
+            problem, value = coerce(read_value(raw), field_type(type(sections[section]), name))
             if problem:
                 problems.append(f"{section}.{name}: {problem}")
             else:
-                changes[name] = coerced
-        result[section] = replace(current, **changes)
+                changes.setdefault(section, {})[name] = value
     if problems:
         raise SettingsError("invalid settings:\n  - " + "\n  - ".join(problems))
-    return result
+    return {name: replace(value, **changes.get(name, {})) for name, value in sections.items()}
+
+
+def read_value(raw: str) -> Any:
+    """A --set value as YAML (8 -> 8, 1e-5 -> 1e-05, [0.2, 0.8] -> list, true -> True); text
+    that is not valid YAML stays text."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        return raw
 
 
 def field_type(cls: type, name: str) -> Any:
@@ -96,7 +90,7 @@ def field_type(cls: type, name: str) -> Any:
 def coerce(value: Any, kind: Any) -> tuple[str | None, Any]:
     """(problem, value) for `value` read as type `kind` (int, float, bool, str, tuples, Optional)."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None, None
         inner = [a for a in args if a is not type(None)]

@@ -98,19 +98,11 @@ def test_config_yaml_holds_every_setting_and_set_overrides(tmp_path, tiny_dir):
 def test_bad_set_overrides_are_all_reported_at_once(tmp_path, tiny_dir):
     with pytest.raises(SettingsError) as error:
         plan(tmp_path, tiny_dir, overrides=("stage1.max_judged_samples=many", "stage9.x=1",
-                                            "stage1.nope=1", "profile.name=x"))
+                                            "stage1.nope=1", "profile.name=x", "broken"))
     message = str(error.value)
-    assert "profile.name" in message
-    with pytest.raises(SettingsError) as error:
-        plan(tmp_path, tiny_dir, overrides=("stage1.max_judged_samples=many", "stage9.x=1",
-                                            "stage1.nope=1", "broken"))
-    message = str(error.value)
-    assert "broken" in message
-    with pytest.raises(SettingsError) as error:
-        plan(tmp_path, tiny_dir, overrides=("stage1.max_judged_samples=many", "stage9.x=1",
-                                            "stage1.nope=1"))
-    message = str(error.value)
-    assert "expected an integer" in message and "stage9" in message and "nope" in message
+    for phrase in ("stage1.max_judged_samples: expected an integer", "section 'stage9'",
+                   "no setting 'nope'", "profile.name cannot be set", "'broken': expected"):
+        assert phrase in message
     assert list(tmp_path.iterdir()) == []
 
 
