@@ -14,6 +14,14 @@ from registry.stages import STAGES
 USER_ERRORS = CurriculumError
 
 
+def interrupted() -> None:
+    """Ctrl-C: finished work is on disk (every generated item, every checkpoint); say how to go on."""
+    command = " ".join(["python", "cli.py", *sys.argv[1:]])
+    click.echo(f"\ninterrupted: finished work is kept; resume with the same command:\n  {command}",
+               err=True)
+    sys.exit(130)
+
+
 def fail(error: CurriculumError) -> None:
     """One `error:` line (and a hint where there is one); exit 2 for usage and input errors, 1
     for run failures."""
@@ -92,6 +100,8 @@ def stage_run(number: int, run_dir: Path | None, model: str | None, limit: int |
                          accept_changed=accept_changed)
     except USER_ERRORS as error:
         fail(error)
+    except KeyboardInterrupt:
+        interrupted()
     ended = "skipped" if (done / f"stage_{number}" / "SKIPPED").is_file() else "complete"
     click.echo(f"stage {number} {ended}: {done / f'stage_{number}'}")
 
@@ -121,6 +131,8 @@ def run_all(run_dir: Path | None, model: str | None, limit: int | None, seed: in
                               overrides=overrides, accept_changed=accept_changed)
     except USER_ERRORS as error:
         fail(error)
+    except KeyboardInterrupt:
+        interrupted()
     click.echo(f"curriculum report: {done / 'report.md'}")
 
 
@@ -129,7 +141,11 @@ def run_all(run_dir: Path | None, model: str | None, limit: int | None, seed: in
               required=True)
 def status(run_dir: Path) -> None:
     """Show each stage's steps and their state."""
-    for number, name, steps, state in run_status(run_dir):
+    try:
+        rows = run_status(run_dir)
+    except USER_ERRORS as error:
+        fail(error)
+    for number, name, steps, state in rows:
         click.echo(f"stage {number} ({name}): {state}")
         for step, state in steps:
             click.echo(f"  {step:<13} {state}")

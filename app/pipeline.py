@@ -242,6 +242,9 @@ def mark_skipped(ctx: StageContext, reason: str) -> None:
 def run_status(run_dir: Path, curriculum: tuple[Stage, ...] = STAGES
                ) -> list[tuple[int, str, list[tuple[str, str]], str]]:
     """(stage number, name, [(step, state)], "DONE" | "SKIPPED" | "not done") per stage."""
+    if read_config(run_dir) is None:
+        raise RunDirError(f"{run_dir} is not a run directory (it has no config.yaml); pass the "
+                          f"--run-dir a `stage run` or `run` command created")
     rows = []
     for stage in curriculum:
         stage_dir = run_dir / f"stage_{stage.number}"

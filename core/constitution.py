@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from core.errors import UsageError
-
 import hashlib
 import random
 import re
@@ -12,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from core.errors import UsageError
 
 CATEGORIES: tuple[str, ...] = ("helpfulness", "harmlessness", "honesty")
 PRINCIPLE_FIELDS: tuple[str, ...] = ("name", "category", "critique_request", "revision_request")

@@ -11,8 +11,6 @@
 """
 from __future__ import annotations
 
-from core.errors import RunFailure
-
 import csv
 import gzip
 import json
@@ -20,6 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.errors import RunFailure
 from core.guards import TemplateGuard, chat_special_tokens, template_injected_text
 from core.text import copies_exemplar
 

@@ -8,10 +8,10 @@ system prompt. `apply_chat_template` is called here only to *learn* what the tem
 """
 from __future__ import annotations
 
-from core.errors import RunFailure
-
 import re
 from dataclasses import dataclass
+
+from core.errors import RunFailure
 
 # Markup of the common chat formats. A base model's prompt or training record never needs these.
 CHAT_MARKERS: tuple[str, ...] = (

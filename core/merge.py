@@ -7,14 +7,13 @@ within the profile's tolerance before it is moved into place.
 """
 from __future__ import annotations
 
-from core.errors import RunFailure
-
 import shutil
 from pathlib import Path
 
 import torch
 
 from core.backend import DTYPES, next_token_logprobs
+from core.errors import RunFailure
 
 TOP_K = 50
 

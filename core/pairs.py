@@ -1,6 +1,7 @@
 """What every stage does between its scored samples and `pairs_candidates.jsonl`: group samples
 by task, drop repeated texts, rank by order-consistent judge wins, apply the last shared filter,
-and write kept and dropped pairs (stopping the stage when nothing is kept)."""
+and write kept pairs (as core.records.Pair records) and dropped ones (stopping the stage when
+nothing is kept)."""
 from __future__ import annotations
 
 from typing import Callable
@@ -8,7 +9,8 @@ from typing import Callable
 from core.context import StageContext
 from core.errors import NoPairsError
 from core.guards import TemplateGuard
-from core.io import write_jsonl
+from core.io import read_json, write_jsonl
+from core.records import Pair
 
 Choice = tuple[dict | None, str]  # (pair, "ok") or (None, why no pair)
 
@@ -85,6 +87,15 @@ def write_pairs(ctx: StageContext, tasks: list[dict], choose: Callable[[dict], C
         raise NoPairsError(
             f"stage {ctx.number} produced no preference pairs from {len(tasks)} {what} (reasons "
             f"in {ctx.path('pairs_dropped.jsonl')}); {hint}")
+    sha = input_weights_sha256(ctx)
+    pairs = [Pair.from_stage(pair, ctx.number, sha).to_json() for pair in pairs]
     write_jsonl(ctx.path("pairs_candidates.jsonl"), pairs)
     ctx.log(f"pairs: {len(pairs)} kept, {len(dropped)} dropped")
     return pairs
+
+
+def input_weights_sha256(ctx: StageContext) -> str | None:
+    """The weights hash of the stage's input model, as recorded in input.json (None when the
+    stage runs without that record, or the model is a Hub id)."""
+    record = ctx.path("input.json")
+    return read_json(record).get("weights_sha256") if record.is_file() else None

@@ -1,4 +1,11 @@
-"""Reading another stage's outputs in the same run, one way for every stage.
+"""The records stages pass on: the preference pair every stage writes, and one way to read an
+earlier stage's outputs in the same run.
+
+A `Pair` is what `core.pairs.write_pairs` writes for every stage (pairs_candidates.jsonl, then
+pairs.jsonl after decontamination): `prompt`, `chosen`, `rejected` (what DPO reads), `stage`,
+`task_id` and `input_model_sha256` (the weights that generated both sides), then the stage's own
+provenance (sample ids, check results, judge margins, principles) as further keys of the same
+JSON object, so that `datasets` and TRL read the file as it is.
 
 A later stage may draw on an earlier stage's files (stage 3 keeps stages 1-2's held-out items out
 of its training data; stage 4 labels pairs from stages 1-3's scored samples; stage 5 revises
@@ -11,9 +18,46 @@ line of it is not JSON.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from core.errors import RunFailure
+
+PAIR_TEXT_FIELDS = ("prompt", "chosen", "rejected", "task_id")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One preference pair with its provenance."""
+
+    prompt: str  # the zero-shot house prompt: exemplars never reach training
+    chosen: str
+    rejected: str
+    stage: int
+    task_id: str
+    input_model_sha256: str | None  # the weights that generated chosen and rejected
+    extra: dict[str, Any] = field(default_factory=dict)  # the stage's own provenance
+
+    @classmethod
+    def from_stage(cls, record: dict, stage: int, input_model_sha256: str | None) -> "Pair":
+        """A stage's pair dict as a Pair; a missing or non-text core field is a bug in the stage."""
+        bad = [k for k in PAIR_TEXT_FIELDS if not isinstance(record.get(k), str)]
+        if bad:
+            raise RunFailure(f"stage {stage} made a pair without text in {bad} (task "
+                             f"{record.get('task_id')!r}); this is a bug in the stage module")
+        reserved = {"stage", "input_model_sha256"} & set(record)
+        if reserved:
+            raise RunFailure(f"stage {stage}'s pair for task {record['task_id']!r} sets "
+                             f"{sorted(reserved)}, which the pair record fills in itself")
+        extra = {k: v for k, v in record.items() if k not in PAIR_TEXT_FIELDS}
+        return cls(record["prompt"], record["chosen"], record["rejected"], stage,
+                   record["task_id"], input_model_sha256, extra)
+
+    def to_json(self) -> dict:
+        return {"prompt": self.prompt, "chosen": self.chosen, "rejected": self.rejected,
+                "stage": self.stage, "task_id": self.task_id,
+                "input_model_sha256": self.input_model_sha256, **self.extra}
 
 
 class MissingEarlierOutputError(RunFailure):

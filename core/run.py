@@ -8,10 +8,9 @@ Layout:
 """
 from __future__ import annotations
 
-from core.errors import UsageError
-
 import fcntl
 import json
+import os
 import platform
 import subprocess
 import time
@@ -23,6 +22,7 @@ from typing import Callable
 
 import yaml
 
+from core.errors import UsageError
 from core.io import atomic_write_text, write_yaml
 
 PINNED_SETTINGS = ("model", "seed", "limit", "heldout", "baseline_limit")
@@ -88,13 +88,19 @@ class RunLock:
 
     def __enter__(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(self.path, "w")
+        self._handle = open(self.path, "a+")
         try:
             fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            self._handle.seek(0)
+            holder = self._handle.read().strip() or "unknown"
             self._handle.close()
-            raise RunDirError(f"{self.path.parent} is in use by another command (lock "
+            raise RunDirError(f"{self.path.parent} is in use by another command ({holder}; lock "
                               f"{self.path}); wait for it to finish") from None
+        self._handle.seek(0)
+        self._handle.truncate()
+        self._handle.write(f"pid {os.getpid()} since {datetime.now(timezone.utc).isoformat()}")
+        self._handle.flush()
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -113,3 +113,40 @@ def test_assess_writes_json_and_prints_a_table(tmp_path):
 def test_assess_without_ifeval_data_fails_clearly(tmp_path):
     out = cli("assess", "--model", "tiny-qwen2", "--suite", "ifeval", "--data-dir", str(tmp_path))
     assert out.returncode == 2 and "google/IFEval" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_status_of_a_folder_that_is_not_a_run(tmp_path):
+    out = cli("status", "--run-dir", str(tmp_path))
+    assert out.returncode == 2 and "is not a run directory" in out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+def test_a_locked_run_names_the_holder(tmp_path):
+    from core.run import RunDirError, RunLock
+
+    with RunLock(tmp_path / ".lock"):
+        with pytest.raises(RunDirError, match=r"in use by another command \(pid \d+ since 20"):
+            with RunLock(tmp_path / ".lock"):
+                pass
+    with RunLock(tmp_path / ".lock"):  # released: the next command gets it
+        pass
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_work_and_prints_the_resume_command(tmp_path):
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "cli.py"), "stage", "run", "1", "--model", "tiny-qwen2",
+            "--limit", "8", "--run-dir", str(run_dir)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run_dir / "stage_1" / "steps").is_dir():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "interrupted: finished work is kept" in stderr and "Traceback" not in stderr
+    assert f"stage run 1 --model tiny-qwen2 --limit 8 --run-dir {run_dir}" in stderr
+    assert (run_dir / "stage_1" / "steps" / "instructions.done").is_file()

@@ -7,6 +7,7 @@ from core.constitution import load_constitution
 from core.context import StageContext
 from core.guards import TemplateGuard
 from core.io import read_jsonl
+from core.records import Pair
 from core.models import PROJECT_ROOT
 from registry.models import resolve_model
 from core.pairs import (NoPairsError, first_of_each_text, group_by_task, judge_wins,
@@ -16,7 +17,7 @@ from registry.models import profile_by_name
 
 
 def pair(chosen: str, rejected: str, prompt: str = "Instruction: Name a colour.\n\nResponse:\n"):
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "task_id": "t"}
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +78,12 @@ def test_write_pairs_keeps_filters_and_records_why(tmp_path):
     choices = {"t1": (pair("Blue.", "Cat."), "ok"), "t2": (None, "no sample passes the checks"),
                "t3": (pair("Red.", "Dog."), "ok")}
     problem = lambda p, task: "chosen: copies an exemplar" if p["chosen"] == "Red." else None
+    ctx.stage_dir.mkdir(parents=True)
+    ctx.path("input.json").write_text(json.dumps({"path": "m", "weights_sha256": "ab12"}))
     kept = write_pairs(ctx, tasks, lambda t: choices[t["id"]], problem, "tasks", "hint")
-    assert kept == [pair("Blue.", "Cat.")] == read_jsonl(ctx.path("pairs_candidates.jsonl"))
+    written = read_jsonl(ctx.path("pairs_candidates.jsonl"))
+    assert kept == written == [Pair.from_stage(pair("Blue.", "Cat."), 3, "ab12").to_json()]
+    assert written[0]["stage"] == 3 and written[0]["input_model_sha256"] == "ab12"
     assert read_jsonl(ctx.path("pairs_dropped.jsonl")) == [
         {"task_id": "t2", "reason": "no sample passes the checks"},
         {"task_id": "t3", "reason": "chosen: copies an exemplar"}]

@@ -40,3 +40,29 @@ def test_a_damaged_line_is_named(tmp_path):
     (tmp_path / "stage_1" / "scores.jsonl").write_text('{"id": 1}\n{"id": \n')
     with pytest.raises(MissingEarlierOutputError, match="line 2"):
         earlier_records(tmp_path, 1, "scores.jsonl", reader=5)
+
+
+def test_a_pair_record_carries_provenance_and_keeps_the_stage_fields():
+    from core.records import Pair
+
+    record = {"prompt": "Instruction: x\nResponse:", "chosen": "a", "rejected": "b",
+              "task_id": "t1", "chosen_sample": 0, "constraints": []}
+    pair = Pair.from_stage(record, stage=3, input_model_sha256="ab12")
+    assert pair.extra == {"chosen_sample": 0, "constraints": []}
+    assert list(pair.to_json()) == ["prompt", "chosen", "rejected", "stage", "task_id",
+                                    "input_model_sha256", "chosen_sample", "constraints"]
+    assert pair.to_json()["stage"] == 3 and pair.to_json()["input_model_sha256"] == "ab12"
+
+
+@pytest.mark.parametrize("broken, phrase", [
+    ({"chosen": None}, "without text in ['chosen']"),
+    ({"task_id": 7}, "without text in ['task_id']"),
+    ({"stage": 2}, "fills in itself"),
+])
+def test_a_malformed_stage_pair_is_a_clear_error(broken, phrase):
+    from core.errors import RunFailure
+    from core.records import Pair
+
+    record = {"prompt": "p", "chosen": "a", "rejected": "b", "task_id": "t1", **broken}
+    with pytest.raises(RunFailure, match=phrase.replace("[", r"\[").replace("]", r"\]")):
+        Pair.from_stage(record, 1, None)

@@ -1,12 +1,11 @@
 """Run an assessment suite on a loaded model and compare two results with paired tests."""
 from __future__ import annotations
 
-from core.errors import UsageError
-
 import time
 from pathlib import Path
 
 from core.assess import generate_greedy
+from core.errors import UsageError
 from core.guards import TemplateGuard
 from core.ifeval import load_ifeval, score_item
 from core.ifeval import summarize as summarize_ifeval
