@@ -1,5 +1,10 @@
-"""The records stages pass on: the preference pair every stage writes, and one way to read an
-earlier stage's outputs in the same run.
+"""The records stages pass on: the task and the preference pair every stage writes, and one way
+to read an earlier stage's outputs in the same run.
+
+A `Task` is one line of `stage_N/tasks.jsonl`, the one task file of every stage, train and
+held-out together: `id`, `stage`, `split` ("train" or "heldout"), `text` (the request exactly as
+the zero-shot house prompt shows it), `kind` (the stage's kind of task), `source` (where the task
+came from) and `extra` (the stage's own fields: constraints, a spec, a label, principles ...).
 
 A `Pair` is what `core.pairs.write_pairs` writes for every stage (pairs_candidates.jsonl, then
 pairs.jsonl after decontamination): `prompt`, `chosen`, `rejected` (what DPO reads), `stage`,
@@ -23,8 +28,70 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import RunFailure
+from core.io import write_jsonl
 
 PAIR_TEXT_FIELDS = ("prompt", "chosen", "rejected", "task_id")
+TASKS_FILE = "tasks.jsonl"
+SPLITS = ("train", "heldout")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One task of one stage."""
+
+    id: str
+    stage: int
+    split: str  # "train" or "heldout"
+    text: str  # the request as the zero-shot house prompt shows it
+    kind: str
+    source: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise RunFailure(f"task {self.id!r} of stage {self.stage} has split "
+                             f"{self.split!r}; expected one of {SPLITS}")
+
+    def to_json(self) -> dict:
+        return {"id": self.id, "stage": self.stage, "split": self.split, "text": self.text,
+                "kind": self.kind, "source": self.source, "extra": self.extra}
+
+    @classmethod
+    def from_json(cls, data: dict, where: str) -> "Task":
+        """A task read back from tasks.jsonl; `where` (file and line) names a bad record."""
+        expected = {"id": str, "stage": int, "split": str, "text": str, "kind": str,
+                    "source": str, "extra": dict}
+        problems = [f"{key} missing" if key not in data else f"{key} is not {kind.__name__}"
+                    for key, kind in expected.items()
+                    if key not in data or not isinstance(data[key], kind)]
+        if problems:
+            raise MissingEarlierOutputError(f"{where}: not a task record ({', '.join(problems)})")
+        return cls(**{key: data[key] for key in expected})
+
+
+def write_tasks(path: Path, tasks: list[Task]) -> None:
+    """tasks.jsonl, atomically."""
+    write_jsonl(path, [task.to_json() for task in tasks])
+
+
+def read_tasks(path: Path, split: str | None = None) -> list[Task]:
+    """The tasks in a stage's tasks.jsonl (only `split` when given)."""
+    if not path.is_file():
+        raise MissingEarlierOutputError(f"{path} is missing: the stage's tasks step has not "
+                                        f"written it (rerun the stage to make it)")
+    tasks = [Task.from_json(record, f"{path} line {i}")
+             for i, record in enumerate(read_records(path, "reading tasks"), start=1)]
+    return [t for t in tasks if split is None or t.split == split]
+
+
+def earlier_tasks(run_dir: Path, number: int, reader: int) -> list[Task] | None:
+    """Stage `number`'s tasks in this run for stage `reader`; None when it has not written them
+    (see `earlier_records`)."""
+    records = earlier_records(run_dir, number, TASKS_FILE, reader)
+    if records is None:
+        return None
+    path = run_dir / f"stage_{number}" / TASKS_FILE
+    return [Task.from_json(r, f"{path} line {i}") for i, r in enumerate(records, start=1)]
 
 
 @dataclass(frozen=True)
@@ -76,6 +143,11 @@ def earlier_records(run_dir: Path, number: int, name: str, reader: int) -> list[
                 f"stage {reader} reads {path}, which stage {number} of this run wrote but is "
                 f"missing now; restore it, or rerun stage {number} in a new --run-dir")
         return None
+    return read_records(path, f"stage {reader} reading stage {number}'s output")
+
+
+def read_records(path: Path, who: object) -> list[dict]:
+    """JSON lines of `path`; a damaged line is a MissingEarlierOutputError naming it."""
     records = []
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, start=1):
@@ -85,6 +157,6 @@ def earlier_records(run_dir: Path, number: int, name: str, reader: int) -> list[
                 records.append(json.loads(line))
             except json.JSONDecodeError as error:
                 raise MissingEarlierOutputError(
-                    f"stage {reader} cannot read {path} line {line_number} ({error.msg}); the "
-                    f"file is damaged: rerun stage {number} in a new --run-dir") from None
+                    f"{who}: cannot read {path} line {line_number} ({error.msg}); the file is "
+                    f"damaged: rerun the stage that wrote it in a new --run-dir") from None
     return records

@@ -66,3 +66,36 @@ def test_a_malformed_stage_pair_is_a_clear_error(broken, phrase):
     record = {"prompt": "p", "chosen": "a", "rejected": "b", "task_id": "t1", **broken}
     with pytest.raises(RunFailure, match=phrase.replace("[", r"\[").replace("]", r"\]")):
         Pair.from_stage(record, 1, None)
+
+
+def test_tasks_round_trip_and_split(tmp_path):
+    from core.records import Task, read_tasks, write_tasks
+
+    tasks = [Task("a", 1, "train", "Describe rain.", "instruction", "model", {"constraints": []}),
+             Task("b", 1, "heldout", "Name a fruit.", "instruction", "pool")]
+    write_tasks(tmp_path / "tasks.jsonl", tasks)
+    assert read_tasks(tmp_path / "tasks.jsonl") == tasks
+    assert [t.id for t in read_tasks(tmp_path / "tasks.jsonl", "heldout")] == ["b"]
+
+
+def test_a_bad_task_record_or_split_is_named(tmp_path):
+    from core.errors import RunFailure
+    from core.records import Task, read_tasks
+
+    with pytest.raises(RunFailure, match="split 'test'"):
+        Task("a", 1, "test", "x", "k", "s")
+    (tmp_path / "tasks.jsonl").write_text('{"id": "a", "stage": 1, "split": "train"}\n')
+    with pytest.raises(MissingEarlierOutputError, match=r"line 1: not a task record \(text missing"):
+        read_tasks(tmp_path / "tasks.jsonl")
+    with pytest.raises(MissingEarlierOutputError, match="none.jsonl is missing"):
+        read_tasks(tmp_path / "none.jsonl")
+
+
+def test_earlier_tasks_of_a_stage_that_has_not_run(tmp_path):
+    from core.records import Task, earlier_tasks, write_tasks
+
+    assert earlier_tasks(tmp_path, 1, reader=3) is None
+    (tmp_path / "stage_1").mkdir()
+    write_tasks(tmp_path / "stage_1" / "tasks.jsonl",
+                [Task("a", 1, "heldout", "Describe rain.", "instruction", "model")])
+    assert [t.text for t in earlier_tasks(tmp_path, 1, reader=3)] == ["Describe rain."]
