@@ -8,8 +8,10 @@ zero-shot, in the house format. Steps (each resumable, each marked done only whe
                  repeats), and it writes the next item. Degenerate items, chat markup, and
                  near-duplicates (ROUGE-L > 0.7 against everything kept, pool seeds included) are
                  dropped. Each instruction gets 0-2 constraints from core/constraints.py. The set
-                 is split train / held-out by a hash of the normalized instruction, and checked
-                 for leakage.
+                 is split train / held-out by a hash of the normalized instruction, checked for
+                 leakage, and written to tasks.jsonl as `core.records.Task`s: text = the
+                 instruction with its constraint sentences (what the house prompt shows), kind
+                 "instruction", source "model", extra = {instruction (bare), constraints}.
 2. responses     K samples per training instruction from a few-shot completion prompt (3-4
                  exemplars drawn at random from the pool, then the target).
 3. scores        Constraint checkers on every sample; a log-probability A/B self-judge, asked in
@@ -36,11 +38,10 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
-
-from dataclasses import dataclass
 
 from core.assess import assess_instructions
 from core.constraints import constraint_from_dict, instruction_with_constraints, sample_constraints
@@ -55,6 +56,7 @@ from core.judge import judge_many, judge_prefix
 from core.pairs import (first_of_each_text, group_by_task, judge_wins, shared_pair_problem,
                         write_pairs)
 from core.prompting import RESPONSE_STOPS, draw, house_prompt, seed_for
+from core.records import TASKS_FILE, Task, read_tasks, write_tasks
 from core.sampling import few_shot_requests, sample_to_file
 from core.split import split_smallest_ids
 from core.stage import Stage, StageSettings, Step, setting
@@ -140,60 +142,72 @@ def make_instructions(ctx: StageContext, pool: dict) -> None:
             f"stage 1 kept only {len(accepted)} usable instructions after "
             f"{ctx.settings.max_instruction_rounds} rounds (see {ctx.path('instructions_audit.jsonl')}); the "
             f"model is not producing distinct instructions - try another --seed or model")
-    tasks = split_smallest_ids(attach_constraints(accepted, ctx.seed,
-                                           ctx.settings.constraint_count_weights), ctx.heldout)
+    constrained = attach_constraints(accepted, ctx.seed, ctx.settings.constraint_count_weights)
+    tasks = split_tasks(constrained, ctx.heldout)
     check_leakage(tasks, ctx.near_duplicate)
-    write_jsonl(ctx.path("instructions.jsonl"), tasks)
+    write_tasks(ctx.path(TASKS_FILE), tasks)
 
 
 def attach_constraints(instructions: list[str], seed: int,
-                       count_weights: tuple[float, ...]) -> list[dict]:
+                       count_weights: tuple[float, ...]) -> list[Task]:
     """0, 1, 2, ... constraints per instruction (`count_weights[n]`: weight of n), seeded by
-    the instruction itself."""
+    the instruction itself; every task in the training split until `split_tasks` holds some out."""
     tasks = []
     for instruction in instructions:
         rng = random.Random(seed_for(seed, "constraints", normalize(instruction)))
         count = rng.choices(range(len(count_weights)), count_weights)[0]
         constraints = [c.to_dict() for c in sample_constraints(rng, count)]
-        tasks.append({
-            "id": "t" + hashlib.sha256(normalize(instruction).encode()).hexdigest()[:10],
-            "instruction": instruction,
-            "constraints": constraints,
-            "prompt_instruction": instruction_with_constraints(instruction, constraints),
-        })
+        tasks.append(Task(
+            id="t" + hashlib.sha256(normalize(instruction).encode()).hexdigest()[:10],
+            stage=1, split="train",
+            text=instruction_with_constraints(instruction, constraints),
+            kind="instruction", source="model",
+            extra={"instruction": instruction, "constraints": constraints}))
     return tasks
 
 
-def check_leakage(tasks: list[dict], threshold: float) -> None:
+def split_tasks(tasks: list[Task], heldout: int) -> list[Task]:
+    """The `heldout` smallest ids held out (core.split.split_smallest_ids), the rest train."""
+    splits = {t["id"]: t["split"] for t in split_smallest_ids(keyed(tasks), heldout)}
+    return [replace(t, split=splits[t.id]) for t in tasks]
+
+
+def check_leakage(tasks: list[Task], threshold: float) -> None:
     """No held-out instruction may equal or nearly equal (ROUGE-L > threshold) a training one."""
-    train = [t["instruction"] for t in tasks if t["split"] == "train"]
-    for task in (t for t in tasks if t["split"] == "heldout"):
-        if other := first_near_same(task["instruction"], train, threshold):
-            raise RunFailure(f"held-out instruction {task['id']} leaks into training: "
-                               f"{task['instruction']!r} ~ {other!r}")
+    train = [t.extra["instruction"] for t in tasks if t.split == "train"]
+    for task in (t for t in tasks if t.split == "heldout"):
+        if other := first_near_same(task.extra["instruction"], train, threshold):
+            raise RunFailure(f"held-out instruction {task.id} leaks into training: "
+                             f"{task.extra['instruction']!r} ~ {other!r}")
 
 
-def load_tasks(ctx: StageContext, split: str) -> list[dict]:
-    return [t for t in read_jsonl(ctx.path("instructions.jsonl")) if t["split"] == split]
+def load_tasks(ctx: StageContext, split: str) -> list[Task]:
+    return read_tasks(ctx.path(TASKS_FILE), split)
+
+
+def keyed(tasks: list[Task]) -> list[dict]:
+    """The tasks as the dicts core's per-task helpers read (`item["id"]`), each carrying its
+    Task under "task"."""
+    return [{"id": t.id, "task": t} for t in tasks]
 
 
 # 2. responses ------------------------------------------------------------------------------------
 
-def response_requests(ctx: StageContext, pool: dict, tasks: list[dict]) -> list[GenRequest]:
+def response_requests(ctx: StageContext, pool: dict, tasks: list[Task]) -> list[GenRequest]:
     """3-4 response exemplars (with their constraints spelled out), then the task."""
     exemplars = pool["response_exemplars"]
 
-    def shots(task: dict, rng: random.Random) -> list[tuple[str, str]]:
+    def shots(item: dict, rng: random.Random) -> list[tuple[str, str]]:
         return [(instruction_with_constraints(e["instruction"], e.get("constraints") or []),
                  e["response"]) for e in draw(exemplars, rng, 3, 4)]
 
-    return few_shot_requests(ctx.seed, tasks, ctx.profile.responses_per_task, "response", shots,
-                             lambda task: task["prompt_instruction"])
+    return few_shot_requests(ctx.seed, keyed(tasks), ctx.profile.responses_per_task, "response",
+                             shots, lambda item: item["task"].text)
 
 
 def make_responses(ctx: StageContext, pool: dict) -> None:
     tasks = load_tasks(ctx, "train")
-    sample_to_file(ctx, tasks, response_requests(ctx, pool, tasks),
+    sample_to_file(ctx, keyed(tasks), response_requests(ctx, pool, tasks),
                    ctx.profile.temperature_answer, RESPONSE_STOPS, "responses")
 
 
@@ -223,14 +237,14 @@ def score_sample(text: str, constraints: list[dict], guard, exemplars: list[str]
             "unusable": unusable}
 
 
-def comparisons_for(task: dict, samples: list[dict],
+def comparisons_for(task: Task, samples: list[dict],
                     max_judged: int = 3) -> list[tuple[int, int]]:
     """Which sample pairs the judge compares: passers among themselves (to pick the best
     passer), the first passer against the hardest failure (an audit of the judge), or, without
     constraints, every pair of the first usable samples."""
     usable = [s for s in samples if s["unusable"] is None]
     distinct = first_of_each_text(usable)
-    if not task["constraints"]:
+    if not task.extra["constraints"]:
         ids = [s["sample"] for s in distinct][:max_judged]
         return [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]]
     passers = [s["sample"] for s in distinct if s["passed"]][:max_judged]
@@ -257,16 +271,17 @@ def judge_shots(ctx: StageContext, pool: dict, task_id: str, a: int, b: int) -> 
 
 
 def make_scores(ctx: StageContext, pool: dict) -> None:
-    tasks = {t["id"]: t for t in load_tasks(ctx, "train")}
+    tasks = {t.id: t for t in load_tasks(ctx, "train")}
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
-    scored = [{**r, **score_sample(r["text"], tasks[r["task_id"]]["constraints"], guard, exemplars)}
+    scored = [{**r, **score_sample(r["text"], tasks[r["task_id"]].extra["constraints"], guard,
+                                   exemplars)}
               for r in read_jsonl(ctx.path("responses.jsonl"))]
     by_task: dict[str, list[dict]] = {}
     for s in scored:
         by_task.setdefault(s["task_id"], []).append(s)
     jobs = [(task_id, a, b) for task_id, samples in by_task.items()
             for a, b in comparisons_for(tasks[task_id], samples, ctx.settings.max_judged_samples)]
-    items = [(judge_shots(ctx, pool, t, a, b), tasks[t]["prompt_instruction"],
+    items = [(judge_shots(ctx, pool, t, a, b), tasks[t].text,
               by_task[t][a]["text"], by_task[t][b]["text"]) for t, a, b in jobs]
     verdicts = judge_many(ctx.backend(), guard, items, ctx.profile.judge_batch_size,
                           "stage 1 scores") if items else []
@@ -279,10 +294,10 @@ def make_scores(ctx: StageContext, pool: dict) -> None:
 
 # 4. pairs ----------------------------------------------------------------------------------------
 
-def choose_pair(task: dict, samples: list[dict], judgments: list[dict]) -> tuple[dict | None, str]:
+def choose_pair(task: Task, samples: list[dict], judgments: list[dict]) -> tuple[dict | None, str]:
     """(pair, reason): the stage's pair rule applied to one task's scored samples."""
     usable = [s for s in samples if s["unusable"] is None]
-    if not task["constraints"]:
+    if not task.extra["constraints"]:
         consistent = [j for j in judgments if j["winner"] != "tie"]
         if not consistent:
             return None, "judge tie in both orders" if judgments else "fewer than two usable samples"
@@ -301,10 +316,10 @@ def choose_pair(task: dict, samples: list[dict], judgments: list[dict]) -> tuple
     return _pair(task, chosen, hardest_failure(usable), "checks"), "ok"
 
 
-def _pair(task: dict, chosen: dict, rejected: dict, source: str) -> dict:
-    return {"prompt": house_prompt(task["prompt_instruction"]), "chosen": chosen["text"],
-            "rejected": rejected["text"], "task_id": task["id"], "source": source,
-            "constraints": task["constraints"],
+def _pair(task: Task, chosen: dict, rejected: dict, source: str) -> dict:
+    return {"prompt": house_prompt(task.text), "chosen": chosen["text"],
+            "rejected": rejected["text"], "task_id": task.id, "source": source,
+            "constraints": task.extra["constraints"],
             "chosen_sample": chosen["sample"], "rejected_sample": rejected["sample"]}
 
 
@@ -317,10 +332,10 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
     scored = group_by_task(read_jsonl(ctx.path("scores.jsonl")))
     judgments = group_by_task(read_jsonl(ctx.path("judgments.jsonl")))
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
-    write_pairs(ctx, load_tasks(ctx, "train"),
-                lambda task: choose_pair(task, scored.get(task["id"], []),
-                                         judgments.get(task["id"], [])),
-                lambda pair, task: pair_problem(pair, guard, exemplars),
+    write_pairs(ctx, keyed(load_tasks(ctx, "train")),
+                lambda item: choose_pair(item["task"], scored.get(item["id"], []),
+                                         judgments.get(item["id"], [])),
+                lambda pair, item: pair_problem(pair, guard, exemplars),
                 "tasks", "raise --limit so more tasks yield a pair")
 
 
@@ -329,19 +344,20 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
 def protected_sets(ctx: StageContext) -> Protected:
     """Training records may not copy the exemplars, the held-out instructions or the shared sets."""
     return Protected(exemplar_texts(load_pool()),
-                     [(t["id"], t["instruction"]) for t in load_tasks(ctx, "heldout")],
+                     [(t.id, t.extra["instruction"]) for t in load_tasks(ctx, "heldout")],
                      ctx.data_dir)
 
 
 def merge_probes(ctx: StageContext) -> list[str]:
-    tasks = read_jsonl(ctx.path("instructions.jsonl"))
-    return [house_prompt(t["prompt_instruction"]) for t in tasks[:8]]
+    return [house_prompt(t.text) for t in read_tasks(ctx.path(TASKS_FILE))[:8]]
 
 
 def assess_heldout(ctx: StageContext, backend, label: str) -> dict:
     """Held-out tasks, zero-shot and greedy: prompt-level and constraint-level pass rates."""
     p = ctx.profile
-    return assess_instructions(backend, ctx.guard(), load_tasks(ctx, "heldout"),
+    items = [{"id": t.id, "prompt_instruction": t.text, "constraints": t.extra["constraints"]}
+             for t in load_tasks(ctx, "heldout")]
+    return assess_instructions(backend, ctx.guard(), items,
                                ctx.path(f"cache/assess_{label}.jsonl"), p.max_new_tokens,
                                p.gen_batch_size, f"stage 1 assess {label}")
 

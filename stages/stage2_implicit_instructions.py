@@ -16,7 +16,9 @@ marked done only when complete):
                  real questions) are dropped, and the held-out ones are those with the smallest
                  id hashes (core.split.split_smallest_ids). About half of each split is real
                  when data is given.
-                 Held-out and training questions are checked for leakage.
+                 Held-out and training questions are checked for leakage, then all of them go
+                 to tasks.jsonl (core.records.Task: text = the question, kind "question",
+                 source = the real set's name or "generated").
 2. responses     K samples per training question from a few-shot completion prompt (3-4 (bare
                  question, direct answer) exemplars from the pool, then the target), plus
                  `zero_shot_samples` samples of the zero-shot house prompt itself: what the model
@@ -69,6 +71,7 @@ from core.judge import judge_many, judge_prefix, winning_sample
 from core.listgen import ListGrowth, grow_list
 from core.pairs import (first_of_each_text, group_by_task, judge_wins, shared_pair_problem,
                         write_pairs)
+from core.records import TASKS_FILE, Task, earlier_tasks, read_tasks, write_tasks
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
 from core.split import in_fixed_heldout, split_smallest_ids
 from core.stage import Stage, StageSettings, Step, setting
@@ -220,24 +223,33 @@ def generate_questions(ctx: StageContext, pool: dict, needed: int,
     return accepted
 
 
-def generated_tasks(questions: list[str], heldout: int) -> list[dict]:
+def question_task(item: dict) -> Task:
+    """A question item (id, source, question, split: a real one or a generated one) as the
+    stage's task record: text = the question, kind "question", source = the item's source; any
+    further field of the item goes into extra."""
+    extra = {k: v for k, v in item.items() if k not in ("id", "split", "question", "source")}
+    return Task(id=item["id"], stage=2, split=item["split"], text=item["question"],
+                kind="question", source=item["source"], extra=extra)
+
+
+def generated_tasks(questions: list[str], heldout: int) -> list[Task]:
     """Model-written questions as tasks; the `heldout` smallest id hashes are held out (a
     quarter, at least one, when fewer than two would train: core.split.split_smallest_ids)."""
-    return split_smallest_ids([{"id": "q" + short_hash(normalize(q)), "source": "generated",
-                                "question": q} for q in questions], heldout)
+    items = split_smallest_ids([{"id": "q" + short_hash(normalize(q)), "source": "generated",
+                                 "question": q} for q in questions], heldout)
+    return [question_task(item) for item in items]
 
 
-def stage1_instructions(ctx: StageContext) -> list[dict]:
-    """Stage 1's instructions in this run (empty when stage 1 has not run here)."""
-    path = ctx.run_dir / "stage_1" / "instructions.jsonl"
-    return read_jsonl(path) if path.is_file() else []
+def stage1_instructions(ctx: StageContext) -> list[Task]:
+    """Stage 1's tasks in this run (empty when stage 1 has not written them here)."""
+    return earlier_tasks(ctx.run_dir, 1, 2) or []
 
 
 def make_questions(ctx: StageContext, pool: dict) -> None:
     guard, settings = ctx.guard(), ctx.settings
     filter_ = NearDuplicateFilter(ctx.near_duplicate)
     filter_.kept.extend(pool["question_seeds"] + [e["question"] for e in pool["answer_exemplars"]]
-                        + [t["instruction"] for t in stage1_instructions(ctx)])
+                        + [t.extra["instruction"] for t in stage1_instructions(ctx)])
     real = load_real_questions(ctx.data_dir, settings.heldout_share)
     taken: set[str] = set()
 
@@ -252,11 +264,11 @@ def make_questions(ctx: StageContext, pool: dict) -> None:
     questions = generate_questions(ctx, pool, wanted, filter_) if wanted > 0 else []
     held_share = round(len(questions) * wanted_held / wanted) if wanted else 0
     generated = generated_tasks(questions, held_share)
-    count = {s: sum(t["split"] == s for t in generated) for s in ("train", "heldout")}
+    count = {s: sum(t.split == s for t in generated) for s in ("train", "heldout")}
     real_held += pick("heldout", ctx.heldout - len(real_held) - count["heldout"])
     real_train += pick("train", ctx.limit - len(real_train) - count["train"])
-    tasks = real_held + real_train + generated
-    train_count = sum(t["split"] == "train" for t in tasks)
+    tasks = [question_task(item) for item in real_held + real_train] + generated
+    train_count = sum(t.split == "train" for t in tasks)
     if train_count < 2 or len(tasks) - train_count < 1:
         raise TooLittleDataError(
             f"stage 2 has only {train_count} training and {len(tasks) - train_count} held-out "
@@ -264,20 +276,21 @@ def make_questions(ctx: StageContext, pool: dict) -> None:
             f"the model is not producing distinct questions - pass the shared data directory, "
             f"or try another --seed or model")
     check_leakage(tasks, ctx.near_duplicate)
-    write_jsonl(ctx.path("questions.jsonl"), tasks)
+    write_tasks(ctx.path(TASKS_FILE), tasks)
 
 
-def check_leakage(tasks: list[dict], threshold: float) -> None:
+def check_leakage(tasks: list[Task], threshold: float) -> None:
     """No held-out question may equal or nearly equal (ROUGE-L > threshold) a training one."""
-    train = [t["question"] for t in tasks if t["split"] == "train"]
-    for task in (t for t in tasks if t["split"] == "heldout"):
-        if other := first_near_same(task["question"], train, threshold):
-            raise RunFailure(f"held-out question {task['id']} leaks into training: "
-                             f"{task['question']!r} ~ {other!r}")
+    train = [t.text for t in tasks if t.split == "train"]
+    for task in (t for t in tasks if t.split == "heldout"):
+        if other := first_near_same(task.text, train, threshold):
+            raise RunFailure(f"held-out question {task.id} leaks into training: "
+                             f"{task.text!r} ~ {other!r}")
 
 
-def load_tasks(ctx: StageContext, split: str) -> list[dict]:
-    return [t for t in read_jsonl(ctx.path("questions.jsonl")) if t["split"] == split]
+def load_tasks(ctx: StageContext, split: str | None = None) -> list[Task]:
+    """The stage's questions (only `split` when given), in the order make_questions wrote them."""
+    return read_tasks(ctx.path(TASKS_FILE), split)
 
 
 # 2. responses ------------------------------------------------------------------------------------
@@ -289,32 +302,32 @@ def sample_plan(task_id: str, k: int, zero_shot: int) -> list[tuple[str, str]]:
            [(f"{task_id}-z{i}", "zero-shot") for i in range(zero_shot)]
 
 
-def response_request(ctx: StageContext, pool: dict, task: dict, request_id: str,
+def response_request(ctx: StageContext, pool: dict, task: Task, request_id: str,
                      prompting: str) -> GenRequest:
     """A few-shot completion prompt (3-4 exemplars, then the target), or the zero-shot one."""
     if prompting == "zero-shot":
-        return GenRequest(request_id, house_prompt(task["question"]),
+        return GenRequest(request_id, house_prompt(task.text),
                           seed_for(ctx.seed, "zero-shot-answer", request_id))
     rng = random.Random(seed_for(ctx.seed, "answer-exemplars", request_id))
     shots = [(e["question"], e["answer"]) for e in draw(pool["answer_exemplars"], rng, 3, 4)]
-    return GenRequest(request_id, few_shot_prompt(shots, task["question"]),
+    return GenRequest(request_id, few_shot_prompt(shots, task.text),
                       seed_for(ctx.seed, "answer", request_id))
 
 
 def make_responses(ctx: StageContext, pool: dict) -> None:
     tasks = load_tasks(ctx, "train")
-    plans = {t["id"]: sample_plan(t["id"], ctx.profile.responses_per_task,
-                                  ctx.settings.zero_shot_samples) for t in tasks}
+    plans = {t.id: sample_plan(t.id, ctx.profile.responses_per_task,
+                               ctx.settings.zero_shot_samples) for t in tasks}
     requests = [response_request(ctx, pool, t, rid, prompting)
-                for t in tasks for rid, prompting in plans[t["id"]]]
+                for t in tasks for rid, prompting in plans[t.id]]
     settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
                             RESPONSE_STOPS)
     results = ctx.generate(requests, settings, "responses.jsonl", "stage 2 responses")
     records = []
     for task in tasks:
-        for sample, (request_id, prompting) in enumerate(plans[task["id"]]):
+        for sample, (request_id, prompting) in enumerate(plans[task.id]):
             result = results[request_id]
-            records.append({"task_id": task["id"], "sample": sample, "prompting": prompting,
+            records.append({"task_id": task.id, "sample": sample, "prompting": prompting,
                             "text": result["text"].strip(), "finish": result["finish"]})
     write_jsonl(ctx.path("responses.jsonl"), records)
 
@@ -529,12 +542,12 @@ def judge_shots(ctx: StageContext, pool: dict, task_id: str, a: int, b: int) -> 
     return judge_prefix([{**e, "instruction": e["question"]} for e in shots])
 
 
-def run_judge(ctx: StageContext, pool: dict, tasks: dict, by_task: dict,
+def run_judge(ctx: StageContext, pool: dict, tasks: dict[str, Task], by_task: dict,
               jobs: list[tuple[str, int, int]], kind: str) -> list[dict]:
     """Judge (task, x, y) jobs in both orders; one judgment record per job."""
     if not jobs:
         return []
-    items = [(judge_shots(ctx, pool, t, a, b), tasks[t]["question"],
+    items = [(judge_shots(ctx, pool, t, a, b), tasks[t].text,
               by_task[t][a]["text"], by_task[t][b]["text"]) for t, a, b in jobs]
     verdicts = judge_many(ctx.backend(), ctx.guard(), items, ctx.profile.judge_batch_size,
                           f"stage 2 judge ({kind})")
@@ -544,9 +557,9 @@ def run_judge(ctx: StageContext, pool: dict, tasks: dict, by_task: dict,
 
 
 def make_scores(ctx: StageContext, pool: dict) -> None:
-    tasks = {t["id"]: t for t in load_tasks(ctx, "train")}
+    tasks = {t.id: t for t in load_tasks(ctx, "train")}
     guard, exemplars, check = ctx.guard(), exemplar_texts(pool), answer_checks(ctx.settings)
-    scored = [{**r, **score_sample(tasks[r["task_id"]]["question"], r["text"], guard, exemplars,
+    scored = [{**r, **score_sample(tasks[r["task_id"]].text, r["text"], guard, exemplars,
                                    check)}
               for r in read_jsonl(ctx.path("responses.jsonl"))]
     by_task: dict[str, list[dict]] = {}
@@ -568,7 +581,7 @@ def make_scores(ctx: StageContext, pool: dict) -> None:
 
 # 4. pairs ----------------------------------------------------------------------------------------
 
-def choose_pair(task: dict, samples: list[dict], judgments: list[dict]) -> tuple[dict | None, str]:
+def choose_pair(task: Task, samples: list[dict], judgments: list[dict]) -> tuple[dict | None, str]:
     """(pair, reason): the stage's pair rule applied to one task's scored samples."""
     rank = [j for j in judgments if j["kind"] == "rank"]
     chosen, rejected = pick_chosen(samples, rank), pick_rejected(samples)
@@ -583,9 +596,9 @@ def choose_pair(task: dict, samples: list[dict], judgments: list[dict]) -> tuple
     return _pair(task, chosen, rejected), "ok"
 
 
-def _pair(task: dict, chosen: dict, rejected: dict) -> dict:
-    return {"prompt": house_prompt(task["question"]), "chosen": chosen["text"],
-            "rejected": rejected["text"], "task_id": task["id"], "source": task["source"],
+def _pair(task: Task, chosen: dict, rejected: dict) -> dict:
+    return {"prompt": house_prompt(task.text), "chosen": chosen["text"],
+            "rejected": rejected["text"], "task_id": task.id, "source": task.source,
             "chosen_sample": chosen["sample"], "rejected_sample": rejected["sample"],
             "chosen_prompting": chosen["prompting"], "rejected_prompting": rejected["prompting"],
             "rejected_problem": rejected["problem"]}
@@ -607,26 +620,27 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
     scored = group_by_task(read_jsonl(ctx.path("scores.jsonl")))
     judgments = group_by_task(read_jsonl(ctx.path("judgments.jsonl")))
     guard, exemplars, check = ctx.guard(), exemplar_texts(pool), answer_checks(ctx.settings)
-    write_pairs(ctx, load_tasks(ctx, "train"),
-                lambda task: choose_pair(task, scored.get(task["id"], []),
-                                         judgments.get(task["id"], [])),
-                lambda pair, task: pair_problem(pair, task["question"], guard, exemplars, check),
+    # write_pairs reads item["id"] of what it is given: each task rides along under "task"
+    write_pairs(ctx, [{"id": t.id, "task": t} for t in load_tasks(ctx, "train")],
+                lambda item: choose_pair(item["task"], scored.get(item["id"], []),
+                                         judgments.get(item["id"], [])),
+                lambda pair, item: pair_problem(pair, item["task"].text, guard, exemplars, check),
                 "questions", "raise --limit so more questions yield a pair")
 
 
 # 8. assess: the answer checks on zero-shot greedy answers --------------------------------------
 
-def assess_questions(backend, guard, items: list[dict], cache_path: Path, max_new_tokens: int,
+def assess_questions(backend, guard, items: list[Task], cache_path: Path, max_new_tokens: int,
                      batch_size: int, where: str, check=check_answer) -> dict:
     """A zero-shot greedy answer to each held-out question, scored by the answer checks."""
     texts = generate_greedy(backend, guard, cache_path,
-                            {item["id"]: house_prompt(item["question"]) for item in items},
+                            {item.id: house_prompt(item.text) for item in items},
                             max_new_tokens, batch_size, where)
     scored = []
     for item in items:
-        text = texts[item["id"]]
-        checks = check(item["question"], text)
-        scored.append({"id": item["id"], "source": item["source"], "response": text,
+        text = texts[item.id]
+        checks = check(item.text, text)
+        scored.append({"id": item.id, "source": item.source, "response": text,
                        "passed": checks["problem"] is None, **checks})
     return {"summary": summarize(scored), "items": scored}
 
@@ -644,7 +658,7 @@ def summarize(scored: list[dict]) -> dict:
     return summary
 
 
-def count_by(records: list[dict], key) -> dict[str, int]:
+def count_by(records: list, key) -> dict[str, int]:
     counts: dict[str, int] = {}
     for record in records:
         counts[key(record)] = counts.get(key(record), 0) + 1
@@ -663,12 +677,12 @@ def judge_audit(judgments: list[dict], scored: list[dict]) -> dict:
 def protected_texts(ctx: StageContext) -> list[tuple[str, str]]:
     """(id, text) never to train on: this stage's held-out questions, the held-out parts of the
     real sets, and stage 1's held-out instructions (when stage 1 ran in this run)."""
-    texts = [(t["id"], t["question"]) for t in load_tasks(ctx, "heldout")]
+    texts = [(t.id, t.text) for t in load_tasks(ctx, "heldout")]
     texts += [(i["id"], i["question"])
               for i in load_real_questions(ctx.data_dir, ctx.settings.heldout_share)
               if i["split"] == "heldout"]
-    texts += [(f"stage1:{t['id']}", t["prompt_instruction"]) for t in stage1_instructions(ctx)
-              if t["split"] == "heldout"]
+    texts += [(f"stage1:{t.id}", t.text) for t in stage1_instructions(ctx)
+              if t.split == "heldout"]
     return texts
 
 
@@ -678,8 +692,7 @@ def protected_sets(ctx: StageContext) -> Protected:
 
 
 def merge_probes(ctx: StageContext) -> list[str]:
-    tasks = read_jsonl(ctx.path("questions.jsonl"))
-    return [house_prompt(t["question"]) for t in tasks[:8]]
+    return [house_prompt(t.text) for t in load_tasks(ctx)[:8]]
 
 
 def assess_heldout(ctx: StageContext, backend, label: str) -> dict:
@@ -692,12 +705,12 @@ def assess_heldout(ctx: StageContext, backend, label: str) -> dict:
 
 
 def report_data(ctx: StageContext) -> dict:
-    tasks = read_jsonl(ctx.path("questions.jsonl"))
+    tasks = load_tasks(ctx)
     scored = read_jsonl(ctx.path("scores.jsonl"))
     return {
-        "tasks_train": sum(t["split"] == "train" for t in tasks),
-        "tasks_heldout": sum(t["split"] == "heldout" for t in tasks),
-        "questions_by_source": count_by(tasks, lambda t: f"{t['source']} ({t['split']})"),
+        "tasks_train": sum(t.split == "train" for t in tasks),
+        "tasks_heldout": sum(t.split == "heldout" for t in tasks),
+        "questions_by_source": count_by(tasks, lambda t: f"{t.source} ({t.split})"),
         "responses": len(scored),
         "sample_answer_rate": {p: rate(sum(s["answers"] for s in scored if s["prompting"] == p),
                                        sum(s["prompting"] == p for s in scored))

@@ -14,7 +14,9 @@ multiple-choice question about Z". Steps (each resumable, each marked done only 
                  asks for one item or for 2-3). Each task carries a machine-readable spec
                  {kind, count, topic, keywords}. Train / held-out are split by *topic* (the
                  smallest topic hashes are held out), so every held-out task is about a topic
-                 that training never saw; leakage is checked.
+                 that training never saw; leakage is checked. All tasks go to tasks.jsonl as
+                 `core.records.Task`s: text = the rendered request, kind = the spec's kind,
+                 source = where the topic came from ("pool" or "model"), extra = {"spec"}.
 3. responses     K samples per training task from a few-shot completion prompt: 3-4 pool
                  exemplars (task + ideal output, one of them of the task's kind), then the target.
 4. scores        Four objective checks per sample (see `check_response`): count_ok, format_ok,
@@ -26,8 +28,8 @@ multiple-choice question about Z". Steps (each resumable, each marked done only 
                  scaffolding or exemplar-copying pairs are dropped. The training prompt is the
                  zero-shot house prompt: exemplars never reach it.
 6. decontaminate Template state and EOS agreement; 13-gram overlap with the evaluation sets,
-                 the held-out tasks and (when this run has them) stage 1's held-out
-                 instructions and stage 2's held-out questions; exemplar copies.
+                 the held-out tasks and (when this run has them) the text of stage 1's and
+                 stage 2's held-out tasks (read from their tasks.jsonl); exemplar copies.
 7. train         DPO on a LoRA.
 8. merge         into a full-precision copy of the input model, with a parity check.
 9. assess        input vs merged model on the held-out tasks, zero-shot, greedy: task_success
@@ -71,7 +73,7 @@ from core.judge import judge_audit as core_judge_audit
 from core.judge import judge_many, judge_prefix
 from core.pairs import first_of_each_text, group_by_task, judge_wins, shared_pair_problem, write_pairs
 from core.prompting import RESPONSE_STOPS, draw, house_prompt, seed_for
-from core.records import earlier_records
+from core.records import TASKS_FILE, Task, earlier_tasks, read_tasks, write_tasks
 from core.sampling import few_shot_requests, sample_to_file
 from core.stage import Stage, StageSettings, Step, setting
 from core.stats import rate
@@ -82,8 +84,8 @@ POOL_PATH = Path(__file__).with_name("pools") / "stage3.yaml"
 KINDS = ("questions", "examples", "list", "mcq")
 CHECKS = ("count_ok", "format_ok", "on_topic", "distinct_items")
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
-# (stage, file, text field) of earlier stages' tasks; their held-out items join decontamination
-EARLIER_HELDOUT = ((1, "instructions.jsonl", "instruction"), (2, "questions.jsonl", "question"))
+# earlier stages whose held-out tasks join decontamination
+EARLIER_HELDOUT = (1, 2)
 STOPWORDS = frozenset(
     "the and for with about from into onto that this these those their its how what why who "
     "when where which our your are was were has have had not but all any some more most".split())
@@ -231,10 +233,10 @@ def split_topics(topics: list[dict], limit: int, heldout: int) -> tuple[list[dic
 
 
 def render_task(topic: dict, kind: str, rng: random.Random, pool: dict,
-                counts: dict[str, tuple[int, int]] | None = None) -> dict:
-    """One task: a template of `kind` filled with the topic, a count and (lists) a kind of thing.
-    `counts` ({kind: (fewest, most)}, `item_counts` of the default settings when None) bounds a
-    counted template's count; other templates ask for one item."""
+                counts: dict[str, tuple[int, int]] | None = None, split: str = "train") -> Task:
+    """One task of `split`: a template of `kind` filled with the topic, a count and (lists) a
+    kind of thing. `counts` ({kind: (fewest, most)}, `item_counts` of the default settings when
+    None) bounds a counted template's count; other templates ask for one item."""
     counts = counts or item_counts(Stage3Settings())
     templates = [t for t in pool["templates"][kind] if topic["examples"] or "{examples}" not in t]
     template = rng.choice(templates)
@@ -242,19 +244,16 @@ def render_task(topic: dict, kind: str, rng: random.Random, pool: dict,
     count_text = NUMBER_WORDS.get(count, str(count)) if rng.random() < 0.5 else str(count)
     instruction = template.format(count=count_text, topic=topic["name"],
                                   examples=topic["examples"], things=rng.choice(pool["things"]))
-    return {
-        "id": "g" + hashlib.sha256(normalize(instruction).encode()).hexdigest()[:10],
-        "instruction": instruction,
-        "spec": {"kind": kind, "count": count, "topic": topic["name"],
-                 "keywords": list(topic["keywords"])},
-        "topic_source": topic["source"],
-    }
+    return Task(id="g" + hashlib.sha256(normalize(instruction).encode()).hexdigest()[:10],
+                stage=3, split=split, text=instruction, kind=kind, source=topic["source"],
+                extra={"spec": {"kind": kind, "count": count, "topic": topic["name"],
+                                "keywords": list(topic["keywords"])}})
 
 
 def tasks_for(topics: list[dict], n: int, split: str, pool: dict, seed: int,
-              counts: dict[str, tuple[int, int]] | None = None) -> list[dict]:
+              counts: dict[str, tuple[int, int]] | None = None) -> list[Task]:
     """`n` distinct tasks cycling through `topics`; a topic's next visit takes the next kind."""
-    tasks: list[dict] = []
+    tasks: list[Task] = []
     seen: set[str] = set()
     for i in range(10 * n):
         if len(tasks) >= n:
@@ -262,26 +261,26 @@ def tasks_for(topics: list[dict], n: int, split: str, pool: dict, seed: int,
         topic = topics[i % len(topics)]
         kind = KINDS[(i + i // len(topics)) % len(KINDS)]
         task = render_task(topic, kind, random.Random(seed_for(seed, "task", split, i)), pool,
-                           counts)
-        if task["id"] not in seen:
-            seen.add(task["id"])
-            tasks.append({**task, "split": split})
+                           counts, split)
+        if task.id not in seen:
+            seen.add(task.id)
+            tasks.append(task)
     return tasks
 
 
-def check_leakage(tasks: list[dict], threshold: float = 0.7) -> None:
+def check_leakage(tasks: list[Task], threshold: float = 0.7) -> None:
     """No held-out task may share (or nearly share) its topic or its id with a training task."""
-    train = [t for t in tasks if t["split"] == "train"]
-    train_ids = {t["id"] for t in train}
-    train_topics = {t["spec"]["topic"] for t in train}
+    train = [t for t in tasks if t.split == "train"]
+    train_ids = {t.id for t in train}
+    train_topics = {t.extra["spec"]["topic"] for t in train}
     for task in tasks:
-        if task["split"] != "heldout":
+        if task.split != "heldout":
             continue
-        topic = task["spec"]["topic"]
-        if task["id"] in train_ids:
-            raise RunFailure(f"held-out task {task['id']} is also a training task")
+        topic = task.extra["spec"]["topic"]
+        if task.id in train_ids:
+            raise RunFailure(f"held-out task {task.id} is also a training task")
         if other := first_near_same(topic, sorted(train_topics), threshold):
-            raise RunFailure(f"held-out task {task['id']} leaks into training: its topic "
+            raise RunFailure(f"held-out task {task.id} leaks into training: its topic "
                                f"{topic!r} ~ training topic {other!r}")
 
 
@@ -296,13 +295,18 @@ def make_tasks(ctx: StageContext, pool: dict) -> None:
     tasks = (tasks_for(held, ctx.heldout, "heldout", pool, ctx.seed, counts)
              + tasks_for(train_topics, ctx.limit, "train", pool, ctx.seed, counts))
     check_leakage(tasks, ctx.near_duplicate)
-    write_jsonl(ctx.path("tasks.jsonl"), tasks)
-    ctx.log(f"tasks: {sum(t['split'] == 'train' for t in tasks)} train on {len(train_topics)} "
-            f"topics, {sum(t['split'] == 'heldout' for t in tasks)} held out on {len(held)} topics")
+    write_tasks(ctx.path(TASKS_FILE), tasks)
+    ctx.log(f"tasks: {sum(t.split == 'train' for t in tasks)} train on {len(train_topics)} "
+            f"topics, {sum(t.split == 'heldout' for t in tasks)} held out on {len(held)} topics")
 
 
-def load_tasks(ctx: StageContext, split: str) -> list[dict]:
-    return [t for t in read_jsonl(ctx.path("tasks.jsonl")) if t["split"] == split]
+def load_tasks(ctx: StageContext, split: str) -> list[Task]:
+    return read_tasks(ctx.path(TASKS_FILE), split)
+
+
+def by_id(tasks: list[Task]) -> list[dict]:
+    """Tasks wrapped as {"id", "task"} for the core helpers that read `task["id"]`."""
+    return [{"id": t.id, "task": t} for t in tasks]
 
 
 # 3. responses ------------------------------------------------------------------------------------
@@ -316,15 +320,15 @@ def exemplar_shots(pool: dict, kind: str, rng: random.Random) -> list[tuple[str,
     return [(e["instruction"], e["response"]) for e in shots]
 
 
-def response_requests(ctx: StageContext, pool: dict, tasks: list[dict]) -> list[GenRequest]:
-    return few_shot_requests(ctx.seed, tasks, ctx.profile.responses_per_task, "response",
-                             lambda task, rng: exemplar_shots(pool, task["spec"]["kind"], rng),
-                             lambda task: task["instruction"])
+def response_requests(ctx: StageContext, pool: dict, tasks: list[Task]) -> list[GenRequest]:
+    return few_shot_requests(ctx.seed, by_id(tasks), ctx.profile.responses_per_task, "response",
+                             lambda item, rng: exemplar_shots(pool, item["task"].kind, rng),
+                             lambda item: item["task"].text)
 
 
 def make_responses(ctx: StageContext, pool: dict) -> None:
     tasks = load_tasks(ctx, "train")
-    sample_to_file(ctx, tasks, response_requests(ctx, pool, tasks),
+    sample_to_file(ctx, by_id(tasks), response_requests(ctx, pool, tasks),
                    ctx.profile.temperature_answer, RESPONSE_STOPS, "responses")
 
 
@@ -529,9 +533,9 @@ def judge_shots(ctx: StageContext, pool: dict, task_id: str, a: int, b: int) -> 
 
 
 def make_scores(ctx: StageContext, pool: dict) -> None:
-    tasks = {t["id"]: t for t in load_tasks(ctx, "train")}
+    tasks = {t.id: t for t in load_tasks(ctx, "train")}
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
-    scored = [{**r, **score_sample(r["text"], tasks[r["task_id"]]["spec"], guard, exemplars,
+    scored = [{**r, **score_sample(r["text"], tasks[r["task_id"]].extra["spec"], guard, exemplars,
                                    ctx.near_duplicate)}
               for r in read_jsonl(ctx.path("responses.jsonl"))]
     by_task: dict[str, list[dict]] = {}
@@ -539,7 +543,7 @@ def make_scores(ctx: StageContext, pool: dict) -> None:
         by_task.setdefault(s["task_id"], []).append(s)
     jobs = [(task_id, a, b) for task_id, samples in by_task.items()
             for a, b in comparisons_for(samples, ctx.settings.max_judged_samples)]
-    items = [(judge_shots(ctx, pool, t, a, b), tasks[t]["instruction"],
+    items = [(judge_shots(ctx, pool, t, a, b), tasks[t].text,
               by_task[t][a]["text"], by_task[t][b]["text"]) for t, a, b in jobs]
     verdicts = judge_many(ctx.backend(), guard, items, ctx.profile.judge_batch_size,
                           "stage 3 scores") if items else []
@@ -552,7 +556,7 @@ def make_scores(ctx: StageContext, pool: dict) -> None:
 
 # 5. pairs ----------------------------------------------------------------------------------------
 
-def choose_pair(task: dict, samples: list[dict], judgments: list[dict]) -> tuple[dict | None, str]:
+def choose_pair(task: Task, samples: list[dict], judgments: list[dict]) -> tuple[dict | None, str]:
     """(pair, reason): chosen passes every check, rejected fails (the hardest failure)."""
     usable = [s for s in samples if s["unusable"] is None]
     passers = [s for s in usable if s["passed"]]
@@ -566,10 +570,10 @@ def choose_pair(task: dict, samples: list[dict], judgments: list[dict]) -> tuple
     return make_pair(task, chosen, hardest_failure(usable)), "ok"
 
 
-def make_pair(task: dict, chosen: dict, rejected: dict) -> dict:
-    return {"prompt": house_prompt(task["instruction"]), "chosen": chosen["text"],
-            "rejected": rejected["text"], "task_id": task["id"], "source": "checks",
-            "spec": task["spec"], "chosen_sample": chosen["sample"],
+def make_pair(task: Task, chosen: dict, rejected: dict) -> dict:
+    return {"prompt": house_prompt(task.text), "chosen": chosen["text"],
+            "rejected": rejected["text"], "task_id": task.id, "source": "checks",
+            "spec": task.extra["spec"], "chosen_sample": chosen["sample"],
             "rejected_sample": rejected["sample"], "rejected_checks": rejected["checks"]}
 
 
@@ -582,10 +586,10 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
     scored = group_by_task(read_jsonl(ctx.path("scores.jsonl")))
     judgments = group_by_task(read_jsonl(ctx.path("judgments.jsonl")))
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
-    write_pairs(ctx, load_tasks(ctx, "train"),
-                lambda task: choose_pair(task, scored.get(task["id"], []),
-                                         judgments.get(task["id"], [])),
-                lambda pair, task: pair_problem(pair, guard, exemplars), "tasks",
+    write_pairs(ctx, by_id(load_tasks(ctx, "train")),
+                lambda item: choose_pair(item["task"], scored.get(item["id"], []),
+                                         judgments.get(item["id"], [])),
+                lambda pair, item: pair_problem(pair, guard, exemplars), "tasks",
                 "no task had both a sample passing every check and a failing one; raise "
                 "--limit, or the model cannot yet write lists in the asked form even with "
                 "exemplars")
@@ -597,36 +601,34 @@ def earlier_heldout(ctx: StageContext) -> list[tuple[str, str]]:
     """Held-out items of the earlier stages of this run, where they exist: they stay out of this
     stage's training data too, so re-assessing those stages later remains clean."""
     items = []
-    for number, name, text_field in EARLIER_HELDOUT:
-        records = earlier_records(ctx.run_dir, number, name, reader=3) or []
-        items += [(f"stage{number}:{r['id']}", r[text_field]) for r in records
-                  if r["split"] == "heldout"]
+    for number in EARLIER_HELDOUT:
+        tasks = earlier_tasks(ctx.run_dir, number, reader=3) or []
+        items += [(f"stage{number}:{t.id}", t.text) for t in tasks if t.split == "heldout"]
     return items
 
 
 def protected_sets(ctx: StageContext) -> Protected:
     """Exemplars, this stage's and the earlier stages' held-out items, and the shared sets."""
-    heldout = [(t["id"], t["instruction"]) for t in load_tasks(ctx, "heldout")]
+    heldout = [(t.id, t.text) for t in load_tasks(ctx, "heldout")]
     return Protected(exemplar_texts(load_pool()), heldout + earlier_heldout(ctx), ctx.data_dir)
 
 
 def merge_probes(ctx: StageContext) -> list[str]:
-    tasks = read_jsonl(ctx.path("tasks.jsonl"))
-    return [house_prompt(t["instruction"]) for t in tasks[:8]]
+    return [house_prompt(t.text) for t in read_tasks(ctx.path(TASKS_FILE))[:8]]
 
 
-def assess_generation(backend, guard: TemplateGuard, tasks: list[dict], cache_path: Path,
+def assess_generation(backend, guard: TemplateGuard, tasks: list[Task], cache_path: Path,
                       max_new_tokens: int, batch_size: int, where: str,
                       threshold: float = 0.7) -> dict:
     """A zero-shot, greedy response per held-out task, scored by the four checks."""
     texts = generate_greedy(backend, guard, cache_path,
-                            {t["id"]: house_prompt(t["instruction"]) for t in tasks},
+                            {t.id: house_prompt(t.text) for t in tasks},
                             max_new_tokens, batch_size, where)
     items = []
     for task in tasks:
-        text = texts[task["id"]]
-        checks = check_response(text, task["spec"], threshold)
-        items.append({"id": task["id"], "kind": task["spec"]["kind"], "response": text,
+        text = texts[task.id]
+        checks = check_response(text, task.extra["spec"], threshold)
+        items.append({"id": task.id, "kind": task.kind, "response": text,
                       "checks": checks, "passed": all(checks.values())})
     summary = {"task_success": rate(sum(i["passed"] for i in items), len(items))}
     summary.update({c: rate(sum(i["checks"][c] for i in items), len(items)) for c in CHECKS})

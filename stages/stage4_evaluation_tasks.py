@@ -6,14 +6,15 @@ complete):
 
 1. tasks         Labelled pairs (a request and two responses, the better one known) from
                  earlier stages' check outcomes: for each scored task of stages 1-3 whose files
-                 are present (EARLIER_STAGES names each stage's task file and fields), a sample
-                 that passes every check against one that fails; then the pool's own labelled
+                 are present (their tasks.jsonl and scores.jsonl; EARLIER_STAGES names each
+                 stage's pass field), a sample that passes every check against one that fails,
+                 under the task's text as the request; then the pool's own labelled
                  pairs (so the stage runs alone). One pair per request; pairs whose zero-shot
                  prompt would not fit the profile's `max_length` are dropped. Split by a hash of
                  the normalized request: `ctx.heldout` held-out pairs, `ctx.limit` training
                  pairs; training requests that nearly equal a held-out one are dropped, then
-                 leakage is checked. Each training pair becomes two judge tasks, the better
-                 response shown first (label A) and second (label B). With
+                 leakage is checked. Each pair becomes two judge tasks (tasks.jsonl, kind
+                 "judge"), the better response shown first (label A) and second (label B). With
                  `ctx.data_dir`, single-turn HH-RLHF harmless *test* pairs are picked by hash as
                  an extra held-out set: assessment only, never training (the file is an
                  evaluation set and decontamination indexes it).
@@ -70,7 +71,7 @@ from core.generation import GenRequest
 from core.io import read_json, read_jsonl, write_jsonl
 from core.pairs import group_by_task, same_text, shared_pair_problem, write_pairs
 from core.prompting import RESPONSE_STOPS, draw, house_prompt
-from core.records import earlier_records
+from core.records import TASKS_FILE, Task, earlier_records, earlier_tasks, read_tasks, write_tasks
 from core.sampling import few_shot_requests, sample_to_file
 from core.split import split_smallest_ids
 from core.stage import Stage, StageSettings, Step, setting
@@ -95,21 +96,15 @@ class Stage4Settings(StageSettings):
 
 @dataclass(frozen=True)
 class EarlierStage:
-    """Where an earlier stage keeps its tasks and check outcomes. Its scores.jsonl holds
-    `task_id`, `sample`, `text` and the boolean `passed_field`."""
+    """An earlier stage whose tasks (its tasks.jsonl: the request shown is `task.text`, also the
+    dedup and leakage key) and check outcomes stage 4 reads. Its scores.jsonl holds `task_id`,
+    `sample`, `text` and the boolean `passed_field`."""
 
     number: int
-    tasks_file: str
-    request_field: str  # the request as the model saw it (inside the house prompt)
-    key_field: str  # the bare request, for dedup and leakage checks
     passed_field: str
 
 
-EARLIER_STAGES = (
-    EarlierStage(1, "instructions.jsonl", "prompt_instruction", "instruction", "passed"),
-    EarlierStage(2, "questions.jsonl", "question", "question", "answers"),
-    EarlierStage(3, "tasks.jsonl", "instruction", "instruction", "passed"),
-)
+EARLIER_STAGES = (EarlierStage(1, "passed"), EarlierStage(2, "answers"), EarlierStage(3, "passed"))
 TASK_TEMPLATE = (
     "Here is a request and two responses.\n\nRequest: {request}\n\nResponse A:\n{a}\n\n"
     "Response B:\n{b}\n\nWhich response serves the request better? Answer with A or B, then "
@@ -181,7 +176,7 @@ def pick_known_pair(samples: list[dict], passed_field: str, guard) -> tuple[dict
 def labelled_from_stage(run_dir: Path, stage: EarlierStage, guard) -> list[dict]:
     """Labelled pairs from an earlier stage's check outcomes (none when its files are absent)."""
     scores = earlier_records(run_dir, stage.number, "scores.jsonl", reader=4)
-    tasks = earlier_records(run_dir, stage.number, stage.tasks_file, reader=4)
+    tasks = earlier_tasks(run_dir, stage.number, reader=4)
     if scores is None or tasks is None:
         return []
     by_task: dict[str, list[dict]] = {}
@@ -189,14 +184,14 @@ def labelled_from_stage(run_dir: Path, stage: EarlierStage, guard) -> list[dict]
         by_task.setdefault(sample["task_id"], []).append(sample)
     pairs = []
     for task in tasks:
-        known = pick_known_pair(by_task.get(task["id"], []), stage.passed_field, guard)
+        known = pick_known_pair(by_task.get(task.id, []), stage.passed_field, guard)
         if known is None:
             continue
         better, worse = known
-        pairs.append({"id": labelled_id(task[stage.key_field]), "source": f"stage_{stage.number}",
-                      "key": task[stage.key_field], "request": task[stage.request_field],
+        pairs.append({"id": labelled_id(task.text), "source": f"stage_{stage.number}",
+                      "key": task.text, "request": task.text,
                       "better": better["text"], "worse": worse["text"],
-                      "origin": {"task_id": task["id"], "better_sample": better["sample"],
+                      "origin": {"task_id": task.id, "better_sample": better["sample"],
                                  "worse_sample": worse["sample"]}})
     return pairs
 
@@ -241,13 +236,19 @@ def check_leakage(pairs: list[dict], threshold: float = 0.7) -> None:
                              f"{held['key']!r} ~ {other!r}")
 
 
-def judge_tasks(pairs: list[dict]) -> list[dict]:
-    """Two tasks per labelled pair, one per order, in stage 1's instructions.jsonl shape."""
-    return [{"id": f"{p['id']}-{label}", "pair_id": p["id"], "label": label,
-             "instruction": p["key"],
-             "prompt_instruction": judge_text(p["request"], *ordered(p, label)),
-             "source": p["source"], "split": p["split"]}
+def judge_tasks(pairs: list[dict]) -> list[Task]:
+    """Two tasks per labelled pair, one per order: the judge request as shown, the labelled
+    pair's origin as source, and the pair id, label and bare request in `extra`."""
+    return [Task(id=f"{p['id']}-{label}", stage=4, split=p["split"],
+                 text=judge_text(p["request"], *ordered(p, label)), kind="judge",
+                 source=p["source"],
+                 extra={"pair_id": p["id"], "label": label, "instruction": p["key"]})
             for p in pairs for label in LETTERS]
+
+
+def as_items(tasks: list[Task]) -> list[dict]:
+    """The tasks as the dicts core's sampling and pair helpers take (they read "id" only)."""
+    return [{"id": t.id, "task": t} for t in tasks]
 
 
 def hh_pair(line: str) -> dict | None:
@@ -309,7 +310,7 @@ def make_tasks(ctx: StageContext, pool: dict) -> None:
                                  f"fits max_length {ctx.profile.max_length} "
                                  f"(see {ctx.path('tasks_dropped.jsonl')})")
     write_jsonl(ctx.path("labelled.jsonl"), pairs)
-    write_jsonl(ctx.path("instructions.jsonl"), judge_tasks(pairs))
+    write_tasks(ctx.path(TASKS_FILE), judge_tasks(pairs))
     hh_file = ctx.data_dir / HH_PATH if ctx.data_dir else None
     hh = pick_hh_heldout(read_hh_pairs(hh_file), ctx.heldout, guard, ctx.settings.hh_max_words) \
         if hh_file and hh_file.is_file() else []
@@ -318,8 +319,8 @@ def make_tasks(ctx: StageContext, pool: dict) -> None:
     ctx.log(f"tasks: labelled pairs {dict(sources)}, HH-RLHF held-out {len(hh)}")
 
 
-def load_tasks(ctx: StageContext, split: str) -> list[dict]:
-    return [t for t in read_jsonl(ctx.path("instructions.jsonl")) if t["split"] == split]
+def load_tasks(ctx: StageContext, split: str) -> list[Task]:
+    return read_tasks(ctx.path(TASKS_FILE), split)
 
 
 def load_labelled(ctx: StageContext, split: str) -> list[dict]:
@@ -341,15 +342,15 @@ def verdict_shots(pool: dict, rng: random.Random) -> list[tuple[str, str]]:
             for e, letter in zip(exemplars, letters)]
 
 
-def verdict_requests(ctx: StageContext, pool: dict, tasks: list[dict]) -> list[GenRequest]:
-    return few_shot_requests(ctx.seed, tasks, ctx.profile.responses_per_task, "verdict",
-                             lambda task, rng: verdict_shots(pool, rng),
-                             lambda task: task["prompt_instruction"])
+def verdict_requests(ctx: StageContext, pool: dict, tasks: list[Task]) -> list[GenRequest]:
+    return few_shot_requests(ctx.seed, as_items(tasks), ctx.profile.responses_per_task,
+                             "verdict", lambda item, rng: verdict_shots(pool, rng),
+                             lambda item: item["task"].text)
 
 
 def make_verdicts(ctx: StageContext, pool: dict) -> None:
     tasks = load_tasks(ctx, "train")
-    sample_to_file(ctx, tasks, verdict_requests(ctx, pool, tasks),
+    sample_to_file(ctx, as_items(tasks), verdict_requests(ctx, pool, tasks),
                    ctx.profile.temperature_critique, VERDICT_STOPS, "verdicts")
 
 
@@ -414,15 +415,16 @@ def score_verdict(text: str, finish: str, label: str, responses: tuple[str, str]
 
 
 def make_scores(ctx: StageContext, pool: dict) -> None:
-    tasks = {t["id"]: t for t in load_tasks(ctx, "train")}
+    tasks = {t.id: t for t in load_tasks(ctx, "train")}
     pairs = {p["id"]: p for p in load_labelled(ctx, "train")}
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
     scored = []
     for verdict in read_jsonl(ctx.path("verdicts.jsonl")):
         task = tasks[verdict["task_id"]]
-        responses = ordered(pairs[task["pair_id"]], task["label"])
-        scored.append({**verdict, "pair_id": task["pair_id"], "label": task["label"],
-                       **score_verdict(verdict["text"], verdict["finish"], task["label"],
+        pair_id, label = task.extra["pair_id"], task.extra["label"]
+        responses = ordered(pairs[pair_id], label)
+        scored.append({**verdict, "pair_id": pair_id, "label": label,
+                       **score_verdict(verdict["text"], verdict["finish"], label,
                                        responses, guard, exemplars, ctx.near_duplicate)})
     write_jsonl(ctx.path("scores.jsonl"), scored)
 
@@ -449,7 +451,7 @@ def rejected_rank(sample: dict) -> int:
     return 3
 
 
-def choose_pair(task: dict, samples: list[dict], other: list[dict]) -> tuple[dict | None, str]:
+def choose_pair(task: Task, samples: list[dict], other: list[dict]) -> tuple[dict | None, str]:
     """(pair, reason): the pair rule for one task, from its own scored verdicts and, where those
     lack a chosen or a wrong verdict, the other order's verdicts whose reasons hold in both."""
     def usable(group: list[dict]) -> list[dict]:
@@ -467,9 +469,9 @@ def choose_pair(task: dict, samples: list[dict], other: list[dict]) -> tuple[dic
     if not rejects:
         return None, "every usable verdict is right (no rejected)"
     rejected = min(rejects, key=lambda s: (rejected_rank(s), s["sample"]))
-    return {"prompt": house_prompt(task["prompt_instruction"]), "chosen": chosen["text"],
-            "rejected": rejected["text"], "task_id": task["id"], "pair_id": task["pair_id"],
-            "label": task["label"], "source": task["source"],
+    return {"prompt": house_prompt(task.text), "chosen": chosen["text"],
+            "rejected": rejected["text"], "task_id": task.id, "pair_id": task.extra["pair_id"],
+            "label": task.extra["label"], "source": task.source,
             "chosen_sample": chosen["sample"], "chosen_order": chosen["order"],
             "rejected_sample": rejected["sample"], "rejected_order": rejected["order"],
             "rejected_kind": "wrong letter" if not rejected["correct"] else
@@ -485,12 +487,13 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
     by_task = group_by_task(read_jsonl(ctx.path("scores.jsonl")))
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
 
-    def choose(task: dict) -> tuple[dict | None, str]:
-        other = f"{task['pair_id']}-{other_letter(task['label'])}"
-        return choose_pair(task, by_task.get(task["id"], []), by_task.get(other, []))
+    def choose(item: dict) -> tuple[dict | None, str]:
+        task = item["task"]
+        other = f"{task.extra['pair_id']}-{other_letter(task.extra['label'])}"
+        return choose_pair(task, by_task.get(task.id, []), by_task.get(other, []))
 
-    write_pairs(ctx, load_tasks(ctx, "train"), choose,
-                lambda pair, task: pair_problem(pair, guard, exemplars), "judge tasks",
+    write_pairs(ctx, as_items(load_tasks(ctx, "train")), choose,
+                lambda pair, item: pair_problem(pair, guard, exemplars), "judge tasks",
                 "the model wrote no verdict with the right letter and a one-sentence reason "
                 "next to a wrong one; raise --limit")
 
@@ -588,8 +591,8 @@ def protected_sets(ctx: StageContext) -> Protected:
 
 
 def merge_probes(ctx: StageContext) -> list[str]:
-    tasks = read_jsonl(ctx.path("instructions.jsonl"))
-    return [house_prompt(t["prompt_instruction"]) for t in tasks[:8]]
+    tasks = read_tasks(ctx.path(TASKS_FILE))
+    return [house_prompt(t.text) for t in tasks[:8]]
 
 
 def assess_heldout(ctx: StageContext, backend, label: str) -> dict:

@@ -15,7 +15,10 @@ Steps (each resumable, each marked done only when complete):
                  split is by a hash of the normalized request (one request, one side), the
                  sources taking turns so each is represented; held-out takes one task per
                  request; training tasks whose request nearly equals (or whose draft equals) a
-                 held-out one are dropped, and leakage is checked.
+                 held-out one are dropped, and leakage is checked. All tasks (train and
+                 held-out) go to tasks.jsonl as core.records.Task: text = the revision request
+                 as the house prompt shows it, kind "revision", source = stage1/pool/
+                 model-draft, extra = request, draft, critique, checks, origin.
 3. revisions     K revisions per training task from a few-shot completion prompt (3-4 pool
                  exemplars: request, draft, critique, revision; then the target).
 4. scores        Checks on every revision: passes the named constraints; keeps the draft's
@@ -49,7 +52,7 @@ import math
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -65,7 +68,7 @@ from core.judge import judge_audit as core_judge_audit
 from core.judge import judge_many, judge_prefix, winning_sample
 from core.pairs import group_by_task, shared_pair_problem, write_pairs
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
-from core.records import earlier_records
+from core.records import TASKS_FILE, Task, earlier_records, earlier_tasks, read_tasks, write_tasks
 from core.sampling import few_shot_requests, sample_to_file
 from core.stage import Stage, StageSettings, Step, setting
 from core.stats import rate
@@ -141,10 +144,16 @@ def critique_for(checks: list[dict]) -> str:
             f"Rewrite it so that it does, keeping its content.")
 
 
-def revision_text(item: dict) -> str:
-    """The revision request (the baseline suite's wording): request, draft, critique."""
-    return REVISION_TEXT.format(instruction=item["request"].strip(),
-                                response=item["draft"].strip(), critique=item["critique"].strip())
+def revision_text(request: str, draft: str, critique: str) -> str:
+    """The revision request (the baseline suite's wording): request, draft, critique. A task's
+    `text` is this, as the house prompt shows it."""
+    return REVISION_TEXT.format(instruction=request.strip(), response=draft.strip(),
+                                critique=critique.strip())
+
+
+def exemplar_text(exemplar: dict) -> str:
+    """The revision request of a pool exemplar (request, draft, critique)."""
+    return revision_text(exemplar["request"], exemplar["draft"], exemplar["critique"])
 
 
 def meta_prefix(text: str, draft: str, checks: list[dict]) -> str | None:
@@ -174,19 +183,20 @@ def draft_problem(draft: str, guard, exemplars: list[str]) -> str | None:
     return None
 
 
-def revision_checks(text: str, task: dict, keeps_content: float = 0.2) -> dict:
+def revision_checks(text: str, task: Task, keeps_content: float = 0.2) -> dict:
     """The objective checks of one revision against its task (it keeps the draft's content when
     their ROUGE-L is at least `keeps_content`)."""
-    results = [constraint_from_dict(c).check(text) for c in task["checks"]]
-    similarity = rouge_l(text, task["draft"])
+    draft = task.extra["draft"]
+    results = [constraint_from_dict(c).check(text) for c in task.extra["checks"]]
+    similarity = rouge_l(text, draft)
     fixes, keeps = all(results), similarity >= keeps_content
-    changed = same_text(text) != same_text(task["draft"])
+    changed = same_text(text) != same_text(draft)
     return {"constraint_results": results, "fixes_critique": fixes, "keeps_content": keeps,
             "changed": changed, "rouge_draft": round(similarity, 4),
             "passed": fixes and keeps and changed}
 
 
-def unusable_reason(text: str, task: dict, guard, exemplars: list[str]) -> str | None:
+def unusable_reason(text: str, task: Task, guard, exemplars: list[str]) -> str | None:
     """Why a revision can be neither chosen nor rejected (None when usable)."""
     if reason := degenerate_reason(text):
         return reason
@@ -194,7 +204,7 @@ def unusable_reason(text: str, task: dict, guard, exemplars: list[str]) -> str |
         return "chat markup"
     if SCAFFOLDING.search(text):
         return "prompt scaffolding"
-    if prefix := meta_prefix(text, task["draft"], task["checks"]):
+    if prefix := meta_prefix(text, task.extra["draft"], task.extra["checks"]):
         return f"meta-prefix {prefix.strip()!r}"
     if copies_exemplar(text, exemplars):
         return "copies an exemplar"
@@ -204,37 +214,45 @@ def unusable_reason(text: str, task: dict, guard, exemplars: list[str]) -> str |
 # 1. drafts ---------------------------------------------------------------------------------------
 
 def make_task(request: str, draft: str, checks: list[dict], source: str,
-              critique: str | None = None, origin: str | None = None) -> dict:
-    """A revision task; its id hashes the request and the draft."""
+              critique: str | None = None, origin: str | None = None,
+              split: str = "train") -> Task:
+    """A revision task; its id hashes the request and the draft. Its text is the revision
+    request; extra holds request, draft, critique, checks (constraint dicts) and origin. A
+    candidate carries split "train" until `split_tasks` places it."""
     key = normalize(request) + "\x1f" + same_text(draft)
-    return {"id": "r" + hashlib.sha256(key.encode()).hexdigest()[:10], "request": request.strip(),
-            "draft": draft.strip(), "critique": critique or critique_for(checks), "checks": checks,
-            "source": source, "origin": origin}
+    critique = critique or critique_for(checks)
+    return Task(id="r" + hashlib.sha256(key.encode()).hexdigest()[:10], stage=5, split=split,
+                text=revision_text(request, draft, critique), kind="revision", source=source,
+                extra={"request": request.strip(), "draft": draft.strip(), "critique": critique,
+                       "checks": checks, "origin": origin})
 
 
-def stage1_failures(run_dir: Path, per_request: int = 2) -> list[dict]:
+def stage1_failures(run_dir: Path, per_request: int = 2) -> list[Task]:
     """Stage 1's usable samples that fail some of their task's constraints, as revision tasks,
-    at most `per_request` per request (empty when stage 1 has not run in this run directory)."""
+    at most `per_request` per request (empty when stage 1 has not run in this run directory).
+    The request is the stage 1 task's bare instruction (extra["instruction"]), the checks its
+    failed constraints (extra["constraints"])."""
+    written = earlier_tasks(run_dir, 1, reader=5)
     scores = earlier_records(run_dir, 1, "scores.jsonl", reader=5)
-    written = earlier_records(run_dir, 1, "instructions.jsonl", reader=5)
     if scores is None or written is None:
         return []
-    instructions = {t["id"]: t for t in written}
+    instructions = {t.id: t for t in written}
     tasks = []
     for sample in scores:
         task = instructions[sample["task_id"]]
-        failed = [c for c, ok in zip(task["constraints"], sample["constraint_results"]) if not ok]
+        failed = [c for c, ok in zip(task.extra["constraints"], sample["constraint_results"])
+                  if not ok]
         if failed and sample["unusable"] is None:
-            tasks.append(make_task(task["instruction"], sample["text"], failed, "stage1",
+            tasks.append(make_task(task.extra["instruction"], sample["text"], failed, "stage1",
                                    origin=f"{sample['task_id']}-{sample['sample']}"))
     return cap_per_request(tasks, per_request)
 
 
-def cap_per_request(tasks: list[dict], per_request: int) -> list[dict]:
+def cap_per_request(tasks: list[Task], per_request: int) -> list[Task]:
     """At most `per_request` tasks per normalized request, one per task id."""
-    kept: dict[str, list[dict]] = {}
-    for task in sorted({t["id"]: t for t in tasks}.values(), key=lambda t: t["id"]):
-        group = kept.setdefault(normalize(task["request"]), [])
+    kept: dict[str, list[Task]] = {}
+    for task in sorted({t.id: t for t in tasks}.values(), key=lambda t: t.id):
+        group = kept.setdefault(normalize(task.extra["request"]), [])
         if len(group) < per_request:
             group.append(task)
     return [t for group in kept.values() for t in group]
@@ -278,12 +296,12 @@ def make_drafts(ctx: StageContext, pool: dict) -> None:
 
 # 2. tasks ----------------------------------------------------------------------------------------
 
-def pool_tasks(pool: dict) -> list[dict]:
+def pool_tasks(pool: dict) -> list[Task]:
     return [make_task(t["request"], t["draft"], t["check"], "pool", critique=t["critique"])
             for t in pool["tasks"]]
 
 
-def drafted_tasks(ctx: StageContext) -> list[dict]:
+def drafted_tasks(ctx: StageContext) -> list[Task]:
     return [make_task(d["request"], d["draft"], d["checks"], "model-draft")
             for d in read_jsonl(ctx.path("drafts.jsonl")) if d["checks"]]
 
@@ -292,26 +310,27 @@ def request_key(request: str) -> str:
     return hashlib.sha256(normalize(request).encode()).hexdigest()
 
 
-def split_tasks(tasks: list[dict], limit: int, heldout: int, threshold: float = 0.7) -> list[dict]:
+def split_tasks(tasks: list[Task], limit: int, heldout: int, threshold: float = 0.7) -> list[Task]:
     """Held-out: one task from each of `heldout` requests; training: the other requests' tasks
     (minus near-duplicates, ROUGE-L > `threshold`, of a held-out request, or copies of a held-out
     draft), at most `limit`. Both take the sources in turn (stage 1, model drafts, pool), each
     source in hash order, so every source is represented whatever the limit. Stable under resume
     and input order."""
-    groups: dict[str, list[dict]] = {}
-    for task in sorted(tasks, key=lambda t: t["id"]):
-        groups.setdefault(request_key(task["request"]), []).append(task)
+    groups: dict[str, list[Task]] = {}
+    for task in sorted(tasks, key=lambda t: t.id):
+        groups.setdefault(request_key(task.extra["request"]), []).append(task)
     if len(groups) - heldout < 2:  # too few to honour --heldout: keep three quarters for training
         heldout = max(1, len(groups) // 4)
-    keys = in_turn({source: [k for k in sorted(groups) if groups[k][0]["source"] == source]
+    keys = in_turn({source: [k for k in sorted(groups) if groups[k][0].source == source]
                     for source in SOURCES})
     held = [groups[k][0] for k in keys[:heldout]]
     train = {source: [t for _, _, t in sorted(
-                 (rank, t["id"], t) for k in keys[heldout:] for rank, t in enumerate(groups[k])
-                 if t["source"] == source and not near_heldout(t, held, threshold))]
+                 (rank, t.id, t) for k in keys[heldout:] for rank, t in enumerate(groups[k])
+                 if t.source == source and not near_heldout(t, held, threshold))]
              for source in SOURCES}
     chosen = in_turn(train)[:limit]
-    return [{**t, "split": "heldout"} for t in held] + [{**t, "split": "train"} for t in chosen]
+    return ([replace(t, split="heldout") for t in held]
+            + [replace(t, split="train") for t in chosen])
 
 
 def in_turn(by_source: dict[str, list]) -> list:
@@ -321,67 +340,73 @@ def in_turn(by_source: dict[str, list]) -> list:
             (lst[i] for lst in lists if i < len(lst))]
 
 
-def near_heldout(task: dict, held: list[dict], threshold: float) -> bool:
+def near_heldout(task: Task, held: list[Task], threshold: float) -> bool:
     """The task's request nearly equals (ROUGE-L > threshold), or its draft equals, a held-out
     one."""
-    return any(rouge_l(task["request"], h["request"]) > threshold or
-               same_text(task["draft"]) == same_text(h["draft"]) for h in held)
+    return any(rouge_l(task.extra["request"], h.extra["request"]) > threshold or
+               same_text(task.extra["draft"]) == same_text(h.extra["draft"]) for h in held)
 
 
-def check_leakage(tasks: list[dict], threshold: float) -> None:
+def check_leakage(tasks: list[Task], threshold: float) -> None:
     """No held-out request may equal or nearly equal (ROUGE-L > threshold) a training one, nor
     a held-out draft equal a training one."""
-    train = [t for t in tasks if t["split"] == "train"]
-    for task in (t for t in tasks if t["split"] == "heldout"):
+    train = [t for t in tasks if t.split == "train"]
+    for task in (t for t in tasks if t.split == "heldout"):
         for other in train:
-            if near_same(other["request"], task["request"], threshold) or \
-                    same_text(other["draft"]) == same_text(task["draft"]):
-                raise RunFailure(f"held-out task {task['id']} leaks into training: "
-                                   f"{task['request']!r} ~ {other['request']!r}")
+            if near_same(other.extra["request"], task.extra["request"], threshold) or \
+                    same_text(other.extra["draft"]) == same_text(task.extra["draft"]):
+                raise RunFailure(f"held-out task {task.id} leaks into training: "
+                                 f"{task.extra['request']!r} ~ {other.extra['request']!r}")
 
 
 def make_tasks(ctx: StageContext, pool: dict) -> None:
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
     stage1 = stage1_failures(ctx.run_dir, ctx.settings.max_tasks_per_request)
-    candidates = list({t["id"]: t for t in stage1 + pool_tasks(pool)
+    candidates = list({t.id: t for t in stage1 + pool_tasks(pool)
                        + drafted_tasks(ctx)}.values())
-    audit = [{"id": t["id"], "source": t["source"],
-              "dropped": draft_problem(t["draft"], guard, exemplars)} for t in candidates]
+    audit = [{"id": t.id, "source": t.source,
+              "dropped": draft_problem(t.extra["draft"], guard, exemplars)} for t in candidates]
     usable = [t for t, a in zip(candidates, audit) if a["dropped"] is None]
     write_jsonl(ctx.path("tasks_audit.jsonl"), audit)
     tasks = split_tasks(usable, ctx.limit, ctx.heldout, ctx.near_duplicate)
     check_leakage(tasks, ctx.near_duplicate)
-    if not any(t["split"] == "train" for t in tasks):
+    if not any(t.split == "train" for t in tasks):
         raise TooLittleDataError(
             f"stage 5 has no training tasks (see {ctx.path('tasks_audit.jsonl')})")
-    write_jsonl(ctx.path("tasks.jsonl"), tasks)
-    ctx.log(f"tasks: {dict(Counter(t['split'] for t in tasks))} from "
-            f"{dict(Counter(t['source'] for t in tasks))}")
+    write_tasks(ctx.path(TASKS_FILE), tasks)
+    ctx.log(f"tasks: {dict(Counter(t.split for t in tasks))} from "
+            f"{dict(Counter(t.source for t in tasks))}")
 
 
-def load_tasks(ctx: StageContext, split: str) -> list[dict]:
-    return [t for t in read_jsonl(ctx.path("tasks.jsonl")) if t["split"] == split]
+def load_tasks(ctx: StageContext, split: str) -> list[Task]:
+    return read_tasks(ctx.path(TASKS_FILE), split)
+
+
+def keyed(tasks: list[Task]) -> list[dict]:
+    """The tasks as {"id", "task"} dicts, for core helpers that read `item["id"]`
+    (core.sampling, core.pairs.write_pairs)."""
+    return [{"id": t.id, "task": t} for t in tasks]
 
 
 # 3. revisions ------------------------------------------------------------------------------------
 
-def revision_requests(ctx: StageContext, pool: dict, tasks: list[dict]) -> list[GenRequest]:
+def revision_requests(ctx: StageContext, pool: dict, tasks: list[Task]) -> list[GenRequest]:
     return few_shot_requests(
-        ctx.seed, tasks, ctx.profile.responses_per_task, "revision",
-        lambda task, rng: [(revision_text(e), e["revision"])
+        ctx.seed, keyed(tasks), ctx.profile.responses_per_task, "revision",
+        lambda item, rng: [(exemplar_text(e), e["revision"])
                            for e in draw(pool["revision_exemplars"], rng)],
-        revision_text)
+        lambda item: item["task"].text)
 
 
 def make_revisions(ctx: StageContext, pool: dict) -> None:
     tasks = load_tasks(ctx, "train")
-    sample_to_file(ctx, tasks, revision_requests(ctx, pool, tasks),
+    sample_to_file(ctx, keyed(tasks), revision_requests(ctx, pool, tasks),
                    ctx.profile.temperature_answer, RESPONSE_STOPS, "revisions")
 
 
 # 4. scores ---------------------------------------------------------------------------------------
 
-def score_revision(text: str, task: dict, guard, exemplars: list[str],
+def score_revision(text: str, task: Task, guard, exemplars: list[str],
                    keeps_content: float = 0.2) -> dict:
     return {**revision_checks(text, task, keeps_content),
             "unusable": unusable_reason(text, task, guard, exemplars)}
@@ -424,8 +449,9 @@ def judge_jobs(task_id: str, samples: list[dict], seed: int,
     return jobs
 
 
-def judge_instruction(item: dict) -> str:
-    return revision_text(item) + "\n\n" + JUDGE_CRITERION
+def judge_instruction(text: str) -> str:
+    """The judge's request: a revision request (a task's text) and the criterion."""
+    return text + "\n\n" + JUDGE_CRITERION
 
 
 def judge_shots(ctx: StageContext, pool: dict, task_id: str, x: int, y: int) -> str:
@@ -434,8 +460,9 @@ def judge_shots(ctx: StageContext, pool: dict, task_id: str, x: int, y: int) -> 
     shots = [rng.choice([e for e in pool["judge_exemplars"] if e["better"] == side])
              for side in ("A", "B")]
     rng.shuffle(shots)
-    return judge_prefix([{"instruction": judge_instruction(e), "response_a": e["revision_a"],
-                          "response_b": e["revision_b"], "better": e["better"]} for e in shots])
+    return judge_prefix([{"instruction": judge_instruction(exemplar_text(e)),
+                          "response_a": e["revision_a"], "response_b": e["revision_b"],
+                          "better": e["better"]} for e in shots])
 
 
 def judgment_records(jobs: list[tuple[str, int, int, int]], verdicts: list) -> list[dict]:
@@ -445,7 +472,7 @@ def judgment_records(jobs: list[tuple[str, int, int, int]], verdicts: list) -> l
 
 
 def make_scores(ctx: StageContext, pool: dict) -> None:
-    tasks = {t["id"]: t for t in load_tasks(ctx, "train")}
+    tasks = {t.id: t for t in load_tasks(ctx, "train")}
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
     scored = [{**r, **score_revision(r["text"], tasks[r["task_id"]], guard, exemplars,
                                      ctx.settings.keeps_content)}
@@ -455,7 +482,7 @@ def make_scores(ctx: StageContext, pool: dict) -> None:
         by_task.setdefault(s["task_id"], []).append(s)
     jobs = [job for task_id, samples in by_task.items()
             for job in judge_jobs(task_id, samples, ctx.seed, ctx.settings.max_judged_revisions)]
-    items = [(judge_shots(ctx, pool, t, x, y), judge_instruction(tasks[t]),
+    items = [(judge_shots(ctx, pool, t, x, y), judge_instruction(tasks[t].text),
               by_task[t][x]["text"], by_task[t][y]["text"]) for t, x, y, _ in jobs]
     verdicts = judge_many(ctx.backend(), guard, items, ctx.profile.judge_batch_size,
                           "stage 5 scores") if items else []
@@ -465,7 +492,7 @@ def make_scores(ctx: StageContext, pool: dict) -> None:
 
 # 5. pairs ----------------------------------------------------------------------------------------
 
-def choose_pair(task: dict, samples: list[dict], judgments: list[dict]) -> tuple[dict | None, str]:
+def choose_pair(task: Task, samples: list[dict], judgments: list[dict]) -> tuple[dict | None, str]:
     """(pair, reason): chosen passes the checks and wins the judgment in both orders against
     the rejected failing revision."""
     usable = distinct_usable(samples)
@@ -489,16 +516,16 @@ def choose_pair(task: dict, samples: list[dict], judgments: list[dict]) -> tuple
     return make_pair(task, passers[winning_sample(best)], rejected, best), "ok"
 
 
-def make_pair(task: dict, chosen: dict, rejected: dict, judgment: dict) -> dict:
-    return {"prompt": house_prompt(revision_text(task)), "chosen": chosen["text"],
-            "rejected": rejected["text"], "task_id": task["id"], "source": task["source"],
-            "origin": task["origin"], "checks": task["checks"],
+def make_pair(task: Task, chosen: dict, rejected: dict, judgment: dict) -> dict:
+    return {"prompt": house_prompt(task.text), "chosen": chosen["text"],
+            "rejected": rejected["text"], "task_id": task.id, "source": task.source,
+            "origin": task.extra["origin"], "checks": task.extra["checks"],
             "chosen_sample": chosen["sample"], "rejected_sample": rejected["sample"],
             "rejected_keeps_content": rejected["keeps_content"] and rejected["changed"],
             "judge_margin": round((judgment["margin_xy"] + judgment["margin_yx"]) / 2, 4)}
 
 
-def pair_problem(pair: dict, task: dict, guard, exemplars: list[str]) -> str | None:
+def pair_problem(pair: dict, task: Task, guard, exemplars: list[str]) -> str | None:
     """Shared last filter: identical, markup, unusable or exemplar-copying pairs."""
     return shared_pair_problem(pair, guard,
                                lambda text: unusable_reason(text, task, guard, exemplars),
@@ -510,10 +537,10 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
     judgments = read_jsonl(ctx.path("judgments.jsonl"))
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
     scored_by, judged_by = group_by_task(scored), group_by_task(judgments)
-    write_pairs(ctx, load_tasks(ctx, "train"),
-                lambda task: choose_pair(task, scored_by.get(task["id"], []),
-                                         judged_by.get(task["id"], [])),
-                lambda pair, task: pair_problem(pair, task, guard, exemplars), "tasks",
+    write_pairs(ctx, keyed(load_tasks(ctx, "train")),
+                lambda item: choose_pair(item["task"], scored_by.get(item["id"], []),
+                                         judged_by.get(item["id"], [])),
+                lambda pair, item: pair_problem(pair, item["task"], guard, exemplars), "tasks",
                 no_pairs_hint(scored, judgments))
 
 
@@ -533,13 +560,13 @@ def no_pairs_hint(scored: list[dict], judgments: list[dict]) -> str:
 
 # held-out assessment rules -----------------------------------------------------------------------
 
-def assessed_item(task: dict, text: str, keeps_content: float = 0.2) -> dict:
+def assessed_item(task: Task, text: str, keeps_content: float = 0.2) -> dict:
     """One held-out revision scored: success = fixes the critique, keeps the content, changes
     the draft, is not degenerate and has no meta-prefix."""
     checks = revision_checks(text, task, keeps_content)
     degenerate = degenerate_reason(text)
-    prefix = meta_prefix(text, task["draft"], task["checks"])
-    return {"id": task["id"], "revision": text, **checks, "degenerate": degenerate,
+    prefix = meta_prefix(text, task.extra["draft"], task.extra["checks"])
+    return {"id": task.id, "revision": text, **checks, "degenerate": degenerate,
             "meta_prefix": prefix,
             "passed": checks["passed"] and degenerate is None and prefix is None}
 
@@ -558,38 +585,38 @@ def summarize_assessment(items: list[dict]) -> dict:
 def protected_sets(ctx: StageContext) -> Protected:
     """Held-out requests and drafts are evaluation text: training records may not share them.
     (Critiques are left out: their template wording is shared by design.)"""
-    heldout = [(f"{t['id']}-{part}", t[part]) for t in load_tasks(ctx, "heldout")
+    heldout = [(f"{t.id}-{part}", t.extra[part]) for t in load_tasks(ctx, "heldout")
                for part in ("request", "draft")]
     return Protected(exemplar_texts(load_pool()), heldout, ctx.data_dir)
 
 
 def merge_probes(ctx: StageContext) -> list[str]:
-    tasks = read_jsonl(ctx.path("tasks.jsonl"))
-    return [house_prompt(revision_text(t)) for t in tasks[:8]]
+    tasks = read_tasks(ctx.path(TASKS_FILE))
+    return [house_prompt(t.text) for t in tasks[:8]]
 
 
 def assess_heldout(ctx: StageContext, backend, label: str) -> dict:
     """Held-out tasks, zero-shot and greedy: revision success and its parts."""
     p = ctx.profile
     tasks = load_tasks(ctx, "heldout")
-    requests = [GenRequest(t["id"], house_prompt(revision_text(t)), 0) for t in tasks]
+    requests = [GenRequest(t.id, house_prompt(t.text), 0) for t in tasks]
     results = generate_cached(backend, requests, greedy(p.max_new_tokens),
                               ctx.path(f"cache/assess_{label}.jsonl"), ctx.guard(),
                               p.gen_batch_size, f"stage 5 assess {label}")
-    items = [assessed_item(t, results[t["id"]]["text"].strip(), ctx.settings.keeps_content)
+    items = [assessed_item(t, results[t.id]["text"].strip(), ctx.settings.keeps_content)
              for t in tasks]
     return {"summary": summarize_assessment(items), "items": items}
 
 
 def report_data(ctx: StageContext) -> dict:
-    tasks = read_jsonl(ctx.path("tasks.jsonl"))
+    tasks = read_tasks(ctx.path(TASKS_FILE))
     scored = read_jsonl(ctx.path("scores.jsonl"))
     dropped = read_jsonl(ctx.path("pairs_dropped.jsonl"))
     return {
-        "tasks_train": sum(t["split"] == "train" for t in tasks),
-        "tasks_heldout": sum(t["split"] == "heldout" for t in tasks),
-        "train_sources": dict(Counter(t["source"] for t in tasks if t["split"] == "train")),
-        "heldout_sources": dict(Counter(t["source"] for t in tasks if t["split"] == "heldout")),
+        "tasks_train": sum(t.split == "train" for t in tasks),
+        "tasks_heldout": sum(t.split == "heldout" for t in tasks),
+        "train_sources": dict(Counter(t.source for t in tasks if t.split == "train")),
+        "heldout_sources": dict(Counter(t.source for t in tasks if t.split == "heldout")),
         "drafts": len(read_jsonl(ctx.path("drafts.jsonl"))),
         "revisions": len(scored),
         "revisions_passing": sum(s["passed"] and s["unusable"] is None for s in scored),

@@ -5,8 +5,10 @@ from constitution.yaml, and to be harmless without being evasive: the trained mo
 red-team requests the way its revisions did, and still answers ordinary and risky-sounding
 benign requests. Steps (each resumable, each marked done only when complete):
 
-1. prompts       Held-out and training prompts, written to instructions.jsonl (id, instruction,
-                 kind, source, split): red-team prompts, helpful prompts and benign look-alikes.
+1. prompts       Held-out and training prompts, written to tasks.jsonl as core.records.Task
+                 records (text = the prompt, kind redteam/helpful/benign, source = the shared
+                 set, "pool", "stage_1" or "model", extra = {"source_id"}): red-team prompts,
+                 helpful prompts and benign look-alikes.
                  - Red-team, when ctx.data_dir holds them: the AILuminate demo set (CSV parser;
                    release_prompt_id) and the first human turns of HH-RLHF harmless-base-test.
                    A fixed part of each set (heldout_share, half by default), chosen by a hash
@@ -76,7 +78,7 @@ import math
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -91,6 +93,7 @@ from core.generation import GenRequest
 from core.io import read_jsonl, write_jsonl
 from core.listgen import ListGrowth, grow_list
 from core.pairs import write_pairs
+from core.records import TASKS_FILE, Task, earlier_tasks, read_tasks, write_tasks
 from core.judge import Verdict, judge_many, judge_prefix
 from core.judge import judge_audit as core_judge_audit
 from core.prompting import (EXEMPLAR_END, RESPONSE_STOPS, draw, few_shot_prompt, house_prompt,
@@ -164,18 +167,20 @@ def text_id(prefix: str, text: str) -> str:
     return prefix + hashlib.sha256(normalize(text).encode()).hexdigest()[:10]
 
 
-def task(kind: str, source: str, text: str, source_id: str | None = None) -> dict:
-    """One prompt record. Shared-set items keep their set's id; others are named by a hash."""
+def task(kind: str, source: str, text: str, source_id: str | None = None,
+         split: str = "train") -> Task:
+    """One prompt. Shared-set items keep their set's id; others are named by a hash. The split
+    is set for good by `with_split` once the prompt's part is known."""
     if source in REDTEAM_SETS:
         task_id = f"{REDTEAM_SETS[source]}-{source_id}"
     else:
         task_id = text_id(kind[0], text)
-    return {"id": task_id, "instruction": text, "kind": kind, "source": source,
-            "source_id": source_id or task_id}
+    return Task(id=task_id, stage=6, split=split, text=text, kind=kind, source=source,
+                extra={"source_id": source_id or task_id})
 
 
-def with_split(tasks: list[dict], split: str) -> list[dict]:
-    return [{**t, "split": split} for t in tasks]
+def with_split(tasks: list[Task], split: str) -> list[Task]:
+    return [replace(t, split=split) for t in tasks]
 
 
 def usable_prompt(text: str, guard, words: tuple[int, int] = (3, 80)) -> bool:
@@ -225,7 +230,7 @@ class LeakGuard:
 
 
 def pick_shared(sets: dict, part: str, count: int, seed: int, guard, accept=None,
-                words: tuple[int, int] = (3, 80)) -> list[dict]:
+                words: tuple[int, int] = (3, 80)) -> list[Task]:
     """`count` red-team tasks from one part of the shared sets, alternating between sets, in a
     seeded order; each has `words` (fewest, most) words; `accept` (if given) must agree to each."""
     queues = []
@@ -295,20 +300,21 @@ def write_prompts(ctx: StageContext, kind: str, seeds: list[str], needed: int,
     return accepted
 
 
-def hash_order(tasks: list[dict]) -> list[dict]:
-    return sorted(tasks, key=lambda t: t["id"])
+def hash_order(tasks: list[Task]) -> list[Task]:
+    return sorted(tasks, key=lambda t: t.id)
 
 
 def stage1_instructions(ctx: StageContext) -> list[str]:
-    """Stage 1's training instructions (never its held-out ones), when stage 1 ran here."""
-    path = ctx.run_dir / "stage_1" / "instructions.jsonl"
-    if not path.is_file():
+    """Stage 1's bare training instructions (never its held-out ones, never its constraint
+    sentences), when stage 1 has written its tasks in this run."""
+    tasks = earlier_tasks(ctx.run_dir, 1, 6)
+    if tasks is None:
         return []
-    return [t["instruction"] for t in read_jsonl(path) if t["split"] == "train"]
+    return [t.extra["instruction"] for t in tasks if t.split == "train"]
 
 
 def redteam_split(ctx: StageContext, pool: dict, shared: dict, train: int, heldout: int,
-                  audit: list[dict]) -> tuple[list[dict], list[dict]]:
+                  audit: list[dict]) -> tuple[list[Task], list[Task]]:
     """(held-out red-team tasks, model-written training candidates, not yet leak-checked)."""
     if shared:
         written = write_prompts(ctx, "redteam", pool["redteam_seeds"],
@@ -321,11 +327,11 @@ def redteam_split(ctx: StageContext, pool: dict, shared: dict, train: int, heldo
     return ordered[:heldout], ordered[heldout:]
 
 
-def helpful_training(ctx: StageContext, pool: dict, rest: list[dict], count: int,
-                     heldout: list[dict], leak: LeakGuard, audit: list[dict]) -> list[dict]:
+def helpful_training(ctx: StageContext, pool: dict, rest: list[Task], count: int,
+                     heldout: list[Task], leak: LeakGuard, audit: list[dict]) -> list[Task]:
     """`count` helpful training tasks: the pool's non-held-out prompts, stage 1's training
     instructions, then prompts the model writes."""
-    candidates = [("pool", t["instruction"]) for t in rest]
+    candidates = [("pool", t.text) for t in rest]
     candidates += [("stage_1", text) for text in stage1_instructions(ctx)]
     chosen = []
     for source, text in candidates:
@@ -333,7 +339,7 @@ def helpful_training(ctx: StageContext, pool: dict, rest: list[dict], count: int
             break
         if leak.accept(text):
             chosen.append(task("helpful", source, text))
-    known = [t["instruction"] for t in heldout] + [text for _, text in candidates]
+    known = [t.text for t in heldout] + [text for _, text in candidates]
     written = write_prompts(ctx, "helpful", pool["helpful_prompts"], count - len(chosen), known,
                             audit)
     return chosen + [task("helpful", "model", text) for text in written if leak.accept(text)]
@@ -348,10 +354,10 @@ def make_prompts(ctx: StageContext, pool: dict) -> None:
     red_heldout, red_candidates = redteam_split(ctx, pool, shared, red_train, red_held, audit)
     heldout = ([task("benign", "pool", p) for p in pool["benign_lookalikes"]]
                + helpful[:help_held] + red_heldout)
-    leak = LeakGuard([t["instruction"] for t in heldout],
+    leak = LeakGuard([t.text for t in heldout],
                      {name: parts["heldout"] for name, parts in shared.items()},
                      ctx.near_duplicate)
-    train = [t for t in red_candidates if leak.accept(t["instruction"])]
+    train = [t for t in red_candidates if leak.accept(t.text)]
     if shared:
         train += pick_shared(shared, "train", red_train - len(train), ctx.seed, guard,
                              leak.accept, ctx.settings.prompt_words)
@@ -359,36 +365,35 @@ def make_prompts(ctx: StageContext, pool: dict) -> None:
     tasks = with_split(heldout, "heldout") + with_split(train, "train")
     write_jsonl(ctx.path("prompts_audit.jsonl"), audit)
     check_prompts(tasks, ctx.near_duplicate)
-    write_jsonl(ctx.path("instructions.jsonl"), tasks)
-    counts = Counter((t["split"], t["kind"]) for t in tasks)
+    write_tasks(ctx.path(TASKS_FILE), tasks)
+    counts = Counter((t.split, t.kind) for t in tasks)
     ctx.log("prompts: " + ", ".join(f"{s}/{k} {n}" for (s, k), n in sorted(counts.items())))
 
 
-def check_prompts(tasks: list[dict], threshold: float = 0.7) -> None:
+def check_prompts(tasks: list[Task], threshold: float = 0.7) -> None:
     """Enough of each kind (else TooLittleDataError), unique ids, and no held-out prompt equal
     to or a near-duplicate (ROUGE-L > threshold) of a training one (else RunFailure)."""
-    train = [t for t in tasks if t["split"] == "train"]
-    held = [t for t in tasks if t["split"] == "heldout"]
-    if len(train) < 2 or not any(t["kind"] == "redteam" for t in held):
+    train = [t for t in tasks if t.split == "train"]
+    held = [t for t in tasks if t.split == "heldout"]
+    if len(train) < 2 or not any(t.kind == "redteam" for t in held):
         raise TooLittleDataError(
             f"stage 6 has {len(train)} training prompts and "
-            f"{sum(t['kind'] == 'redteam' for t in held)} held-out red-team prompts; it needs at "
+            f"{sum(t.kind == 'redteam' for t in held)} held-out red-team prompts; it needs at "
             f"least 2 and 1 (the model wrote too few usable red-team prompts - see "
             f"prompts_audit.jsonl; pass --data-dir with the shared red-team sets, raise --limit, "
             f"or try another --seed)")
-    ids = [t["id"] for t in tasks]
+    ids = [t.id for t in tasks]
     if len(ids) != len(set(ids)):
         raise RunFailure("stage 6 prompt ids are not unique: "
                            f"{[i for i, n in Counter(ids).items() if n > 1]}")
     for h in held:
         for t in train:
-            if normalize(t["instruction"]) == normalize(h["instruction"]) or \
-                    rouge_l(t["instruction"], h["instruction"]) > threshold:
-                raise RunFailure(f"held-out prompt {h['id']} leaks into training ({t['id']})")
+            if normalize(t.text) == normalize(h.text) or rouge_l(t.text, h.text) > threshold:
+                raise RunFailure(f"held-out prompt {h.id} leaks into training ({t.id})")
 
 
-def load_tasks(ctx: StageContext, split: str) -> list[dict]:
-    return [t for t in read_jsonl(ctx.path("instructions.jsonl")) if t["split"] == split]
+def load_tasks(ctx: StageContext, split: str) -> list[Task]:
+    return read_tasks(ctx.path(TASKS_FILE), split)
 
 
 # 2. answers --------------------------------------------------------------------------------------
@@ -397,24 +402,24 @@ def attempt_key(task_id: str, attempt: int) -> str:
     return f"{task_id}-{attempt}"
 
 
-def answer_prompt(ctx: StageContext, pool: dict, task_: dict, attempt: int) -> str:
-    rng = random.Random(seed_for(ctx.seed, "answer-exemplars", task_["id"], attempt))
+def answer_prompt(ctx: StageContext, pool: dict, task_: Task, attempt: int) -> str:
+    rng = random.Random(seed_for(ctx.seed, "answer-exemplars", task_.id, attempt))
     shots = [(e["prompt"], e["response"]) for e in draw(pool["answer_exemplars"], rng, 3, 4)]
-    return few_shot_prompt(shots, task_["instruction"])
+    return few_shot_prompt(shots, task_.text)
 
 
 def make_answers(ctx: StageContext, pool: dict) -> None:
     tasks = load_tasks(ctx, "train")
     attempts = range(ctx.profile.responses_per_task)
-    requests = [GenRequest(attempt_key(t["id"], k), answer_prompt(ctx, pool, t, k),
-                           seed_for(ctx.seed, "answer", t["id"], k))
+    requests = [GenRequest(attempt_key(t.id, k), answer_prompt(ctx, pool, t, k),
+                           seed_for(ctx.seed, "answer", t.id, k))
                 for t in tasks for k in attempts]
     settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
                             RESPONSE_STOPS)
     results = ctx.generate(requests, settings, "answers.jsonl", "stage 6 answers")
     write_jsonl(ctx.path("answers.jsonl"), [
-        {"task_id": t["id"], "attempt": k, "text": results[attempt_key(t["id"], k)]["text"].strip(),
-         "finish": results[attempt_key(t["id"], k)]["finish"]} for t in tasks for k in attempts])
+        {"task_id": t.id, "attempt": k, "text": results[attempt_key(t.id, k)]["text"].strip(),
+         "finish": results[attempt_key(t.id, k)]["finish"]} for t in tasks for k in attempts])
 
 
 # 3. critiques ------------------------------------------------------------------------------------
@@ -491,7 +496,7 @@ def critique_problem(text: str, guard, exemplars: list[str]) -> str | None:
 
 
 def make_critiques(ctx: StageContext, pool: dict) -> None:
-    tasks = {t["id"]: t for t in load_tasks(ctx, "train")}
+    tasks = {t.id: t for t in load_tasks(ctx, "train")}
     guard, exemplars = ctx.guard(), exemplar_texts(pool, ctx.constitution)
     answers = [a for a in read_jsonl(ctx.path("answers.jsonl"))
                if unusable_reason(a["text"], guard, exemplars) is None]
@@ -502,7 +507,7 @@ def make_critiques(ctx: StageContext, pool: dict) -> None:
     for a in answers:
         key = attempt_key(a["task_id"], a["attempt"])
         prompt = cai_prefix(ctx, pool, a["task_id"], a["attempt"]) + critique_part(
-            tasks[a["task_id"]]["instruction"], a["text"], drawn[key])
+            tasks[a["task_id"]].text, a["text"], drawn[key])
         requests.append(GenRequest(key, prompt, seed_for(ctx.seed, "critique", key)))
     settings = ctx.sampling(ctx.profile.temperature_critique, ctx.profile.max_new_tokens,
                             CRITIQUE_STOPS)
@@ -521,7 +526,7 @@ def by_attempt(records: list[dict]) -> dict[str, dict]:
 
 
 def make_revisions(ctx: StageContext, pool: dict) -> None:
-    tasks = {t["id"]: t for t in load_tasks(ctx, "train")}
+    tasks = {t.id: t for t in load_tasks(ctx, "train")}
     answers = by_attempt(read_jsonl(ctx.path("answers.jsonl")))
     guard, exemplars = ctx.guard(), exemplar_texts(pool, ctx.constitution)
     critiques = [c for c in read_jsonl(ctx.path("critiques.jsonl"))
@@ -531,7 +536,7 @@ def make_revisions(ctx: StageContext, pool: dict) -> None:
         key = attempt_key(c["task_id"], c["attempt"])
         principles = [ctx.constitution.by_name(n) for n in c["principles"]]
         prompt = (cai_prefix(ctx, pool, c["task_id"], c["attempt"])
-                  + critique_part(tasks[c["task_id"]]["instruction"], answers[key]["text"],
+                  + critique_part(tasks[c["task_id"]].text, answers[key]["text"],
                                   principles)
                   + " " + c["text"] + revision_part(principles))
         requests.append(GenRequest(key, prompt, seed_for(ctx.seed, "revision", key)))
@@ -602,14 +607,14 @@ def judgment_record(task_id: str, attempt: int, principles: list[str], verdict: 
 
 
 def make_judgments(ctx: StageContext, pool: dict) -> None:
-    tasks = {t["id"]: t for t in load_tasks(ctx, "train")}
+    tasks = {t.id: t for t in load_tasks(ctx, "train")}
     answers = by_attempt(read_jsonl(ctx.path("answers.jsonl")))
     guard, exemplars = ctx.guard(), exemplar_texts(pool, ctx.constitution)
     jobs = [r for r in read_jsonl(ctx.path("revisions.jsonl"))
             if revision_problem(answers[attempt_key(r["task_id"], r["attempt"])]["text"],
                                 r["text"], guard, exemplars) is None]
     items = [(judge_shots(ctx, pool, attempt_key(r["task_id"], r["attempt"])),
-              judge_instruction(tasks[r["task_id"]]["instruction"],
+              judge_instruction(tasks[r["task_id"]].text,
                                 [ctx.constitution.by_name(n) for n in r["principles"]]),
               r["text"], answers[attempt_key(r["task_id"], r["attempt"])]["text"]) for r in jobs]
     verdicts = judge_many(ctx.backend(), guard, items, ctx.profile.judge_batch_size,
@@ -648,7 +653,7 @@ def mean_margin(judgment: dict) -> float:
     return (judgment["margin_xy"] + judgment["margin_yx"]) / 2
 
 
-def choose_pair(task_: dict, attempts: list[dict], guard,
+def choose_pair(task_: Task, attempts: list[dict], guard,
                 exemplars: list[str]) -> tuple[dict | None, str]:
     """(pair, reason): the revision that beat its original in both orders by the largest mean
     margin, as chosen; that original as rejected."""
@@ -659,9 +664,9 @@ def choose_pair(task_: dict, attempts: list[dict], guard,
         summary = "; ".join(f"{n}x {reason}" for reason, n in counts.most_common())
         return None, summary or "no attempts"
     best = max(wins, key=lambda a: (mean_margin(a["judgment"]), -a["attempt"]))
-    return {"prompt": house_prompt(task_["instruction"]), "chosen": best["revision"],
-            "rejected": best["original"], "task_id": task_["id"], "kind": task_["kind"],
-            "source": task_["source"], "attempt": best["attempt"],
+    return {"prompt": house_prompt(task_.text), "chosen": best["revision"],
+            "rejected": best["original"], "task_id": task_.id, "kind": task_.kind,
+            "source": task_.source, "attempt": best["attempt"],
             "principles": list(best["principles"]), "critique": best["critique"],
             "margin_xy": best["judgment"]["margin_xy"],
             "margin_yx": best["judgment"]["margin_yx"]}, "ok"
@@ -690,11 +695,13 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
     attempts = gather_attempts(ctx)
     guard, exemplars = ctx.guard(), exemplar_texts(pool, ctx.constitution)
     write_jsonl(ctx.path("attempts.jsonl"), [
-        {"task_id": t["id"], "attempt": a["attempt"], "principles": a["principles"],
+        {"task_id": t.id, "attempt": a["attempt"], "principles": a["principles"],
          "outcome": attempt_outcome(a, guard, exemplars)}
-        for t in tasks for a in attempts.get(t["id"], [])])
-    write_pairs(ctx, tasks,
-                lambda task: choose_pair(task, attempts.get(task["id"], []), guard, exemplars),
+        for t in tasks for a in attempts.get(t.id, [])])
+    # core.pairs.write_pairs takes dicts with an "id" (it records dropped ones by it)
+    write_pairs(ctx, [{"id": t.id, "task": t} for t in tasks],
+                lambda item: choose_pair(item["task"], attempts.get(item["id"], []), guard,
+                                         exemplars),
                 None, "prompts",
                 f"per attempt in {ctx.path('attempts.jsonl')}; raise --limit so more prompts "
                 f"yield a pair")
@@ -706,7 +713,7 @@ def evaluation_texts(ctx: StageContext) -> list[tuple[str, str]]:
     """What training text must not overlap: this stage's held-out prompts, the held-out parts of
     the red-team sets and every other shared set, ids prefixed by their set. (The baseline
     probes are added by core.contamination.)"""
-    texts = [(f"stage6-heldout:{t['id']}", t["instruction"]) for t in load_tasks(ctx, "heldout")]
+    texts = [(f"stage6-heldout:{t.id}", t.text) for t in load_tasks(ctx, "heldout")]
     if ctx.data_dir is None or not ctx.data_dir.is_dir():
         return texts
     share = ctx.settings.heldout_share
@@ -723,7 +730,7 @@ def protected_sets(ctx: StageContext) -> Protected:
 
 
 def merge_probes(ctx: StageContext) -> list[str]:
-    return [house_prompt(t["instruction"]) for t in load_tasks(ctx, "train")[:8]]
+    return [house_prompt(t.text) for t in load_tasks(ctx, "train")[:8]]
 
 
 def score_answer(kind: str, text: str) -> dict:
@@ -735,17 +742,17 @@ def score_answer(kind: str, text: str) -> dict:
             "passed": refused if kind == "redteam" else answered}
 
 
-def assess_prompts(backend, guard, items: list[dict], cache_path: Path, max_new_tokens: int,
+def assess_prompts(backend, guard, items: list[Task], cache_path: Path, max_new_tokens: int,
                    batch_size: int, where: str) -> dict:
     """Zero-shot, greedy answers to the held-out prompts, scored per kind."""
     texts = generate_greedy(backend, guard, cache_path,
-                            {t["id"]: house_prompt(t["instruction"]) for t in items},
+                            {t.id: house_prompt(t.text) for t in items},
                             max_new_tokens, batch_size, where)
     scored = []
     for t in items:
-        text = texts[t["id"]]
-        scored.append({"id": t["id"], "kind": t["kind"], "source": t["source"], "response": text,
-                       **score_answer(t["kind"], text)})
+        text = texts[t.id]
+        scored.append({"id": t.id, "kind": t.kind, "source": t.source, "response": text,
+                       **score_answer(t.kind, text)})
     return {"summary": summarize(scored), "items": scored}
 
 
@@ -770,13 +777,13 @@ def assess_heldout(ctx: StageContext, backend, label: str) -> dict:
 
 
 def report_data(ctx: StageContext) -> dict:
-    tasks = read_jsonl(ctx.path("instructions.jsonl"))
+    tasks = read_tasks(ctx.path(TASKS_FILE))
     audit = read_jsonl(ctx.path("attempts.jsonl"))
     pairs = read_jsonl(ctx.path("pairs.jsonl"))
     return {
         "tasks": {f"{s}/{k}": n for (s, k), n in
-                  sorted(Counter((t["split"], t["kind"]) for t in tasks).items())},
-        "task_sources": dict(Counter(t["source"] for t in tasks)),
+                  sorted(Counter((t.split, t.kind) for t in tasks).items())},
+        "task_sources": dict(Counter(t.source for t in tasks)),
         "attempts": len(audit),
         "critiques": len(read_jsonl(ctx.path("critiques.jsonl"))),
         "revisions": len(read_jsonl(ctx.path("revisions.jsonl"))),

@@ -13,6 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from core.records import read_tasks
 from registry.models import profile_by_name
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -115,8 +116,8 @@ def test_pairs_pass_guards_and_hold_no_exemplars(reference, tiny_backend):
 
 def test_heldout_never_trains(reference):
     stage = reference / "stage_1"
-    tasks = [json.loads(l) for l in (stage / "instructions.jsonl").read_text().splitlines()]
-    held = {t["prompt_instruction"] for t in tasks if t["split"] == "heldout"}
+    held = {t.text for t in read_tasks(stage / "tasks.jsonl", "heldout")}
+    assert held
     for line in (stage / "pairs.jsonl").read_text().splitlines():
         assert not any(h in json.loads(line)["prompt"] for h in held)
 

@@ -3,7 +3,7 @@ import pytest
 
 from core.errors import RunFailure
 from core.guards import TemplateGuard
-from core.split import split_smallest_ids
+from core.records import TASKS_FILE, Task, read_tasks, write_tasks
 from stages import stage1_explicit_instructions as s1
 
 LOWER = [{"kind": "lowercase", "params": {}}]
@@ -17,8 +17,10 @@ def sample(i, text, passed, unusable=None, fraction=None):
 
 
 def task(constraints):
-    return {"id": "t1", "instruction": "Describe rain.", "constraints": constraints,
-            "prompt_instruction": s1.instruction_with_constraints("Describe rain.", constraints)}
+    return Task(id="t1", stage=1, split="train",
+                text=s1.instruction_with_constraints("Describe rain.", constraints),
+                kind="instruction", source="model",
+                extra={"instruction": "Describe rain.", "constraints": constraints})
 
 
 def test_chosen_passes_and_rejected_fails():
@@ -114,10 +116,11 @@ WEIGHTS = s1.Stage1Settings().constraint_count_weights
 def test_split_is_stable_and_leakage_checked():
     tasks = s1.attach_constraints([f"Write a story about a {w} who learns to fly." for w in
                                    ["cat", "dog", "fish", "horse", "bird", "cow"]], 0, WEIGHTS)
-    split = split_smallest_ids(tasks, heldout=2)
-    assert sum(t["split"] == "heldout" for t in split) == 2
-    assert split_smallest_ids(list(reversed(tasks)), heldout=2) == sorted(
-        split, key=lambda t: [x["id"] for x in reversed(tasks)].index(t["id"]))
+    split = s1.split_tasks(tasks, heldout=2)
+    assert sum(t.split == "heldout" for t in split) == 2
+    assert {t.id for t in split if t.split == "heldout"} == set(sorted(t.id for t in tasks)[:2])
+    assert s1.split_tasks(list(reversed(tasks)), heldout=2) == sorted(
+        split, key=lambda t: [x.id for x in reversed(tasks)].index(t.id))
     with pytest.raises(RunFailure, match="leaks into training"):
         s1.check_leakage(split, 0.7)  # these six differ by one word: ROUGE-L > 0.7
     s1.check_leakage(split, 0.99)  # not near-identical at a stricter threshold
@@ -126,8 +129,21 @@ def test_split_is_stable_and_leakage_checked():
 def test_constraints_are_attached_deterministically():
     a = s1.attach_constraints(["Describe a sunny day at the beach."], 3, WEIGHTS)
     b = s1.attach_constraints(["Describe a sunny day at the beach."], 3, WEIGHTS)
-    assert a == b and 0 <= len(a[0]["constraints"]) <= 2
-    assert a[0]["prompt_instruction"].startswith("Describe a sunny day at the beach.")
+    assert a == b and 0 <= len(a[0].extra["constraints"]) <= 2
+    assert a[0].text.startswith("Describe a sunny day at the beach.")
+    assert a[0].text == s1.instruction_with_constraints(a[0].extra["instruction"],
+                                                        a[0].extra["constraints"])
+    assert (a[0].stage, a[0].kind, a[0].source) == (1, "instruction", "model")
+    assert a[0].extra["instruction"] == "Describe a sunny day at the beach."
+
+
+def test_tasks_file_round_trips(tmp_path):
+    tasks = s1.split_tasks(s1.attach_constraints(
+        ["Describe a sunny day at the beach.", "List three uses of a paperclip at home."],
+        0, WEIGHTS), heldout=1)
+    write_tasks(tmp_path / TASKS_FILE, tasks)
+    assert read_tasks(tmp_path / TASKS_FILE) == tasks
+    assert [t.split for t in read_tasks(tmp_path / TASKS_FILE, "heldout")] == ["heldout"]
 
 
 def test_list_prompt_is_a_numbered_continuation():

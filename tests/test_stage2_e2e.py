@@ -28,6 +28,7 @@ from core.guards import TemplateGuard
 from core.judge import JUDGE_END, JUDGE_TEMPLATE
 from core.models import PROJECT_ROOT, weights_sha256
 from core.prompting import EXEMPLAR_END
+from core.records import read_tasks
 from core.scripted import Script, ScriptedBackend
 from core.split import in_fixed_heldout
 from registry.models import profile_by_name
@@ -131,7 +132,7 @@ def stage(tmp_path_factory, tiny_dir) -> Path:
 
 
 def test_interface_files(stage, tiny_dir):
-    for name in ("DONE", "input.json", "questions.jsonl", "questions_audit.jsonl",
+    for name in ("DONE", "input.json", "tasks.jsonl", "questions_audit.jsonl",
                  "responses.jsonl", "scores.jsonl", "judgments.jsonl", "pairs_candidates.jsonl",
                  "pairs_dropped.jsonl", "pairs.jsonl", "metrics.json", "report.md",
                  "contamination.tsv", "adapter/adapter_config.json", "merged/config.json"):
@@ -188,7 +189,7 @@ def test_pairs_are_clean_and_zero_shot(stage, tiny_backend):
     assert len(candidates) == LIMIT  # every training question has a passer and a failure
     pairs = lines(stage / "pairs.jsonl")
     assert pairs and all({"prompt", "chosen", "rejected", "task_id"} <= set(p) for p in pairs)
-    questions = {t["id"]: t["question"] for t in lines(stage / "questions.jsonl")}
+    questions = {t.id: t.text for t in read_tasks(stage / "tasks.jsonl")}
     for pair in pairs:
         guard.check_record(pair, "pairs.jsonl")
         question = questions[pair["task_id"]]
@@ -202,17 +203,19 @@ def test_pairs_are_clean_and_zero_shot(stage, tiny_backend):
 
 
 def test_heldout_never_trains(stage):
-    tasks = lines(stage / "questions.jsonl")
-    held = {t["id"]: t["question"] for t in tasks if t["split"] == "heldout"}
-    real_sets_read = any(t["source"] != "generated" for t in tasks)
+    tasks = read_tasks(stage / "tasks.jsonl")
+    assert {(t.stage, t.kind) for t in tasks} == {(2, "question")}
+    held = {t.id: t.text for t in tasks if t.split == "heldout"}
+    assert [t.id for t in read_tasks(stage / "tasks.jsonl", "heldout")] == list(held)
+    real_sets_read = any(t.source != "generated" for t in tasks)
     assert held and real_sets_read == DATA_DIR.is_dir()
     share = s2.Stage2Settings().heldout_share
     for task in tasks:
-        if task["source"] != "generated":
-            assert (task["split"] == "heldout") == in_fixed_heldout(task["id"], share)
+        if task.source != "generated":
+            assert (task.split == "heldout") == in_fixed_heldout(task.id, share)
         else:
-            assert task["question"] in QUESTIONS
-    generated = sorted(t["id"] for t in tasks if t["source"] == "generated")
+            assert task.text in QUESTIONS
+    generated = sorted(t.id for t in tasks if t.source == "generated")
     held_generated = [i for i in generated if i in held]
     assert held_generated == generated[:len(held_generated)]  # the smallest ids
     for pair in lines(stage / "pairs.jsonl"):

@@ -7,6 +7,7 @@ import torch
 from core.errors import RunFailure
 from core.guards import TemplateGuard
 from core.judge import judge_many, option_token_ids
+from core.records import Task, write_tasks
 from core.split import in_fixed_heldout
 from stages import stage2_implicit_instructions as s2
 
@@ -179,13 +180,38 @@ def test_pick_real_skips_near_duplicates_long_and_marked_up_items(guard):
 def test_generated_split_and_leakage():
     questions = [f"Why do {w} sleep so much during the day?" for w in ["cats", "dogs", "owls"]]
     tasks = s2.generated_tasks(questions, heldout=1)
-    assert sum(t["split"] == "heldout" for t in tasks) == 1
+    assert sum(t.split == "heldout" for t in tasks) == 1
     assert s2.generated_tasks(list(reversed(questions)), heldout=1)[::-1] == tasks
-    held = min(t["id"] for t in tasks)  # the smallest id hash is held out
-    assert [t["id"] for t in tasks if t["split"] == "heldout"] == [held]
+    held = min(t.id for t in tasks)  # the smallest id hash is held out
+    assert [t.id for t in tasks if t.split == "heldout"] == [held]
     with pytest.raises(RunFailure, match="leaks into training"):
         s2.check_leakage(tasks, 0.7)
     s2.check_leakage(tasks, 0.99)  # a stricter notion of "the same question" lets them pass
+
+
+def test_questions_are_task_records():
+    generated = s2.generated_tasks(["Why do cats purr?", "How do tides work?"], heldout=1)
+    for t in generated:
+        assert (t.stage, t.kind, t.source, t.extra) == (2, "question", "generated", {})
+        assert t.id == "q" + s2.short_hash(s2.normalize(t.text))
+    item = real("truthfulqa", 7, "Why do veins appear blue?", "heldout")
+    assert s2.question_task(item) == Task(id="truthfulqa:7", stage=2, split="heldout",
+                                          text="Why do veins appear blue?", kind="question",
+                                          source="truthfulqa", extra={})
+
+
+def test_stage1_tasks_are_read_when_stage1_wrote_them(tmp_path):
+    class Ctx:
+        run_dir = tmp_path
+
+    assert s2.stage1_instructions(Ctx()) == []  # stage 1 has not run here
+    stage1 = [Task(id=f"i{n}", stage=1, split=split, text=f"Name {n} birds. Use commas.",
+                   kind="instruction", source="model",
+                   extra={"instruction": f"Name {n} birds.", "constraints": []})
+              for n, split in ((1, "train"), (2, "heldout"))]
+    (tmp_path / "stage_1").mkdir()
+    write_tasks(tmp_path / "stage_1" / "tasks.jsonl", stage1)
+    assert s2.stage1_instructions(Ctx()) == stage1
 
 
 # pairs -------------------------------------------------------------------------------------------
@@ -197,7 +223,8 @@ def sample(i, text, prompting="few-shot", question=QUESTION, unusable=None):
 
 
 def task():
-    return {"id": "t1", "question": QUESTION, "source": "generated", "split": "train"}
+    return Task(id="t1", stage=2, split="train", text=QUESTION, kind="question",
+                source="generated")
 
 
 def rank(x, y, winner, xy=1.0, yx=1.0):

@@ -37,6 +37,7 @@ from core.guards import TemplateGuard
 from core.io import read_jsonl
 from core.judge import JUDGE_END, winning_sample
 from core.prompting import house_prompt
+from core.records import read_tasks
 from core.scripted import Script, ScriptedBackend
 from stages import stage3_generation_tasks as s3
 
@@ -195,9 +196,9 @@ def test_stage_completes_with_pairs_chosen_by_checks_and_judge(stage):
     stage_dir, script = stage
     assert (stage_dir / "DONE").is_file()
     pairs = read_jsonl(stage_dir / "pairs.jsonl")
-    train = [t for t in read_jsonl(stage_dir / "tasks.jsonl") if t["split"] == "train"]
+    train = read_tasks(stage_dir / "tasks.jsonl", "train")
     assert len(pairs) == len(train) == LIMIT  # every training task yields its pair
-    assert all(script.calls[t["instruction"]] == 8 for t in train)  # K=8 few-shot samples
+    assert all(script.calls[t.text] == 8 for t in train)  # K=8 few-shot samples
     scored = {(s["task_id"], s["sample"]): s for s in read_jsonl(stage_dir / "scores.jsonl")}
     for pair in pairs:
         assert script.written[pair["chosen"]] == "preferred"  # the judge's pick among passers
@@ -265,25 +266,27 @@ def test_pairs_pass_the_template_guard(stage, tiny_backend):
 
 def test_training_prompts_are_zero_shot(stage):
     stage_dir, _ = stage
-    tasks = {t["id"]: t for t in read_jsonl(stage_dir / "tasks.jsonl")}
+    tasks = {t.id: t for t in read_tasks(stage_dir / "tasks.jsonl")}
     exemplars = s3.exemplar_texts(POOL)
     instructions = [e["instruction"] for e in POOL["response_exemplars"]]
     for pair in read_jsonl(stage_dir / "pairs.jsonl"):
-        assert pair["prompt"] == house_prompt(tasks[pair["task_id"]]["instruction"])
+        assert pair["prompt"] == house_prompt(tasks[pair["task_id"]].text)
         assert pair["prompt"].count("Instruction:") == 1 and "###" not in pair["prompt"]
         assert not any(text.strip() in pair["prompt"] for text in exemplars + instructions)
 
 
 def test_heldout_never_trains(stage):
     stage_dir, _ = stage
-    tasks = read_jsonl(stage_dir / "tasks.jsonl")
-    held = [t for t in tasks if t["split"] == "heldout"]
-    assert len(held) == HELDOUT and sum(t["split"] == "train" for t in tasks) == LIMIT
-    held_topics = {t["spec"]["topic"] for t in held}
-    assert not held_topics & {t["spec"]["topic"] for t in tasks if t["split"] == "train"}
+    tasks = read_tasks(stage_dir / "tasks.jsonl")
+    held = [t for t in tasks if t.split == "heldout"]
+    assert len(held) == HELDOUT and sum(t.split == "train" for t in tasks) == LIMIT
+    assert all(t.stage == 3 and t.kind == t.extra["spec"]["kind"] and t.source in ("pool", "model")
+               for t in tasks)
+    held_topics = {t.extra["spec"]["topic"] for t in held}
+    assert not held_topics & {t.extra["spec"]["topic"] for t in tasks if t.split == "train"}
     for pair in read_jsonl(stage_dir / "pairs.jsonl"):
-        assert pair["task_id"] not in {t["id"] for t in held}
-        assert not any(t["instruction"] in pair["prompt"] for t in held)
+        assert pair["task_id"] not in {t.id for t in held}
+        assert not any(t.text in pair["prompt"] for t in held)
 
 
 def test_training_changed_the_merged_weights(stage, tiny_dir):

@@ -50,7 +50,7 @@ def test_every_template_renders_for_pool_and_model_topics():
         for seed in range(30):
             for t in (POOL["topics"][seed], model_topic):
                 task = s3.render_task({**t, "source": "pool"}, kind, random.Random(seed), POOL)
-                assert "{" not in task["instruction"] and "None" not in task["instruction"]
+                assert "{" not in task.text and "None" not in task.text
     counted = [t for t in POOL["templates"]["mcq"] if "{count}" not in t]
     assert counted, "multiple-choice tasks need single-item templates"
 

@@ -1,5 +1,6 @@
 """Stage 3's checkers, task, split and pair rules on hand-written cases (no model; the stage end
 to end is tests/test_stage3_e2e.py)."""
+import dataclasses
 import random
 
 import pytest
@@ -8,6 +9,7 @@ from core.errors import NoPairsError, RunFailure, UsageError
 from core.guards import TemplateGuard
 from core.judge import consistent_winner, winning_sample
 from core.prompting import house_prompt
+from core.records import Task
 from core.text import NearDuplicateFilter
 from stages import stage3_generation_tasks as s3
 
@@ -154,18 +156,19 @@ def test_render_task_is_deterministic_and_carries_its_spec():
     for kind in s3.KINDS:
         a = s3.render_task(t, kind, random.Random(3), POOL)
         assert a == s3.render_task(t, kind, random.Random(3), POOL)
-        assert a["spec"]["kind"] == kind and a["spec"]["keywords"] == VOLCANO_KEYWORDS
-        assert "volcanoes" in a["instruction"] and "{" not in a["instruction"]
+        assert a.extra["spec"]["kind"] == kind and a.extra["spec"]["keywords"] == VOLCANO_KEYWORDS
+        assert a.kind == kind and a.stage == 3 and a.source == "pool"
+        assert "volcanoes" in a.text and "{" not in a.text
         low, high = (1, 3) if kind == "mcq" else s3.item_counts(s3.Stage3Settings())[kind]
-        assert low <= a["spec"]["count"] <= high
+        assert low <= a.extra["spec"]["count"] <= high
 
 
 def test_item_counts_come_from_the_settings():
     counts = s3.item_counts(s3.Stage3Settings(item_counts=(4, 4), mcq_item_counts=(3, 3)))
     topics = [topic(f"topic number {w}") for w in ["alpha", "beta", "gamma"]]
     tasks = s3.tasks_for(topics, 16, "train", POOL, 0, counts)
-    assert {t["spec"]["count"] for t in tasks if t["spec"]["kind"] != "mcq"} == {4}
-    assert {t["spec"]["count"] for t in tasks if t["spec"]["kind"] == "mcq"} <= {1, 3}
+    assert {t.extra["spec"]["count"] for t in tasks if t.kind != "mcq"} == {4}
+    assert {t.extra["spec"]["count"] for t in tasks if t.kind == "mcq"} <= {1, 3}
     default = s3.tasks_for(topics, 16, "train", POOL, 0)
     assert default == s3.tasks_for(topics, 16, "train", POOL, 0,
                                    s3.item_counts(s3.Stage3Settings()))
@@ -178,7 +181,8 @@ def test_model_topics_never_get_examples_templates():
     t = topic("tide pools", source="model", examples=None, keywords=["tide", "pools"])
     for seed in range(40):
         task = s3.render_task(t, "examples", random.Random(seed), POOL)
-        assert "None" not in task["instruction"] and "tide pools" in task["instruction"]
+        assert "None" not in task.text and "tide pools" in task.text
+        assert task.source == "model"
 
 
 def test_topic_filter():
@@ -209,11 +213,11 @@ def test_split_is_by_topic_and_leakage_is_checked():
     assert len(held) == 2 and not {t["name"] for t in held} & {t["name"] for t in train}
     assert s3.split_topics(list(reversed(topics)), 6, 2) == (held, train)  # stable
     tasks = (s3.tasks_for(held, 2, "heldout", POOL, 0) + s3.tasks_for(train, 6, "train", POOL, 0))
-    assert [t["split"] for t in tasks].count("heldout") == 2
-    assert len({t["id"] for t in tasks}) == len(tasks)
-    assert {t["spec"]["kind"] for t in tasks if t["split"] == "train"} == set(s3.KINDS)
+    assert [t.split for t in tasks].count("heldout") == 2
+    assert len({t.id for t in tasks}) == len(tasks)
+    assert {t.extra["spec"]["kind"] for t in tasks if t.split == "train"} == set(s3.KINDS)
     s3.check_leakage(tasks)
-    leaked = tasks + [{**tasks[0], "id": "gother", "split": "train"}]
+    leaked = tasks + [dataclasses.replace(tasks[0], id="gother", split="train")]
     with pytest.raises(RunFailure, match="leaks into training"):
         s3.check_leakage(leaked)
 
@@ -231,13 +235,14 @@ def test_topic_list_prompt_is_a_numbered_continuation():
 
 # pairs -------------------------------------------------------------------------------------------
 
-TASK = {"id": "g1", "instruction": "Write 2 questions about volcanoes.", "spec": spec("questions", 2)}
+TASK = Task(id="g1", stage=3, split="train", text="Write 2 questions about volcanoes.",
+            kind="questions", source="pool", extra={"spec": spec("questions", 2)})
 GOOD = "Why do volcanoes erupt?\nWhat is lava made of?"
 GOOD_2 = "1. How hot is lava?\n2. Which volcano is the tallest?"
 
 
 def sample(i, text, unusable=None):
-    scored = s3.score_sample(text, TASK["spec"], TemplateGuard(), [])
+    scored = s3.score_sample(text, TASK.extra["spec"], TemplateGuard(), [])
     return {"task_id": "g1", "sample": i, "text": text, **scored,
             "unusable": unusable or scored["unusable"]}
 
@@ -258,7 +263,7 @@ def test_chosen_passes_rejected_is_the_failure_passing_most_checks():
 
 def test_training_prompt_is_zero_shot_house_format():
     pair, _ = s3.choose_pair(TASK, [sample(0, GOOD), sample(1, "Lava.")], [])
-    assert pair["prompt"] == house_prompt(TASK["instruction"])
+    assert pair["prompt"] == house_prompt(TASK.text)
     assert pair["prompt"].count("Instruction:") == 1 and "###" not in pair["prompt"]
 
 
@@ -318,7 +323,7 @@ def test_comparisons_respect_max_judged_samples():
 def test_pair_filter_identical_markup_scaffolding_and_exemplar_copies():
     guard = TemplateGuard()
     exemplars = s3.exemplar_texts(POOL)
-    base = {"prompt": house_prompt(TASK["instruction"]), "chosen": GOOD, "rejected": "Lava."}
+    base = {"prompt": house_prompt(TASK.text), "chosen": GOOD, "rejected": "Lava."}
     assert s3.pair_problem(base, guard, exemplars) is None
     assert s3.pair_problem({**base, "rejected": GOOD.replace("\n", "  \n ")}, guard, []) \
         == "identical"
@@ -338,13 +343,14 @@ def test_make_pairs_fails_clearly_when_no_task_yields_a_pair(tmp_path, tiny_dir)
     from core.context import StageContext
     from core.io import write_jsonl
     from core.models import PROJECT_ROOT
+    from core.records import TASKS_FILE, write_tasks
     from registry.models import profile_by_name
 
     ctx = StageContext(run_dir=tmp_path, number=3, model_path=str(tiny_dir), origin="test",
                        profile=profile_by_name("tiny-qwen2"), seed=0, limit=1, heldout=1,
                        constitution=load_constitution(PROJECT_ROOT / "constitution.yaml"),
                        settings=s3.Stage3Settings(), log=lambda _: None)
-    write_jsonl(ctx.path("tasks.jsonl"), [{**TASK, "split": "train"}])
+    write_tasks(ctx.path(TASKS_FILE), [TASK])
     write_jsonl(ctx.path("scores.jsonl"), [sample(0, "Lava."), sample(1, "Ash.")])
     write_jsonl(ctx.path("judgments.jsonl"), [])
     with pytest.raises(NoPairsError, match="no preference pairs"):
@@ -355,17 +361,24 @@ def test_make_pairs_fails_clearly_when_no_task_yields_a_pair(tmp_path, tiny_dir)
 def test_earlier_stages_heldout_items_are_read_when_present(tmp_path):
     from types import SimpleNamespace
 
-    from core.io import write_jsonl
+    from core.records import MissingEarlierOutputError, write_tasks
 
     ctx = SimpleNamespace(run_dir=tmp_path)
     assert s3.earlier_heldout(ctx) == []
-    write_jsonl(tmp_path / "stage_1" / "instructions.jsonl",
-                [{"id": "t1", "instruction": "Describe rain.", "split": "heldout"},
-                 {"id": "t2", "instruction": "Describe snow.", "split": "train"}])
-    write_jsonl(tmp_path / "stage_2" / "questions.jsonl",
-                [{"id": "q1", "question": "Why is the sea salty?", "split": "heldout"}])
-    assert s3.earlier_heldout(ctx) == [("stage1:t1", "Describe rain."),
+    write_tasks(tmp_path / "stage_1" / "tasks.jsonl",
+                [Task("t1", 1, "heldout", "Describe rain. Use two sentences.", "instruction",
+                      "model", {"instruction": "Describe rain.", "constraints": []}),
+                 Task("t2", 1, "train", "Describe snow.", "instruction", "model",
+                      {"instruction": "Describe snow.", "constraints": []})])
+    write_tasks(tmp_path / "stage_2" / "tasks.jsonl",
+                [Task("q1", 2, "heldout", "Why is the sea salty?", "question", "model", {})])
+    assert s3.earlier_heldout(ctx) == [("stage1:t1", "Describe rain. Use two sentences."),
                                        ("stage2:q1", "Why is the sea salty?")]
+    # a DONE earlier stage without its tasks is an error, not "that stage has not run"
+    (tmp_path / "stage_2" / "tasks.jsonl").unlink()
+    (tmp_path / "stage_2" / "DONE").touch()
+    with pytest.raises(MissingEarlierOutputError, match="stage_2"):
+        s3.earlier_heldout(ctx)
 
 
 def test_assessment_summary_has_headline_and_every_check():
@@ -378,8 +391,8 @@ def test_assessment_summary_has_headline_and_every_check():
             for i, prompt in enumerate(prompts):
                 on_finish(i, Completion(GOOD if "volcanoes" in prompt else "Owls.", "eos", 3))
 
-    tasks = [TASK, {"id": "g2", "instruction": "List 2 facts about owls.",
-                    "spec": {**spec("list", 2), "topic": "owls", "keywords": ["owl"]}}]
+    tasks = [TASK, Task("g2", 3, "heldout", "List 2 facts about owls.", "list", "pool",
+                        {"spec": {**spec("list", 2), "topic": "owls", "keywords": ["owl"]}})]
     import tempfile
     from pathlib import Path
 

@@ -21,6 +21,7 @@ import torch
 from app.pipeline import run_stage
 from core.models import PROJECT_ROOT
 from core.prompting import EXEMPLAR_END
+from core.records import read_tasks
 from core.scripted import Script, ScriptedBackend
 from stages import stage4_evaluation_tasks as module
 
@@ -150,8 +151,8 @@ def test_heldout_pairs_never_train(stage):
     assert not {p["id"] for p in held} & {p["pair_id"] for p in pairs}
     for pair in pairs:
         assert not any(h["request"] in pair["prompt"] for h in held)
-    train_tasks = [t for t in lines(stage / "instructions.jsonl") if t["split"] == "train"]
-    assert not {p["id"] for p in held} & {t["pair_id"] for t in train_tasks}
+    train_tasks = read_tasks(stage / "tasks.jsonl", "train")
+    assert not {p["id"] for p in held} & {t.extra["pair_id"] for t in train_tasks}
 
 
 def test_merged_model_loads_and_differs_from_the_input(stage, tiny_dir):

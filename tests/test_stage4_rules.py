@@ -7,7 +7,9 @@ import pytest
 
 from core.errors import RunFailure
 from core.guards import TemplateGuard
+from core.io import write_jsonl
 from core.prompting import few_shot_prompt
+from core.records import Task, read_tasks, write_tasks
 from stages import stage4_evaluation_tasks as s4
 
 GUARD = TemplateGuard()
@@ -19,7 +21,7 @@ REASON = "It names Mercury, which really is the nearest planet, while the other 
 EXEMPLAR_REASON = s4.load_pool()["verdict_exemplars"][0]["reason"]
 
 
-def task(label: str) -> dict:
+def task(label: str) -> Task:
     return s4.judge_tasks([{**PAIR, "split": "train"}])[s4.LETTERS.index(label)]
 
 
@@ -196,10 +198,12 @@ def test_training_prompt_is_one_zero_shot_house_prompt():
 
 def test_each_labelled_pair_becomes_two_tasks_one_per_order():
     a, b = s4.judge_tasks([{**PAIR, "split": "train"}])
-    assert (a["label"], b["label"]) == ("A", "B") and a["pair_id"] == b["pair_id"] == "l1"
-    assert a["prompt_instruction"].index("Mercury is") < a["prompt_instruction"].index("Venus is")
-    assert b["prompt_instruction"].index("Venus is") < b["prompt_instruction"].index("Mercury is")
-    assert a["instruction"] == PAIR["key"]
+    assert (a.extra["label"], b.extra["label"]) == ("A", "B")
+    assert a.extra["pair_id"] == b.extra["pair_id"] == "l1"
+    assert a.text.index("Mercury is") < a.text.index("Venus is")
+    assert b.text.index("Venus is") < b.text.index("Mercury is")
+    assert a.extra["instruction"] == PAIR["key"]
+    assert (a.id, a.stage, a.split, a.kind, a.source) == ("l1-A", 4, "train", "judge", "pool")
 
 
 def test_shots_balance_letters_and_put_the_better_response_where_the_letter_says():
@@ -212,7 +216,7 @@ def test_shots_balance_letters_and_put_the_better_response_where_the_letter_says
             exemplar = next(e for e in pool["verdict_exemplars"] if e["reason"] in verdict)
             shown = text.split("Response A:\n")[1].split("\n\nResponse B:")[0]
             assert (shown == exemplar["better"]) == (verdict[0] == "A")
-    target = s4.judge_tasks([{**PAIR, "split": "train"}])[0]["prompt_instruction"]
+    target = s4.judge_tasks([{**PAIR, "split": "train"}])[0].text
     prompt = few_shot_prompt(shots, target)
     assert prompt.endswith("in one sentence.\n\nResponse:\n") and prompt.count("###") == len(shots)
 
@@ -222,13 +226,14 @@ def test_shots_balance_letters_and_put_the_better_response_where_the_letter_says
 def write_stage1(run_dir, tasks, samples):
     folder = run_dir / "stage_1"
     folder.mkdir(parents=True)
-    (folder / "instructions.jsonl").write_text("".join(json.dumps(t) + "\n" for t in tasks))
-    (folder / "scores.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    write_tasks(folder / "tasks.jsonl", tasks)
+    write_jsonl(folder / "scores.jsonl", samples)
 
 
 def stage1_task(i, instruction):
-    return {"id": f"t{i}", "instruction": instruction, "constraints": [],
-            "prompt_instruction": instruction + " Use lowercase letters only.", "split": "train"}
+    return Task(id=f"t{i}", stage=1, split="train",
+                text=instruction + " Use lowercase letters only.", kind="instruction",
+                source="model", extra={"instruction": instruction, "constraints": []})
 
 
 def test_labelled_pairs_come_from_stage1_check_outcomes(tmp_path):
@@ -247,6 +252,7 @@ def test_labelled_pairs_come_from_stage1_check_outcomes(tmp_path):
     assert pairs[0]["better"] == "rain falls from grey clouds."
     assert pairs[0]["worse"] == "Rain Falls From Grey Clouds."
     assert pairs[0]["request"] == "Describe rain in a sentence. Use lowercase letters only."
+    assert pairs[0]["key"] == pairs[0]["request"]  # the task's text: dedup and leakage key
     assert pairs[0]["source"] == "stage_1" and pairs[0]["origin"]["task_id"] == "t1"
     assert s4.labelled_from_stage(tmp_path, s4.EARLIER_STAGES[1], GUARD) == []  # stage 2 absent
 
@@ -262,8 +268,8 @@ def test_tasks_step_mixes_stage1_and_pool_pairs(tmp_path, tiny_dir):
         "List two dangers of hail for farmers.", "Compose a haiku about wind in the trees.",
         "Tell a child what frost is."])]
     samples = [s for t in tasks for s in (
-        {"task_id": t["id"], "sample": 0, "text": "it falls softly from the sky.", "passed": True},
-        {"task_id": t["id"], "sample": 1, "text": "It Falls Softly From The Sky.", "passed": False})]
+        {"task_id": t.id, "sample": 0, "text": "it falls softly from the sky.", "passed": True},
+        {"task_id": t.id, "sample": 1, "text": "It Falls Softly From The Sky.", "passed": False})]
     write_stage1(tmp_path, tasks, samples)
     ctx = StageContext(run_dir=tmp_path, number=4, model_path=str(tiny_dir), origin="test",
                        profile=profile_by_name("tiny-qwen2"), seed=0, limit=100, heldout=5,
@@ -271,12 +277,12 @@ def test_tasks_step_mixes_stage1_and_pool_pairs(tmp_path, tiny_dir):
                        settings=s4.Stage4Settings())
     s4.make_tasks(ctx, s4.load_pool())
     labelled = [json.loads(line) for line in ctx.path("labelled.jsonl").read_text().splitlines()]
-    judge = [json.loads(line) for line in ctx.path("instructions.jsonl").read_text().splitlines()]
+    judge = read_tasks(ctx.path("tasks.jsonl"))
     dropped = ctx.path("tasks_dropped.jsonl").read_text().splitlines()  # prompts too long
     assert sum(p["source"] == "stage_1" for p in labelled) == 6
     assert sum(p["split"] == "heldout" for p in labelled) == 5
     assert len(labelled) == 6 + len(s4.load_pool()["labelled_pairs"]) - len(dropped)
-    assert len(judge) == 2 * len(labelled) and {t["label"] for t in judge} == {"A", "B"}
+    assert len(judge) == 2 * len(labelled) and {t.extra["label"] for t in judge} == {"A", "B"}
     assert ctx.path("hh_heldout.jsonl").read_text() == ""  # no data_dir
     s4.check_leakage(labelled)
 

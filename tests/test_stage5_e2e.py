@@ -10,7 +10,7 @@ both stages a scripted backend (core/scripted.py) through the public `backend_lo
 - stage 1 (run first, `skip_empty`): the script writes its instruction list items and answers
   each instruction with one fixed response that misses some of its constraints. With no passing
   sample and one distinct sample per task stage 1 keeps no pair and is marked SKIPPED after its
-  scores step; its instructions.jsonl and scores.jsonl are real stage 1 outputs, and their
+  scores step; its tasks.jsonl and scores.jsonl are real stage 1 outputs, and their
   failing samples become stage 5's "stage1" revision tasks.
 - stage 5 (started from the tiny model with an explicit --model): on about half of the few-shot
   revision prompts of training tasks (a hash of the prompt decides) the script writes the draft
@@ -33,6 +33,7 @@ import yaml
 
 from core.io import read_jsonl
 from core.models import weights_sha256
+from core.records import read_tasks
 from core.scripted import Script, ScriptedBackend
 from stages import stage5_revision_tasks as s5
 
@@ -152,10 +153,10 @@ class Author:
         if int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) % 2:
             return None
         draft = last.split("\n\nDraft: ", 1)[1].split("\n\nCritique: ", 1)[0]
-        tasks = {t["draft"]: t for t in read_jsonl(self.run_dir / "stage_5" / "tasks.jsonl")
-                 if t["split"] == "train"}
+        tasks = {t.extra["draft"]: t
+                 for t in read_tasks(self.run_dir / "stage_5" / "tasks.jsonl", "train")}
         task = tasks.get(draft)
-        text = fix(draft, task["checks"]) if task else None
+        text = fix(draft, task.extra["checks"]) if task else None
         if text is None or not s5.revision_checks(text, task)["passed"]:
             return None
         self.fixed.add(text.strip())
@@ -192,7 +193,7 @@ def lines(path: Path) -> list[dict]:
 def test_stage1_ran_for_real_and_stage5_started_from_the_model(run_dir, tiny_dir):
     stage1 = run_dir / "stage_1"
     assert (stage1 / "SKIPPED").is_file() and not (stage1 / "DONE").exists()
-    assert len(lines(stage1 / "instructions.jsonl")) == LIMIT + HELDOUT
+    assert len(read_tasks(stage1 / "tasks.jsonl")) == LIMIT + HELDOUT
     inputs = json.loads((run_dir / "stage_5" / "input.json").read_text())
     assert inputs["path"] == str(tiny_dir) and "--model" in inputs["origin"]
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -206,7 +207,7 @@ def test_stage_completes_with_pairs(run_dir):
     assert (stage / "DONE").is_file()
     pairs = lines(stage / "pairs.jsonl")
     assert pairs and all({"prompt", "chosen", "rejected", "task_id"} <= set(p) for p in pairs)
-    tasks = {t["id"]: t for t in lines(stage / "tasks.jsonl")}
+    tasks = {t.id: t for t in read_tasks(stage / "tasks.jsonl")}
     for pair in pairs:  # chosen fixes the critique and keeps the content; rejected does not
         assert s5.revision_checks(pair["chosen"], tasks[pair["task_id"]])["passed"]
         assert not s5.revision_checks(pair["rejected"], tasks[pair["task_id"]])["passed"]
@@ -214,16 +215,18 @@ def test_stage_completes_with_pairs(run_dir):
 
 def test_tasks_come_from_stage1_the_pool_and_model_drafts(run_dir):
     stage = run_dir / "stage_5"
-    tasks = lines(stage / "tasks.jsonl")
-    assert sum(t["split"] == "train" for t in tasks) == LIMIT
-    assert sum(t["split"] == "heldout" for t in tasks) == HELDOUT
+    tasks = read_tasks(stage / "tasks.jsonl")
+    assert sum(t.split == "train" for t in tasks) == LIMIT
+    assert sum(t.split == "heldout" for t in tasks) == HELDOUT
+    assert all(t.stage == 5 and t.kind == "revision" for t in tasks)
     assert len(lines(stage / "drafts.jsonl")) > 0  # stage 1 left tasks missing
-    assert {t["source"] for t in tasks if t["split"] == "train"} == set(s5.SOURCES)
+    assert {t.source for t in tasks if t.split == "train"} == set(s5.SOURCES)
     samples = {f"{s['task_id']}-{s['sample']}": s
                for s in read_jsonl(run_dir / "stage_1" / "scores.jsonl")}
-    for task in (t for t in tasks if t["source"] == "stage1"):  # a failing stage 1 sample
-        assert task["request"] in STAGE1 and samples[task["origin"]]["text"] == task["draft"]
-        assert not samples[task["origin"]]["passed"]
+    for task in (t for t in tasks if t.source == "stage1"):  # a failing stage 1 sample
+        origin = samples[task.extra["origin"]]
+        assert task.extra["request"] in STAGE1 and origin["text"] == task.extra["draft"]
+        assert not origin["passed"]
 
 
 def test_pairs_pass_guards_and_prompts_are_zero_shot(run_dir, tiny_backend):
@@ -242,10 +245,10 @@ def test_pairs_pass_guards_and_prompts_are_zero_shot(run_dir, tiny_backend):
 
 def test_heldout_never_trains(run_dir):
     stage = run_dir / "stage_5"
-    held = [t for t in lines(stage / "tasks.jsonl") if t["split"] == "heldout"]
+    held = read_tasks(stage / "tasks.jsonl", "heldout")
     for pair in lines(stage / "pairs.jsonl"):
-        assert pair["task_id"] not in {t["id"] for t in held}
-        assert not any(t["draft"] in pair["prompt"] or t["request"] in pair["prompt"]
+        assert pair["task_id"] not in {t.id for t in held}
+        assert not any(t.extra["draft"] in pair["prompt"] or t.extra["request"] in pair["prompt"]
                        for t in held)
 
 

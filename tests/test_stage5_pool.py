@@ -21,6 +21,12 @@ def passes(text: str, checks: list[dict]) -> bool:
     return all(constraint_from_dict(c).check(text) for c in checks)
 
 
+def as_task(item: dict):
+    """A pool item (request, draft, critique, check) as the revision task it would be."""
+    return s5.make_task(item["request"], item["draft"], item["check"], "pool",
+                        critique=item["critique"])
+
+
 def test_shape():
     assert POOL["version"] == 1
     assert set(POOL) == {"version", "revision_exemplars", "judge_exemplars", "tasks", "requests"}
@@ -40,7 +46,7 @@ def test_revision_exemplars_fix_the_critique_and_keep_the_content():
     for e in POOL["revision_exemplars"]:
         assert set(e) == {"request", "draft", "critique", "check", "revision"}
         assert not passes(e["draft"], e["check"]), e["request"]
-        task = {**e, "id": "x", "checks": e["check"]}
+        task = as_task(e)
         assert s5.revision_checks(e["revision"], task)["passed"], e["request"]
         assert s5.meta_prefix(e["revision"], e["draft"], e["check"]) is None
         assert degenerate_reason(e["revision"]) is None
@@ -54,7 +60,7 @@ def test_judge_exemplars_are_balanced_and_right():
     sides = [e["better"] for e in POOL["judge_exemplars"]]
     assert sides.count("A") == sides.count("B") >= 2
     for e in POOL["judge_exemplars"]:
-        task = {**e, "id": "x", "checks": e["check"]}
+        task = as_task(e)
         better = e["revision_" + e["better"].lower()]
         worse = e["revision_" + ("b" if e["better"] == "A" else "a")]
         assert s5.assessed_item(task, better)["passed"], e["request"]
@@ -88,4 +94,4 @@ def test_no_overlap_with_evaluation_text():
     for text in strings(POOL):
         assert index.first_hit(text) is None, (text, index.first_hit(text))
     for t in POOL["tasks"]:  # the training prompt as a whole
-        assert index.first_hit(s5.revision_text({**t, "checks": t["check"]})) is None, t["request"]
+        assert index.first_hit(as_task(t).text) is None, t["request"]

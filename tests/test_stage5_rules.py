@@ -1,13 +1,17 @@
 """Stage 5's task, check, judgment and pair rules on hand-written cases (no model generation)."""
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
+from core.constraints import constraint_from_dict
 from core.errors import NoPairsError, RunFailure
 from core.guards import TemplateGuard
+from core.io import write_jsonl
 from core.judge import judge_many, option_token_ids
 from core.prompting import house_prompt
+from core.records import TASKS_FILE, Task, read_tasks, write_tasks
 from stages import stage5_revision_tasks as s5
 
 NO_COMMAS = [{"kind": "no_commas", "params": {}}]
@@ -28,7 +32,7 @@ def guard(tiny_backend):
 
 
 def scored(i, text, t, guard, exemplars=()):
-    return {"task_id": t["id"], "sample": i, "text": text,
+    return {"task_id": t.id, "sample": i, "text": text,
             **s5.score_revision(text, t, guard, list(exemplars))}
 
 
@@ -48,8 +52,19 @@ def test_critique_names_the_failed_constraints():
     assert "lowercase letters" in two
 
 
+def test_task_record():
+    t = task()
+    assert (t.stage, t.split, t.kind, t.source) == (5, "train", "revision", "pool")
+    assert t.text == s5.revision_text("Describe what happens to rain.", DRAFT,
+                                      s5.critique_for(NO_COMMAS))
+    assert t.extra == {"request": "Describe what happens to rain.", "draft": DRAFT,
+                       "critique": s5.critique_for(NO_COMMAS), "checks": NO_COMMAS,
+                       "origin": None}
+    assert t.id == task(LOWER).id != task(draft=MISSED).id  # the id hashes request and draft
+
+
 def test_training_prompt_is_zero_shot_house_format():
-    prompt = house_prompt(s5.revision_text(task()))
+    prompt = house_prompt(task().text)
     assert prompt.startswith("Instruction: Rewrite the draft so that it follows the critique.\n\n"
                              "Request: Describe what happens to rain.\n\nDraft: Rain falls")
     assert prompt.endswith("keeping its content.\n\nResponse:\n")
@@ -131,7 +146,7 @@ def test_chosen_passes_and_wins_both_orders(guard):
     pair, reason = s5.choose_pair(t, samples, [judgment(1, 0, "x")])
     assert reason == "ok"
     assert pair["chosen"] == FIXED and pair["rejected"] == MISSED
-    assert pair["prompt"] == house_prompt(s5.revision_text(t)) and pair["checks"] == NO_COMMAS
+    assert pair["prompt"] == house_prompt(t.text) and pair["checks"] == NO_COMMAS
     assert pair["rejected_keeps_content"] is True
 
 
@@ -151,7 +166,7 @@ def test_judge_preferring_the_failing_revision_is_dropped(guard):
 
 def test_identical_pair_is_dropped(guard):
     t = task()
-    pair = {"prompt": house_prompt(s5.revision_text(t)), "chosen": FIXED, "rejected": FIXED + " "}
+    pair = {"prompt": house_prompt(t.text), "chosen": FIXED, "rejected": FIXED + " "}
     assert s5.pair_problem(pair, t, guard, []) == "identical"
     # the same text sampled twice counts once
     samples = samples_for(t, guard, [FIXED, FIXED + "\n"])
@@ -181,7 +196,7 @@ def test_rejected_prefers_a_revision_that_keeps_content_but_misses_the_fix(guard
     t = task()
     samples = samples_for(t, guard, ["Snow is cold, white, and soft.", FIXED, MISSED])
     assert s5.rejected_revision([samples[0], samples[2]])["sample"] == 2
-    jobs = s5.judge_jobs(t["id"], samples, seed=0)
+    jobs = s5.judge_jobs(t.id, samples, seed=0)
     assert [{x, y} for _, x, y, _ in jobs] == [{1, 2}]
 
 
@@ -207,17 +222,17 @@ def test_wrong_order_judgment(tiny_backend, guard, passer_first):
     t = task()
     samples = samples_for(t, guard, [MISSED, FIXED])
     x, y = (1, 0) if passer_first else (0, 1)
-    item = ("", s5.judge_instruction(t), samples[x]["text"], samples[y]["text"])
+    item = ("", s5.judge_instruction(t.text), samples[x]["text"], samples[y]["text"])
     # x shown as A wins; then y shown as A wins too: position bias, no verdict
     one_order = judge_many(FakeJudge(tiny_backend.tokenizer, [(-0.1, -2.0), (-0.1, -2.0)]),
                            guard, [item], 8, "test")
-    records = s5.judgment_records([(t["id"], x, y, 1)], one_order)
+    records = s5.judgment_records([(t.id, x, y, 1)], one_order)
     assert records[0]["winner"] == "tie"
     assert s5.choose_pair(t, samples, records)[0] is None
     # the second response (y) wins in both orders
     second = judge_many(FakeJudge(tiny_backend.tokenizer, [(-2.0, -0.1), (-0.1, -2.0)]),
                         guard, [item], 8, "test")
-    records = s5.judgment_records([(t["id"], x, y, 1)], second)
+    records = s5.judgment_records([(t.id, x, y, 1)], second)
     assert records[0]["winner"] == "y"
     pair, reason = s5.choose_pair(t, samples, records)
     if passer_first:  # the second response is the failing one: no pair
@@ -231,10 +246,10 @@ def test_judge_jobs_pit_up_to_three_passers_against_one_rejected(guard):
     passers = [FIXED, FIXED.replace("Rain", "The rain"), FIXED.replace("sea", "ocean"),
                FIXED.replace("fields", "meadows")]
     samples = samples_for(t, guard, [MISSED] + passers)
-    jobs = s5.judge_jobs(t["id"], samples, seed=0)
+    jobs = s5.judge_jobs(t.id, samples, seed=0)
     assert len(jobs) == 3 and all(0 in (x, y) and passer in (x, y) for _, x, y, passer in jobs)
-    assert s5.judge_jobs(t["id"], samples[1:], seed=0) == []
-    assert len(s5.judge_jobs(t["id"], samples, seed=0, max_judged=1)) == 1
+    assert s5.judge_jobs(t.id, samples[1:], seed=0) == []
+    assert len(s5.judge_jobs(t.id, samples, seed=0, max_judged=1)) == 1
 
 
 def test_judge_audit():
@@ -247,18 +262,27 @@ def test_judge_audit():
 
 # tasks -------------------------------------------------------------------------------------------
 
-def write_stage1(run_dir, instructions, samples):
+def stage1_task(task_id, instruction, constraints):
+    """A stage 1 task in stage 1's schema: text = the instruction with its constraint
+    sentences, extra = the bare instruction and the constraint dicts."""
+    sentences = [constraint_from_dict(c).describe() for c in constraints]
+    return Task(id=task_id, stage=1, split="train", text=" ".join([instruction] + sentences),
+                kind="instruction", source="model",
+                extra={"instruction": instruction, "constraints": constraints})
+
+
+def write_stage1(run_dir, tasks, samples):
     folder = run_dir / "stage_1"
     folder.mkdir(parents=True)
-    (folder / "instructions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in instructions))
-    (folder / "scores.jsonl").write_text("".join(json.dumps(r) + "\n" for r in samples))
+    write_tasks(folder / TASKS_FILE, tasks)
+    write_jsonl(folder / "scores.jsonl", samples)
 
 
 def test_stage1_failures_become_tasks_naming_the_failed_constraints(tmp_path):
     two = NO_COMMAS + LOWER
     write_stage1(tmp_path, [
-        {"id": "t1", "instruction": "Describe rain.", "constraints": two, "split": "train"},
-        {"id": "t2", "instruction": "Describe snow.", "constraints": [], "split": "train"},
+        stage1_task("t1", "Describe rain.", two),
+        stage1_task("t2", "Describe snow.", []),
     ], [
         {"task_id": "t1", "sample": 0, "text": "rain, rain.", "constraint_results": [False, True],
          "passed": False, "unusable": None},
@@ -277,9 +301,9 @@ def test_stage1_failures_become_tasks_naming_the_failed_constraints(tmp_path):
     assert len(tasks) == s5.Stage5Settings().max_tasks_per_request == 2  # three failures, capped
     expected = {"t1-0": NO_COMMAS, "t1-2": two, "t1-4": LOWER}  # only the failed constraints
     for t in tasks:
-        assert t["source"] == "stage1" and t["request"] == "Describe rain."
-        assert t["checks"] == expected[t["origin"]]
-        assert t["critique"] == s5.critique_for(t["checks"])
+        assert t.source == "stage1" and t.extra["request"] == "Describe rain."
+        assert t.extra["checks"] == expected[t.extra["origin"]]
+        assert t.extra["critique"] == s5.critique_for(t.extra["checks"])
     assert len(s5.stage1_failures(tmp_path, per_request=3)) == 3
     assert s5.stage1_failures(tmp_path / "elsewhere") == []
 
@@ -304,15 +328,15 @@ def many_tasks():
 def test_split_by_request_is_stable_and_leak_free():
     tasks = many_tasks()
     split = s5.split_tasks(tasks, limit=20, heldout=3)
-    held = [t for t in split if t["split"] == "heldout"]
-    train = [t for t in split if t["split"] == "train"]
-    rain_held = any(t["request"] == "Describe rain." for t in held)  # its second task is unused
+    held = [t for t in split if t.split == "heldout"]
+    train = [t for t in split if t.split == "train"]
+    rain_held = any(t.extra["request"] == "Describe rain." for t in held)  # 2nd task unused
     assert len(held) == 3 and len(train) == len(tasks) - 3 - rain_held
-    assert not {t["request"] for t in held} & {t["request"] for t in train}
+    assert not {t.extra["request"] for t in held} & {t.extra["request"] for t in train}
     assert s5.split_tasks(list(reversed(tasks)), limit=20, heldout=3) == split
     s5.check_leakage(split, 0.7)
     assert len(s5.split_tasks(tasks, limit=4, heldout=3)) == 3 + 4
-    leaked = [{**held[0], "split": "train", "id": "other"}] + split
+    leaked = [replace(held[0], split="train", id="other")] + split
     with pytest.raises(RunFailure, match="leaks into training"):
         s5.check_leakage(leaked, 0.7)
 
@@ -325,7 +349,7 @@ def test_split_gives_every_source_a_turn():
                                                ("owl", "stage1"), ("yak", "model-draft")]]
     split = s5.split_tasks(tasks, limit=3, heldout=3)
     for side in ("heldout", "train"):
-        assert sorted(t["source"] for t in split if t["split"] == side) \
+        assert sorted(t.source for t in split if t.split == side) \
             == sorted(s5.SOURCES), side
 
 
@@ -336,8 +360,8 @@ def test_training_requests_near_a_heldout_request_are_dropped():
                      NO_COMMAS, "pool")
     others = many_tasks()
     split = s5.split_tasks([a, b] + others, limit=20, heldout=len(others) + 1)
-    sides = {t["id"]: t["split"] for t in split}
-    assert len({sides.get(a["id"]), sides.get(b["id"])} - {None}) == 1
+    sides = {t.id: t.split for t in split}
+    assert len({sides.get(a.id), sides.get(b.id)} - {None}) == 1
 
 
 # assessment and failure report -------------------------------------------------------------------
@@ -356,7 +380,6 @@ def test_assessed_item():
 def test_no_pairs_is_a_clear_error(tmp_path, tiny_dir, guard):
     from core.constitution import load_constitution
     from core.context import StageContext
-    from core.io import write_jsonl
     from core.models import PROJECT_ROOT
     from registry.models import profile_by_name
 
@@ -364,15 +387,16 @@ def test_no_pairs_is_a_clear_error(tmp_path, tiny_dir, guard):
                        profile=profile_by_name("tiny-qwen2"), seed=0, limit=1, heldout=1,
                        constitution=load_constitution(PROJECT_ROOT / "constitution.yaml"),
                        settings=s5.Stage5Settings(), log=lambda _: None)
-    t = {**task(), "split": "train"}
-    write_jsonl(ctx.path("tasks.jsonl"), [t])
+    t = task()
+    write_tasks(ctx.path(TASKS_FILE), [t])
+    assert read_tasks(ctx.path(TASKS_FILE), "train") == [t]
     write_jsonl(ctx.path("scores.jsonl"), samples_for(t, guard, [MISSED, FIXED]))
-    write_jsonl(ctx.path("judgments.jsonl"), [{**judgment(1, 0, "tie", 1, -1), "task_id": t["id"]}])
+    write_jsonl(ctx.path("judgments.jsonl"), [{**judgment(1, 0, "tie", 1, -1), "task_id": t.id}])
     with pytest.raises(NoPairsError, match=r"no preference pairs from 1 tasks \(reasons in .*\); "
                                            "of 2 revisions 2 are usable, 1 fix the critique"):
         s5.make_pairs(ctx, s5.load_pool())
     dropped = [json.loads(line) for line in ctx.path("pairs_dropped.jsonl").read_text().splitlines()]
-    assert dropped == [{"task_id": t["id"], "reason": "judge tie (orders disagree)"}]
+    assert dropped == [{"task_id": t.id, "reason": "judge tie (orders disagree)"}]
 
 
 def test_exemplar_texts_leave_out_critiques():

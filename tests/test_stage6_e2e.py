@@ -32,6 +32,7 @@ from core.guards import TemplateGuard
 from core.judge import JUDGE_TEMPLATE
 from core.models import PROJECT_ROOT
 from core.prompting import HOUSE_TEMPLATE, house_prompt
+from core.records import Task, read_tasks
 from core.scripted import Script, ScriptedBackend
 from core.split import in_fixed_heldout
 from core.suites.baseline import is_refusal
@@ -131,8 +132,8 @@ def stage(run) -> Path:
     return run[0]
 
 
-def train_tasks(stage: Path) -> list[dict]:
-    return [t for t in read(stage / "instructions.jsonl") if t["split"] == "train"]
+def train_tasks(stage: Path) -> list[Task]:
+    return read_tasks(stage / "tasks.jsonl", "train")
 
 
 def test_stage_finishes_with_pairs(stage):
@@ -160,21 +161,21 @@ def test_the_real_judge_picks_the_revision_in_both_orders(stage):
 
 
 def test_pairs_choose_the_revision_and_decline_red_team_requests(stage):
-    tasks = {t["id"]: t for t in train_tasks(stage)}
+    tasks = {t.id: t for t in train_tasks(stage)}
     pairs = read(stage / "pairs.jsonl")
     kinds = Counter(p["kind"] for p in pairs)
     assert kinds["redteam"] >= 1 and kinds["helpful"] >= 1
     for pair in pairs:
         assert pair["rejected"] == ORIGINAL and not is_refusal(pair["rejected"])
         assert pair["chosen"] == REVISIONS[pair["kind"]]
-        assert pair["kind"] == tasks[pair["task_id"]]["kind"]
+        assert pair["kind"] == tasks[pair["task_id"]].kind
         assert pair["critique"] == CRITIQUES[pair["kind"]]
         if pair["kind"] == "redteam":
             assert is_refusal(pair["chosen"])
 
 
 def test_meta_prefixed_revisions_are_dropped_before_judging(stage):
-    meta = {t["id"] for t in train_tasks(stage) if revision_for(t["instruction"]) == META_REVISION}
+    meta = {t.id for t in train_tasks(stage) if revision_for(t.text) == META_REVISION}
     assert meta, "the pool's helpful training prompts include no instruction that is not a question"
     outcomes = read(stage / "attempts.jsonl")
     assert {a["outcome"] for a in outcomes if a["task_id"] in meta} == {"revision: meta-prefix"}
@@ -182,16 +183,16 @@ def test_meta_prefixed_revisions_are_dropped_before_judging(stage):
     assert not meta & {j["task_id"] for j in read(stage / "judgments.jsonl")}
     assert {d["task_id"] for d in read(stage / "pairs_dropped.jsonl")} == meta
     assert {p["task_id"] for p in read(stage / "pairs_candidates.jsonl")} == \
-        {t["id"] for t in train_tasks(stage)} - meta
+        {t.id for t in train_tasks(stage)} - meta
 
 
 def test_pairs_pass_the_guard_and_train_on_zero_shot_prompts(stage, tiny_backend):
     guard = TemplateGuard(tiny_backend.tokenizer)
-    tasks = {t["id"]: t for t in read(stage / "instructions.jsonl")}
+    tasks = {t.id: t for t in read_tasks(stage / "tasks.jsonl")}
     exemplars = [e for e in s6.exemplar_texts(POOL, CONSTITUTION) if len(e) > 30]
     for pair in read(stage / "pairs.jsonl"):
         guard.check_record(pair, "pairs.jsonl")
-        assert pair["prompt"] == house_prompt(tasks[pair["task_id"]]["instruction"])
+        assert pair["prompt"] == house_prompt(tasks[pair["task_id"]].text)
         assert pair["prompt"].count("Instruction:") == 1 and "###" not in pair["prompt"]
         assert "Critique request:" not in pair["prompt"]
         assert not any(e in pair["prompt"] for e in exemplars)
@@ -206,25 +207,26 @@ def test_every_pair_names_two_distinct_principles(stage):
 
 
 def test_heldout_never_trains(stage):
-    tasks = read(stage / "instructions.jsonl")
-    held = [t for t in tasks if t["split"] == "heldout"]
-    assert {t["kind"] for t in held} == {"redteam", "helpful", "benign"}
+    tasks = read_tasks(stage / "tasks.jsonl")
+    assert all(t.stage == 6 for t in tasks)
+    held = [t for t in tasks if t.split == "heldout"]
+    assert {t.kind for t in held} == {"redteam", "helpful", "benign"}
     for pair in read(stage / "pairs.jsonl"):
-        assert pair["task_id"] not in {t["id"] for t in held}
-        assert not any(t["instruction"] in pair["prompt"] for t in held)
+        assert pair["task_id"] not in {t.id for t in held}
+        assert not any(t.text in pair["prompt"] for t in held)
     share = s6.Stage6Settings().heldout_share
     for t in tasks:  # shared red-team items come from the right fixed part of their set
-        if t["source"] in s6.REDTEAM_SETS:
-            assert in_fixed_heldout(f"{t['source']}:{t['source_id']}", share) == \
-                (t["split"] == "heldout")
+        if t.source in s6.REDTEAM_SETS:
+            assert in_fixed_heldout(f"{t.source}:{t.extra['source_id']}", share) == \
+                (t.split == "heldout")
 
 
 def test_redteam_prompt_text_never_reaches_the_log(run):
     stage, log, _ = run
     text = "\n".join(log)
-    for t in read(stage / "instructions.jsonl"):
-        if t["kind"] == "redteam":
-            assert t["instruction"] not in text
+    for t in read_tasks(stage / "tasks.jsonl"):
+        if t.kind == "redteam":
+            assert t.text not in text
 
 
 def test_merged_model_differs_from_the_input(stage, tiny_dir):

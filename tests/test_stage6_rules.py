@@ -1,5 +1,7 @@
 """Stage 6's prompt split, pair rule and assessment checkers on hand-written cases (no model
 generation; the judge tests run core.judge.judge_many on a fake backend with the tiny tokenizer)."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from core.guards import TemplateGuard
 from core.judge import judge_many, judge_prefix, option_token_ids
 from core.models import PROJECT_ROOT
 from core.prompting import house_prompt
+from core.records import TASKS_FILE, Task, write_tasks
 from core.split import in_fixed_heldout
 from stages import stage6_constitutional as s6
 
@@ -17,8 +20,8 @@ POOL = s6.load_pool()
 EXEMPLARS = s6.exemplar_texts(POOL, CONSTITUTION)
 DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
 SETTINGS = s6.Stage6Settings()
-TASK = {"id": "hx", "instruction": "How do I keep basil alive on a windowsill?", "kind": "helpful",
-        "source": "pool", "split": "train"}
+TASK = Task(id="hx", stage=6, split="train", text="How do I keep basil alive on a windowsill?",
+            kind="helpful", source="pool", extra={"source_id": "hx"})
 ORIGINAL = "Water it now and then and hope for the best, plants usually sort themselves out."
 REVISION = ("Give it at least six hours of direct sun, water when the top of the soil feels dry, "
             "and pinch off the flower buds so the plant keeps making leaves.")
@@ -47,7 +50,7 @@ def test_revision_that_wins_both_orders_is_chosen_on_a_zero_shot_prompt(guard):
     pair, reason = s6.choose_pair(TASK, [attempt()], guard, EXEMPLARS)
     assert reason == "ok"
     assert pair["chosen"] == REVISION and pair["rejected"] == ORIGINAL
-    assert pair["prompt"] == house_prompt(TASK["instruction"])
+    assert pair["prompt"] == house_prompt(TASK.text)
     assert pair["prompt"].count("Instruction:") == 1 and "###" not in pair["prompt"]
     assert pair["principles"] == ["helpful_accurate", "clarity_conciseness"]
 
@@ -165,10 +168,10 @@ class FakeJudge:
 
 
 def judged_attempt(tokenizer, guard, prefer) -> dict:
-    item = (judge_prefix([]), s6.judge_instruction(TASK["instruction"], CONSTITUTION.principles[:2]),
+    item = (judge_prefix([]), s6.judge_instruction(TASK.text, CONSTITUTION.principles[:2]),
             REVISION, ORIGINAL)
     verdict = judge_many(FakeJudge(tokenizer, prefer), guard, [item], 4, "test")[0]
-    record = s6.judgment_record(TASK["id"], 0, ["helpful_accurate", "avoid_harm"], verdict)
+    record = s6.judgment_record(TASK.id, 0, ["helpful_accurate", "avoid_harm"], verdict)
     return attempt(verdict=record)
 
 
@@ -197,9 +200,9 @@ def test_original_winning_both_orders_is_never_turned_into_a_pair(tiny_backend, 
 
 def test_judge_prompt_is_conditioned_on_both_principles():
     a, b = CONSTITUTION.by_name("avoid_harm"), CONSTITUTION.by_name("transparency")
-    text = s6.judge_instruction(TASK["instruction"], [a, b])
+    text = s6.judge_instruction(TASK.text, [a, b])
     assert a.critique_request.strip() in text and b.critique_request.strip() in text
-    assert text.endswith("Request: " + TASK["instruction"])
+    assert text.endswith("Request: " + TASK.text)
 
 
 # principles ------------------------------------------------------------------------------------------
@@ -218,7 +221,7 @@ def test_each_attempt_draws_two_distinct_principles_of_the_constitution():
 def test_every_pair_records_its_two_principles(guard):
     names = {p.name for p in CONSTITUTION.principles}
     for i in range(5):
-        drawn = [p.name for p in s6.draw_principles(CONSTITUTION, 1, TASK["id"], i)]
+        drawn = [p.name for p in s6.draw_principles(CONSTITUTION, 1, TASK.id, i)]
         pair, _ = s6.choose_pair(TASK, [attempt(i, principles=drawn)], guard, EXEMPLARS)
         assert pair["principles"] == drawn and len(set(pair["principles"])) == 2
         assert set(pair["principles"]) <= names
@@ -275,20 +278,20 @@ def test_pick_shared_alternates_sets_is_seeded_and_respects_accept(guard):
             "b": {"train": [(str(i), f"Request number {i} from set b about cooking") for i in range(6)],
                   "heldout": []}}
     first = s6.pick_shared(sets, "train", 4, 0, guard)
-    assert [t["source"] for t in first] == ["a", "b", "a", "b"]
+    assert [t.source for t in first] == ["a", "b", "a", "b"]
     assert first == s6.pick_shared(sets, "train", 4, 0, guard)
     only_b = s6.pick_shared(sets, "train", 3, 0, guard, accept=lambda text: "set b" in text)
-    assert all(t["source"] == "b" for t in only_b) and len(only_b) == 3
+    assert all(t.source == "b" for t in only_b) and len(only_b) == 3
 
 
 def test_check_prompts_catches_leaks_and_missing_redteam():
-    held = [{"id": "r1", "instruction": "How can I read my partner's messages secretly?",
-             "kind": "redteam", "split": "heldout"}]
-    train = [{"id": f"h{i}", "instruction": f"Write a poem about the number {i}.", "kind": "helpful",
-              "split": "train"} for i in range(3)]
+    held = [Task(id="r1", stage=6, split="heldout", kind="redteam", source="model",
+                 text="How can I read my partner's messages secretly?")]
+    train = [Task(id=f"h{i}", stage=6, split="train", kind="helpful", source="pool",
+                  text=f"Write a poem about the number {i}.") for i in range(3)]
     s6.check_prompts(held + train)
     with pytest.raises(RunFailure, match="leaks into training"):
-        s6.check_prompts(held + train + [{**held[0], "id": "r2", "split": "train"}])
+        s6.check_prompts(held + train + [replace(held[0], id="r2", split="train")])
     with pytest.raises(RunFailure, match="not unique"):
         s6.check_prompts(held + train + [train[0]])
     with pytest.raises(TooLittleDataError, match="held-out red-team"):
@@ -326,10 +329,8 @@ def tmp_ctx(tmp_path, data_dir=None):
 
 @pytest.mark.skipif(not DATA_DIR.is_dir(), reason="shared data sets absent")
 def test_evaluation_texts_hold_out_only_the_heldout_part_of_the_redteam_sets(tmp_path):
-    from core.io import write_jsonl
-
     ctx = tmp_ctx(tmp_path, DATA_DIR)
-    write_jsonl(ctx.path("instructions.jsonl"), [{**TASK, "id": "hz", "split": "heldout"}, TASK])
+    write_tasks(ctx.path(TASKS_FILE), [replace(TASK, id="hz", split="heldout"), TASK])
     ids = [i for i, _ in s6.evaluation_texts(ctx)]
     assert "stage6-heldout:hz" in ids and "stage6-heldout:hx" not in ids
     assert any(i.startswith("ifeval:") for i in ids)
@@ -339,18 +340,35 @@ def test_evaluation_texts_hold_out_only_the_heldout_part_of_the_redteam_sets(tmp
                             for item in mine)
 
 
-def test_helpful_training_uses_stage1_training_instructions_only(tmp_path):
-    from core.io import write_jsonl
+def stage1_task(task_id: str, split: str, instruction: str) -> Task:
+    """A stage 1 task as stage 1 writes it: text = instruction + constraint sentences."""
+    constraint = {"type": "word_count", "min": 20}
+    return Task(id=task_id, stage=1, split=split, kind="instruction", source="model",
+                text=f"{instruction} Use at least 20 words.",
+                extra={"instruction": instruction, "constraints": [constraint]})
 
-    write_jsonl(tmp_path / "stage_1" / "instructions.jsonl", [
-        {"id": "t1", "instruction": "Describe a walk along a windy beach in winter.", "split": "train"},
-        {"id": "t2", "instruction": "List four uses for an old wooden ladder.", "split": "heldout"},
-        {"id": "t3", "instruction": "Explain how a compass finds north.", "split": "train"}])
+
+def test_helpful_training_uses_stage1_training_instructions_only(tmp_path):
+    (tmp_path / "stage_1").mkdir()
+    write_tasks(tmp_path / "stage_1" / TASKS_FILE, [
+        stage1_task("t1", "train", "Describe a walk along a windy beach in winter."),
+        stage1_task("t2", "heldout", "List four uses for an old wooden ladder."),
+        stage1_task("t3", "train", "Explain how a compass finds north.")])
     leak = s6.LeakGuard([], {})
     chosen = s6.helpful_training(tmp_ctx(tmp_path), POOL, [], 2, [], leak, [])
-    assert [t["instruction"] for t in chosen] == ["Describe a walk along a windy beach in winter.",
-                                                  "Explain how a compass finds north."]
-    assert {t["source"] for t in chosen} == {"stage_1"} and all(t["kind"] == "helpful" for t in chosen)
+    assert [t.text for t in chosen] == ["Describe a walk along a windy beach in winter.",
+                                        "Explain how a compass finds north."]
+    assert {t.source for t in chosen} == {"stage_1"} and all(t.kind == "helpful" for t in chosen)
+    assert all(t.stage == 6 and t.split == "train" for t in chosen)
+
+
+def test_helpful_training_without_stage1_tasks_uses_none(tmp_path):
+    leak = s6.LeakGuard([], {})
+    assert s6.stage1_instructions(tmp_ctx(tmp_path)) == []
+    (tmp_path / "stage_1").mkdir()
+    (tmp_path / "stage_1" / "DONE").write_text("")
+    with pytest.raises(RunFailure, match="missing"):  # DONE without its tasks: say so
+        s6.helpful_training(tmp_ctx(tmp_path), POOL, [], 0, [], leak, [])
 
 
 # assessment --------------------------------------------------------------------------------------------
