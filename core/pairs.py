@@ -10,7 +10,7 @@ from core.context import StageContext
 from core.errors import NoPairsError
 from core.guards import TemplateGuard
 from core.io import read_json, write_jsonl
-from core.records import Pair
+from core.records import Pair, Task
 
 Choice = tuple[dict | None, str]  # (pair, "ok") or (None, why no pair)
 
@@ -67,8 +67,8 @@ def shared_pair_problem(pair: dict, guard: TemplateGuard,
     return None
 
 
-def write_pairs(ctx: StageContext, tasks: list[dict], choose: Callable[[dict], Choice],
-                problem: Callable[[dict, dict], str | None] | None, what: str,
+def write_pairs(ctx: StageContext, tasks: list[Task], choose: Callable[[Task], Choice],
+                problem: Callable[[dict, Task], str | None] | None, what: str,
                 hint: str) -> list[dict]:
     """`choose(task)` per task, then `problem(pair, task)` (the stage's last filter) on what it
     chose: kept pairs into `pairs_candidates.jsonl`, the reasons for the rest into
@@ -81,7 +81,7 @@ def write_pairs(ctx: StageContext, tasks: list[dict], choose: Callable[[dict], C
         if reason == "ok":
             pairs.append(pair)
         else:
-            dropped.append({"task_id": task["id"], "reason": reason})
+            dropped.append({"task_id": task.id, "reason": reason})
     write_jsonl(ctx.path("pairs_dropped.jsonl"), dropped)
     if not pairs:
         raise NoPairsError(

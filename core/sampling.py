@@ -11,31 +11,32 @@ from core.context import StageContext
 from core.generation import GenRequest
 from core.io import write_jsonl
 from core.prompting import few_shot_prompt, seed_for
+from core.records import Task
 
-Shots = Callable[[dict, random.Random], list[tuple[str, str]]]  # (task, rng) -> [(instr, resp)]
+Shots = Callable[[Task, random.Random], list[tuple[str, str]]]  # (task, rng) -> [(instr, resp)]
 
 
-def few_shot_requests(seed: int, tasks: list[dict], k: int, kind: str, shots: Shots,
-                      instruction: Callable[[dict], str]) -> list[GenRequest]:
-    """K completion requests per task: drawn exemplars, then the task's instruction."""
+def few_shot_requests(seed: int, tasks: list[Task], k: int, kind: str,
+                      shots: Shots) -> list[GenRequest]:
+    """K completion requests per task: drawn exemplars, then the task's text."""
     requests = []
     for task in tasks:
         for j in range(k):
-            rng = random.Random(seed_for(seed, f"{kind}-exemplars", task["id"], j))
-            requests.append(GenRequest(f"{task['id']}-{j}",
-                                       few_shot_prompt(shots(task, rng), instruction(task)),
-                                       seed_for(seed, kind, task["id"], j)))
+            rng = random.Random(seed_for(seed, f"{kind}-exemplars", task.id, j))
+            requests.append(GenRequest(f"{task.id}-{j}",
+                                       few_shot_prompt(shots(task, rng), task.text),
+                                       seed_for(seed, kind, task.id, j)))
     return requests
 
 
-def sample_records(tasks: list[dict], results: dict[str, dict], k: int) -> list[dict]:
+def sample_records(tasks: list[Task], results: dict[str, dict], k: int) -> list[dict]:
     """K samples per task as records in task order: {task_id, sample, text (stripped), finish}."""
-    return [{"task_id": task["id"], "sample": j, "text": results[f"{task['id']}-{j}"]["text"].strip(),
-             "finish": results[f"{task['id']}-{j}"]["finish"]}
+    return [{"task_id": task.id, "sample": j, "text": results[f"{task.id}-{j}"]["text"].strip(),
+             "finish": results[f"{task.id}-{j}"]["finish"]}
             for task in tasks for j in range(k)]
 
 
-def sample_to_file(ctx: StageContext, tasks: list[dict], requests: list[GenRequest],
+def sample_to_file(ctx: StageContext, tasks: list[Task], requests: list[GenRequest],
                    temperature: float, stops: tuple[str, ...], name: str) -> None:
     """Generate `requests` (cached in cache/<name>.jsonl) and write <name>.jsonl."""
     settings = ctx.sampling(temperature, ctx.profile.max_new_tokens, stops)

@@ -168,7 +168,8 @@ def attach_constraints(instructions: list[str], seed: int,
 
 def split_tasks(tasks: list[Task], heldout: int) -> list[Task]:
     """The `heldout` smallest ids held out (core.split.split_smallest_ids), the rest train."""
-    splits = {t["id"]: t["split"] for t in split_smallest_ids(keyed(tasks), heldout)}
+    splits = {t["id"]: t["split"] for t in split_smallest_ids([{"id": t.id} for t in tasks],
+                                                              heldout)}
     return [replace(t, split=splits[t.id]) for t in tasks]
 
 
@@ -185,29 +186,22 @@ def load_tasks(ctx: StageContext, split: str) -> list[Task]:
     return read_tasks(ctx.path(TASKS_FILE), split)
 
 
-def keyed(tasks: list[Task]) -> list[dict]:
-    """The tasks as the dicts core's per-task helpers read (`item["id"]`), each carrying its
-    Task under "task"."""
-    return [{"id": t.id, "task": t} for t in tasks]
-
-
 # 2. responses ------------------------------------------------------------------------------------
 
 def response_requests(ctx: StageContext, pool: dict, tasks: list[Task]) -> list[GenRequest]:
     """3-4 response exemplars (with their constraints spelled out), then the task."""
     exemplars = pool["response_exemplars"]
 
-    def shots(item: dict, rng: random.Random) -> list[tuple[str, str]]:
+    def shots(task: Task, rng: random.Random) -> list[tuple[str, str]]:
         return [(instruction_with_constraints(e["instruction"], e.get("constraints") or []),
                  e["response"]) for e in draw(exemplars, rng, 3, 4)]
 
-    return few_shot_requests(ctx.seed, keyed(tasks), ctx.profile.responses_per_task, "response",
-                             shots, lambda item: item["task"].text)
+    return few_shot_requests(ctx.seed, tasks, ctx.profile.responses_per_task, "response", shots)
 
 
 def make_responses(ctx: StageContext, pool: dict) -> None:
     tasks = load_tasks(ctx, "train")
-    sample_to_file(ctx, keyed(tasks), response_requests(ctx, pool, tasks),
+    sample_to_file(ctx, tasks, response_requests(ctx, pool, tasks),
                    ctx.profile.temperature_answer, RESPONSE_STOPS, "responses")
 
 
@@ -332,10 +326,10 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
     scored = group_by_task(read_jsonl(ctx.path("scores.jsonl")))
     judgments = group_by_task(read_jsonl(ctx.path("judgments.jsonl")))
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
-    write_pairs(ctx, keyed(load_tasks(ctx, "train")),
-                lambda item: choose_pair(item["task"], scored.get(item["id"], []),
-                                         judgments.get(item["id"], [])),
-                lambda pair, item: pair_problem(pair, guard, exemplars),
+    write_pairs(ctx, load_tasks(ctx, "train"),
+                lambda task: choose_pair(task, scored.get(task.id, []),
+                                         judgments.get(task.id, [])),
+                lambda pair, task: pair_problem(pair, guard, exemplars),
                 "tasks", "raise --limit so more tasks yield a pair")
 
 

@@ -620,11 +620,10 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
     scored = group_by_task(read_jsonl(ctx.path("scores.jsonl")))
     judgments = group_by_task(read_jsonl(ctx.path("judgments.jsonl")))
     guard, exemplars, check = ctx.guard(), exemplar_texts(pool), answer_checks(ctx.settings)
-    # write_pairs reads item["id"] of what it is given: each task rides along under "task"
-    write_pairs(ctx, [{"id": t.id, "task": t} for t in load_tasks(ctx, "train")],
-                lambda item: choose_pair(item["task"], scored.get(item["id"], []),
-                                         judgments.get(item["id"], [])),
-                lambda pair, item: pair_problem(pair, item["task"].text, guard, exemplars, check),
+    write_pairs(ctx, load_tasks(ctx, "train"),
+                lambda task: choose_pair(task, scored.get(task.id, []),
+                                         judgments.get(task.id, [])),
+                lambda pair, task: pair_problem(pair, task.text, guard, exemplars, check),
                 "questions", "raise --limit so more questions yield a pair")
 
 

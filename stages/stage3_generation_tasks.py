@@ -304,11 +304,6 @@ def load_tasks(ctx: StageContext, split: str) -> list[Task]:
     return read_tasks(ctx.path(TASKS_FILE), split)
 
 
-def by_id(tasks: list[Task]) -> list[dict]:
-    """Tasks wrapped as {"id", "task"} for the core helpers that read `task["id"]`."""
-    return [{"id": t.id, "task": t} for t in tasks]
-
-
 # 3. responses ------------------------------------------------------------------------------------
 
 def exemplar_shots(pool: dict, kind: str, rng: random.Random) -> list[tuple[str, str]]:
@@ -321,14 +316,13 @@ def exemplar_shots(pool: dict, kind: str, rng: random.Random) -> list[tuple[str,
 
 
 def response_requests(ctx: StageContext, pool: dict, tasks: list[Task]) -> list[GenRequest]:
-    return few_shot_requests(ctx.seed, by_id(tasks), ctx.profile.responses_per_task, "response",
-                             lambda item, rng: exemplar_shots(pool, item["task"].kind, rng),
-                             lambda item: item["task"].text)
+    return few_shot_requests(ctx.seed, tasks, ctx.profile.responses_per_task, "response",
+                             lambda task, rng: exemplar_shots(pool, task.kind, rng))
 
 
 def make_responses(ctx: StageContext, pool: dict) -> None:
     tasks = load_tasks(ctx, "train")
-    sample_to_file(ctx, by_id(tasks), response_requests(ctx, pool, tasks),
+    sample_to_file(ctx, tasks, response_requests(ctx, pool, tasks),
                    ctx.profile.temperature_answer, RESPONSE_STOPS, "responses")
 
 
@@ -586,10 +580,10 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
     scored = group_by_task(read_jsonl(ctx.path("scores.jsonl")))
     judgments = group_by_task(read_jsonl(ctx.path("judgments.jsonl")))
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
-    write_pairs(ctx, by_id(load_tasks(ctx, "train")),
-                lambda item: choose_pair(item["task"], scored.get(item["id"], []),
-                                         judgments.get(item["id"], [])),
-                lambda pair, item: pair_problem(pair, guard, exemplars), "tasks",
+    write_pairs(ctx, load_tasks(ctx, "train"),
+                lambda task: choose_pair(task, scored.get(task.id, []),
+                                         judgments.get(task.id, [])),
+                lambda pair, task: pair_problem(pair, guard, exemplars), "tasks",
                 "no task had both a sample passing every check and a failing one; raise "
                 "--limit, or the model cannot yet write lists in the asked form even with "
                 "exemplars")

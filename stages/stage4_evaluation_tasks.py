@@ -246,11 +246,6 @@ def judge_tasks(pairs: list[dict]) -> list[Task]:
             for p in pairs for label in LETTERS]
 
 
-def as_items(tasks: list[Task]) -> list[dict]:
-    """The tasks as the dicts core's sampling and pair helpers take (they read "id" only)."""
-    return [{"id": t.id, "task": t} for t in tasks]
-
-
 def hh_pair(line: str) -> dict | None:
     """Request / chosen / rejected of a single-turn HH-RLHF record (None for multi-turn)."""
     record = json.loads(line)
@@ -343,14 +338,13 @@ def verdict_shots(pool: dict, rng: random.Random) -> list[tuple[str, str]]:
 
 
 def verdict_requests(ctx: StageContext, pool: dict, tasks: list[Task]) -> list[GenRequest]:
-    return few_shot_requests(ctx.seed, as_items(tasks), ctx.profile.responses_per_task,
-                             "verdict", lambda item, rng: verdict_shots(pool, rng),
-                             lambda item: item["task"].text)
+    return few_shot_requests(ctx.seed, tasks, ctx.profile.responses_per_task, "verdict",
+                             lambda task, rng: verdict_shots(pool, rng))
 
 
 def make_verdicts(ctx: StageContext, pool: dict) -> None:
     tasks = load_tasks(ctx, "train")
-    sample_to_file(ctx, as_items(tasks), verdict_requests(ctx, pool, tasks),
+    sample_to_file(ctx, tasks, verdict_requests(ctx, pool, tasks),
                    ctx.profile.temperature_critique, VERDICT_STOPS, "verdicts")
 
 
@@ -487,13 +481,12 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
     by_task = group_by_task(read_jsonl(ctx.path("scores.jsonl")))
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
 
-    def choose(item: dict) -> tuple[dict | None, str]:
-        task = item["task"]
+    def choose(task: Task) -> tuple[dict | None, str]:
         other = f"{task.extra['pair_id']}-{other_letter(task.extra['label'])}"
         return choose_pair(task, by_task.get(task.id, []), by_task.get(other, []))
 
-    write_pairs(ctx, as_items(load_tasks(ctx, "train")), choose,
-                lambda pair, item: pair_problem(pair, guard, exemplars), "judge tasks",
+    write_pairs(ctx, load_tasks(ctx, "train"), choose,
+                lambda pair, task: pair_problem(pair, guard, exemplars), "judge tasks",
                 "the model wrote no verdict with the right letter and a one-sentence reason "
                 "next to a wrong one; raise --limit")
 

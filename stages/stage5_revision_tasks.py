@@ -382,25 +382,18 @@ def load_tasks(ctx: StageContext, split: str) -> list[Task]:
     return read_tasks(ctx.path(TASKS_FILE), split)
 
 
-def keyed(tasks: list[Task]) -> list[dict]:
-    """The tasks as {"id", "task"} dicts, for core helpers that read `item["id"]`
-    (core.sampling, core.pairs.write_pairs)."""
-    return [{"id": t.id, "task": t} for t in tasks]
-
-
 # 3. revisions ------------------------------------------------------------------------------------
 
 def revision_requests(ctx: StageContext, pool: dict, tasks: list[Task]) -> list[GenRequest]:
     return few_shot_requests(
-        ctx.seed, keyed(tasks), ctx.profile.responses_per_task, "revision",
-        lambda item, rng: [(exemplar_text(e), e["revision"])
-                           for e in draw(pool["revision_exemplars"], rng)],
-        lambda item: item["task"].text)
+        ctx.seed, tasks, ctx.profile.responses_per_task, "revision",
+        lambda task, rng: [(exemplar_text(e), e["revision"])
+                           for e in draw(pool["revision_exemplars"], rng)])
 
 
 def make_revisions(ctx: StageContext, pool: dict) -> None:
     tasks = load_tasks(ctx, "train")
-    sample_to_file(ctx, keyed(tasks), revision_requests(ctx, pool, tasks),
+    sample_to_file(ctx, tasks, revision_requests(ctx, pool, tasks),
                    ctx.profile.temperature_answer, RESPONSE_STOPS, "revisions")
 
 
@@ -537,10 +530,10 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
     judgments = read_jsonl(ctx.path("judgments.jsonl"))
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
     scored_by, judged_by = group_by_task(scored), group_by_task(judgments)
-    write_pairs(ctx, keyed(load_tasks(ctx, "train")),
-                lambda item: choose_pair(item["task"], scored_by.get(item["id"], []),
-                                         judged_by.get(item["id"], [])),
-                lambda pair, item: pair_problem(pair, item["task"], guard, exemplars), "tasks",
+    write_pairs(ctx, load_tasks(ctx, "train"),
+                lambda task: choose_pair(task, scored_by.get(task.id, []),
+                                         judged_by.get(task.id, [])),
+                lambda pair, task: pair_problem(pair, task, guard, exemplars), "tasks",
                 no_pairs_hint(scored, judgments))
 
 

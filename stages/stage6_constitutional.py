@@ -698,10 +698,8 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
         {"task_id": t.id, "attempt": a["attempt"], "principles": a["principles"],
          "outcome": attempt_outcome(a, guard, exemplars)}
         for t in tasks for a in attempts.get(t.id, [])])
-    # core.pairs.write_pairs takes dicts with an "id" (it records dropped ones by it)
-    write_pairs(ctx, [{"id": t.id, "task": t} for t in tasks],
-                lambda item: choose_pair(item["task"], attempts.get(item["id"], []), guard,
-                                         exemplars),
+    write_pairs(ctx, tasks,
+                lambda task: choose_pair(task, attempts.get(task.id, []), guard, exemplars),
                 None, "prompts",
                 f"per attempt in {ctx.path('attempts.jsonl')}; raise --limit so more prompts "
                 f"yield a pair")

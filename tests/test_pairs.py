@@ -7,7 +7,7 @@ from core.constitution import load_constitution
 from core.context import StageContext
 from core.guards import TemplateGuard
 from core.io import read_jsonl
-from core.records import Pair
+from core.records import Pair, Task
 from core.models import PROJECT_ROOT
 from registry.models import resolve_model
 from core.pairs import (NoPairsError, first_of_each_text, group_by_task, judge_wins,
@@ -74,13 +74,13 @@ def context(tmp_path) -> StageContext:
 
 def test_write_pairs_keeps_filters_and_records_why(tmp_path):
     ctx = context(tmp_path)
-    tasks = [{"id": "t1"}, {"id": "t2"}, {"id": "t3"}]
+    tasks = [Task(i, 3, "train", "Name a colour.", "instruction", "test") for i in ("t1", "t2", "t3")]
     choices = {"t1": (pair("Blue.", "Cat."), "ok"), "t2": (None, "no sample passes the checks"),
                "t3": (pair("Red.", "Dog."), "ok")}
     problem = lambda p, task: "chosen: copies an exemplar" if p["chosen"] == "Red." else None
     ctx.stage_dir.mkdir(parents=True)
     ctx.path("input.json").write_text(json.dumps({"path": "m", "weights_sha256": "ab12"}))
-    kept = write_pairs(ctx, tasks, lambda t: choices[t["id"]], problem, "tasks", "hint")
+    kept = write_pairs(ctx, tasks, lambda t: choices[t.id], problem, "tasks", "hint")
     written = read_jsonl(ctx.path("pairs_candidates.jsonl"))
     assert kept == written == [Pair.from_stage(pair("Blue.", "Cat."), 3, "ab12").to_json()]
     assert written[0]["stage"] == 3 and written[0]["input_model_sha256"] == "ab12"
@@ -93,7 +93,8 @@ def test_write_pairs_without_a_pair_stops_the_stage_and_writes_no_candidates(tmp
     ctx = context(tmp_path)
     with pytest.raises(NoPairsError, match=r"stage 3 produced no preference pairs from 1 tasks "
                                            r"\(reasons in .*pairs_dropped.jsonl\); raise --limit"):
-        write_pairs(ctx, [{"id": "t1"}], lambda t: (None, "judge tie in both orders"), None,
+        write_pairs(ctx, [Task("t1", 3, "train", "x", "k", "s")],
+                    lambda t: (None, "judge tie in both orders"), None,
                     "tasks", "raise --limit")
     assert read_jsonl(ctx.path("pairs_dropped.jsonl")) == [
         {"task_id": "t1", "reason": "judge tie in both orders"}]

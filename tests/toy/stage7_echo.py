@@ -16,6 +16,7 @@ from core.generation import GenRequest
 from core.io import read_jsonl, write_jsonl
 from core.pairs import write_pairs
 from core.prompting import RESPONSE_STOPS, house_prompt, seed_for
+from core.records import Task
 from core.stage import Stage, StageSettings, Step, setting
 from core.stats import rate
 
@@ -43,19 +44,19 @@ def ends_well(text: str) -> bool:
     return text.strip().endswith(".")
 
 
-def choose(task: dict, samples: list[dict]) -> tuple[dict | None, str]:
+def choose(task: Task, samples: list[dict]) -> tuple[dict | None, str]:
     good = [s for s in samples if ends_well(s["text"])]
     bad = [s for s in samples if not ends_well(s["text"]) and s["text"].strip()]
     if not good or not bad:
         return None, "no good/bad split"
-    return {"prompt": house_prompt(task["text"]), "chosen": good[0]["text"],
-            "rejected": bad[0]["text"], "task_id": task["id"]}, "ok"
+    return {"prompt": house_prompt(task.text), "chosen": good[0]["text"],
+            "rejected": bad[0]["text"], "task_id": task.id}, "ok"
 
 
 def make_pairs(ctx: StageContext, pool: dict) -> None:
     samples = read_jsonl(ctx.path("responses.jsonl"))
-    tasks = [{"id": f"r{i}", "text": text} for i, text in enumerate(REQUESTS)]
-    write_pairs(ctx, tasks, lambda t: choose(t, [s for s in samples if s["task_id"] == t["id"]]),
+    tasks = [Task(f"r{i}", 7, "train", text, "request", "toy") for i, text in enumerate(REQUESTS)]
+    write_pairs(ctx, tasks, lambda t: choose(t, [s for s in samples if s["task_id"] == t.id]),
                 None, "requests", "raise the samples per request")
 
 
