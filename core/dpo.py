@@ -102,12 +102,12 @@ def train_dpo(backend, records: list[dict], settings: DPOSettings, work_dir: Pat
     backend.tokenizer.save_pretrained(str(adapter_dir))
     steps = [entry for entry in trainer.state.log_history if "loss" in entry]
     write_jsonl(work_dir / "dpo_log.jsonl", steps)
-    summary = summarize(steps, trainer.state.log_history)
+    summary = summarize(steps, trainer.state.log_history, settings.beta)
     write_json(work_dir / "dpo_metrics.json", summary)
     return summary
 
 
-def summarize(steps: list[dict], history: list[dict]) -> dict:
+def summarize(steps: list[dict], history: list[dict], beta: float) -> dict:
     """Per-step loss / reward accuracy / margin, plus first and last values."""
     keys = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
             "logps/chosen", "logps/rejected")
@@ -118,23 +118,25 @@ def summarize(steps: list[dict], history: list[dict]) -> dict:
         "first": per_step[0] if per_step else None,
         "last": per_step[-1] if per_step else None,
         "train_loss": final.get("train_loss"),
-        "health": training_health(per_step),
+        "health": training_health(per_step, beta),
         "per_step": per_step,
     }
 
 
 FLAT_MARGIN = 0.01  # |reward margin| below this at every step: the DPO loss sat at ln 2 = 0.693
 EXPLODED_MARGIN = 20.0  # a reward margin beyond this: the policy has run far from the reference
-FALLING_CHOSEN = -1.0  # nats: the chosen responses' log-probability fell this much or more
+FALLING_CHOSEN = -1.0  # nats: the chosen responses' log-probability, policy minus reference
 
 
-def training_health(per_step: list[dict]) -> dict:
+def training_health(per_step: list[dict], beta: float) -> dict:
     """Warnings a user should see about a DPO run: nothing learned (every reward margin ~0, so
     the DPO loss stayed at ln 2), exploding margins, and chosen responses becoming less likely
-    (the failure the NLL term guards against); plus the log-probability changes behind them."""
+    than under the reference model (the failure the NLL term guards against). The last
+    comparison uses TRL's `rewards/chosen` = beta * (log p_policy - log p_reference) on the same
+    batch; raw `logps/*` of different steps belong to different batches and are not compared."""
     margins = [s["rewards/margins"] for s in per_step if "rewards/margins" in s]
-    chosen = [s["logps/chosen"] for s in per_step if "logps/chosen" in s]
-    rejected = [s["logps/rejected"] for s in per_step if "logps/rejected" in s]
+    chosen = [s["rewards/chosen"] / beta for s in per_step if "rewards/chosen" in s]
+    rejected = [s["rewards/rejected"] / beta for s in per_step if "rewards/rejected" in s]
     warnings = []
     if margins and all(abs(m) < FLAT_MARGIN for m in margins):
         warnings.append(f"nothing learned: the reward margin stayed within +-{FLAT_MARGIN} at all "
@@ -144,10 +146,11 @@ def training_health(per_step: list[dict]) -> dict:
         worst = max(margins, key=abs)
         warnings.append(f"margins exploded: a reward margin reached {worst:.1f} (> "
                         f"{EXPLODED_MARGIN}); lower the learning rate or raise beta")
-    chosen_change = chosen[-1] - chosen[0] if len(chosen) > 1 else None
-    if chosen_change is not None and chosen_change <= FALLING_CHOSEN:
-        warnings.append(f"chosen responses became less likely: their log-probability fell by "
-                        f"{-chosen_change:.2f} nats over training; add the NLL term "
-                        f"(profile.sft_weight) or lower the learning rate")
-    return {"warnings": warnings, "chosen_logp_change": chosen_change,
-            "rejected_logp_change": rejected[-1] - rejected[0] if len(rejected) > 1 else None}
+    if chosen and chosen[-1] <= FALLING_CHOSEN:
+        warnings.append(f"chosen responses became less likely: at the last step their "
+                        f"log-probability was {-chosen[-1]:.2f} nats below the reference "
+                        f"model's; add the NLL term (profile.sft_weight) or lower the learning "
+                        f"rate")
+    return {"warnings": warnings,
+            "chosen_logratio_last": chosen[-1] if chosen else None,
+            "rejected_logratio_last": rejected[-1] if rejected else None}

@@ -32,7 +32,7 @@ def test_the_nll_term_is_trained_and_a_learning_run_is_not_flagged(tiny_dir, tmp
     # with the NLL term the logged loss is DPO + NLL on chosen, far above ln 2
     assert metrics["per_step"][0]["loss"] > 1.0
     assert not any(w.startswith("nothing learned") for w in metrics["health"]["warnings"])
-    assert metrics["health"]["chosen_logp_change"] is not None
+    assert metrics["health"]["chosen_logratio_last"] is not None
 
 
 def test_loss_terms():
@@ -43,17 +43,21 @@ def test_loss_terms():
 @pytest.mark.parametrize("steps, expected", [
     ([{"rewards/margins": 0.0}, {"rewards/margins": 0.004}], "nothing learned"),
     ([{"rewards/margins": 0.5}, {"rewards/margins": 35.0}], "margins exploded"),
-    ([{"rewards/margins": 0.5, "logps/chosen": -20.0}, {"rewards/margins": 1.0, "logps/chosen": -24.0}],
+    # beta 0.1: rewards/chosen -0.15 is 1.5 nats below the reference on the last batch
+    ([{"rewards/margins": 0.5, "rewards/chosen": 0.0}, {"rewards/margins": 1.0, "rewards/chosen": -0.15}],
      "chosen responses became less likely"),
 ])
 def test_health_warnings_on_hand_written_curves(steps, expected):
-    warnings = training_health(steps)["warnings"]
+    warnings = training_health(steps, beta=0.1)["warnings"]
     assert len(warnings) == 1 and warnings[0].startswith(expected)
 
 
 def test_a_healthy_curve_has_no_warning():
-    steps = [{"rewards/margins": 0.1, "logps/chosen": -20.0, "logps/rejected": -22.0},
-             {"rewards/margins": 0.8, "logps/chosen": -19.5, "logps/rejected": -25.0}]
-    health = training_health(steps)
-    assert health["warnings"] == [] and health["chosen_logp_change"] == 0.5
-    assert health["rejected_logp_change"] == -3.0
+    steps = [{"rewards/margins": 0.1, "rewards/chosen": 0.0, "rewards/rejected": 0.0,
+              "logps/chosen": -20.0},
+             {"rewards/margins": 0.8, "rewards/chosen": 0.05, "rewards/rejected": -0.3,
+              "logps/chosen": -60.0}]  # raw log-probs of another batch: not compared
+    health = training_health(steps, beta=0.1)
+    assert health["warnings"] == []
+    assert health["chosen_logratio_last"] == pytest.approx(0.5)
+    assert health["rejected_logratio_last"] == pytest.approx(-3.0)
