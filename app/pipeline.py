@@ -154,6 +154,7 @@ def stage_input(number: int, run_dir: Path, resolved: ResolvedModel, explicit: b
         return local_model_dir(resolved.source), "the run's model"
     previous = run_dir / f"stage_{number - 1}"
     if (previous / "DONE").is_file():
+        check_intact(number - 1, run_dir, curriculum)
         return str(previous / "merged"), f"stage {number - 1}'s merged model"
     if (previous / SKIPPED).is_file():
         path, origin = stage_input(number - 1, run_dir, resolved, False, curriculum)
@@ -164,6 +165,18 @@ def stage_input(number: int, run_dir: Path, resolved: ResolvedModel, explicit: b
         f"stage {number} learns from stage {number - 1}'s merged model, and stage {number - 1} is "
         f"not done in {run_dir}; run `python cli.py stage run {number - 1} --run-dir {run_dir}` "
         f"first, or pass --model to start stage {number} from an explicit model")
+
+
+def check_intact(number: int, run_dir: Path, curriculum: tuple[Stage, ...] = STAGES) -> None:
+    """Refuse to build on a done stage whose outputs no longer match its done markers."""
+    stage = select_stage(number, curriculum)
+    broken = StageSteps(run_dir / f"stage_{number}", stage.step_names).broken_step()
+    if broken:
+        step, problem = broken
+        raise StageSelectionError(
+            f"stage {number} is marked done, but its {step} step's output {problem}; run "
+            f"`python cli.py stage run {number} --run-dir {run_dir}` to redo that step and the "
+            f"ones after it")
 
 
 def record_input(ctx: StageContext, origin: str) -> None:
@@ -275,6 +288,8 @@ def run_curriculum(run_dir: Path | None = None, model: str | None = None,
         if stage.number > (until or last):
             break
         stage_dir = run_dir / f"stage_{stage.number}"
+        if (stage_dir / "DONE").is_file():
+            StageSteps(stage_dir, stage.step_names).verify(log)
         if (stage_dir / "DONE").is_file() or (stage_dir / SKIPPED).is_file():
             log(f"stage {stage.number}: {'done' if (stage_dir / 'DONE').is_file() else 'skipped'}"
                 f" already")

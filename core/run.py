@@ -3,12 +3,17 @@
 Layout:
     runs/NAME/config.yaml            resolved config, seed, package versions, git commit
     runs/NAME/.lock                  held while a command works on the run
-    runs/NAME/stage_N/steps/S.done   written only after step S's outputs are complete
+    runs/NAME/stage_N/steps/S.done   written only after step S's outputs are complete; it
+                                     lists them (bytes, and sha256 up to HASH_LIMIT bytes)
     runs/NAME/stage_N/DONE           written last, when every step is done
+
+A resume verifies every done step's outputs against its marker before trusting it: an output
+that is missing, truncated or changed makes that step and every later one run again.
 """
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import platform
@@ -113,10 +118,55 @@ def write_config(run_dir: Path, config: dict) -> None:
 
 
 Step = tuple[str, Callable[[], None]]
+HASH_LIMIT = 256 * 2**20  # larger outputs (model shards) are checked by size: hashing a 32B
+                          # model's 65 GB on every resume would take minutes
+NOT_OUTPUTS = ("steps/", "cache/", "DONE", "SKIPPED")  # markers and append-only caches
+
+
+def file_states(stage_dir: Path) -> dict[str, tuple[int, int]]:
+    """(bytes, mtime_ns) of every file under `stage_dir` a step may count as its output."""
+    if not stage_dir.is_dir():
+        return {}
+    states = {}
+    for path in stage_dir.rglob("*"):
+        rel = path.relative_to(stage_dir).as_posix()
+        if path.is_file() and not rel.startswith(NOT_OUTPUTS) and not path.name.startswith("."):
+            stat = path.stat()
+            states[rel] = (stat.st_size, stat.st_mtime_ns)
+    return states
+
+
+def file_record(path: Path) -> dict:
+    """What a done marker keeps of one output: its size, and its sha256 when it is small
+    enough to hash on every resume."""
+    size = path.stat().st_size
+    return {"bytes": size, "sha256": file_sha256(path) if size <= HASH_LIMIT else None}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def output_problem(stage_dir: Path, rel: str, recorded: dict) -> str | None:
+    """Why a recorded output no longer matches its record (None when it does)."""
+    path = stage_dir / rel
+    if not path.is_file():
+        return f"{rel} is missing"
+    size = path.stat().st_size
+    if size != recorded["bytes"]:
+        return f"{rel} has {size} bytes, the step wrote {recorded['bytes']}"
+    if recorded["sha256"] is not None and file_sha256(path) != recorded["sha256"]:
+        return f"{rel} changed since the step wrote it (sha256 differs)"
+    return None
 
 
 class StageSteps:
-    """Runs a stage's ordered steps, skipping those whose done marker exists."""
+    """Runs a stage's ordered steps, skipping those whose done marker exists and whose outputs
+    still match it."""
 
     def __init__(self, stage_dir: Path, names: list[str]):
         self.stage_dir = stage_dir
@@ -135,15 +185,56 @@ class StageSteps:
             return "partial"
         return "pending"
 
+    def outputs(self, name: str) -> dict[str, dict]:
+        """The outputs step `name`'s marker lists (empty for markers written before outputs
+        were recorded)."""
+        return json.loads(self.marker(name).read_text(encoding="utf-8")).get("outputs", {})
+
+    def broken_step(self) -> tuple[str, str] | None:
+        """(step, why) for the first done step whose outputs no longer match its marker. A
+        file belongs to the last step that wrote it."""
+        owner: dict[str, tuple[str, dict]] = {}
+        for name in self.names:
+            if self.is_done(name):
+                owner.update({rel: (name, rec) for rel, rec in self.outputs(name).items()})
+        for name in self.names:
+            for rel, (step, recorded) in owner.items():
+                if step == name and (problem := output_problem(self.stage_dir, rel, recorded)):
+                    return name, problem
+        return None
+
+    def redo_from(self, name: str) -> None:
+        """Forget step `name` and every later step (and the stage's DONE), so they run again."""
+        for later in self.names[self.names.index(name):]:
+            self.marker(later).unlink(missing_ok=True)
+        (self.stage_dir / "DONE").unlink(missing_ok=True)
+
+    def verify(self, log: Callable[[str], None]) -> bool:
+        """Check the done steps' outputs; on a mismatch, log it and redo from that step.
+        True when everything done is intact."""
+        broken = self.broken_step()
+        if broken is None:
+            return True
+        name, problem = broken
+        later = self.names[self.names.index(name):]
+        log(f"step {name}: {problem}; running {', '.join(later)} again")
+        self.redo_from(name)
+        return False
+
     def run(self, steps: list[Step], log: Callable[[str], None]) -> None:
+        self.verify(log)
         for name, action in steps:
             if self.is_done(name):
                 log(f"step {name}: done (skipped)")
                 continue
             log(f"step {name}: running")
+            before = file_states(self.stage_dir)
             started = time.time()
             action()
             seconds = round(time.time() - started, 2)
+            after = file_states(self.stage_dir)
+            written = sorted(rel for rel, state in after.items() if before.get(rel) != state)
             atomic_write_text(self.marker(name), json.dumps(
-                {"finished": datetime.now(timezone.utc).isoformat(), "seconds": seconds}) + "\n")
+                {"finished": datetime.now(timezone.utc).isoformat(), "seconds": seconds,
+                 "outputs": {rel: file_record(self.stage_dir / rel) for rel in written}}) + "\n")
             log(f"step {name}: done in {seconds:.1f}s")
