@@ -159,6 +159,7 @@ def _quoted_list(words: list[str], conjunction: str) -> str:
 # ------------------------------------------------------------- param sampling
 
 Params = dict[str, Any]
+Sampler = Callable[[random.Random, frozenset[str]], Params]
 
 
 def _adapt_phrase(phrase: str, others: frozenset[str]) -> str:
@@ -169,23 +170,37 @@ def _adapt_phrase(phrase: str, others: frozenset[str]) -> str:
     return phrase
 
 
-def _phrase_sampler(pool: tuple[str, ...]) -> Callable[[random.Random, frozenset[str]], Params]:
+def _phrase_sampler(pool: tuple[str, ...]) -> Sampler:
     def sample(rng: random.Random, others: frozenset[str]) -> Params:
         options = [p for p in pool if "no_commas" not in others or "," not in p]
         return {"phrase": _adapt_phrase(rng.choice(options), others)}
     return sample
 
 
-def _count_sampler(choices: tuple[int, ...]) -> Callable[[random.Random, frozenset[str]], Params]:
+def _count_sampler(choices: tuple[int, ...]) -> Sampler:
     return lambda rng, others: {"n": rng.choice(choices)}
 
 
-def _words_sampler(pool: tuple[str, ...]) -> Callable[[random.Random, frozenset[str]], Params]:
+def _words_sampler(pool: tuple[str, ...]) -> Sampler:
     return lambda rng, others: {"keywords": rng.sample(pool, rng.randint(1, 2))}
 
 
 def _no_params(rng: random.Random, others: frozenset[str]) -> Params:
     return {}
+
+
+def _counts(choices: tuple[int, ...]) -> tuple[Sampler, tuple[Params, ...]]:
+    """The sampler and the hindsight grid of a count kind (the same choices)."""
+    return _count_sampler(choices), tuple({"n": n} for n in choices)
+
+
+def _words(pool: tuple[str, ...]) -> tuple[Sampler, tuple[Params, ...]]:
+    """Sampled: one or two words of `pool`; hindsight grid: each word alone."""
+    return _words_sampler(pool), tuple({"keywords": [word]} for word in pool)
+
+
+def _phrases(pool: tuple[str, ...]) -> tuple[Sampler, tuple[Params, ...]]:
+    return _phrase_sampler(pool), tuple({"phrase": phrase} for phrase in pool)
 
 
 # --------------------------------------------------------------- kind registry
@@ -196,7 +211,8 @@ class _Spec:
     params: dict[str, str]  # param name -> type tag: "count", "text" or "words"
     check: Callable[[str, Params], bool]
     describe: Callable[[Params], str]
-    sample: Callable[[random.Random, frozenset[str]], Params]
+    sample: Sampler
+    grid: tuple[Params, ...] = ({},)  # parameter choices hindsight relabelling may state
 
 
 _SPECS: dict[str, _Spec] = {
@@ -216,19 +232,19 @@ _SPECS: dict[str, _Spec] = {
         {"n": "count"},
         lambda r, p: count_words(r) <= p["n"],
         lambda p: f"Your response must contain at most {_plural(p['n'], 'word')}.",
-        _count_sampler((60, 80, 100, 150, 200, 300)),
+        *_counts((60, 80, 100, 150, 200, 300)),
     ),
     "min_words": _Spec(
         {"n": "count"},
         lambda r, p: count_words(r) >= p["n"],
         lambda p: f"Your response must contain at least {_plural(p['n'], 'word')}.",
-        _count_sampler((20, 40, 60, 100, 150)),
+        *_counts((20, 40, 60, 100, 150)),
     ),
     "max_sentences": _Spec(
         {"n": "count"},
         lambda r, p: count_sentences(r) <= p["n"],
         lambda p: f"Your response must contain at most {_plural(p['n'], 'sentence')}.",
-        _count_sampler((5, 6, 8, 10, 12)),
+        *_counts((5, 6, 8, 10, 12)),
     ),
     "include_keywords": _Spec(
         {"keywords": "words"},
@@ -237,7 +253,7 @@ _SPECS: dict[str, _Spec] = {
             f"Include the {'keyword' if len(p['keywords']) == 1 else 'keywords'} "
             f"{_quoted_list(p['keywords'], 'and')} in your response."
         ),
-        _words_sampler(KEYWORDS),
+        *_words(KEYWORDS),
     ),
     "exclude_keywords": _Spec(
         {"keywords": "words"},
@@ -246,13 +262,13 @@ _SPECS: dict[str, _Spec] = {
             f"Do not use the {'word' if len(p['keywords']) == 1 else 'words'} "
             f"{_quoted_list(p['keywords'], 'or')} anywhere in your response."
         ),
-        _words_sampler(EXCLUDED_WORDS),
+        *_words(EXCLUDED_WORDS),
     ),
     "start_with": _Spec(
         {"phrase": "text"},
         lambda r, p: r.lstrip().startswith(p["phrase"]),
         lambda p: f'Begin your response with the exact phrase "{p["phrase"]}".',
-        _phrase_sampler(START_PHRASES),
+        *_phrases(START_PHRASES),
     ),
     "end_with": _Spec(
         {"phrase": "text"},
@@ -261,7 +277,7 @@ _SPECS: dict[str, _Spec] = {
             f'Finish your response with the exact phrase "{p["phrase"]}" '
             "and write nothing after it."
         ),
-        _phrase_sampler(END_PHRASES),
+        *_phrases(END_PHRASES),
     ),
     "bullet_count": _Spec(
         {"n": "count"},
@@ -270,7 +286,7 @@ _SPECS: dict[str, _Spec] = {
             f"Your response must contain exactly {_plural(p['n'], 'bullet point')}, "
             'each on its own line starting with "- ".'
         ),
-        _count_sampler((2, 3, 4, 5)),
+        *_counts((2, 3, 4, 5)),
     ),
     "paragraph_count": _Spec(
         {"n": "count"},
@@ -279,7 +295,7 @@ _SPECS: dict[str, _Spec] = {
             f"Your response must have exactly {_plural(p['n'], 'paragraph')}, "
             "separated by blank lines."
         ),
-        _count_sampler((2, 3, 4)),
+        *_counts((2, 3, 4)),
     ),
     "json_format": _Spec(
         {},
@@ -321,7 +337,7 @@ _SPECS: dict[str, _Spec] = {
             f"Your response must contain exactly {_plural(p['n'], 'numbered step')}, "
             'one per line, numbered "1.", "2." and so on.'
         ),
-        _count_sampler((3, 4, 5)),
+        *_counts((3, 4, 5)),
     ),
 }
 
@@ -428,3 +444,12 @@ def instruction_with_constraints(instruction: str, constraints: list[dict]) -> s
     """The instruction text with each constraint's sentence appended (as a model sees it)."""
     sentences = [constraint_from_dict(c).describe() for c in constraints]
     return " ".join([instruction.strip(), *sentences])
+
+
+def hindsight_candidates(kinds_in_use: frozenset[str] = frozenset()) -> list[Constraint]:
+    """Every constraint the catalogue states with one choice from its grid (each count the
+    sampler uses, each keyword alone, each phrase), compatible with `kinds_in_use`: what
+    hindsight relabelling may attach to an instruction after its responses are sampled."""
+    return [Constraint(kind, params) for kind in KINDS
+            if all(compatible(kind, other) for other in kinds_in_use)
+            for params in _SPECS[kind].grid]

@@ -168,12 +168,14 @@ def write_stage_report(ctx: StageContext, name: str, data: dict) -> None:
 
 def pair_funnel(ctx: StageContext, kept: int, top: int = 5) -> dict:
     """Where a stage's pairs were lost after its data steps: tasks given to the pair rule, pairs
-    it chose, the most common reasons it chose none (pairs_dropped.jsonl), what
-    decontamination removed, and the pairs trained on."""
+    it chose (and by which of its rules, where pairs name a `source`), the most common reasons
+    it chose none (pairs_dropped.jsonl), what decontamination removed, and the pairs trained on."""
     dropped = read_jsonl(ctx.path("pairs_dropped.jsonl"))
     candidates = read_jsonl(ctx.path("pairs_candidates.jsonl"))
     reasons = Counter(record["reason"] for record in dropped).most_common(top)
+    sources = Counter(record["source"] for record in candidates if "source" in record)
     removed = read_json(ctx.path("contamination.json"))["removed"]
     return {"tasks": len(dropped) + len(candidates), "pairs_chosen": len(candidates),
+            "pairs_by_rule": dict(sorted(sources.items())),
             "no_pair_reasons": dict(reasons), "removed_by_decontamination": removed,
             "pairs_kept": kept}

@@ -11,6 +11,7 @@ from core.errors import NoPairsError
 from core.guards import TemplateGuard
 from core.io import read_json, write_jsonl
 from core.records import Pair, Task
+from core.text import looping_reason
 
 Choice = tuple[dict | None, str]  # (pair, "ok") or (None, why no pair)
 
@@ -55,8 +56,9 @@ def judge_wins(judgments: list[dict]) -> dict[int, int]:
 def shared_pair_problem(pair: dict, guard: TemplateGuard,
                         unusable: Callable[[str], str | None],
                         key: Callable[[str], str] = same_text) -> str | None:
-    """The last filter every stage applies: identical sides, chat markup in the prompt, or a side
-    its stage finds unusable (degenerate, marked up, scaffolding, an exemplar copy ...)."""
+    """The last filter every stage applies: identical sides, chat markup in the prompt, a side
+    its stage finds unusable (degenerate, marked up, scaffolding, an exemplar copy ...), or a
+    chosen side that loops (core.text.looping_reason)."""
     if key(pair["chosen"]) == key(pair["rejected"]):
         return "identical"
     if not guard.is_clean(pair["prompt"]):
@@ -64,6 +66,8 @@ def shared_pair_problem(pair: dict, guard: TemplateGuard,
     for side in ("chosen", "rejected"):
         if reason := unusable(pair[side]):
             return f"{side}: {reason}"
+    if reason := looping_reason(pair["chosen"]):
+        return f"chosen: {reason}"
     return None
 
 

@@ -60,6 +60,9 @@ def stage_report(number: int, name: str, metrics: dict, examples: list[dict]) ->
         lines += [f"- funnel: {funnel['tasks']} tasks -> {funnel['pairs_chosen']} pairs chosen "
                   f"-> {funnel['pairs_kept']} kept after decontamination "
                   f"({funnel['removed_by_decontamination']} removed)",
+                  *(["- pairs by rule: " + ", ".join(f"{k} {v}" for k, v in
+                                                      funnel["pairs_by_rule"].items())]
+                    if funnel.get("pairs_by_rule") else []),
                   f"- no pair, by reason (top {len(funnel['no_pair_reasons'])}): {reasons}"]
     for key, value in metrics["data"].items():
         if isinstance(value, dict):

@@ -84,6 +84,28 @@ def _repeats(words: list[str]) -> bool:
     return False
 
 
+_SENTENCE_SPLIT = re.compile(r"(?<=[.!?])\s+|\n+")
+_LIST_ITEM = re.compile(r"^\s*(?:[A-Za-z]\)|\d+[.)]|[-*\u2022])\s*(.+)$", re.MULTILINE)
+
+
+def looping_reason(text: str, min_words: int = 3) -> str | None:
+    """Why `text` loops, so must not be a chosen response (None when it does not): a sentence
+    of at least `min_words` words said twice, or a list of three or more items with one item
+    twice. Both pass every constraint check a loop can satisfy ("at least 60 words", "exactly
+    N items") and both teach repetition; the loose `degenerate_reason` test misses them."""
+    sentences = [normalize(s) for s in _SENTENCE_SPLIT.split(text)]
+    if _has_repeat([s for s in sentences if len(s.split()) >= min_words]):
+        return "repeats a sentence"
+    items = [normalize(item) for item in _LIST_ITEM.findall(text)]
+    if len(items) >= 3 and _has_repeat([item for item in items if item]):
+        return "repeats a list item"
+    return None
+
+
+def _has_repeat(values: list[str]) -> bool:
+    return len(set(values)) < len(values)
+
+
 def copies_exemplar(text: str, exemplars: list[str], min_chars: int = 40) -> bool:
     """True when `text` contains a verbatim run of an exemplar (>= `min_chars` normalized
     characters) or equals one: exemplar text must never reach training data."""

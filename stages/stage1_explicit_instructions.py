@@ -14,13 +14,19 @@ zero-shot, in the house format. Steps (each resumable, each marked done only whe
                  "instruction", source "model", extra = {instruction (bare), constraints}.
 2. responses     K samples per training instruction from a few-shot completion prompt (3-4
                  exemplars drawn at random from the pool, then the target).
-3. scores        Constraint checkers on every sample; a log-probability A/B self-judge, asked in
-                 both orders, ranks samples where the checkers cannot (several passers, or an
-                 instruction without constraints) and is audited against the checkers.
-4. pairs         chosen = passes, rejected = fails (the failure closest to passing); for
-                 unconstrained instructions the judge's consistent winner and loser. Ties,
-                 identical, degenerate, contaminated and exemplar-copying pairs are dropped. The
-                 training prompt is the zero-shot house prompt: exemplars never reach it.
+3. scores        Constraint checkers on every sample, and the chosen gate: a sample that loops
+                 (a sentence or list item said twice) or parrots a constraint sentence may pass
+                 "at least 60 words" but is never chosen; a log-probability A/B self-judge, asked in both orders, ranks samples
+                 where the checkers cannot (several passers, or an instruction without
+                 constraints) and is audited against the checkers.
+4. pairs         chosen = passes and clears the chosen gate, rejected = fails (the failure closest to
+                 passing); for unconstrained instructions the judge's consistent winner and
+                 loser. A task with no such pair is relabelled in hindsight: restated with the
+                 constraints its best sample meets (unmet ones dropped, or one catalogue
+                 constraint added that separates it from another sample), source "hindsight".
+                 Ties, identical, degenerate, contaminated and exemplar-copying pairs are
+                 dropped. The training prompt is the zero-shot house prompt: exemplars never
+                 reach it.
 5. decontaminate Template state and EOS agreement (a failure stops the stage unless overridden);
                  13-gram overlap with every evaluation set and exemplar copies remove records
                  (listed in contamination.tsv); a probe of the chat template's effect.
@@ -38,13 +44,15 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
 
 from core.assess import assess_instructions
-from core.constraints import constraint_from_dict, instruction_with_constraints, sample_constraints
+from core.constraints import (Constraint, constraint_from_dict, hindsight_candidates,
+                              instruction_with_constraints, sample_constraints)
 from core.contamination import Protected
 from core.context import StageContext
 from core.errors import RunFailure, TooLittleDataError
@@ -61,7 +69,7 @@ from core.sampling import few_shot_requests, sample_to_file
 from core.split import split_smallest_ids
 from core.stage import Stage, StageSettings, Step, setting
 from core.text import (NearDuplicateFilter, copies_exemplar, degenerate_reason, first_near_same,
-                       normalize)
+                       looping_reason, normalize)
 
 POOL_PATH = Path(__file__).with_name("pools") / "stage1.yaml"
 
@@ -78,6 +86,8 @@ class Stage1Settings(StageSettings):
                          "instruction")
     max_judged_samples: int = setting(3, "samples per task the judge compares round-robin "
                                          "(3: 3 comparisons, 6 judge prompts)")
+    hindsight: bool = setting(True, "relabel a task whose stated constraints give no pair with "
+                                    "constraints chosen after sampling (hindsight relabelling)")
 
 
 def load_pool() -> dict:
@@ -228,20 +238,37 @@ def score_sample(text: str, constraints: list[dict], guard, exemplars: list[str]
     unusable = unusable_reason(text, guard, exemplars)
     return {"constraint_results": results, "passed": bool(results) and all(results),
             "pass_fraction": sum(results) / len(results) if results else None,
-            "unusable": unusable}
+            "unusable": unusable, "flaw": chosen_flaw(text, constraints)}
+
+
+def chosen_flaw(text: str, constraints: list[dict]) -> str | None:
+    """Why a usable sample must still never be chosen: it loops (core.text.looping_reason) or
+    parrots a constraint sentence of its prompt ("To begin with. Begin your response with the
+    exact phrase ..."). Either can pass every check, and either is what DPO would teach."""
+    if reason := looping_reason(text):
+        return reason
+    sentences = [constraint_from_dict(c).describe() for c in constraints]
+    if copies_exemplar(text, sentences, min_chars=30):
+        return "echoes a constraint sentence"
+    return None
+
+
+def may_be_chosen(sample: dict) -> bool:
+    """Usable and without a `chosen_flaw`."""
+    return sample["unusable"] is None and sample["flaw"] is None
 
 
 def comparisons_for(task: Task, samples: list[dict],
                     max_judged: int = 3) -> list[tuple[int, int]]:
-    """Which sample pairs the judge compares: passers among themselves (to pick the best
-    passer), the first passer against the hardest failure (an audit of the judge), or, without
-    constraints, every pair of the first usable samples."""
+    """Which sample pairs the judge compares: passers that may be chosen among themselves (to
+    pick the best), the first of them against the hardest failure (an audit of the judge), or,
+    without constraints, every pair of the first usable samples."""
     usable = [s for s in samples if s["unusable"] is None]
     distinct = first_of_each_text(usable)
     if not task.extra["constraints"]:
         ids = [s["sample"] for s in distinct][:max_judged]
         return [(a, b) for i, a in enumerate(ids) for b in ids[i + 1:]]
-    passers = [s["sample"] for s in distinct if s["passed"]][:max_judged]
+    passers = [s["sample"] for s in distinct if s["passed"] and may_be_chosen(s)][:max_judged]
     failers = [s["sample"] for s in distinct if not s["passed"]]
     pairs = [(a, b) for i, a in enumerate(passers) for b in passers[i + 1:]]
     if passers and failers:
@@ -288,26 +315,96 @@ def make_scores(ctx: StageContext, pool: dict) -> None:
 
 # 4. pairs ----------------------------------------------------------------------------------------
 
-def choose_pair(task: Task, samples: list[dict], judgments: list[dict]) -> tuple[dict | None, str]:
-    """(pair, reason): the stage's pair rule applied to one task's scored samples."""
+def choose_pair(task: Task, samples: list[dict], judgments: list[dict],
+                hindsight_seed: int | None = None) -> tuple[dict | None, str]:
+    """(pair, reason): the stated-constraint rule; when it finds no pair and `hindsight_seed`
+    is given, hindsight relabelling (`hindsight_pair`) on the same samples."""
+    pair, reason = stated_pair(task, samples, judgments)
+    if pair is None and hindsight_seed is not None:
+        relabelled = hindsight_pair(task, samples, judgments, hindsight_seed)
+        if relabelled is not None:
+            return relabelled, "ok"
+    return pair, reason
+
+
+def stated_pair(task: Task, samples: list[dict], judgments: list[dict]) -> tuple[dict | None, str]:
+    """chosen passes the task's constraints, rejected is the usable failure closest to passing;
+    without constraints, the judge's most confident order-consistent winner and its loser."""
     usable = [s for s in samples if s["unusable"] is None]
+    by_id = {s["sample"]: s for s in samples}
     if not task.extra["constraints"]:
         consistent = [j for j in judgments if j["winner"] != "tie"]
         if not consistent:
             return None, "judge tie in both orders" if judgments else "fewer than two usable samples"
-        best = max(consistent, key=lambda j: abs(j["margin_xy"] + j["margin_yx"]))
-        win, lose = (best["x"], best["y"]) if best["winner"] == "x" else (best["y"], best["x"])
-        by_id = {s["sample"]: s for s in samples}
-        return _pair(task, by_id[win], by_id[lose], "judge"), "ok"
+        ranked = sorted(consistent, key=lambda j: -abs(j["margin_xy"] + j["margin_yx"]))
+        for best in ranked:
+            win, lose = (best["x"], best["y"]) if best["winner"] == "x" else (best["y"], best["x"])
+            if may_be_chosen(by_id[win]):
+                return _pair(task, by_id[win], by_id[lose], "judge"), "ok"
+        return None, "the judge's winner is flawed (loops or echoes)"
     passers = [s for s in usable if s["passed"]]
     if not passers:
         return None, "no sample passes the checks"
     if not any(not s["passed"] for s in usable):
         return None, "every usable sample passes (no rejected)"
-    passer_ids = {s["sample"] for s in passers}
-    wins = judge_wins([j for j in judgments if {j["x"], j["y"]} <= passer_ids])
-    chosen = max(passers, key=lambda s: (wins.get(s["sample"], 0), -s["sample"]))
+    good = [s for s in passers if may_be_chosen(s)]
+    if not good:
+        return None, "every passing sample is flawed (loops or echoes)"
+    good_ids = {s["sample"] for s in good}
+    wins = judge_wins([j for j in judgments if {j["x"], j["y"]} <= good_ids])
+    chosen = max(good, key=lambda s: (wins.get(s["sample"], 0), -s["sample"]))
     return _pair(task, chosen, hardest_failure(usable), "checks"), "ok"
+
+
+def hindsight_pair(task: Task, samples: list[dict], judgments: list[dict],
+                   seed: int) -> dict | None:
+    """Hindsight relabelling (Zhang et al. 2023, "The Wisdom of Hindsight Makes Language Models
+    Better Instruction Followers"): restate the task with constraints chosen *after* sampling,
+    so that a good sample satisfies them and another sample does not.
+
+    Candidates for chosen: usable, non-looping samples, those meeting most stated constraints
+    first (closest to what was asked), then by judge wins. For each, `hindsight_constraints`
+    gives the new constraint list; the rejected side is the sample that fails it while meeting
+    the most of it (a near miss). None when no sample can be separated from another."""
+    distinct = first_of_each_text([s for s in samples if s["unusable"] is None])
+    wins = judge_wins(judgments)
+    stated = [constraint_from_dict(c) for c in task.extra["constraints"]]
+    rng = random.Random(seed_for(seed, "hindsight", task.id))
+    ranked = sorted((s for s in distinct if may_be_chosen(s)),
+                    key=lambda s: (-(s["pass_fraction"] or 0.0), -wins.get(s["sample"], 0),
+                                   s["sample"]))
+    for chosen in ranked:
+        others = [s for s in distinct if s is not chosen]
+        labels = hindsight_constraints(chosen["text"], [s["text"] for s in others], stated, rng)
+        if labels is None:
+            continue
+        met = {s["sample"]: [c.check(s["text"]) for c in labels] for s in others}
+        rejected = max((s for s in others if not all(met[s["sample"]])),
+                       key=lambda s: (sum(met[s["sample"]]), -s["sample"]))
+        relabelled = [c.to_dict() for c in labels]
+        task_as_relabelled = replace(task, text=instruction_with_constraints(
+            task.extra["instruction"], relabelled), extra={**task.extra, "constraints": relabelled})
+        return {**_pair(task_as_relabelled, chosen, rejected, "hindsight"),
+                "stated_constraints": task.extra["constraints"]}
+    return None
+
+
+def hindsight_constraints(chosen: str, others: list[str], stated: list[Constraint],
+                          rng: random.Random, max_constraints: int = 3) -> list[Constraint] | None:
+    """The constraints a relabelled task states: the stated ones `chosen` meets, when another
+    text fails one of them; otherwise those plus one catalogue constraint (a kind drawn
+    uniformly, then its parameters) that `chosen` meets and another text fails."""
+    kept = [c for c in stated if c.check(chosen)]
+    if kept and any(not all(c.check(text) for c in kept) for text in others):
+        return kept
+    if len(kept) >= max_constraints:
+        return None
+    options = [c for c in hindsight_candidates(frozenset(c.kind for c in kept))
+               if c.check(chosen) and any(not c.check(text) for text in others)]
+    if not options:
+        return None
+    kind = rng.choice(sorted({c.kind for c in options}))
+    return kept + [rng.choice([c for c in options if c.kind == kind])]
 
 
 def _pair(task: Task, chosen: dict, rejected: dict, source: str) -> dict:
@@ -327,8 +424,8 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
     judgments = group_by_task(read_jsonl(ctx.path("judgments.jsonl")))
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
     write_pairs(ctx, load_tasks(ctx, "train"),
-                lambda task: choose_pair(task, scored.get(task.id, []),
-                                         judgments.get(task.id, [])),
+                lambda task: choose_pair(task, scored.get(task.id, []), judgments.get(task.id, []),
+                                         ctx.seed if ctx.settings.hindsight else None),
                 lambda pair, task: pair_problem(pair, guard, exemplars),
                 "tasks", "raise --limit so more tasks yield a pair")
 
@@ -358,13 +455,27 @@ def assess_heldout(ctx: StageContext, backend, label: str) -> dict:
 
 def report_data(ctx: StageContext) -> dict:
     judgments = read_jsonl(ctx.path("judgments.jsonl"))
+    scores = read_jsonl(ctx.path("scores.jsonl"))
     return {
         "tasks_train": len(load_tasks(ctx, "train")),
         "tasks_heldout": len(load_tasks(ctx, "heldout")),
         "responses": len(read_jsonl(ctx.path("responses.jsonl"))),
+        "samples": sample_funnel(scores),
         "pairs_dropped": len(read_jsonl(ctx.path("pairs_dropped.jsonl"))),
-        "judge": judge_audit(judgments, read_jsonl(ctx.path("scores.jsonl"))),
+        "judge": judge_audit(judgments, scores),
     }
+
+
+def sample_funnel(scores: list[dict]) -> dict:
+    """What the sample gates removed: unusable (by reason), usable, usable but flawed (by
+    flaw), and the usable samples that pass their task's stated constraints."""
+    usable = [s for s in scores if s["unusable"] is None]
+    unusable = Counter(s["unusable"] for s in scores if s["unusable"] is not None)
+    return {"total": len(scores), "usable": len(usable),
+            **{f"unusable ({reason})": n for reason, n in unusable.most_common()},
+            **{f"usable but never chosen ({flaw})": n for flaw, n in
+               Counter(s["flaw"] for s in usable if s["flaw"]).most_common()},
+            "usable and passing": sum(bool(s["passed"]) for s in usable)}
 
 
 def judge_audit(judgments: list[dict], scored: list[dict]) -> dict:

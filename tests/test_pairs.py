@@ -50,6 +50,13 @@ def test_the_stage_rule_names_the_unusable_side(guard):
     assert shared_pair_problem(pair("Blue.", "Green."), guard, unusable) is None
 
 
+def test_a_looping_chosen_side_is_dropped_but_a_looping_rejected_side_is_kept(guard):
+    loop = "Blue is a colour. Blue is a colour. Blue is a colour."
+    assert shared_pair_problem(pair(loop, "Cat."), guard, lambda _: None) == \
+        "chosen: repeats a sentence"
+    assert shared_pair_problem(pair("Blue.", loop), guard, lambda _: None) is None
+
+
 def test_ties_count_for_nobody_and_wins_net_out():
     judgments = [{"x": 0, "y": 1, "winner": "x"}, {"x": 0, "y": 2, "winner": "tie"},
                  {"x": 1, "y": 2, "winner": "y"}]

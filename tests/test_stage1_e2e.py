@@ -91,6 +91,25 @@ def test_interface_files(reference):
     assert "Stage 1" in (stage / "report.md").read_text()
 
 
+def test_funnel_accounts_for_every_task_and_sample(reference):
+    stage = reference / "stage_1"
+    metrics = json.loads((stage / "metrics.json").read_text())
+    funnel, samples = metrics["funnel"], metrics["data"]["samples"]
+    candidates = (stage / "pairs_candidates.jsonl").read_text().splitlines()
+    dropped = (stage / "pairs_dropped.jsonl").read_text().splitlines()
+    assert funnel["tasks"] == metrics["data"]["tasks_train"] == len(candidates) + len(dropped)
+    assert funnel["pairs_chosen"] == len(candidates) == sum(funnel["pairs_by_rule"].values())
+    assert set(funnel["pairs_by_rule"]) <= {"checks", "judge", "hindsight"}
+    assert sum(funnel["no_pair_reasons"].values()) == len(dropped)
+    assert funnel["pairs_kept"] == funnel["pairs_chosen"] - funnel["removed_by_decontamination"]
+    assert samples["total"] == metrics["data"]["responses"]
+    assert samples["total"] == samples["usable"] + sum(
+        n for key, n in samples.items() if key.startswith("unusable ("))
+    report = (stage / "report.md").read_text()
+    assert f"funnel: {funnel['tasks']} tasks -> {funnel['pairs_chosen']} pairs chosen" in report
+    assert "usable and passing" in report
+
+
 def test_merged_model_loads_and_differs_from_base(reference, tiny_dir):
     from transformers import AutoModelForCausalLM
 
@@ -185,6 +204,35 @@ def test_kill_during_training_then_resume(tmp_path, reference):
                (reference / "stage_1" / "train" / "dpo_log.jsonl").read_text().splitlines()]
     assert [e["step"] for e in log] == [e["step"] for e in ref_log]
     assert_same_as_reference(run_dir, reference)
+
+
+def test_damaged_outputs_of_a_done_stage_are_redone_not_trusted(tmp_path, reference):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    stage = run_dir / "stage_1"
+    responses = stage / "responses.jsonl"
+    responses.write_text("".join(responses.read_text().splitlines(keepends=True)[:-1]))
+    for shard in (stage / "merged").glob("*.safetensors"):
+        shard.unlink()
+    later = subprocess.run([sys.executable, str(ROOT / "cli.py"), "stage", "run", "2",
+                            "--run-dir", str(run_dir)], capture_output=True, text=True,
+                           timeout=300)
+    assert later.returncode == 2
+    assert "stage 1 is marked done, but its responses step's output responses.jsonl has" \
+        in later.stderr
+    assert f"stage run 1 --run-dir {run_dir}" in later.stderr
+    assert not (run_dir / "stage_2").exists()
+    out = run_to_end(run_dir)
+    assert "step responses: responses.jsonl has" in out.stdout
+    assert "running responses, scores, pairs, decontaminate, train, merge, assess, report " \
+           "again" in out.stdout
+    assert_same_as_reference(run_dir, reference)
+    marker = json.loads((stage / "steps" / "merge.done").read_text())
+    assert {"merged/config.json", "merge.json"} <= set(marker["outputs"])
+    assert any(rel.endswith(".safetensors") for rel in marker["outputs"])
+    assert "step responses: done (skipped)" in run_to_end(run_dir).stdout  # intact now
 
 
 def test_check_contamination_command(reference, tmp_path):

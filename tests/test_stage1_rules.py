@@ -1,6 +1,9 @@
 """Stage 1's instruction, split and pair rules on hand-written cases."""
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from core.constraints import compatible
 from core.errors import RunFailure
 from core.guards import TemplateGuard
 from core.records import TASKS_FILE, Task, read_tasks, write_tasks
@@ -13,7 +16,24 @@ POOL_EXEMPLAR = "The water cycle moves water between oceans, air and land throug
 def sample(i, text, passed, unusable=None, fraction=None):
     return {"sample": i, "text": text, "passed": passed, "unusable": unusable,
             "pass_fraction": fraction if fraction is not None else float(passed),
-            "constraint_results": [passed]}
+            "constraint_results": [passed], "flaw": s1.chosen_flaw(text, LOWER)}
+
+
+def scored(task_, texts):
+    """Samples scored by the stage's own scorer against the task's stated constraints."""
+    return [{"sample": i, "text": text, **s1.score_sample(text, task_.extra["constraints"],
+                                                        NO_MARKUP, [POOL_EXEMPLAR])}
+            for i, text in enumerate(texts)]
+
+
+class NoMarkup:
+    """A guard for rule tests on plain English texts (the real guard is tested below)."""
+
+    def is_clean(self, text):
+        return "<|" not in text
+
+
+NO_MARKUP = NoMarkup()
 
 
 def task(constraints):
@@ -43,6 +63,98 @@ def test_no_pair_when_nothing_passes_or_everything_passes():
     assert s1.choose_pair(task(LOWER), [sample(0, "A.", False), sample(1, "B.", False)], [])[0] is None
     assert s1.choose_pair(task(LOWER), [sample(0, "a b.", True), sample(1, "c d.", True)], [])[1] \
         == "every usable sample passes (no rejected)"
+
+
+LOOP = "rain falls from the sky. rain falls from the sky. rain falls from the sky."
+
+
+def test_a_passing_loop_is_never_chosen():
+    samples = [sample(0, LOOP, True), sample(1, "Rain Falls.", False)]
+    assert samples[0]["flaw"] == "repeats a sentence"
+    assert s1.choose_pair(task(LOWER), samples, []) == \
+        (None, "every passing sample is flawed (loops or echoes)")
+    samples.append(sample(2, "rain is water from clouds.", True))
+    assert s1.choose_pair(task(LOWER), samples, [])[0]["chosen_sample"] == 2
+
+
+def test_a_sample_that_parrots_its_constraint_is_never_chosen():
+    start = [{"kind": "start_with", "params": {"phrase": "To begin with"}}]
+    parrot = ("To begin with. To begin with the best job is to begin your response with the "
+              "exact phrase to begin with.")
+    t = task(start)
+    samples = scored(t, [parrot, "Rain is water.", "To begin with, rain is water from clouds."])
+    assert samples[0]["passed"] and samples[0]["flaw"] == "echoes a constraint sentence"
+    assert samples[2]["flaw"] is None
+    assert s1.choose_pair(t, samples, [])[0]["chosen_sample"] == 2
+
+
+# Hindsight relabelling --------------------------------------------------------------------------
+
+TWO = LOWER + [{"kind": "no_commas", "params": {}}]
+
+
+def test_hindsight_drops_the_unmet_constraint():
+    # Nothing meets both stated constraints; sample 0 meets "lowercase", sample 1 meets neither.
+    t = task(TWO)
+    samples = scored(t, ["rain falls softly, then it stops.", "Rain, Rain, Go Away."])
+    assert s1.choose_pair(t, samples, []) == (None, "no sample passes the checks")
+    pair, reason = s1.choose_pair(t, samples, [], hindsight_seed=0)
+    assert reason == "ok" and pair["source"] == "hindsight"
+    assert (pair["chosen_sample"], pair["rejected_sample"]) == (0, 1)
+    assert pair["constraints"] == LOWER and pair["stated_constraints"] == TWO
+    assert pair["prompt"] == s1.house_prompt(s1.instruction_with_constraints("Describe rain.", LOWER))
+    assert "commas" not in pair["prompt"]
+
+
+def test_hindsight_adds_a_constraint_the_chosen_meets_and_the_rejected_fails():
+    t = task(LOWER)  # both samples are lowercase: no rejected under the stated constraint
+    samples = scored(t, ["rain falls.", "rain falls from grey clouds, over the hills, "
+                                        "and over the sea, for hours."])
+    assert s1.choose_pair(t, samples, [])[1] == "every usable sample passes (no rejected)"
+    pair, _ = s1.choose_pair(t, samples, [], hindsight_seed=0)
+    labels = [s1.constraint_from_dict(c) for c in pair["constraints"]]
+    assert pair["constraints"][0] == LOWER[0] and len(labels) == 2
+    assert all(c.check(pair["chosen"]) for c in labels)
+    assert not all(c.check(pair["rejected"]) for c in labels)
+    assert s1.instruction_with_constraints("Describe rain.", pair["constraints"]) in pair["prompt"]
+    again, _ = s1.choose_pair(t, samples, [], hindsight_seed=0)
+    assert again == pair  # seeded: the same relabelling on a rerun
+
+
+def test_hindsight_tie_gives_no_pair():
+    # The two texts meet exactly the same catalogue constraints: nothing separates them.
+    t = task(LOWER)
+    samples = scored(t, ["rain falls.", "rain drops."])
+    assert s1.choose_pair(t, samples, [], hindsight_seed=0) == \
+        (None, "every usable sample passes (no rejected)")
+
+
+def test_hindsight_never_uses_an_exemplar_copy_or_a_loop():
+    t = task(LOWER)
+    samples = scored(t, [POOL_EXEMPLAR, "rain falls."])
+    assert samples[0]["unusable"] == "copies an exemplar"
+    assert s1.choose_pair(t, samples, [], hindsight_seed=0)[0] is None
+    samples = scored(t, [LOOP, "Rain falls."])
+    pair, _ = s1.choose_pair(t, samples, [], hindsight_seed=0)
+    assert pair is None or pair["chosen_sample"] == 1
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(texts=st.lists(st.text(alphabet=st.sampled_from(list("abc ABC,.-\n\"1P.S<>")), max_size=60),
+                      min_size=2, max_size=4),
+       stated=st.sampled_from([[], LOWER, TWO, [{"kind": "min_words", "params": {"n": 3}}]]),
+       seed=st.integers(0, 3))
+def test_hindsight_pair_always_separates_chosen_from_rejected(texts, stated, seed):
+    t = task(stated)
+    pair, reason = s1.choose_pair(t, scored(t, texts), [], hindsight_seed=seed)
+    if pair is None or pair["source"] != "hindsight":
+        return
+    labels = [s1.constraint_from_dict(c) for c in pair["constraints"]]
+    assert labels and all(c.check(pair["chosen"]) for c in labels)
+    assert not all(c.check(pair["rejected"]) for c in labels)
+    assert s1.looping_reason(pair["chosen"]) is None
+    kinds = [c.kind for c in labels]
+    assert all(compatible(a, b) for i, a in enumerate(kinds) for b in kinds[i + 1:])
 
 
 def test_unusable_samples_are_never_used():
