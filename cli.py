@@ -87,17 +87,21 @@ BASELINE_LIMIT = click.option(
 @SKIP_EMPTY
 @SET
 @ACCEPT_CHANGED
+@click.option("--redo-from", default=None, metavar="STEP",
+              help="Run this step of the stage again, and every step after it (e.g. train, "
+                   "after changing a training setting with --set and "
+                   "--accept-changed-settings).")
 def stage_run(number: int, run_dir: Path | None, model: str | None, limit: int | None,
               heldout: int | None, seed: int | None, constitution_path: Path,
               data_dir: Path | None, allow_contamination: bool,
               baseline_limit: int | None, skip_empty: bool, overrides: tuple[str, ...],
-              accept_changed: bool) -> None:
+              accept_changed: bool, redo_from: str | None) -> None:
     """Run (or resume) stage NUMBER."""
     try:
         done = run_stage(number, run_dir, model, limit, seed, heldout, constitution_path,
                          data_dir, allow_contamination, baseline_limit=baseline_limit,
                          skip_empty=skip_empty, overrides=overrides,
-                         accept_changed=accept_changed)
+                         accept_changed=accept_changed, redo_from=redo_from)
     except USER_ERRORS as error:
         fail(error)
     except KeyboardInterrupt:
@@ -255,6 +259,37 @@ def check_contamination_command(run_dir: Path, stage: int, probe: bool) -> None:
         click.echo("contamination check FAILED (details in contamination_check.tsv)", err=True)
         sys.exit(1)
     click.echo("contamination check passed")
+
+
+@main.command()
+@click.option("--run-dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              required=True)
+@click.option("--stage", "number", type=int, default=1, show_default=True)
+@click.option("--grid", multiple=True, metavar="profile.FIELD=V1,V2",
+              help="Values to try for one training field (repeatable: every combination runs; "
+                   "none: the run's own settings only).")
+@click.option("--dev-share", type=float, default=0.25, show_default=True,
+              help="Share of the stage's tasks whose pairs form the dev split.")
+def tune(run_dir: Path, number: int, grid: tuple[str, ...], dev_share: float) -> None:
+    """Tune the DPO recipe on a dev split of a stage's pairs (never on its held-out tasks)."""
+    from app.commands import tune_stage
+    from core.report import fmt_rate
+
+    try:
+        result = tune_stage(run_dir, number, grid, dev_share)
+    except USER_ERRORS as error:
+        fail(error)
+    click.echo(f"{result['train_pairs']} training pairs, {result['dev_pairs']} dev pairs "
+               f"(dev share {result['dev_share']})")
+    click.echo("| grid point | steps | train loss | dev ranked right | dev margin | "
+               "dev chosen dlogp | warnings |")
+    click.echo("|---|---|---|---|---|---|---|")
+    for p in result["points"]:
+        click.echo(f"| {p['label']} | {p['steps']} | {p['train_loss']:.3f} | "
+                   f"{fmt_rate(p['dev_ranked_right'])} | {p['dev_margin']:.3f} | "
+                   f"{p['dev_chosen_logratio']:.2f} | {len(p['warnings'])} |")
+    click.echo(f"best on dev: {result['best']} (results in "
+               f"{run_dir / f'stage_{number}' / 'tune' / 'results.json'})")
 
 
 @main.group()

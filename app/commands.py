@@ -8,14 +8,14 @@ from core.backend import load_backend
 from core.contamination import (ContaminationError, chat_template_probe, check_records,
                                 evaluation_index, template_problems, template_state,
                                 write_findings_tsv)
-from core.config import RunSettings
 from core.context import StageContext
 from core.guards import TemplateGuard
 from core.io import read_json, read_jsonl, write_json
 from core.models import PROJECT_ROOT, local_model_dir
-from app.pipeline import select_stage
+from app.pipeline import saved_sections, select_stage
 from core.report import fmt_rate
-from core.run import read_config, RunDirError
+from core.errors import UsageError
+from core.run import RunDirError, RunLock, read_config
 from core.suites.runner import compare_results, run_suite
 from registry.models import resolve_model
 
@@ -59,24 +59,46 @@ def default_out(name: str, path: str, suite: str) -> Path:
 
 
 def stage_context(run_dir: Path, config: dict, stage: int) -> StageContext:
-    """The context a stage of this run was given (its input model, settings, data dir)."""
+    """The context a stage of this run was given (its input model, saved settings, data dir)."""
     from core.constitution import load_constitution
 
     stage_dir = run_dir / f"stage_{stage}"
     input_record = stage_dir / "input.json"
     model_path = read_json(input_record)["path"] if input_record.is_file() else config["model"]["path"]
     run = config["run"]
-    stage_settings = select_stage(stage).settings(**{
-        k: tuple(v) if isinstance(v, list) else v
-        for k, v in config.get("settings", {}).get(f"stage{stage}", {}).items()})
+    sections = saved_sections(config)
+    select_stage(stage)
     return StageContext(run_dir=run_dir, number=stage, model_path=model_path, origin="recorded",
-                        profile=resolve_model(config["model"]["reference"]).profile,
-                        seed=run["seed"], limit=run["limit"], heldout=run["heldout"],
+                        profile=sections["profile"], seed=run["seed"], limit=run["limit"],
+                        heldout=run["heldout"],
                         constitution=load_constitution(Path(config["constitution"]["path"])),
                         data_dir=Path(config["data_dir"]) if config.get("data_dir") else None,
-                        baseline_limit=run.get("baseline_limit"), settings=stage_settings,
-                        near_duplicate=config.get("settings", {}).get("run", {}).get(
-                            "near_duplicate", RunSettings().near_duplicate))
+                        baseline_limit=run.get("baseline_limit"),
+                        settings=sections[f"stage{stage}"],
+                        near_duplicate=sections["run"].near_duplicate)
+
+
+def tune_stage(run_dir: Path, number: int, grid: tuple[str, ...], dev_share: float,
+               log=print, backend_loader=load_backend) -> dict:
+    """`tune`: the DPO grid on a dev split of stage `number`'s pairs (core/tune.py), trained
+    from the stage's input model with the run's own settings; results in stage_N/tune/."""
+    from core.tune import parse_grid, tune_dpo
+
+    config = read_config(run_dir)
+    if config is None:
+        raise RunDirError(f"{run_dir} has no config.yaml: not a run directory")
+    if not 0 < dev_share < 1:
+        raise UsageError(f"--dev-share must be between 0 and 1 (exclusive), got {dev_share}")
+    points = parse_grid(grid)
+    ctx = stage_context(run_dir, config, number)
+    if not (ctx.stage_dir / "steps" / "decontaminate.done").is_file():
+        raise RunDirError(
+            f"stage {number} of {run_dir} has no decontaminated pairs yet; run it through its "
+            f"decontaminate step first (`python cli.py stage run {number} --run-dir {run_dir}`)")
+    with RunLock(run_dir / ".lock"):
+        return tune_dpo(read_jsonl(ctx.path("pairs.jsonl")), ctx.profile, points, dev_share,
+                        ctx.seed, ctx.path("tune"),
+                        lambda profile: backend_loader(ctx.model_path, profile), ctx.guard(), log)
 
 
 def summary_rows(result: dict) -> list[tuple[str, str]]:

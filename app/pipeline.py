@@ -6,6 +6,7 @@ This is the layer above the library: it wires the registry (stages, profiles) to
 from __future__ import annotations
 
 import sys
+from dataclasses import fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -69,6 +70,22 @@ def resolve_settings(saved: dict | None, profile, overrides: tuple[str, ...],
             + f"\nResume with the run's settings, use a new --run-dir, or pass {ACCEPT_CHANGED} "
               f"to go on with the new ones (recorded in config.yaml).")
     return sections, all_sets, changes
+
+
+def saved_sections(config: dict, curriculum: tuple[Stage, ...] = STAGES) -> dict:
+    """The settings sections a run was made with: its saved `settings:` values where recorded
+    (fields the code no longer has are ignored), else the defaults with its `--set` items."""
+    profile = resolve_model(config["model"]["reference"]).profile
+    sections, _, _ = resolve_settings(None, profile, tuple(config.get("set", [])), True,
+                                      curriculum)
+    saved = config.get("settings", {})
+    return {name: replace(value, **{f.name: _typed(saved[name][f.name]) for f in fields(value)
+                                    if f.name in saved.get(name, {})})
+            for name, value in sections.items()}
+
+
+def _typed(value):
+    return tuple(value) if isinstance(value, list) else value
 
 
 def default_heldout(limit: int) -> int:
@@ -215,15 +232,23 @@ def run_stage(number: int, run_dir: Path | None = None, model: str | None = None
               baseline_limit: int | None = None, skip_empty: bool = False,
               overrides: tuple[str, ...] = (), accept_changed: bool = False,
               curriculum: tuple[Stage, ...] = STAGES,
-              backend_loader: BackendLoader = load_backend) -> Path:
+              backend_loader: BackendLoader = load_backend, redo_from: str | None = None) -> Path:
     """Run or resume one stage; returns the run directory. With `skip_empty`, a stage whose
     filters keep too little data is marked SKIPPED (with the reason) instead of failing, and
-    the next stage starts from the model this one was given. `backend_loader` turns a model
-    path into a backend (tests pass a scripted one: core/scripted.py)."""
+    the next stage starts from the model this one was given. `redo_from` names a step to run
+    again with every later one (e.g. "train" after a new `--set profile.learning_rate`).
+    `backend_loader` turns a model path into a backend (tests: core/scripted.py)."""
     stage, ctx, config = plan_stage_run(number, run_dir, model, limit, seed, heldout,
                                         constitution_path, data_dir, allow_contamination, log,
                                         baseline_limit, overrides, accept_changed, curriculum,
                                         backend_loader)
+    if redo_from is not None and redo_from not in stage.step_names:
+        raise StageSelectionError(f"--redo-from {redo_from!r}: stage {number} has the steps "
+                                  f"{', '.join(stage.step_names)}")
+    if redo_from is not None:
+        config.setdefault("overrides", []).append(
+            {"override": "redo_from", "stage": number, "step": redo_from,
+             "at": datetime.now(timezone.utc).isoformat()})
     if backend_class(ctx.profile) is UnslothBackend:
         import_unsloth()  # before anything imports trl or loads a tokenizer, as Unsloth requires
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
@@ -231,6 +256,9 @@ def run_stage(number: int, run_dir: Path | None = None, model: str | None = None
         write_config(ctx.run_dir, config)  # unchanged on resume except recorded overrides
         log(f"run directory: {ctx.run_dir}")
         record_input(ctx, ctx.origin)
+        if redo_from is not None:
+            StageSteps(ctx.stage_dir, stage.step_names).redo_from(redo_from)
+            log(f"step {redo_from} and the steps after it will run again (--redo-from)")
         try:
             run_stage_steps(stage, ctx)
         except TooLittleDataError as error:

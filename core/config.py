@@ -112,6 +112,11 @@ def coerce(value: Any, kind: Any) -> tuple[str | None, Any]:
         ok = isinstance(value, int) and not isinstance(value, bool)
         return (None, value) if ok else (f"expected an integer, got {value!r}", None)
     if kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as text
+            try:
+                return None, float(value)
+            except ValueError:
+                pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return (None, float(value)) if ok else (f"expected a number, got {value!r}", None)
     if kind is str:

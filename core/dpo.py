@@ -55,10 +55,12 @@ def last_checkpoint(folder: Path) -> str | None:
 
 
 def train_dpo(backend, records: list[dict], settings: DPOSettings, work_dir: Path,
-              adapter_dir: Path, guard: TemplateGuard) -> dict:
-    """Train a LoRA with DPO; save the adapter to `adapter_dir`; return the per-step metrics."""
-    for i, record in enumerate(records):
-        guard.check_record(record, f"pairs.jsonl line {i + 1}")
+              adapter_dir: Path, guard: TemplateGuard,
+              dev_records: list[dict] | None = None) -> dict:
+    """Train a LoRA with DPO; save the adapter to `adapter_dir`; return the per-step metrics,
+    and with `dev_records` the trained model's DPO metrics on them (`dev`, see `dev_metrics`)."""
+    for i, record in enumerate(records + (dev_records or [])):
+        guard.check_record(record, f"pair {i + 1}")
     from datasets import Dataset
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
@@ -87,10 +89,14 @@ def train_dpo(backend, records: list[dict], settings: DPOSettings, work_dir: Pat
         warmup_steps=0,
         dataloader_num_workers=0,
         disable_tqdm=True,
+        per_device_eval_batch_size=1,  # TRL averages per-batch means: batch 1 makes them exact
         **loss_terms(settings.sft_weight),
     )
     model, peft_config = backend.trainable_model(settings.lora(), settings.seed)
-    dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in records])
+    def as_dataset(rows: list[dict]) -> Dataset:
+        return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+
+    dataset = as_dataset(records)
     writer = SummaryWriter(log_dir=str(work_dir / "tensorboard"))
     trainer = DPOTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=backend.tokenizer,
@@ -103,8 +109,22 @@ def train_dpo(backend, records: list[dict], settings: DPOSettings, work_dir: Pat
     steps = [entry for entry in trainer.state.log_history if "loss" in entry]
     write_jsonl(work_dir / "dpo_log.jsonl", steps)
     summary = summarize(steps, trainer.state.log_history, settings.beta)
+    if dev_records:
+        summary["dev"] = dev_metrics(trainer.evaluate(as_dataset(dev_records)), len(dev_records),
+                                     settings.beta)
     write_json(work_dir / "dpo_metrics.json", summary)
     return summary
+
+
+def dev_metrics(evaluated: dict, n: int, beta: float) -> dict:
+    """The trained policy on pairs it did not train on, against the reference (the adapter
+    off): how many it ranks right (implicit reward of chosen above rejected), the mean reward
+    margin, and the chosen and rejected responses' log-probability change in nats."""
+    return {"pairs": n, "ranked_right": round(evaluated["eval_rewards/accuracies"] * n),
+            "margin": evaluated["eval_rewards/margins"],
+            "chosen_logratio": evaluated["eval_rewards/chosen"] / beta,
+            "rejected_logratio": evaluated["eval_rewards/rejected"] / beta,
+            "loss": evaluated["eval_loss"]}
 
 
 def summarize(steps: list[dict], history: list[dict], beta: float) -> dict:

@@ -6,6 +6,8 @@ core/stage.py runs them after a stage's own data steps, passing what only the st
 exemplars and held-out texts, its merge probes, how to assess its held-out tasks)."""
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Callable
@@ -16,6 +18,7 @@ from core.dpo import DPOSettings, train_dpo
 from core.io import atomic_write_text, read_json, read_jsonl, write_json, write_jsonl
 from core.merge import merge_adapter
 from core.models import weights_sha256
+from core.profile import ModelProfile
 from core.errors import NoPairsError
 from core.stats import mcnemar_exact
 
@@ -50,22 +53,41 @@ def decontaminate_pairs(ctx: StageContext, protected: contamination.Protected) -
 
 
 def dpo_settings(ctx: StageContext) -> DPOSettings:
-    p = ctx.profile
+    return dpo_settings_for(ctx.profile, ctx.seed)
+
+
+def dpo_settings_for(p: ModelProfile, seed: int) -> DPOSettings:
+    """The DPO and LoRA settings a profile gives."""
     return DPOSettings(learning_rate=p.learning_rate, beta=p.beta, epochs=p.epochs,
                        batch_size=p.train_batch_size, grad_accum=p.grad_accum,
                        max_length=p.max_length, save_steps=p.save_steps, lora_r=p.lora_r,
-                       lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, seed=ctx.seed,
+                       lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, seed=seed,
                        sft_weight=p.sft_weight)
 
 
 def train_adapter(ctx: StageContext) -> None:
-    """DPO on pairs.jsonl into adapter/ (resumes from train/checkpoints)."""
+    """DPO on pairs.jsonl into adapter/ (resumes from train/checkpoints made with the same
+    settings; checkpoints of other settings are discarded, never resumed)."""
     records = read_jsonl(ctx.path("pairs.jsonl"))
-    summary = train_dpo(ctx.backend(), records, dpo_settings(ctx), ctx.path("train"),
+    settings = dpo_settings(ctx)
+    discard_foreign_checkpoints(ctx, settings)
+    summary = train_dpo(ctx.backend(), records, settings, ctx.path("train"),
                         ctx.path("adapter"), ctx.guard())
     for warning in summary["health"]["warnings"]:
         ctx.log(f"training warning: {warning}")
     ctx.release_backend()
+
+
+def discard_foreign_checkpoints(ctx: StageContext, settings: DPOSettings) -> None:
+    """train/settings.json records the DPO settings the checkpoints were made with; when they
+    differ from `settings` (a changed setting accepted on resume, a redo), the old checkpoints
+    are removed so that training starts over instead of mixing two recipes."""
+    record, checkpoints = ctx.path("train/settings.json"), ctx.path("train/checkpoints")
+    current = dataclasses.asdict(settings)
+    if checkpoints.exists() and record.is_file() and read_json(record) != current:
+        shutil.rmtree(checkpoints)
+        ctx.log("train: checkpoints made with other DPO settings removed; training starts over")
+    write_json(record, current)
 
 
 def merge_model(ctx: StageContext, probes: list[str]) -> None:

@@ -89,6 +89,15 @@ def test_config_show_lists_every_section_with_help():
     assert "learning_rate:" in out.stdout and "# ROUGE-L" in out.stdout
 
 
+def test_set_reads_exponent_numbers_the_way_users_write_them():
+    # YAML 1.1 reads 1e-5 (no dot) as text; a float setting must still take it.
+    out = cli("config", "show", "--model", "tiny-qwen2", "--set", "profile.learning_rate=1e-5")
+    assert out.returncode == 0, out.stderr
+    assert "learning_rate: 1e-05" in out.stdout
+    bad = cli("config", "show", "--model", "tiny-qwen2", "--set", "profile.learning_rate=fast")
+    assert bad.returncode == 2 and "expected a number, got 'fast'" in bad.stderr
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
 def test_gpu_profile_without_cuda(tmp_path):
     out = cli("stage", "run", "1", "--model", "qwen2.5-32b", "--run-dir", str(tmp_path / "run"))

@@ -15,15 +15,11 @@ from safetensors.torch import load_file
 
 from core.records import read_tasks
 from registry.models import profile_by_name
+from conftest import stage1_command
 
 ROOT = Path(__file__).resolve().parent.parent
-ARGS = ["--model", "tiny-qwen2", "--limit", "8", "--seed", "0"]
 pytestmark = pytest.mark.slow
-
-
-def command(run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "cli.py"), "stage", "run", "1", "--run-dir", str(run_dir),
-            *ARGS, *extra]
+command = stage1_command
 
 
 def run_to_end(run_dir: Path) -> subprocess.CompletedProcess:
@@ -55,10 +51,8 @@ def merged_weights(run_dir: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_dir) -> Path:
-    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
-    run_to_end(run_dir)
-    return run_dir
+def reference(stage1_reference) -> Path:
+    return stage1_reference
 
 
 def test_interface_files(reference):
@@ -233,6 +227,30 @@ def test_damaged_outputs_of_a_done_stage_are_redone_not_trusted(tmp_path, refere
     assert {"merged/config.json", "merge.json"} <= set(marker["outputs"])
     assert any(rel.endswith(".safetensors") for rel in marker["outputs"])
     assert "step responses: done (skipped)" in run_to_end(run_dir).stdout  # intact now
+
+
+def test_redo_from_train_with_another_learning_rate(tmp_path, reference):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    bad = subprocess.run(command(run_dir, "--redo-from", "training"), capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 2 and "--redo-from 'training': stage 1 has the steps" in bad.stderr
+    out = subprocess.run(command(run_dir, "--redo-from", "train", "--set",
+                                 "profile.learning_rate=1e-3", "--accept-changed-settings"),
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step pairs: done (skipped)" in out.stdout and "step train: running" in out.stdout
+    assert "checkpoints made with other DPO settings removed" in out.stdout
+    stage = run_dir / "stage_1"
+    assert (stage / "pairs.jsonl").read_bytes() == (reference / "stage_1" / "pairs.jsonl").read_bytes()
+    ours, theirs = merged_weights(run_dir), merged_weights(reference)
+    assert any(not torch.equal(ours[name], theirs[name]) for name in ours)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["settings"]["profile"]["learning_rate"] == 1e-3
+    kinds = [o["override"] for o in config["overrides"]]
+    assert kinds == ["accept_changed_settings", "redo_from"]
 
 
 def test_check_contamination_command(reference, tmp_path):
