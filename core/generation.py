@@ -14,6 +14,7 @@ from pathlib import Path
 
 from core.guards import TemplateGuard
 from core.io import AppendLog, read_jsonl
+from core.progress import Progress
 from core.sampler import Completion, SamplingSettings
 
 
@@ -59,24 +60,20 @@ def generate_all(backend, requests: list[GenRequest], settings: SamplingSettings
                  cache: GenerationCache, guard: TemplateGuard, batch_size: int,
                  where: str) -> dict[str, dict]:
     """Generate every request not yet in the cache; return {request id: cached record}."""
-    from tqdm.auto import tqdm
-
     for request in requests:
         guard.check_prompt(request.prompt, f"{where} item {request.id}")
     keyed = [(cache_key(backend.source, r.prompt, settings, r.seed), r) for r in requests]
     todo = [(key, r) for key, r in keyed if cache.get(key) is None]
     todo.sort(key=lambda kr: (-len(kr[1].prompt), kr[1].id))
-    progress = tqdm(total=len(requests), initial=len(requests) - len(todo), desc=where,
-                    unit="item", disable=None)
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start : start + batch_size]
-        def finished(index: int, completion: Completion, batch=batch) -> None:
-            cache.put(batch[index][0], completion)  # on disk the moment the sequence ends
-            progress.update(1)
+    with Progress(len(requests), where, done=len(requests) - len(todo)) as progress:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            def finished(index: int, completion: Completion, batch=batch) -> None:
+                cache.put(batch[index][0], completion)  # on disk the moment the sequence ends
+                progress.update(1)
 
-        backend.generate([r.prompt for _, r in batch], settings, [r.seed for _, r in batch],
-                         on_finish=finished)
-    progress.close()
+            backend.generate([r.prompt for _, r in batch], settings, [r.seed for _, r in batch],
+                             on_finish=finished)
     return {r.id: cache.get(key) for key, r in keyed}
 
 

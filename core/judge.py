@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from core.progress import Progress
+
 from core.stats import rate
 
 JUDGE_TEMPLATE = (
@@ -77,9 +79,11 @@ def judge_many(backend, guard, items: list[tuple[str, str, str, str]],
     for i, prompt in enumerate(prompts):
         guard.check_prompt(prompt, f"{where} judge prompt {i}")
     margins: list[float] = []
-    for start in range(0, len(prompts), batch_size):
-        logp = backend.next_token_logprobs(prompts[start : start + batch_size])
-        margins += (logp[:, a_id] - logp[:, b_id]).tolist()
+    with Progress(len(prompts), f"{where} judge", unit="prompt") as progress:
+        for start in range(0, len(prompts), batch_size):
+            logp = backend.next_token_logprobs(prompts[start : start + batch_size])
+            margins += (logp[:, a_id] - logp[:, b_id]).tolist()
+            progress.update(len(logp))
     verdicts = []
     for i in range(len(items)):
         xy, yx = margins[2 * i], -margins[2 * i + 1]
