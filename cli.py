@@ -81,6 +81,9 @@ BASELINE_LIMIT = click.option(
               default=PROJECT_ROOT / "constitution.yaml", show_default=True)
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help=f"Evaluation sets for decontamination (default {DEFAULT_DATA_DIR} if present).")
+@click.option("--no-eval-sets", is_flag=True,
+              help="Run without the external evaluation sets (no decontamination against "
+                   "IFEval, AILuminate, HH-RLHF); recorded in the run.")
 @click.option("--allow-contamination", is_flag=True,
               help="Train even if a template contamination check fails (recorded in config.yaml).")
 @BASELINE_LIMIT
@@ -93,7 +96,7 @@ BASELINE_LIMIT = click.option(
                    "--accept-changed-settings).")
 def stage_run(number: int, run_dir: Path | None, model: str | None, limit: int | None,
               heldout: int | None, seed: int | None, constitution_path: Path,
-              data_dir: Path | None, allow_contamination: bool,
+              data_dir: Path | None, no_eval_sets: bool, allow_contamination: bool,
               baseline_limit: int | None, skip_empty: bool, overrides: tuple[str, ...],
               accept_changed: bool, redo_from: str | None) -> None:
     """Run (or resume) stage NUMBER."""
@@ -101,7 +104,8 @@ def stage_run(number: int, run_dir: Path | None, model: str | None, limit: int |
         done = run_stage(number, run_dir, model, limit, seed, heldout, constitution_path,
                          data_dir, allow_contamination, baseline_limit=baseline_limit,
                          skip_empty=skip_empty, overrides=overrides,
-                         accept_changed=accept_changed, redo_from=redo_from)
+                         accept_changed=accept_changed, redo_from=redo_from,
+                         no_eval_sets=no_eval_sets)
     except USER_ERRORS as error:
         fail(error)
     except KeyboardInterrupt:
@@ -118,18 +122,21 @@ def stage_run(number: int, run_dir: Path | None, model: str | None, limit: int |
 @click.option("--seed", type=int, default=None, help="Seed (default 0).")
 @click.option("--until", type=int, default=None, help="Last stage to run (default: all built).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--no-eval-sets", is_flag=True,
+              help="Run without the external evaluation sets (recorded in the run).")
 @click.option("--allow-contamination", is_flag=True)
 @BASELINE_LIMIT
 @SKIP_EMPTY
 @SET
 @ACCEPT_CHANGED
 def run_all(run_dir: Path | None, model: str | None, limit: int | None, seed: int | None,
-            until: int | None, data_dir: Path | None, allow_contamination: bool,
-            baseline_limit: int | None, skip_empty: bool, overrides: tuple[str, ...],
-            accept_changed: bool) -> None:
+            until: int | None, data_dir: Path | None, no_eval_sets: bool,
+            allow_contamination: bool, baseline_limit: int | None, skip_empty: bool,
+            overrides: tuple[str, ...], accept_changed: bool) -> None:
     """Run the curriculum's stages in order, each learning from the previous merged model."""
     try:
         done = run_curriculum(run_dir, model, limit, seed, until, data_dir=data_dir,
+                              no_eval_sets=no_eval_sets,
                               allow_contamination=allow_contamination,
                               baseline_limit=baseline_limit, skip_empty=skip_empty,
                               overrides=overrides, accept_changed=accept_changed)
@@ -255,10 +262,15 @@ def check_contamination_command(run_dir: Path, stage: int, probe: bool) -> None:
         click.echo(f"template problem: {problem}")
     for label, probe_result in result.get("probes", {}).items():
         click.echo(f"chat-template probe ({label}): {probe_result['finding']}")
+    if not result["complete"]:
+        click.echo("contamination check INCOMPLETE: this run has no external evaluation sets "
+                   "(--no-eval-sets); only the held-out split, the baseline probes and the "
+                   "exemplars were checked", err=True)
+        sys.exit(1)
     if not result["ok"]:
         click.echo("contamination check FAILED (details in contamination_check.tsv)", err=True)
         sys.exit(1)
-    click.echo("contamination check passed")
+    click.echo(f"contamination check passed (evaluation sets in {result['eval_sets']})")
 
 
 @main.command()

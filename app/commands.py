@@ -150,9 +150,11 @@ def check_contamination(run_dir: Path, stage: int, probe: bool, log=print) -> di
             from core.suites.baseline import load_probes
 
             questions = [p.text for p in load_probes()[0] if p.capability == "bare_questions"][:8]
-            backend = load_backend(path, resolve_model(config["model"]["reference"]).profile)
+            backend = load_backend(path, ctx.profile)
             result["probes"][label] = chat_template_probe(backend, questions)
-    result["ok"] = not findings and not problems
+    result["eval_sets"] = str(protected.data_dir) if protected.data_dir else None
+    result["complete"] = protected.data_dir is not None
+    result["ok"] = not findings and not problems and result["complete"]
     write_json(stage_dir / "contamination_check.json", result)
     return result
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from core.backend import UnslothBackend, backend_class, import_unsloth, load_backend
 from core.config import RunSettings, apply_overrides, as_section, changed_settings
 from core.constitution import load_constitution
+from core.contamination import eval_set_summary
 from core.context import BackendLoader, StageContext
 from core.errors import TooLittleDataError, UsageError
 from core.io import read_json, write_json
@@ -88,6 +89,37 @@ def _typed(value):
     return tuple(value) if isinstance(value, list) else value
 
 
+def chosen_data_dir(data_dir: Path | None, no_eval_sets: bool) -> str | None:
+    """The evaluation data directory a new run records: --data-dir, else the default when it
+    exists; None only when the user said --no-eval-sets. Fixed for the run once saved."""
+    if no_eval_sets:
+        if data_dir is not None:
+            raise UsageError("--data-dir and --no-eval-sets contradict each other; give one")
+        return None
+    if data_dir is not None:
+        if not data_dir.is_dir():
+            raise UsageError(f"--data-dir {data_dir} is not a directory; pass the folder that "
+                             f"holds ifeval/, ailuminate/ and hh-rlhf-harmless/")
+        return str(data_dir.resolve())
+    if DEFAULT_DATA_DIR.is_dir():
+        return str(DEFAULT_DATA_DIR)
+    raise UsageError(
+        f"no evaluation data sets at {DEFAULT_DATA_DIR}: without them the run cannot "
+        f"decontaminate its training data against IFEval, AILuminate and HH-RLHF. Pass "
+        f"--data-dir DIR, or --no-eval-sets to run without them (recorded in the run's config "
+        f"and shown by `check contamination`)")
+
+
+def check_data_dir(data_dir: str | None, log) -> None:
+    """Read every evaluation set in full before anything is generated (DataSetError names each
+    problem); say which sets the run decontaminates against."""
+    if data_dir is None:
+        log("evaluation sets: none (--no-eval-sets): decontamination covers only the held-out "
+            "split and the baseline probes")
+        return
+    log(f"evaluation sets: {eval_set_summary(Path(data_dir))} ({data_dir})")
+
+
 def default_heldout(limit: int) -> int:
     return max(8, limit // 4)
 
@@ -97,7 +129,7 @@ def plan_stage_run(number: int, run_dir: Path | None, model: str | None, limit: 
                    data_dir: Path | None = None, allow_contamination: bool = False,
                    log=print, baseline_limit: int | None = None, overrides: tuple[str, ...] = (),
                    accept_changed: bool = False, curriculum: tuple[Stage, ...] = STAGES,
-                   backend_loader: BackendLoader = load_backend
+                   backend_loader: BackendLoader = load_backend, no_eval_sets: bool = False
                    ) -> tuple[Stage, StageContext, dict]:
     """Validate every option; return (stage, context, config to save). Writes nothing."""
     stage = select_stage(number, curriculum)
@@ -127,9 +159,19 @@ def plan_stage_run(number: int, run_dir: Path | None, model: str | None, limit: 
                                      curriculum=curriculum)
     log(f"model: {resolved.profile.name} ({resolved.source}) - {resolved.reason}")
     log(f"stage {number} input: {model_path} ({origin})")
-    data_dir = data_dir or (DEFAULT_DATA_DIR if DEFAULT_DATA_DIR.is_dir() else None)
     config = saved or build_config(settings, resolved, model_path, constitution_path, constitution)
-    config.setdefault("data_dir", str(data_dir) if data_dir else None)
+    if "data_dir" not in config or (data_dir is not None and saved is not None):
+        chosen = chosen_data_dir(data_dir, no_eval_sets)
+        if saved is not None and chosen != config.get("data_dir"):  # the sets moved
+            config.setdefault("overrides", []).append(
+                {"override": "data_dir", "stage": number, "was": config.get("data_dir"),
+                 "now": chosen, "at": datetime.now(timezone.utc).isoformat()})
+        config["data_dir"] = chosen
+        if no_eval_sets:
+            config.setdefault("overrides", []).append(
+                {"override": "no_eval_sets", "stage": number,
+                 "at": datetime.now(timezone.utc).isoformat()})
+    check_data_dir(config["data_dir"], log)
     record_settings(config, sections, all_sets, changes, number)
     allowed = allow_contamination or bool(config.get("allow_contamination"))
     if allow_contamination and not config.get("allow_contamination"):
@@ -232,7 +274,8 @@ def run_stage(number: int, run_dir: Path | None = None, model: str | None = None
               baseline_limit: int | None = None, skip_empty: bool = False,
               overrides: tuple[str, ...] = (), accept_changed: bool = False,
               curriculum: tuple[Stage, ...] = STAGES,
-              backend_loader: BackendLoader = load_backend, redo_from: str | None = None) -> Path:
+              backend_loader: BackendLoader = load_backend, redo_from: str | None = None,
+              no_eval_sets: bool = False) -> Path:
     """Run or resume one stage; returns the run directory. With `skip_empty`, a stage whose
     filters keep too little data is marked SKIPPED (with the reason) instead of failing, and
     the next stage starts from the model this one was given. `redo_from` names a step to run
@@ -241,7 +284,7 @@ def run_stage(number: int, run_dir: Path | None = None, model: str | None = None
     stage, ctx, config = plan_stage_run(number, run_dir, model, limit, seed, heldout,
                                         constitution_path, data_dir, allow_contamination, log,
                                         baseline_limit, overrides, accept_changed, curriculum,
-                                        backend_loader)
+                                        backend_loader, no_eval_sets)
     if redo_from is not None and redo_from not in stage.step_names:
         raise StageSelectionError(f"--redo-from {redo_from!r}: stage {number} has the steps "
                                   f"{', '.join(stage.step_names)}")

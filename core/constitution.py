@@ -16,6 +16,7 @@ from core.errors import UsageError
 CATEGORIES: tuple[str, ...] = ("helpfulness", "harmlessness", "honesty")
 PRINCIPLE_FIELDS: tuple[str, ...] = ("name", "category", "critique_request", "revision_request")
 TOP_LEVEL_KEYS: tuple[str, ...] = ("version", "principles")
+MIN_PRINCIPLES = 2  # stage 6 draws two distinct principles per critique
 _SNAKE_CASE = re.compile(r"^[a-z][a-z0-9]*(?:_[a-z0-9]+)*$")
 
 
@@ -147,6 +148,10 @@ def _validate_principles(data: dict[str, Any]) -> list[str]:
         got = "an empty list" if principles == [] else _type_name(principles)
         return [f"principles: expected a non-empty list of principle mappings, got {got}"]
     problems: list[str] = []
+    if len(principles) < MIN_PRINCIPLES:
+        problems.append(f"principles: {len(principles)} given; at least {MIN_PRINCIPLES} are "
+                        f"needed (stage 6 critiques every answer against two principles drawn "
+                        f"from the constitution); add another principle")
     first_seen: dict[str, int] = {}
     for index, entry in enumerate(principles):
         problems += _validate_principle(index, entry)

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.errors import RunFailure
+from core.errors import RunFailure, UsageError
 from core.guards import TemplateGuard, chat_special_tokens, template_injected_text
 from core.text import copies_exemplar
 
@@ -70,24 +70,108 @@ class NgramIndex:
 
 # evaluation sets -------------------------------------------------------------------------------
 
+EVAL_FILES = {
+    "ifeval": "ifeval/input_data.jsonl",
+    "ailuminate": "ailuminate/airr_official_1.0_demo_en_us_prompt_set_release.csv",
+    "hh-rlhf-harmless-test": "hh-rlhf-harmless/harmless-base-test.jsonl.gz",
+}
+MAX_PROBLEMS_PER_FILE = 5
+
+
+class DataSetError(UsageError):
+    """An external evaluation set is missing or cannot be read (every problem, by file and
+    line)."""
+
+
 def load_eval_texts(data_dir: Path) -> dict[str, list[tuple[str, str]]]:
-    """{set name: [(item id, text)]} for the shared evaluation sets that are present."""
+    """{set name: [(item id, text)]} for every set of EVAL_FILES under `data_dir`. A missing
+    file, a line that is not JSON, a missing field, a bad CSV header or row, text that is not
+    UTF-8 or a truncated gzip raises one DataSetError naming every problem (file, line,
+    field) and how to fix it."""
     sets: dict[str, list[tuple[str, str]]] = {}
-    ifeval = data_dir / "ifeval" / "input_data.jsonl"
-    if ifeval.is_file():
-        rows = [json.loads(line) for line in ifeval.read_text(encoding="utf-8").splitlines() if line]
-        sets["ifeval"] = [(str(r["key"]), r["prompt"]) for r in rows]
-    ailuminate = data_dir / "ailuminate" / "airr_official_1.0_demo_en_us_prompt_set_release.csv"
-    if ailuminate.is_file():
-        with open(ailuminate, newline="", encoding="utf-8") as handle:
-            sets["ailuminate"] = [(r["release_prompt_id"], r["prompt_text"])
-                                  for r in csv.DictReader(handle)]
-    harmless = data_dir / "hh-rlhf-harmless" / "harmless-base-test.jsonl.gz"
-    if harmless.is_file():
-        with gzip.open(harmless, "rt", encoding="utf-8") as handle:
-            sets["hh-rlhf-harmless-test"] = [(str(i), first_human_turn(json.loads(line)["chosen"]))
-                                             for i, line in enumerate(handle) if line.strip()]
+    problems: list[str] = []
+    readers = {"ifeval": _read_ifeval, "ailuminate": _read_ailuminate,
+               "hh-rlhf-harmless-test": _read_harmless}
+    for name, rel in EVAL_FILES.items():
+        path = data_dir / rel
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        items, found = readers[name](path)
+        sets[name] = items
+        problems += found[:MAX_PROBLEMS_PER_FILE]
+    if problems:
+        raise DataSetError(
+            f"the evaluation data sets under {data_dir} cannot be used:\n  - "
+            + "\n  - ".join(problems)
+            + "\nRestore the files (see ../shared/data/README.md), pass --data-dir with a "
+              "complete copy, or --no-eval-sets to run without them (recorded in the run).")
     return sets
+
+
+def _json_lines(path: Path, lines, fields_: tuple[str, ...]) -> tuple[list[tuple[int, dict]], list[str]]:
+    """(line number, record) for each non-blank line that is a JSON object with `fields_`."""
+    rows, problems = [], []
+    try:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                problems.append(f"{path}:{number}: not a JSON line ({error.msg})")
+                continue
+            missing = [f for f in fields_ if not isinstance(record, dict) or f not in record]
+            if missing:
+                problems.append(f"{path}:{number}: no field {missing[0]!r}")
+                continue
+            rows.append((number, record))
+    except UnicodeDecodeError as error:
+        problems.append(f"{path}: not UTF-8 text (byte {error.start} of a block)")
+    except (EOFError, gzip.BadGzipFile, OSError) as error:
+        problems.append(f"{path}: cannot be decompressed ({error}); the file is truncated "
+                        f"or not gzip")
+    return rows, problems
+
+
+def _read_ifeval(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    with open(path, encoding="utf-8") as handle:
+        rows, problems = _json_lines(path, handle, ("key", "prompt"))
+    return [(str(r["key"]), r["prompt"]) for _, r in rows], problems
+
+
+def _read_harmless(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        rows, problems = _json_lines(path, handle, ("chosen",))
+    return [(str(i), first_human_turn(r["chosen"])) for i, (_, r) in enumerate(rows)], problems
+
+
+def _read_ailuminate(path: Path) -> tuple[list[tuple[str, str]], list[str]]:
+    items, problems = [], []
+    columns = ("release_prompt_id", "prompt_text")
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            lacking = [c for c in columns if c not in (reader.fieldnames or [])]
+            if lacking:
+                return [], [f"{path}: the header has no column {lacking[0]!r} (columns: "
+                            f"{', '.join(reader.fieldnames or [])})"]
+            for row in reader:
+                if not row.get("release_prompt_id") or row.get("prompt_text") is None:
+                    problems.append(f"{path}:{reader.line_num}: a row without "
+                                    f"release_prompt_id or prompt_text")
+                    continue
+                items.append((row["release_prompt_id"], row["prompt_text"]))
+    except UnicodeDecodeError as error:
+        problems.append(f"{path}: not UTF-8 text (byte {error.start} of a block)")
+    except csv.Error as error:
+        problems.append(f"{path}: not valid CSV ({error})")
+    return items, problems
+
+
+def eval_set_summary(data_dir: Path) -> str:
+    """"ifeval 541, ailuminate 1200, ..." after a full, strict read (DataSetError otherwise)."""
+    return ", ".join(f"{name} {len(items)}" for name, items in load_eval_texts(data_dir).items())
 
 
 def first_human_turn(transcript: str) -> str:
@@ -129,7 +213,7 @@ def evaluation_index(data_dir: Path | None, heldout: list[tuple[str, str]],
                      n: int = DEFAULT_N) -> NgramIndex:
     """Every evaluation text in use: the shared sets that exist under `data_dir`, the stage's
     held-out split, and the baseline probes."""
-    sets = load_eval_texts(data_dir) if data_dir and data_dir.is_dir() else {}
+    sets = load_eval_texts(data_dir) if data_dir else {}
     sets["heldout"] = heldout
     sets["baseline-probes"] = probe_texts()
     return build_index(sets, n)

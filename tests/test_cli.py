@@ -159,3 +159,49 @@ def test_ctrl_c_keeps_work_and_prints_the_resume_command(tmp_path):
     assert "interrupted: finished work is kept" in stderr and "Traceback" not in stderr
     assert f"stage run 1 --model tiny-qwen2 --limit 8 --run-dir {run_dir}" in stderr
     assert (run_dir / "stage_1" / "steps" / "instructions.done").is_file()
+
+
+DATA = ROOT.parent / "shared" / "data"
+
+
+def damaged_data_dir(tmp_path: Path) -> Path:
+    """A copy of the three evaluation sets, each damaged the way a careless copy damages it."""
+    import gzip
+    import shutil
+
+    data = tmp_path / "data"
+    for rel in ("ifeval/input_data.jsonl",
+                "ailuminate/airr_official_1.0_demo_en_us_prompt_set_release.csv",
+                "hh-rlhf-harmless/harmless-base-test.jsonl.gz"):
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(DATA / rel, data / rel)
+    ifeval = data / "ifeval" / "input_data.jsonl"
+    ifeval.write_bytes(ifeval.read_bytes()[:-40])  # the last line cut mid-JSON
+    csv_path = data / "ailuminate" / "airr_official_1.0_demo_en_us_prompt_set_release.csv"
+    csv_path.write_text(csv_path.read_text().replace("prompt_text", "text", 1))
+    harmless = data / "hh-rlhf-harmless" / "harmless-base-test.jsonl.gz"
+    harmless.write_bytes(harmless.read_bytes()[: 50_000])  # a download that stopped
+    return data
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
+def test_damaged_evaluation_sets_are_refused_before_anything_runs(tmp_path):
+    run_dir = tmp_path / "run"
+    out = cli("stage", "run", "1", "--model", "tiny-qwen2", "--run-dir", str(run_dir),
+              "--data-dir", str(damaged_data_dir(tmp_path)))
+    lines = (ROOT.parent / "shared" / "data" / "ifeval" / "input_data.jsonl").read_text()
+    last = len(lines.splitlines())
+    _assert_clean_failure(out, run_dir, f"input_data.jsonl:{last}: not a JSON line",
+                          "the header has no column 'prompt_text'",
+                          "harmless-base-test.jsonl.gz: cannot be decompressed",
+                          "--no-eval-sets")
+
+
+def test_data_dir_that_is_not_a_directory_and_contradictory_options(tmp_path):
+    run_dir = tmp_path / "run"
+    out = cli("stage", "run", "1", "--model", "tiny-qwen2", "--run-dir", str(run_dir),
+              "--data-dir", str(tmp_path / "nowhere"))
+    _assert_clean_failure(out, run_dir, "is not a directory")
+    out = cli("stage", "run", "1", "--model", "tiny-qwen2", "--run-dir", str(run_dir),
+              "--data-dir", str(tmp_path), "--no-eval-sets")
+    _assert_clean_failure(out, run_dir, "contradict")

@@ -128,7 +128,7 @@ def test_by_name(shipped: Constitution) -> None:
 
 
 def test_sha256_changes_when_file_changes(tmp_path: Path) -> None:
-    path = _write(tmp_path, {"version": 1, "principles": [_principle()]})
+    path = _write(tmp_path, {"version": 1, "principles": [_principle(), _principle("be_kind")]})
     before = load_constitution(path).sha256
     assert load_constitution(path).sha256 == before
     path.write_text(path.read_text() + "# a comment\n")
@@ -240,6 +240,11 @@ def test_name_not_snake_case(tmp_path: Path, name: str) -> None:
 
 
 # --- validation: many problems at once ------------------------------------------------
+
+
+def test_one_principle_is_too_few_for_stage_6(tmp_path: Path) -> None:
+    problems = _problems(_write(tmp_path, {"version": 1, "principles": [_principle()]}))
+    _assert_one(problems, "principles", "1 given; at least 2 are needed", "stage 6")
 
 
 def test_reports_every_problem_at_once(tmp_path: Path) -> None:

@@ -253,6 +253,24 @@ def test_redo_from_train_with_another_learning_rate(tmp_path, reference):
     assert kinds == ["accept_changed_settings", "redo_from"]
 
 
+def test_a_run_without_evaluation_sets_says_so_and_its_check_is_incomplete(tmp_path):
+    run_dir = tmp_path / "run"
+    out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "stage", "run", "1", "--run-dir",
+                          str(run_dir), "--model", "tiny-qwen2", "--limit", "4", "--heldout", "2",
+                          "--baseline-limit", "1", "--no-eval-sets"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "evaluation sets: none (--no-eval-sets)" in out.stdout
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["data_dir"] is None
+    assert [o["override"] for o in config["overrides"]] == ["no_eval_sets"]
+    check = subprocess.run([sys.executable, str(ROOT / "cli.py"), "check", "contamination",
+                            "--run-dir", str(run_dir)], capture_output=True, text=True,
+                           timeout=300)
+    assert check.returncode == 1
+    assert "contamination check INCOMPLETE" in check.stderr and "passed" not in check.stdout
+
+
 def test_check_contamination_command(reference, tmp_path):
     import shutil
 
