@@ -1,6 +1,7 @@
 """Command line: parse, then call one function. Run `python cli.py --help`."""
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
@@ -20,6 +21,20 @@ def interrupted() -> None:
     click.echo(f"\ninterrupted: finished work is kept; resume with the same command:\n  {command}",
                err=True)
     sys.exit(130)
+
+
+ENVIRONMENT_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                      errno.EROFS: "the file system is read-only",
+                      errno.EACCES: "permission denied"}
+
+
+def environment_fault(error: OSError) -> None:
+    """A full disk, a read-only mount or a permission error while a run writes: one line with
+    what to do, exit 1 (finished steps and generated items are on disk)."""
+    where = f" writing {error.filename}" if error.filename else ""
+    click.echo(f"error: {ENVIRONMENT_ERRNOS[error.errno]}{where}; fix that and rerun the same "
+               f"command to resume (finished work is kept)", err=True)
+    sys.exit(1)
 
 
 def fail(error: CurriculumError) -> None:
@@ -110,6 +125,10 @@ def stage_run(number: int, run_dir: Path | None, model: str | None, limit: int |
         fail(error)
     except KeyboardInterrupt:
         interrupted()
+    except OSError as error:
+        if error.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        environment_fault(error)
     ended = "skipped" if (done / f"stage_{number}" / "SKIPPED").is_file() else "complete"
     click.echo(f"stage {number} {ended}: {done / f'stage_{number}'}")
 
@@ -144,6 +163,10 @@ def run_all(run_dir: Path | None, model: str | None, limit: int | None, seed: in
         fail(error)
     except KeyboardInterrupt:
         interrupted()
+    except OSError as error:
+        if error.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        environment_fault(error)
     click.echo(f"curriculum report: {done / 'report.md'}")
 
 

@@ -5,6 +5,8 @@ missing model path or a wrong stage number leave no trace in the run directory.
 This is the layer above the library: it wires the registry (stages, profiles) to core/."""
 from __future__ import annotations
 
+import json
+import os
 import sys
 from dataclasses import fields, replace
 from datetime import datetime, timezone
@@ -26,6 +28,7 @@ from registry.models import ResolvedModel, resolve_model
 from registry.stages import STAGES
 
 DEFAULT_SEED = 0
+MAX_COUNT = 100_000  # --limit, --heldout, --baseline-limit: far above what any pool can feed
 SKIPPED = "SKIPPED"  # stage_N/SKIPPED: the stage kept no preference pairs and trained nothing
 DEFAULT_DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
 ACCEPT_CHANGED = "--accept-changed-settings"
@@ -89,6 +92,32 @@ def _typed(value):
     return tuple(value) if isinstance(value, list) else value
 
 
+def check_run_dir(run_dir: Path) -> None:
+    """A run directory must be a directory (or not exist yet) that this user can write to."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--run-dir {run_dir} is a file, not a directory; pick another path")
+    existing = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK):
+        raise RunDirError(f"--run-dir {run_dir}: {existing} is not writable (read-only mount or "
+                          f"permissions); pick a writable path")
+
+
+def check_model_dir(model_path: str) -> None:
+    """A local model directory is opened before anything is written: its config.json must be
+    JSON (a Hub id is left to transformers)."""
+    config = Path(model_path) / "config.json"
+    if not Path(model_path).is_dir():
+        return
+    if not config.is_file():
+        raise UsageError(f"model directory {model_path} has no config.json; pass a directory "
+                         f"saved with save_pretrained, a profile name or a Hub id")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"{config} is not valid JSON ({error}); restore the model "
+                         f"directory") from None
+
+
 def chosen_data_dir(data_dir: Path | None, no_eval_sets: bool) -> str | None:
     """The evaluation data directory a new run records: --data-dir, else the default when it
     exists; None only when the user said --no-eval-sets. Fixed for the run once saved."""
@@ -135,6 +164,7 @@ def plan_stage_run(number: int, run_dir: Path | None, model: str | None, limit: 
     stage = select_stage(number, curriculum)
     constitution = load_constitution(constitution_path)
     run_dir = (run_dir or default_run_dir(PROJECT_ROOT)).resolve()
+    check_run_dir(run_dir)
     saved = read_config(run_dir)
     requested = {"model": model, "seed": seed, "limit": limit, "heldout": heldout,
                  "baseline_limit": baseline_limit, "constitution_sha256": constitution.sha256}
@@ -147,16 +177,20 @@ def plan_stage_run(number: int, run_dir: Path | None, model: str | None, limit: 
     resolved = resolve_model(settings["model"])
     settings["model"] = settings["model"] or resolved.reference
     settings["seed"] = DEFAULT_SEED if settings["seed"] is None else settings["seed"]
-    settings["limit"] = settings["limit"] or resolved.profile.default_limit
-    settings["heldout"] = settings["heldout"] or default_heldout(settings["limit"])
+    if settings["limit"] is None:
+        settings["limit"] = resolved.profile.default_limit
+    if settings["heldout"] is None:
+        settings["heldout"] = default_heldout(settings["limit"])
     for key in ("limit", "heldout", "baseline_limit"):
-        if settings[key] is not None and settings[key] < 1:
+        if settings[key] is not None and not 1 <= settings[key] <= MAX_COUNT:
             option = "--" + key.replace("_", "-")
-            raise StageSelectionError(f"{option} must be a positive number, got {settings[key]}")
+            raise StageSelectionError(f"{option} must be a number from 1 to {MAX_COUNT:,}, got "
+                                      f"{settings[key]}")
     sections, all_sets, changes = resolve_settings(saved, resolved.profile, overrides,
                                                    accept_changed, curriculum)
     model_path, origin = stage_input(number, run_dir, resolved, explicit=model is not None,
                                      curriculum=curriculum)
+    check_model_dir(model_path)
     log(f"model: {resolved.profile.name} ({resolved.source}) - {resolved.reason}")
     log(f"stage {number} input: {model_path} ({origin})")
     config = saved or build_config(settings, resolved, model_path, constitution_path, constitution)

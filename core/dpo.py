@@ -7,11 +7,14 @@ disabled, so no second copy of the model is held.
 """
 from __future__ import annotations
 
+import errno
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from core.errors import RunFailure
 from core.guards import TemplateGuard
 from core.io import write_json, write_jsonl
 from core.progress import Progress
@@ -90,7 +93,8 @@ def train_dpo(backend, records: list[dict], settings: DPOSettings, work_dir: Pat
         warmup_steps=0,
         dataloader_num_workers=0,
         disable_tqdm=True,
-        per_device_eval_batch_size=1,  # TRL averages per-batch means: batch 1 makes them exact
+        per_device_eval_batch_size=1,
+        logging_nan_inf_filter=False,  # TRL averages per-batch means: batch 1 makes them exact
         **loss_terms(settings.sft_weight),
     )
     model, peft_config = backend.trainable_model(settings.lora(), settings.seed)
@@ -102,9 +106,15 @@ def train_dpo(backend, records: list[dict], settings: DPOSettings, work_dir: Pat
     trainer = DPOTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=backend.tokenizer,
         peft_config=peft_config,
-        callbacks=[TensorBoardCallback(tb_writer=writer), step_progress()],
+        callbacks=[TensorBoardCallback(tb_writer=writer), step_progress(),
+                   stop_on_nonfinite_loss(work_dir / "checkpoints")],
     )
-    trainer.train(resume_from_checkpoint=last_checkpoint(work_dir / "checkpoints"))
+    try:
+        trainer.train(resume_from_checkpoint=last_checkpoint(work_dir / "checkpoints"))
+    except Exception as error:  # safetensors and torch report a full disk in their own types
+        if any(sign in str(error) for sign in DISK_FULL_SIGNS):
+            raise OSError(errno.ENOSPC, "No space left on device", str(work_dir)) from error
+        raise
     writer.close()
     trainer.model.save_pretrained(str(adapter_dir))
     backend.tokenizer.save_pretrained(str(adapter_dir))
@@ -127,6 +137,36 @@ def dev_metrics(evaluated: dict, n: int, beta: float) -> dict:
             "chosen_logratio": evaluated["eval_rewards/chosen"] / beta,
             "rejected_logratio": evaluated["eval_rewards/rejected"] / beta,
             "loss": evaluated["eval_loss"]}
+
+
+DISK_FULL_SIGNS = ("No space left on device", "unexpected pos")  # safetensors; torch.save
+WATCHED = ("loss", "grad_norm", "logps/chosen", "logps/rejected")
+
+
+class TrainingDiverged(RunFailure):
+    """The training loss became NaN or infinite."""
+
+
+def stop_on_nonfinite_loss(checkpoints: Path):
+    """A trainer callback that stops training the moment a logged loss, gradient norm or
+    log-probability is NaN or infinite, naming the step and the last checkpoint. (The trainer
+    is told not to mask non-finite losses: `logging_nan_inf_filter=False`.)"""
+    from transformers import TrainerCallback
+
+    class StopOnNonfiniteLoss(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            bad = {k: v for k, v in (logs or {}).items()
+                   if k in WATCHED and isinstance(v, float) and not math.isfinite(v)}
+            if bad:
+                good = last_checkpoint(checkpoints)
+                what = ", ".join(f"{k} {v}" for k, v in bad.items())
+                raise TrainingDiverged(
+                    f"training diverged at step {state.global_step} ({what}); the last "
+                    f"good checkpoint is {good or 'none (no checkpoint was saved yet)'}. Lower "
+                    f"the learning rate (--set profile.learning_rate=...) and rerun with "
+                    f"--accept-changed-settings: training then starts over")
+
+    return StopOnNonfiniteLoss()
 
 
 def step_progress():

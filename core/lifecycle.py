@@ -19,7 +19,7 @@ from core.io import atomic_write_text, read_json, read_jsonl, write_json, write_
 from core.merge import merge_adapter
 from core.models import weights_sha256
 from core.profile import ModelProfile
-from core.errors import NoPairsError
+from core.errors import NoPairsError, RunFailure
 from core.stats import mcnemar_exact
 
 AssessHeldout = Callable[[object, str], dict]  # (backend, "before"|"after") -> {"summary", "items"}
@@ -71,6 +71,10 @@ def train_adapter(ctx: StageContext) -> None:
     records = read_jsonl(ctx.path("pairs.jsonl"))
     settings = dpo_settings(ctx)
     discard_foreign_checkpoints(ctx, settings)
+    # a LoRA checkpoint (adapter, Adam moments, RNG) of a model is a few percent of its
+    # weights; up to three exist while the oldest is rotated out: 15% is a safe estimate
+    check_free_space(ctx.path("train"), int(weights_bytes(ctx.model_path) * 0.15),
+                     "training checkpoints")
     summary = train_dpo(ctx.backend(), records, settings, ctx.path("train"),
                         ctx.path("adapter"), ctx.guard())
     for warning in summary["health"]["warnings"]:
@@ -90,9 +94,34 @@ def discard_foreign_checkpoints(ctx: StageContext, settings: DPOSettings) -> Non
     write_json(record, current)
 
 
+def check_free_space(folder: Path, need: int, what: str) -> None:
+    """Refuse (RunFailure) to start writing `need` bytes into `folder` when the disk has less
+    free space, instead of failing half-way through with a damaged file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise RunFailure(f"{what} needs about {size(need)} free in {folder}, and the disk has "
+                         f"{size(free)}; free space and rerun the same command (finished steps "
+                         f"are kept)")
+
+
+def size(n: int) -> str:
+    """Bytes as GiB, or MiB under one GiB."""
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def weights_bytes(model_path: str) -> int:
+    """Bytes of a local model's weight files (0 for a Hub id)."""
+    folder = Path(model_path)
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) if folder.is_dir() else 0
+
+
 def merge_model(ctx: StageContext, probes: list[str]) -> None:
     """adapter/ merged into a full-precision copy of the input model, checked on `probes`."""
     ctx.release_backend()
+    # the merged copy has the input's size (a full-precision input in the same dtype), plus
+    # 10% for the tokenizer and slack; a Hub id's size is unknown here (0: not checked)
+    check_free_space(ctx.stage_dir, int(weights_bytes(ctx.model_path) * 1.1), "the merge")
     parity = merge_adapter(ctx.model_path, ctx.path("adapter"), ctx.path("merged"),
                            ctx.profile.dtype, probes, ctx.profile.parity_tolerance)
     write_json(ctx.path("merge.json"), {"base": ctx.model_path, "parity": parity,

@@ -73,7 +73,43 @@ def test_bad_set_override(tmp_path):
 def test_non_positive_limit_names_the_option(tmp_path):
     out = cli("stage", "run", "1", "--model", "tiny-qwen2", "--run-dir", str(tmp_path / "run"),
               "--baseline-limit", "0")
-    _assert_clean_failure(out, tmp_path / "run", "--baseline-limit must be a positive number")
+    _assert_clean_failure(out, tmp_path / "run", "--baseline-limit must be a number from 1 to")
+
+
+@pytest.mark.parametrize("option, value", [("--limit", "1000000000"), ("--heldout", "0"),
+                                           ("--limit", "-3")])
+def test_counts_are_bounded_before_anything_is_written(tmp_path, option, value):
+    out = cli("stage", "run", "1", "--model", "tiny-qwen2", "--run-dir", str(tmp_path / "run"),
+              option, value)
+    _assert_clean_failure(out, tmp_path / "run", f"{option} must be a number from 1 to 100,000")
+
+
+def test_a_run_dir_that_is_a_file(tmp_path):
+    path = tmp_path / "run"
+    path.write_text("not a directory")
+    out = cli("stage", "run", "1", "--model", "tiny-qwen2", "--run-dir", str(path))
+    assert out.returncode == 2 and "is a file, not a directory" in out.stderr
+    assert "Traceback" not in out.stderr and path.read_text() == "not a directory"
+
+
+def test_a_model_directory_with_a_corrupt_config(tmp_path, tiny_dir):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    (model / "config.json").write_text('{"model_type": "qwen2", ')
+    out = cli("stage", "run", "1", "--model", str(model), "--run-dir", str(tmp_path / "run"))
+    _assert_clean_failure(out, tmp_path / "run", "config.json is not valid JSON")
+
+
+@pytest.mark.skipif(__import__("os").geteuid() == 0, reason="root may write anywhere")
+def test_a_read_only_run_dir(tmp_path):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    out = cli("stage", "run", "1", "--model", "tiny-qwen2", "--run-dir", str(parent / "run"))
+    parent.chmod(0o755)
+    _assert_clean_failure(out, parent / "run", "is not writable")
 
 
 def test_until_out_of_range(tmp_path):

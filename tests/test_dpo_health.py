@@ -35,6 +35,18 @@ def test_the_nll_term_is_trained_and_a_learning_run_is_not_flagged(tiny_dir, tmp
     assert metrics["health"]["chosen_logratio_last"] is not None
 
 
+def test_a_diverging_run_stops_with_the_step_and_the_last_good_checkpoint(tiny_dir, tmp_path):
+    from core.dpo import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged) as error:
+        train(tiny_dir, tmp_path, learning_rate=float("inf"), save_steps=1, epochs=3)
+    message = str(error.value)
+    assert "training diverged at step 2 (" in message and "nan" in message
+    assert "checkpoint-" in message and "--set profile.learning_rate" in message
+    assert error.value.exit_code == 1
+    assert not (tmp_path / "adapter").exists()  # nothing saved from a diverged run
+
+
 def test_loss_terms():
     assert loss_terms(0.0) == {"loss_type": ["sigmoid"]}
     assert loss_terms(0.5) == {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 0.5]}
