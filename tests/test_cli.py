@@ -202,7 +202,6 @@ DATA = ROOT.parent / "shared" / "data"
 
 def damaged_data_dir(tmp_path: Path) -> Path:
     """A copy of the three evaluation sets, each damaged the way a careless copy damages it."""
-    import gzip
     import shutil
 
     data = tmp_path / "data"
