@@ -9,6 +9,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from core.errors import RunFailure
+
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` through a temporary file in the same folder, then rename."""
@@ -47,15 +49,37 @@ def write_jsonl(path: str | Path, records: Iterable[dict]) -> int:
     return len(lines)
 
 
+class DamagedFileError(RunFailure):
+    """A JSON-lines file the run wrote has a line that is not a JSON object."""
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Read every complete line; a torn last line (crash mid-append) is ignored."""
+    """Read every complete line; a torn last line (crash mid-append) is ignored. A complete
+    line that is not a JSON object raises DamagedFileError naming the file and line."""
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if not line.endswith("\n"):
-                break
-            records.append(json.loads(line))
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.endswith("\n"):
+                    break
+                records.append(_json_object(line, path, number))
+    except UnicodeDecodeError:
+        raise DamagedFileError(f"{path}: not UTF-8 text after line {len(records)}; rerun the "
+                               f"step that wrote it (stage run N --redo-from STEP)") from None
     return records
+
+
+def _json_object(line: str, path, number: int) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise DamagedFileError(f"{path}:{number}: not a JSON line ({error.msg}); the file is "
+                               f"damaged: rerun the step that wrote it (stage run N --redo-from "
+                               f"STEP)") from None
+    if not isinstance(record, dict):
+        raise DamagedFileError(f"{path}:{number}: a JSON {type(record).__name__}, not an "
+                               f"object; rerun the step that wrote it")
+    return record
 
 
 class AppendLog:

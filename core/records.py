@@ -22,13 +22,12 @@ line of it is not JSON.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from core.errors import RunFailure
-from core.io import write_jsonl
+from core.io import DamagedFileError, read_jsonl, write_jsonl
 
 PAIR_TEXT_FIELDS = ("prompt", "chosen", "rejected", "task_id")
 TASKS_FILE = "tasks.jsonl"
@@ -148,15 +147,7 @@ def earlier_records(run_dir: Path, number: int, name: str, reader: int) -> list[
 
 def read_records(path: Path, who: object) -> list[dict]:
     """JSON lines of `path`; a damaged line is a MissingEarlierOutputError naming it."""
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise MissingEarlierOutputError(
-                    f"{who}: cannot read {path} line {line_number} ({error.msg}); the file is "
-                    f"damaged: rerun the stage that wrote it in a new --run-dir") from None
-    return records
+    try:
+        return read_jsonl(path)
+    except DamagedFileError as error:
+        raise MissingEarlierOutputError(f"{who}: {error}") from None

@@ -38,7 +38,7 @@ def test_a_damaged_line_is_named(tmp_path):
     (tmp_path / "stage_1").mkdir()
     (tmp_path / "stage_1" / "DONE").write_text("done\n")
     (tmp_path / "stage_1" / "scores.jsonl").write_text('{"id": 1}\n{"id": \n')
-    with pytest.raises(MissingEarlierOutputError, match="line 2"):
+    with pytest.raises(MissingEarlierOutputError, match=r"scores.jsonl:2: not a JSON line"):
         earlier_records(tmp_path, 1, "scores.jsonl", reader=5)
 
 
