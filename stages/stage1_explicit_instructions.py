@@ -458,12 +458,22 @@ def report_data(ctx: StageContext) -> dict:
     scores = read_jsonl(ctx.path("scores.jsonl"))
     return {
         "tasks_train": len(load_tasks(ctx, "train")),
+        "tasks with a pair by the stated constraints alone": stated_rule_count(
+            load_tasks(ctx, "train"), scores, judgments),
         "tasks_heldout": len(load_tasks(ctx, "heldout")),
         "responses": len(read_jsonl(ctx.path("responses.jsonl"))),
         "samples": sample_funnel(scores),
         "pairs_dropped": len(read_jsonl(ctx.path("pairs_dropped.jsonl"))),
         "judge": judge_audit(judgments, scores),
     }
+
+
+def stated_rule_count(tasks: list[Task], scores: list[dict], judgments: list[dict]) -> int:
+    """Tasks the stated-constraint rule alone gives a pair (before the last filter): the
+    hindsight ablation, computed on the same samples."""
+    scored, judged = group_by_task(scores), group_by_task(judgments)
+    return sum(stated_pair(t, scored.get(t.id, []), judged.get(t.id, []))[0] is not None
+               for t in tasks)
 
 
 def sample_funnel(scores: list[dict]) -> dict:

@@ -95,6 +95,10 @@ def test_funnel_accounts_for_every_task_and_sample(reference):
     assert funnel["pairs_chosen"] == len(candidates) == sum(funnel["pairs_by_rule"].values())
     assert set(funnel["pairs_by_rule"]) <= {"checks", "judge", "hindsight"}
     assert sum(funnel["no_pair_reasons"].values()) == len(dropped)
+    stated = metrics["data"]["tasks with a pair by the stated constraints alone"]
+    assert 0 <= stated <= funnel["tasks"]
+    rules = funnel["pairs_by_rule"]
+    assert rules.get("checks", 0) + rules.get("judge", 0) <= stated
     assert funnel["pairs_kept"] == funnel["pairs_chosen"] - funnel["removed_by_decontamination"]
     assert samples["total"] == metrics["data"]["responses"]
     assert samples["total"] == samples["usable"] + sum(
