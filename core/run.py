@@ -120,7 +120,9 @@ def write_config(run_dir: Path, config: dict) -> None:
 Step = tuple[str, Callable[[], None]]
 HASH_LIMIT = 256 * 2**20  # larger outputs (model shards) are checked by size: hashing a 32B
                           # model's 65 GB on every resume would take minutes
-NOT_OUTPUTS = ("steps/", "cache/", "DONE", "SKIPPED")  # markers and append-only caches
+# markers, append-only caches and training checkpoints (resumable state a user may delete to
+# free disk once the step is done; nothing downstream reads them)
+NOT_OUTPUTS = ("steps/", "cache/", "train/checkpoints/", "DONE", "SKIPPED")
 
 
 def file_states(stage_dir: Path) -> dict[str, tuple[int, int]]:
