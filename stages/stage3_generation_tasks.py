@@ -24,7 +24,10 @@ multiple-choice question about Z". Steps (each resumable, each marked done only 
                  ranks the passers of a task and is audited once per task against the checks.
 5. pairs         chosen = a passer (the judge's order-consistent favourite among passers),
                  rejected = a failure (the one passing the most checks). A verdict that flips
-                 with the order counts for nobody. Identical, degenerate, marked-up,
+                 with the order counts for nobody. A task with no such pair is restated in
+                 hindsight with the number of items a good sample wrote ("Write four
+                 questions" -> "Write three questions", within the kind's count range) when
+                 another sample fails the restated task; source "hindsight". Identical, degenerate, marked-up,
                  scaffolding or exemplar-copying pairs are dropped. The training prompt is the
                  zero-shot house prompt: exemplars never reach it.
 6. decontaminate Template state and EOS agreement; 13-gram overlap with the evaluation sets,
@@ -54,7 +57,7 @@ import hashlib
 import math
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -109,6 +112,8 @@ class Stage3Settings(StageSettings):
                 "templates ask for one)")
     max_judged_samples: int = setting(3, "passers per task the judge compares round-robin "
                                          "(3: 3 comparisons, 6 judge prompts)")
+    hindsight: bool = setting(True, "restate a task without a pair with the number of items a "
+                                    "good sample wrote (hindsight relabelling of the count)")
 
 
 def item_counts(settings: Stage3Settings) -> dict[str, tuple[int, int]]:
@@ -241,13 +246,22 @@ def render_task(topic: dict, kind: str, rng: random.Random, pool: dict,
     templates = [t for t in pool["templates"][kind] if topic["examples"] or "{examples}" not in t]
     template = rng.choice(templates)
     count = rng.randint(*counts[kind]) if "{count}" in template else 1
-    count_text = NUMBER_WORDS.get(count, str(count)) if rng.random() < 0.5 else str(count)
-    instruction = template.format(count=count_text, topic=topic["name"],
-                                  examples=topic["examples"], things=rng.choice(pool["things"]))
+    count_word = rng.random() < 0.5 and count in NUMBER_WORDS
+    things = rng.choice(pool["things"])
+    spec = {"kind": kind, "count": count, "topic": topic["name"],
+            "keywords": list(topic["keywords"]), "template": template, "things": things,
+            "examples": topic["examples"], "count_word": count_word}
+    instruction = task_text(spec)
     return Task(id="g" + hashlib.sha256(normalize(instruction).encode()).hexdigest()[:10],
                 stage=3, split=split, text=instruction, kind=kind, source=topic["source"],
-                extra={"spec": {"kind": kind, "count": count, "topic": topic["name"],
-                                "keywords": list(topic["keywords"])}})
+                extra={"spec": spec})
+
+
+def task_text(spec: dict) -> str:
+    """The request a spec renders to (its template filled with count, topic and things)."""
+    count = NUMBER_WORDS[spec["count"]] if spec["count_word"] else str(spec["count"])
+    return spec["template"].format(count=count, topic=spec["topic"], examples=spec["examples"],
+                                   things=spec["things"])
 
 
 def tasks_for(topics: list[dict], n: int, split: str, pool: dict, seed: int,
@@ -550,8 +564,29 @@ def make_scores(ctx: StageContext, pool: dict) -> None:
 
 # 5. pairs ----------------------------------------------------------------------------------------
 
-def choose_pair(task: Task, samples: list[dict], judgments: list[dict]) -> tuple[dict | None, str]:
-    """(pair, reason): chosen passes every check, rejected fails (the hardest failure)."""
+def choose_pair(task: Task, samples: list[dict], judgments: list[dict],
+                hindsight: Hindsight | None = None) -> tuple[dict | None, str]:
+    """(pair, reason): the stated rule (`stated_pair`); when it finds no pair and `hindsight`
+    is given, the count relabelling (`hindsight_pair`) on the same samples."""
+    pair, reason = stated_pair(task, samples, judgments)
+    if pair is None and hindsight is not None:
+        relabelled = hindsight_pair(task, samples, hindsight)
+        if relabelled is not None:
+            return relabelled, "ok"
+    return pair, reason
+
+
+@dataclass(frozen=True)
+class Hindsight:
+    """What count relabelling may ask for: counts within the task kind's own range, and the
+    run's near-duplicate threshold for the distinct-items check."""
+
+    counts: dict[str, tuple[int, int]]
+    threshold: float = 0.7
+
+
+def stated_pair(task: Task, samples: list[dict], judgments: list[dict]) -> tuple[dict | None, str]:
+    """chosen passes every check, rejected fails (the hardest failure)."""
     usable = [s for s in samples if s["unusable"] is None]
     passers = [s for s in usable if s["passed"]]
     if not passers:
@@ -562,6 +597,45 @@ def choose_pair(task: Task, samples: list[dict], judgments: list[dict]) -> tuple
     wins = judge_wins([j for j in judgments if {j["x"], j["y"]} <= passer_ids])
     chosen = max(passers, key=lambda s: (wins.get(s["sample"], 0), -s["sample"]))
     return make_pair(task, chosen, hardest_failure(usable)), "ok"
+
+
+def hindsight_pair(task: Task, samples: list[dict], hindsight: Hindsight) -> dict | None:
+    """Hindsight relabelling of the count (Zhang et al. 2023): a sample that is well-formed,
+    on topic and distinct but has another number of items than asked becomes the chosen side
+    of the task restated with *its* count ("Write four questions ..." -> "... three ..."),
+    when that count is within the kind's range and another sample fails the restated task.
+    Samples passing most checks come first; rejected is the restated task's hardest failure.
+    None when no sample qualifies, or the template asks for one item (no count to restate)."""
+    spec = task.extra["spec"]
+    if "{count}" not in spec.get("template", ""):  # runs before templates were recorded: none
+        return None
+    low, high = hindsight.counts[spec["kind"]]
+    distinct = first_of_each_text([s for s in samples if s["unusable"] is None])
+    for chosen in sorted(distinct, key=lambda s: (-s["checks_passed"], s["sample"])):
+        count = well_formed_items(chosen["text"], spec["kind"])
+        if count == spec["count"] or not low <= count <= high:
+            continue
+        restated = {**spec, "count": count}
+        checks = {s["sample"]: check_response(s["text"], restated, hindsight.threshold)
+                  for s in distinct}
+        failers = [s for s in distinct if not all(checks[s["sample"]].values())]
+        if not all(checks[chosen["sample"]].values()) or not failers:
+            continue
+        rejected = max(failers, key=lambda s: (sum(checks[s["sample"]].values()), -s["sample"]))
+        task_restated = replace(task, text=task_text(restated), extra={**task.extra,
+                                                                       "spec": restated})
+        return {**make_pair(task_restated, chosen,
+                            {**rejected, "checks": checks[rejected["sample"]]}),
+                "source": "hindsight", "stated_spec": spec}
+    return None
+
+
+def well_formed_items(text: str, kind: str) -> int:
+    """How many items of the task's form a response holds (what count_ok counts)."""
+    if kind == "mcq":
+        return sum(mcq_well_formed(item) for item in parse_mcq(text)[0])
+    items = [parse_item(line) for line in without_header(content_lines(text))]
+    return sum(well_formed(item, kind) for item in items)
 
 
 def make_pair(task: Task, chosen: dict, rejected: dict) -> dict:
@@ -580,9 +654,11 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
     scored = group_by_task(read_jsonl(ctx.path("scores.jsonl")))
     judgments = group_by_task(read_jsonl(ctx.path("judgments.jsonl")))
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
+    hindsight = (Hindsight(item_counts(ctx.settings), ctx.near_duplicate)
+                 if ctx.settings.hindsight else None)
     write_pairs(ctx, load_tasks(ctx, "train"),
                 lambda task: choose_pair(task, scored.get(task.id, []),
-                                         judgments.get(task.id, [])),
+                                         judgments.get(task.id, []), hindsight),
                 lambda pair, task: pair_problem(pair, guard, exemplars), "tasks",
                 "no task had both a sample passing every check and a failing one; raise "
                 "--limit, or the model cannot yet write lists in the asked form even with "

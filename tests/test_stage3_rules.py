@@ -267,6 +267,53 @@ def test_training_prompt_is_zero_shot_house_format():
     assert pair["prompt"].count("Instruction:") == 1 and "###" not in pair["prompt"]
 
 
+def counted_task(count, template="Write {count} questions about {topic}."):
+    task_spec = {**spec("questions", count), "template": template, "things": "facts",
+                 "examples": None, "count_word": True}
+    return Task(id="g2", stage=3, split="train", text=s3.task_text(task_spec), kind="questions",
+                source="pool", extra={"spec": task_spec})
+
+
+HINDSIGHT = s3.Hindsight(s3.item_counts(s3.Stage3Settings()))
+THREE = "Why do volcanoes erupt?\nWhat is lava made of?\nWhere is the tallest volcano?"
+
+
+def scored_for(task, texts):
+    return [{"task_id": task.id, "sample": i, "text": text,
+             **s3.score_sample(text, task.extra["spec"], TemplateGuard(), [])}
+            for i, text in enumerate(texts)]
+
+
+def test_hindsight_restates_the_count_a_good_sample_wrote():
+    task = counted_task(4)
+    assert task.text == "Write four questions about volcanoes."
+    samples = scored_for(task, [THREE, "Volcanoes are hot.\nLava flows."])
+    assert s3.choose_pair(task, samples, []) == (None, "no sample passes the checks")
+    pair, reason = s3.choose_pair(task, samples, [], HINDSIGHT)
+    assert reason == "ok" and pair["source"] == "hindsight"
+    assert pair["prompt"] == house_prompt("Write three questions about volcanoes.")
+    assert pair["spec"]["count"] == 3 and pair["stated_spec"]["count"] == 4
+    assert (pair["chosen_sample"], pair["rejected_sample"]) == (0, 1)
+    assert all(s3.check_response(pair["chosen"], pair["spec"]).values())
+    assert not all(s3.check_response(pair["rejected"], pair["spec"]).values())
+    assert not all(pair["rejected_checks"].values())
+
+
+def test_hindsight_keeps_to_the_count_range_and_needs_a_failure():
+    one = "Why do volcanoes erupt?"  # one item: below the range (2-5) of a questions task
+    task = counted_task(4)
+    assert s3.choose_pair(task, scored_for(task, [one, "Lava."]), [], HINDSIGHT)[0] is None
+    # both samples have three good questions: the restated task has no failure (a tie)
+    tie = [THREE, "1. Why do volcanoes erupt?\n2. What is magma?\n3. How hot is lava?"]
+    assert s3.choose_pair(task, scored_for(task, tie), [], HINDSIGHT)[0] is None
+
+
+def test_hindsight_never_restates_a_template_without_a_count():
+    task = counted_task(1, template="Make a multiple-choice question about {topic}.")
+    samples = scored_for(task, [THREE, "Lava."])
+    assert s3.hindsight_pair(task, samples, HINDSIGHT) is None
+
+
 def test_no_pair_without_a_passer_or_without_a_failure():
     assert s3.choose_pair(TASK, [sample(0, "Lava."), sample(1, "Ash.")], [])[1] \
         == "no sample passes the checks"
