@@ -63,8 +63,10 @@ def train_dpo(backend, records: list[dict], settings: DPOSettings, work_dir: Pat
               dev_records: list[dict] | None = None) -> dict:
     """Train a LoRA with DPO; save the adapter to `adapter_dir`; return the per-step metrics,
     and with `dev_records` the trained model's DPO metrics on them (`dev`, see `dev_metrics`)."""
-    for i, record in enumerate(records + (dev_records or [])):
-        guard.check_record(record, f"pair {i + 1}")
+    for i, record in enumerate(records):
+        guard.check_record(record, f"pairs.jsonl line {i + 1}")
+    for i, record in enumerate(dev_records or []):
+        guard.check_record(record, f"dev pair {i + 1}")
     from datasets import Dataset
     from torch.utils.tensorboard import SummaryWriter
     from transformers.integrations import TensorBoardCallback
