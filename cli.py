@@ -30,7 +30,10 @@ ENVIRONMENT_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk 
 
 def environment_fault(error: OSError) -> None:
     """A full disk, a read-only mount or a permission error while a run writes: one line with
-    what to do, exit 1 (finished steps and generated items are on disk)."""
+    what to do, exit 1 (finished steps and generated items are on disk). Any other OSError is
+    a bug and keeps its traceback."""
+    if error.errno not in ENVIRONMENT_ERRNOS:
+        raise error
     where = f" writing {error.filename}" if error.filename else ""
     click.echo(f"error: {ENVIRONMENT_ERRNOS[error.errno]}{where}; fix that and rerun the same "
                f"command to resume (finished work is kept)", err=True)
@@ -126,8 +129,6 @@ def stage_run(number: int, run_dir: Path | None, model: str | None, limit: int |
     except KeyboardInterrupt:
         interrupted()
     except OSError as error:
-        if error.errno not in ENVIRONMENT_ERRNOS:
-            raise
         environment_fault(error)
     ended = "skipped" if (done / f"stage_{number}" / "SKIPPED").is_file() else "complete"
     click.echo(f"stage {number} {ended}: {done / f'stage_{number}'}")
@@ -164,8 +165,6 @@ def run_all(run_dir: Path | None, model: str | None, limit: int | None, seed: in
     except KeyboardInterrupt:
         interrupted()
     except OSError as error:
-        if error.errno not in ENVIRONMENT_ERRNOS:
-            raise
         environment_fault(error)
     click.echo(f"curriculum report: {done / 'report.md'}")
 

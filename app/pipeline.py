@@ -319,10 +319,10 @@ def run_stage(number: int, run_dir: Path | None = None, model: str | None = None
                                         constitution_path, data_dir, allow_contamination, log,
                                         baseline_limit, overrides, accept_changed, curriculum,
                                         backend_loader, no_eval_sets)
-    if redo_from is not None and redo_from not in stage.step_names:
-        raise StageSelectionError(f"--redo-from {redo_from!r}: stage {number} has the steps "
-                                  f"{', '.join(stage.step_names)}")
     if redo_from is not None:
+        if redo_from not in stage.step_names:
+            raise StageSelectionError(f"--redo-from {redo_from!r}: stage {number} has the "
+                                      f"steps {', '.join(stage.step_names)}")
         config.setdefault("overrides", []).append(
             {"override": "redo_from", "stage": number, "step": redo_from,
              "at": datetime.now(timezone.utc).isoformat()})

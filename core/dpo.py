@@ -95,8 +95,8 @@ def train_dpo(backend, records: list[dict], settings: DPOSettings, work_dir: Pat
         warmup_steps=0,
         dataloader_num_workers=0,
         disable_tqdm=True,
-        per_device_eval_batch_size=1,
-        logging_nan_inf_filter=False,  # TRL averages per-batch means: batch 1 makes them exact
+        per_device_eval_batch_size=1,  # TRL averages per-batch means: batch 1 makes them exact
+        logging_nan_inf_filter=False,  # a NaN loss must reach stop_on_nonfinite_loss, not be masked
         **loss_terms(settings.sft_weight),
     )
     model, peft_config = backend.trainable_model(settings.lora(), settings.seed)

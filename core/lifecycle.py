@@ -200,24 +200,25 @@ def write_stage_report(ctx: StageContext, name: str, data: dict) -> None:
     from core.report import plot_dpo, stage_report
 
     pairs = read_jsonl(ctx.path("pairs.jsonl"))
+    contamination_result = read_json(ctx.path("contamination.json"))
     metrics = {
         "stage": ctx.number,
         "name": name,
         "input_model": read_json(ctx.path("input.json")) if ctx.path("input.json").is_file() else None,
         "data": {**data, "pairs": len(pairs)},
-        "funnel": pair_funnel(ctx, len(pairs)),
+        "funnel": pair_funnel(ctx, len(pairs), contamination_result["removed"]),
         "dpo": read_json(ctx.path("train/dpo_metrics.json")),
         "merge": read_json(ctx.path("merge.json"))["parity"],
         "assessment": read_json(ctx.path("assessment.json")),
         "baseline": baseline_table(read_json(ctx.path("baseline.json"))),
-        "contamination": read_json(ctx.path("contamination.json")),
+        "contamination": contamination_result,
     }
     plot_dpo(metrics["dpo"]["per_step"], ctx.path("dpo_curves.png"))
     write_json(ctx.path("metrics.json"), metrics)
     atomic_write_text(ctx.path("report.md"), stage_report(ctx.number, name, metrics, pairs[:3]))
 
 
-def pair_funnel(ctx: StageContext, kept: int, top: int = 5) -> dict:
+def pair_funnel(ctx: StageContext, kept: int, removed: int, top: int = 5) -> dict:
     """Where a stage's pairs were lost after its data steps: tasks given to the pair rule, pairs
     it chose (and by which of its rules, where pairs name a `source`), the most common reasons
     it chose none (pairs_dropped.jsonl), what decontamination removed, and the pairs trained on."""
@@ -225,7 +226,6 @@ def pair_funnel(ctx: StageContext, kept: int, top: int = 5) -> dict:
     candidates = read_jsonl(ctx.path("pairs_candidates.jsonl"))
     reasons = Counter(record["reason"] for record in dropped).most_common(top)
     sources = Counter(record["source"] for record in candidates if "source" in record)
-    removed = read_json(ctx.path("contamination.json"))["removed"]
     return {"tasks": len(dropped) + len(candidates), "pairs_chosen": len(candidates),
             "pairs_by_rule": dict(sorted(sources.items())),
             "no_pair_reasons": dict(reasons), "removed_by_decontamination": removed,

@@ -211,17 +211,15 @@ class StageSteps:
             self.marker(later).unlink(missing_ok=True)
         (self.stage_dir / "DONE").unlink(missing_ok=True)
 
-    def verify(self, log: Callable[[str], None]) -> bool:
-        """Check the done steps' outputs; on a mismatch, log it and redo from that step.
-        True when everything done is intact."""
+    def verify(self, log: Callable[[str], None]) -> None:
+        """Check the done steps' outputs; on a mismatch, log it and redo from that step."""
         broken = self.broken_step()
         if broken is None:
-            return True
+            return
         name, problem = broken
         later = self.names[self.names.index(name):]
         log(f"step {name}: {problem}; running {', '.join(later)} again")
         self.redo_from(name)
-        return False
 
     def run(self, steps: list[Step], log: Callable[[str], None]) -> None:
         self.verify(log)

@@ -64,8 +64,9 @@ def parse_grid(specs: tuple[str, ...] | list[str]) -> list[GridPoint]:
 def split_dev(records: list[dict], share: float) -> tuple[list[dict], list[dict]]:
     """(train, dev): a pair is dev when the hash of its task id falls below `share`, so the
     split is stable and all pairs of one task fall on the same side."""
-    dev = [r for r in records if in_fixed_heldout(f"dev:{r['task_id']}", share)]
-    train = [r for r in records if not in_fixed_heldout(f"dev:{r['task_id']}", share)]
+    is_dev = [in_fixed_heldout(f"dev:{r['task_id']}", share) for r in records]
+    dev = [r for r, held in zip(records, is_dev) if held]
+    train = [r for r, held in zip(records, is_dev) if not held]
     if not dev or not train:
         raise TooLittleDataError(
             f"a dev share of {share} of {len(records)} pairs leaves {len(train)} to train on and "

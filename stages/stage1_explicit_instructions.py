@@ -297,9 +297,7 @@ def make_scores(ctx: StageContext, pool: dict) -> None:
     scored = [{**r, **score_sample(r["text"], tasks[r["task_id"]].extra["constraints"], guard,
                                    exemplars)}
               for r in read_jsonl(ctx.path("responses.jsonl"))]
-    by_task: dict[str, list[dict]] = {}
-    for s in scored:
-        by_task.setdefault(s["task_id"], []).append(s)
+    by_task = group_by_task(scored)
     jobs = [(task_id, a, b) for task_id, samples in by_task.items()
             for a, b in comparisons_for(tasks[task_id], samples, ctx.settings.max_judged_samples)]
     items = [(judge_shots(ctx, pool, t, a, b), tasks[t].text,
@@ -455,13 +453,14 @@ def assess_heldout(ctx: StageContext, backend, label: str) -> dict:
 
 def report_data(ctx: StageContext) -> dict:
     judgments = read_jsonl(ctx.path("judgments.jsonl"))
-    scores = read_jsonl(ctx.path("scores.jsonl"))
+    scores = read_jsonl(ctx.path("scores.jsonl"))  # one record per sampled response
+    train = load_tasks(ctx, "train")
     return {
-        "tasks_train": len(load_tasks(ctx, "train")),
+        "tasks_train": len(train),
         "tasks with a pair by the stated constraints alone": stated_rule_count(
-            load_tasks(ctx, "train"), scores, judgments),
+            train, scores, judgments),
         "tasks_heldout": len(load_tasks(ctx, "heldout")),
-        "responses": len(read_jsonl(ctx.path("responses.jsonl"))),
+        "responses": len(scores),
         "samples": sample_funnel(scores),
         "pairs_dropped": len(read_jsonl(ctx.path("pairs_dropped.jsonl"))),
         "judge": judge_audit(judgments, scores),

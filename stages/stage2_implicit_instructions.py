@@ -562,9 +562,7 @@ def make_scores(ctx: StageContext, pool: dict) -> None:
     scored = [{**r, **score_sample(tasks[r["task_id"]].text, r["text"], guard, exemplars,
                                    check)}
               for r in read_jsonl(ctx.path("responses.jsonl"))]
-    by_task: dict[str, list[dict]] = {}
-    for s in scored:
-        by_task.setdefault(s["task_id"], []).append(s)
+    by_task = group_by_task(scored)
     rank_jobs = [(t, a, b) for t, samples in by_task.items()
                  for a, b in rank_comparisons(samples, ctx.settings.max_judged_samples)]
     judgments = run_judge(ctx, pool, tasks, by_task, rank_jobs, "rank")

@@ -546,9 +546,7 @@ def make_scores(ctx: StageContext, pool: dict) -> None:
     scored = [{**r, **score_sample(r["text"], tasks[r["task_id"]].extra["spec"], guard, exemplars,
                                    ctx.near_duplicate)}
               for r in read_jsonl(ctx.path("responses.jsonl"))]
-    by_task: dict[str, list[dict]] = {}
-    for s in scored:
-        by_task.setdefault(s["task_id"], []).append(s)
+    by_task = group_by_task(scored)
     jobs = [(task_id, a, b) for task_id, samples in by_task.items()
             for a, b in comparisons_for(samples, ctx.settings.max_judged_samples)]
     items = [(judge_shots(ctx, pool, t, a, b), tasks[t].text,

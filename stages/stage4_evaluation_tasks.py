@@ -179,9 +179,7 @@ def labelled_from_stage(run_dir: Path, stage: EarlierStage, guard) -> list[dict]
     tasks = earlier_tasks(run_dir, stage.number, reader=4)
     if scores is None or tasks is None:
         return []
-    by_task: dict[str, list[dict]] = {}
-    for sample in scores:
-        by_task.setdefault(sample["task_id"], []).append(sample)
+    by_task = group_by_task(scores)
     pairs = []
     for task in tasks:
         known = pick_known_pair(by_task.get(task.id, []), stage.passed_field, guard)

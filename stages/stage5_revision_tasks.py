@@ -470,9 +470,7 @@ def make_scores(ctx: StageContext, pool: dict) -> None:
     scored = [{**r, **score_revision(r["text"], tasks[r["task_id"]], guard, exemplars,
                                      ctx.settings.keeps_content)}
               for r in read_jsonl(ctx.path("revisions.jsonl"))]
-    by_task: dict[str, list[dict]] = {}
-    for s in scored:
-        by_task.setdefault(s["task_id"], []).append(s)
+    by_task = group_by_task(scored)
     jobs = [job for task_id, samples in by_task.items()
             for job in judge_jobs(task_id, samples, ctx.seed, ctx.settings.max_judged_revisions)]
     items = [(judge_shots(ctx, pool, t, x, y), judge_instruction(tasks[t].text),
