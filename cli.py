@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import sys
 from pathlib import Path
+from typing import Callable
 
 import click
 
@@ -49,6 +50,16 @@ def fail(error: CurriculumError) -> None:
     sys.exit(error.exit_code)
 
 
+def show(lines: Callable[[], list[str]]) -> None:
+    """Print the lines a read-only command computes (an input error: one line, exit 2)."""
+    try:
+        computed = lines()
+    except USER_ERRORS as error:
+        fail(error)
+    for line in computed:
+        click.echo(line)
+
+
 @click.group()
 def main() -> None:
     """Bootstrap a base language model into a constitutionally aligned assistant."""
@@ -79,6 +90,28 @@ ACCEPT_CHANGED = click.option(
     "--accept-changed-settings", "accept_changed", is_flag=True,
     help="Resume a run even though a setting differs from the one it was made with (the "
          "change is recorded in config.yaml); without it such a resume is refused.")
+REPORT_TO = click.option(
+    "--report-to", "report_to", multiple=True, type=click.Choice(["wandb", "trackio"]),
+    help="Also log training to Weights & Biases or Trackio (repeatable; one run per stage, "
+         "named RUN-stageN, project bootstrap-curriculum; WANDB_MODE=offline is respected). "
+         "TensorBoard logs are always written to stage_N/train/tensorboard.")
+DRY_RUN = click.option(
+    "--dry-run", is_flag=True,
+    help="Check every option, then print the steps, their state and the most work each will "
+         "do (generation requests, new tokens, judge prompts, DPO steps); load and write "
+         "nothing.")
+ENGINE = click.option(
+    "--engine", type=click.Choice(["hf", "vllm"]), default=None,
+    help="Generation engine, the same as --set profile.engine=ENGINE: hf (the project's "
+         "sampling loop) or vllm (needs .venv-vllm: bash scripts/setup.sh --vllm). Recorded "
+         "in config.yaml.")
+
+
+def with_engine(overrides: tuple[str, ...], engine: str | None) -> tuple[str, ...]:
+    """--engine as the --set override it stands for."""
+    return overrides + (f"profile.engine={engine}",) if engine else overrides
+
+
 BASELINE_LIMIT = click.option(
     "--baseline-limit", type=int, default=None,
     help="Baseline probes per capability in each stage's assessment (default: all; a smaller "
@@ -112,18 +145,33 @@ BASELINE_LIMIT = click.option(
               help="Run this step of the stage again, and every step after it (e.g. train, "
                    "after changing a training setting with --set and "
                    "--accept-changed-settings).")
+@REPORT_TO
+@ENGINE
+@DRY_RUN
 def stage_run(number: int, run_dir: Path | None, model: str | None, limit: int | None,
               heldout: int | None, seed: int | None, constitution_path: Path,
               data_dir: Path | None, no_eval_sets: bool, allow_contamination: bool,
               baseline_limit: int | None, skip_empty: bool, overrides: tuple[str, ...],
-              accept_changed: bool, redo_from: str | None) -> None:
+              accept_changed: bool, redo_from: str | None, report_to: tuple[str, ...],
+              engine: str | None, dry_run: bool) -> None:
     """Run (or resume) stage NUMBER."""
+    overrides = with_engine(overrides, engine)
+    if dry_run:
+        from app.pipeline import dry_run_stage
+
+        show(lambda: dry_run_stage(number, run_dir, model, limit, seed, heldout,
+                                   constitution_path, data_dir=data_dir,
+                                   allow_contamination=allow_contamination,
+                                   baseline_limit=baseline_limit, overrides=overrides,
+                                   accept_changed=accept_changed, no_eval_sets=no_eval_sets,
+                                   report_to=report_to))
+        return
     try:
         done = run_stage(number, run_dir, model, limit, seed, heldout, constitution_path,
                          data_dir, allow_contamination, baseline_limit=baseline_limit,
                          skip_empty=skip_empty, overrides=overrides,
                          accept_changed=accept_changed, redo_from=redo_from,
-                         no_eval_sets=no_eval_sets)
+                         no_eval_sets=no_eval_sets, report_to=report_to)
     except USER_ERRORS as error:
         fail(error)
     except KeyboardInterrupt:
@@ -149,17 +197,32 @@ def stage_run(number: int, run_dir: Path | None, model: str | None, limit: int |
 @SKIP_EMPTY
 @SET
 @ACCEPT_CHANGED
+@REPORT_TO
+@ENGINE
+@DRY_RUN
 def run_all(run_dir: Path | None, model: str | None, limit: int | None, seed: int | None,
             until: int | None, data_dir: Path | None, no_eval_sets: bool,
             allow_contamination: bool, baseline_limit: int | None, skip_empty: bool,
-            overrides: tuple[str, ...], accept_changed: bool) -> None:
+            overrides: tuple[str, ...], accept_changed: bool, report_to: tuple[str, ...],
+            engine: str | None, dry_run: bool) -> None:
     """Run the curriculum's stages in order, each learning from the previous merged model."""
+    overrides = with_engine(overrides, engine)
+    if dry_run:
+        from app.pipeline import dry_run_curriculum
+
+        show(lambda: dry_run_curriculum(run_dir, model, limit, seed, until, data_dir=data_dir,
+                                        no_eval_sets=no_eval_sets,
+                                        allow_contamination=allow_contamination,
+                                        baseline_limit=baseline_limit, overrides=overrides,
+                                        accept_changed=accept_changed, report_to=report_to))
+        return
     try:
         done = run_curriculum(run_dir, model, limit, seed, until, data_dir=data_dir,
                               no_eval_sets=no_eval_sets,
                               allow_contamination=allow_contamination,
                               baseline_limit=baseline_limit, skip_empty=skip_empty,
-                              overrides=overrides, accept_changed=accept_changed)
+                              overrides=overrides, accept_changed=accept_changed,
+                              report_to=report_to)
     except USER_ERRORS as error:
         fail(error)
     except KeyboardInterrupt:
@@ -178,10 +241,14 @@ def status(run_dir: Path) -> None:
         rows = run_status(run_dir)
     except USER_ERRORS as error:
         fail(error)
-    for number, name, steps, state in rows:
-        click.echo(f"stage {number} ({name}): {state}")
-        for step, state in steps:
-            click.echo(f"  {step:<13} {state}")
+    for row in rows:
+        click.echo(f"stage {row.number} ({row.name}): {row.state}")
+        for step, state, detail in row.steps:
+            click.echo(f"  {step:<13} {state:<8} {detail}".rstrip())
+        if row.last_error and row.state == "not done":
+            e = row.last_error
+            click.echo(f"  last attempt stopped in step {e['step']} at {e['at'][:19]}: "
+                       f"{e['error']}: {e['message']}")
 
 
 @main.command()
@@ -233,23 +300,41 @@ def bench() -> None:
 @click.option("--prompts", "count", type=int, default=16, show_default=True)
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--batch-sizes", default="1,4,16", show_default=True)
-def bench_generation_command(model: str, count: int, max_new_tokens: int, batch_sizes: str) -> None:
-    """Batched sampling loop vs one-at-a-time vs transformers' generate, on the same prompts."""
+@click.option("--vllm/--no-vllm", "with_vllm", default=None,
+              help="Also benchmark the vllm engine (default: when .venv-vllm exists).")
+def bench_generation_command(model: str, count: int, max_new_tokens: int, batch_sizes: str,
+                             with_vllm: bool | None) -> None:
+    """Batched sampling loop vs one-at-a-time vs transformers' generate (and vLLM), on the
+    same prompts."""
+    from contextlib import nullcontext
+    from dataclasses import replace
+
     from rich.console import Console
     from rich.table import Table
 
     from core.backend import load_backend
     from core.bench import bench_generation
     from core.models import local_model_dir
+    from core.vllm_engine import VLLM_VENV
     from registry.models import resolve_model
 
     try:
         resolved = resolve_model(model)
     except USER_ERRORS as error:
         fail(error)
-    backend = load_backend(local_model_dir(resolved.source), resolved.profile)
+    path = local_model_dir(resolved.source)
+    backend = load_backend(path, resolved.profile)
     sizes = tuple(int(b) for b in batch_sizes.split(","))
-    rows = bench_generation(backend, count, max_new_tokens, sizes)
+    vllm = None
+    if with_vllm or (with_vllm is None and (VLLM_VENV / "bin" / "python").is_file()):
+        try:
+            vllm = load_backend(path, replace(resolved.profile, engine="vllm"))
+        except USER_ERRORS as error:
+            if with_vllm:
+                fail(error)
+            click.echo(f"vllm left out: {error}")
+    with vllm or nullcontext():
+        rows = bench_generation(backend, count, max_new_tokens, sizes, vllm)
     table = Table(title=f"generation on {resolved.profile.name}: {count} prompts x "
                         f"{max_new_tokens} new tokens")
     for column in rows[0]:
@@ -257,6 +342,8 @@ def bench_generation_command(model: str, count: int, max_new_tokens: int, batch_
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     Console().print(table)
+    if vllm is not None:
+        click.echo(f"vllm worker start-up (not in the rows): {vllm.startup_s:.0f} s")
 
 
 @main.group()
@@ -340,11 +427,41 @@ def config_show(run_dir: Path | None, model: str | None, overrides: tuple[str, .
     """Print every setting (run, profile, each stage) with its value and help."""
     from app.pipeline import describe_settings
 
+    show(lambda: describe_settings(run_dir, model, overrides))
+
+
+@main.command("export")
+@click.option("--run-dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              required=True)
+@click.option("--stage", "number", type=int, required=True, help="The finished stage to export.")
+@click.option("--to", "out", type=click.Path(path_type=Path), required=True,
+              help="New or empty directory: OUT/model and OUT/dataset are written there.")
+@click.option("--format", "data_format", type=click.Choice(["jsonl", "parquet"]),
+              default="jsonl", show_default=True, help="File format of the pairs.")
+@click.option("--push-to-hub", "repo", default=None, metavar="REPO",
+              help="Also push: the model to the Hub model repo REPO, the pairs to the dataset "
+                   "repo of the same id (token from HF_TOKEN only).")
+@click.option("--dataset-repo", default=None, metavar="REPO",
+              help="Push the pairs to this dataset repo instead of the --push-to-hub id.")
+@click.option("--private", is_flag=True, help="Create the Hub repos private.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty --to directory.")
+def export(run_dir: Path, number: int, out: Path, data_format: str, repo: str | None,
+           dataset_repo: str | None, private: bool, overwrite: bool) -> None:
+    """Export a finished stage: the merged model and its pairs, with Hub cards."""
+    from app.export import export_stage
+
     try:
-        for line in describe_settings(run_dir, model, overrides):
-            click.echo(line)
+        written = export_stage(run_dir, number, out, data_format, repo, dataset_repo, private,
+                               overwrite)
     except USER_ERRORS as error:
         fail(error)
+    except OSError as error:
+        environment_fault(error)
+    click.echo(f"model: {written['model']} (card: {written['model_card']})")
+    click.echo(f"dataset: {written['data_file']}, {written['pairs']} pairs "
+               f"(card: {written['dataset_card']})")
+    for url in written.get("pushed", []):
+        click.echo(f"pushed: {url}")
 
 
 if __name__ == "__main__":

@@ -11,19 +11,22 @@ import sys
 from dataclasses import fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 from core.backend import UnslothBackend, backend_class, import_unsloth, load_backend
 from core.config import RunSettings, apply_overrides, as_section, changed_settings
 from core.constitution import load_constitution
 from core.contamination import eval_set_summary
+from core.dpo import check_trackers
 from core.context import BackendLoader, StageContext
 from core.errors import TooLittleDataError, UsageError
 from core.io import read_json, write_json
-from core.models import PROJECT_ROOT, local_model_dir, weights_sha256
+from core.models import PROJECT_ROOT, local_model_dir, weights_sha256, weights_stamp
 from core.report import write_run_report
 from core.run import (RunDirError, RunLock, StageSteps, check_resume, default_run_dir, git_commit,
                       package_versions, read_config, write_config)
 from core.stage import Stage, run_stage_steps
+from core.vllm_engine import check_engine, check_model
 from registry.models import ResolvedModel, resolve_model
 from registry.stages import STAGES
 
@@ -54,19 +57,24 @@ def settings_sections(profile, curriculum: tuple[Stage, ...] = STAGES) -> dict:
 
 
 def resolve_settings(saved: dict | None, profile, overrides: tuple[str, ...],
-                     accept_changed: bool, curriculum: tuple[Stage, ...] = STAGES
+                     accept_changed: bool, curriculum: tuple[Stage, ...] = STAGES,
+                     compared: frozenset[str] | None = None
                      ) -> tuple[dict, list[str], list[str]]:
     """(sections, all --set overrides of the run, changed settings accepted on resume).
 
     The run's settings are the defaults with the run's recorded `--set` overrides and this
-    command's applied. On resume, any setting that differs from the saved config (a new --set, an
-    edited default) is refused, naming it, unless `accept_changed`."""
+    command's applied. On resume, any setting of the `compared` sections (default: all) that
+    differs from the saved config (a new --set, an edited default) is refused, naming it,
+    unless `accept_changed`."""
     recorded = list((saved or {}).get("set", []))
     all_sets = recorded + [o for o in overrides if o not in recorded]
     sections = apply_overrides(settings_sections(profile, curriculum), all_sets,
                                locked=frozenset({"profile.name", "profile.source"}))
-    current = {name: as_section(value) for name, value in sections.items()}
-    changes = changed_settings(saved.get("settings", {}), current) if saved else []
+    current = {name: as_section(value) for name, value in sections.items()
+               if compared is None or name in compared}
+    defaults = {name: as_section(value)
+                for name, value in settings_sections(profile, curriculum).items()}
+    changes = changed_settings(saved.get("settings", {}), current, defaults) if saved else []
     if changes and not accept_changed:
         raise RunDirError(
             "this run directory was made with other settings; resuming would mix two settings "
@@ -158,10 +166,15 @@ def plan_stage_run(number: int, run_dir: Path | None, model: str | None, limit: 
                    data_dir: Path | None = None, allow_contamination: bool = False,
                    log=print, baseline_limit: int | None = None, overrides: tuple[str, ...] = (),
                    accept_changed: bool = False, curriculum: tuple[Stage, ...] = STAGES,
-                   backend_loader: BackendLoader = load_backend, no_eval_sets: bool = False
-                   ) -> tuple[Stage, StageContext, dict]:
-    """Validate every option; return (stage, context, config to save). Writes nothing."""
+                   backend_loader: BackendLoader = load_backend, no_eval_sets: bool = False,
+                   dry_run: bool = False, chained: bool = False,
+                   report_to: tuple[str, ...] = ()) -> tuple[Stage, StageContext, dict]:
+    """Validate every option; return (stage, context, config to save). Writes nothing. With
+    `dry_run`, a built-in model is not built and a stage whose predecessor has not run yet is
+    planned on the model that predecessor will make. `chained`: `model` is the run's model
+    (as `run` gives it to stage 1), not this stage's input."""
     stage = select_stage(number, curriculum)
+    check_trackers(report_to)
     constitution = load_constitution(constitution_path)
     run_dir = (run_dir or default_run_dir(PROJECT_ROOT)).resolve()
     check_run_dir(run_dir)
@@ -186,11 +199,16 @@ def plan_stage_run(number: int, run_dir: Path | None, model: str | None, limit: 
             option = "--" + key.replace("_", "-")
             raise StageSelectionError(f"{option} must be a number from 1 to {MAX_COUNT:,}, got "
                                       f"{settings[key]}")
+    # another stage's settings do not change this one's work (that stage checks its own)
+    compared = frozenset({"run", "profile", stage.key})
     sections, all_sets, changes = resolve_settings(saved, resolved.profile, overrides,
-                                                   accept_changed, curriculum)
-    model_path, origin = stage_input(number, run_dir, resolved, explicit=model is not None,
-                                     curriculum=curriculum)
+                                                   accept_changed, curriculum, compared)
+    check_engine(sections["profile"])  # e.g. --engine vllm without .venv-vllm: refused here
+    model_path, origin = stage_input(number, run_dir, resolved,
+                                     explicit=model is not None and not chained,
+                                     curriculum=curriculum, dry_run=dry_run)
     check_model_dir(model_path)
+    check_model(sections["profile"], model_path)
     log(f"model: {resolved.profile.name} ({resolved.source}) - {resolved.reason}")
     log(f"stage {number} input: {model_path} ({origin})")
     config = saved or build_config(settings, resolved, model_path, constitution_path, constitution)
@@ -206,7 +224,9 @@ def plan_stage_run(number: int, run_dir: Path | None, model: str | None, limit: 
                 {"override": "no_eval_sets", "stage": number,
                  "at": datetime.now(timezone.utc).isoformat()})
     check_data_dir(config["data_dir"], log)
-    record_settings(config, sections, all_sets, changes, number)
+    started = {s.key for s in curriculum if s.number != number
+               and (run_dir / f"stage_{s.number}").is_dir()}
+    record_settings(config, sections, all_sets, changes, number, frozenset(started))
     allowed = allow_contamination or bool(config.get("allow_contamination"))
     if allow_contamination and not config.get("allow_contamination"):
         config["allow_contamination"] = True
@@ -220,14 +240,19 @@ def plan_stage_run(number: int, run_dir: Path | None, model: str | None, limit: 
                        near_duplicate=sections["run"].near_duplicate,
                        baseline_limit=settings["baseline_limit"],
                        data_dir=Path(config["data_dir"]) if config["data_dir"] else None,
-                       allow_contamination=allowed, log=log, backend_loader=backend_loader)
+                       allow_contamination=allowed, report_to=report_to, log=log,
+                       backend_loader=backend_loader)
+    config["report_to"] = list(report_to)  # where this command's training logs (not pinned)
     return stage, ctx, config
 
 
 def record_settings(config: dict, sections: dict, all_sets: list[str], changes: list[str],
-                    number: int) -> None:
-    """Every setting of the run, whole, in config.yaml (and an accepted change as an override)."""
-    config["settings"] = {name: as_section(value) for name, value in sections.items()}
+                    number: int, started: frozenset[str]) -> None:
+    """Every setting of the run, whole, in config.yaml (and an accepted change as an override).
+    The sections of other stages that have `started` keep what they were made with."""
+    recorded = config.get("settings", {})
+    config["settings"] = {name: recorded[name] if name in started and name in recorded
+                          else as_section(value) for name, value in sections.items()}
     config["profile"] = config["settings"]["profile"]
     if all_sets:
         config["set"] = all_sets
@@ -238,22 +263,25 @@ def record_settings(config: dict, sections: dict, all_sets: list[str], changes: 
 
 
 def stage_input(number: int, run_dir: Path, resolved: ResolvedModel, explicit: bool,
-                curriculum: tuple[Stage, ...] = STAGES) -> tuple[str, str]:
+                curriculum: tuple[Stage, ...] = STAGES, dry_run: bool = False) -> tuple[str, str]:
     """(model path, where it comes from). Stage N learns from stage N-1's merged model; only
     the first stage of a run, or a stage whose predecessor is not done when --model names an
     explicit model, starts from the run's model. A skipped stage (SKIPPED: it kept no pairs)
     passes on the model it was given: stage N then learns from the last stage that trained."""
     if number == min(s.number for s in curriculum):
-        return local_model_dir(resolved.source), "the run's model"
+        return local_model_dir(resolved.source, build=not dry_run), "the run's model"
     previous = run_dir / f"stage_{number - 1}"
     if (previous / "DONE").is_file():
         check_intact(number - 1, run_dir, curriculum)
         return str(previous / "merged"), f"stage {number - 1}'s merged model"
     if (previous / SKIPPED).is_file():
-        path, origin = stage_input(number - 1, run_dir, resolved, False, curriculum)
+        path, origin = stage_input(number - 1, run_dir, resolved, False, curriculum, dry_run)
         return path, f"{origin} (stage {number - 1} was skipped: it kept no pairs)"
     if explicit:
-        return local_model_dir(resolved.source), f"--model (stage {number - 1} is not done in this run)"
+        return (local_model_dir(resolved.source, build=not dry_run),
+                f"--model (stage {number - 1} is not done in this run)")
+    if dry_run:
+        return str(previous / "merged"), f"stage {number - 1}'s merged model, once it has run"
     raise StageSelectionError(
         f"stage {number} learns from stage {number - 1}'s merged model, and stage {number - 1} is "
         f"not done in {run_dir}; run `python cli.py stage run {number - 1} --run-dir {run_dir}` "
@@ -273,16 +301,32 @@ def check_intact(number: int, run_dir: Path, curriculum: tuple[Stage, ...] = STA
 
 
 def record_input(ctx: StageContext, origin: str) -> None:
-    """stage_N/input.json: which model generated this stage's data (written once)."""
+    """stage_N/input.json: which model generated this stage's data, with its weights hash and
+    the weight files' sizes and times. On resume the model must still be that one: its files
+    are rehashed only when a size or time changed (a 32B model's 65 GB take minutes)."""
     path = ctx.path("input.json")
-    if path.is_file():
-        recorded = read_json(path)
-        if recorded["path"] != ctx.model_path:
-            raise RunDirError(f"stage {ctx.number} of this run was started from "
-                              f"{recorded['path']}, not {ctx.model_path}; use a new --run-dir")
+    if not path.is_file():
+        write_json(path, {"path": ctx.model_path, "origin": origin,
+                          "weights_sha256": weights_sha256(ctx.model_path),
+                          "weights_files": weights_stamp(ctx.model_path)})
         return
-    write_json(path, {"path": ctx.model_path, "origin": origin,
-                      "weights_sha256": weights_sha256(ctx.model_path)})
+    recorded = read_json(path)
+    if recorded["path"] != ctx.model_path:
+        raise RunDirError(f"stage {ctx.number} of this run was started from "
+                          f"{recorded['path']}, not {ctx.model_path}; use a new --run-dir")
+    stamp = weights_stamp(ctx.model_path)
+    if recorded["weights_sha256"] is None or recorded.get("weights_files") == stamp:
+        return
+    ctx.log(f"stage {ctx.number} input: the weight files of {ctx.model_path} changed size or "
+            f"time since the stage started; checking their hash")
+    found = weights_sha256(ctx.model_path)
+    if found != recorded["weights_sha256"]:
+        raise RunDirError(
+            f"stage {ctx.number}'s input model {ctx.model_path} is not the model this stage "
+            f"started from (weights sha256 {str(found)[:16]}..., recorded "
+            f"{recorded['weights_sha256'][:16]}...): the data already generated came from the "
+            f"recorded one. Restore that model, or start over with a new --run-dir")
+    write_json(path, {**recorded, "weights_files": stamp})
 
 
 def build_config(settings: dict, resolved: ResolvedModel, model_path: str,
@@ -309,7 +353,7 @@ def run_stage(number: int, run_dir: Path | None = None, model: str | None = None
               overrides: tuple[str, ...] = (), accept_changed: bool = False,
               curriculum: tuple[Stage, ...] = STAGES,
               backend_loader: BackendLoader = load_backend, redo_from: str | None = None,
-              no_eval_sets: bool = False) -> Path:
+              no_eval_sets: bool = False, report_to: tuple[str, ...] = ()) -> Path:
     """Run or resume one stage; returns the run directory. With `skip_empty`, a stage whose
     filters keep too little data is marked SKIPPED (with the reason) instead of failing, and
     the next stage starts from the model this one was given. `redo_from` names a step to run
@@ -318,7 +362,7 @@ def run_stage(number: int, run_dir: Path | None = None, model: str | None = None
     stage, ctx, config = plan_stage_run(number, run_dir, model, limit, seed, heldout,
                                         constitution_path, data_dir, allow_contamination, log,
                                         baseline_limit, overrides, accept_changed, curriculum,
-                                        backend_loader, no_eval_sets)
+                                        backend_loader, no_eval_sets, report_to=report_to)
     if redo_from is not None:
         if redo_from not in stage.step_names:
             raise StageSelectionError(f"--redo-from {redo_from!r}: stage {number} has the "
@@ -357,9 +401,19 @@ def mark_skipped(ctx: StageContext, reason: str) -> None:
     ctx.log(f"stage {ctx.number} skipped: {reason}")
 
 
-def run_status(run_dir: Path, curriculum: tuple[Stage, ...] = STAGES
-               ) -> list[tuple[int, str, list[tuple[str, str]], str]]:
-    """(stage number, name, [(step, state)], "DONE" | "SKIPPED" | "not done") per stage."""
+class StageStatus(NamedTuple):
+    """One stage as `status` shows it."""
+
+    number: int
+    name: str
+    steps: list[tuple[str, str, str]]  # (step, "done" | "partial" | "pending", detail)
+    state: str  # "DONE" | "SKIPPED" | "not done"
+    last_error: dict | None  # what stopped the last attempt inside a step, if it failed
+
+
+def run_status(run_dir: Path, curriculum: tuple[Stage, ...] = STAGES) -> list[StageStatus]:
+    """Every stage's steps with their state and what is on disk of a partly done one (items
+    generated, the training checkpoint), and the error that stopped the last attempt."""
     if read_config(run_dir) is None:
         raise RunDirError(f"{run_dir} is not a run directory (it has no config.yaml); pass the "
                           f"--run-dir a `stage run` or `run` command created")
@@ -367,11 +421,38 @@ def run_status(run_dir: Path, curriculum: tuple[Stage, ...] = STAGES
     for stage in curriculum:
         stage_dir = run_dir / f"stage_{stage.number}"
         steps = StageSteps(stage_dir, stage.step_names)
-        states = [(name, steps.state(name, lambda n: _has_partial(stage_dir, n)))
-                  for name in stage.step_names]
+        states = []
+        for name in stage.step_names:
+            state = steps.state(name, lambda n: _has_partial(stage_dir, n))
+            states.append((name, state, step_detail(steps, name, state)))
         ended = [mark for mark in ("DONE", SKIPPED) if (stage_dir / mark).is_file()]
-        rows.append((stage.number, stage.name, states, ended[0] if ended else "not done"))
+        rows.append(StageStatus(stage.number, stage.name, states,
+                                ended[0] if ended else "not done", steps.last_error()))
     return rows
+
+
+def step_detail(steps: StageSteps, name: str, state: str) -> str:
+    """How long a done step took; how far a partial one got (resume continues from there)."""
+    if state == "done":
+        seconds = read_json(steps.marker(name)).get("seconds")
+        return f"in {seconds:.0f} s" if seconds is not None else ""
+    if state != "partial":
+        return ""
+    if name == "train":
+        newest = max((steps.stage_dir / "train" / "checkpoints").glob("checkpoint-*/trainer_state.json"),
+                     key=lambda p: int(p.parent.name.split("-")[1]), default=None)
+        if newest is None:
+            return ""
+        trainer = read_json(newest)
+        return f"checkpoint at step {trainer['global_step']} of {trainer['max_steps']}"
+    caches = sorted((steps.stage_dir / "cache").glob(f"{name}*.jsonl"))
+    items = sum(count_lines(path) for path in caches)
+    return f"{items} generated items cached ({', '.join(p.name for p in caches)})"
+
+
+def count_lines(path: Path) -> int:
+    with open(path, "rb") as handle:
+        return sum(1 for line in handle if line.strip())
 
 
 def _has_partial(stage_dir: Path, step: str) -> bool:
@@ -402,6 +483,71 @@ def run_curriculum(run_dir: Path | None = None, model: str | None = None,
         run_stage(stage.number, run_dir, model if stage.number == 1 else None, limit, seed,
                   log=log, curriculum=curriculum, **options)
     return run_dir
+
+
+def dry_run_stage(number: int, run_dir: Path | None = None, model: str | None = None,
+                  limit: int | None = None, seed: int | None = None, heldout: int | None = None,
+                  constitution_path: Path = PROJECT_ROOT / "constitution.yaml",
+                  curriculum: tuple[Stage, ...] = STAGES, **options) -> list[str]:
+    """`stage run N --dry-run`: every option checked as a real run checks it, then the
+    stage's steps, their state in the run directory and the most work each will do. Nothing
+    is loaded or written."""
+    stage, ctx, _ = plan_stage_run(number, run_dir, model, limit, seed, heldout,
+                                   constitution_path, curriculum=curriculum, log=lambda _: None,
+                                   dry_run=True, **options)
+    lines, left = describe_plan(stage, ctx)
+    return [f"dry run of {ctx.run_dir}: nothing is loaded or written", "", *lines,
+            f"  still to do: {work_summary(left)}"]
+
+
+def dry_run_curriculum(run_dir: Path | None = None, model: str | None = None,
+                       limit: int | None = None, seed: int | None = None,
+                       until: int | None = None, curriculum: tuple[Stage, ...] = STAGES,
+                       **options) -> list[str]:
+    """`run --dry-run`: each stage up to `until` as `dry_run_stage` shows it, and the totals."""
+    last = max(s.number for s in curriculum)
+    if until is not None and not 1 <= until <= last:
+        raise StageSelectionError(f"--until must name a stage from 1 to {last}, got {until}")
+    run_dir = (run_dir or default_run_dir(PROJECT_ROOT)).resolve()
+    lines, left_all = [f"dry run of {run_dir}: nothing is loaded or written", ""], []
+    for stage in curriculum[:[s.number for s in curriculum].index(until or last) + 1]:
+        stage, ctx, _ = plan_stage_run(stage.number, run_dir, model, limit, seed, None,
+                                       PROJECT_ROOT / "constitution.yaml", curriculum=curriculum, log=lambda _: None,
+                                       dry_run=True, chained=True, **options)
+        stage_lines, left = describe_plan(stage, ctx)
+        lines += [*stage_lines, f"  still to do: {work_summary(left)}", ""]
+        left_all += left
+    return lines + [f"whole run, still to do: {work_summary(left_all)}"]
+
+
+def describe_plan(stage: Stage, ctx: StageContext) -> tuple[list[str], list]:
+    """The dry-run table of one stage (step, state, most work, how it was counted), and the
+    work of the steps not done yet."""
+    from core.stage import planned_work
+
+    steps = StageSteps(ctx.stage_dir, stage.step_names)
+    done = (ctx.stage_dir / "DONE").is_file()
+    lines = [f"stage {stage.number} ({stage.name}){' - done already' if done else ''}",
+             f"  input: {ctx.model_path} ({ctx.origin}); profile {ctx.profile.name}",
+             f"  {ctx.limit} training tasks, {ctx.heldout} held-out, seed {ctx.seed}",
+             f"  {'step':<13} {'state':<8} {'requests':>8} {'new tokens <=':>13} "
+             f"{'judge prompts':>13} {'DPO steps':>9}  how counted"]
+    work = planned_work(stage, ctx)
+    for w in work:
+        state = steps.state(w.step, lambda n: _has_partial(ctx.stage_dir, n))
+        counts = [f"{n:,}" if n else "-" for n in
+                  (w.prompts, w.prompts * w.new_tokens, w.scored, w.dpo_steps)]
+        lines.append(f"  {w.step:<13} {state:<8} {counts[0]:>8} {counts[1]:>13} "
+                     f"{counts[2]:>13} {counts[3]:>9}  {w.note}".rstrip())
+    return lines, [w for w in work if not steps.is_done(w.step)]
+
+
+def work_summary(work: list) -> str:
+    """Generation requests, new tokens, judge prompts and DPO steps summed over `work`."""
+    return (f"{sum(w.prompts for w in work):,} generation requests (at most "
+            f"{sum(w.prompts * w.new_tokens for w in work):,} new tokens), "
+            f"{sum(w.scored for w in work):,} judge prompts, "
+            f"{sum(w.dpo_steps for w in work):,} DPO steps")
 
 
 def describe_settings(run_dir: Path | None, model: str | None,

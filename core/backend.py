@@ -140,4 +140,8 @@ def backend_class(profile: ModelProfile) -> type[HFBackend]:
 
 def load_backend(path: str, profile: ModelProfile) -> HFBackend:
     torch.manual_seed(0)
+    if profile.engine == "vllm":
+        from core.vllm_engine import VLLMBackend
+
+        return VLLMBackend.load(path, profile, backend_class(profile))
     return backend_class(profile).load(path, profile)

@@ -124,15 +124,18 @@ def coerce(value: Any, kind: Any) -> tuple[str | None, Any]:
     return None, value
 
 
-def changed_settings(saved: dict[str, dict], current: dict[str, dict]) -> list[str]:
+def changed_settings(saved: dict[str, dict], current: dict[str, dict],
+                     defaults: dict[str, dict] | None = None) -> list[str]:
     """'section.field: the run has X, now Y' for every setting that differs (sections the saved
-    config does not hold are not compared: runs made before they were recorded)."""
+    config does not hold are not compared: runs made before they were recorded; a field it does
+    not hold, added since, counts as its value in `defaults`)."""
     changes = []
     for section, values in current.items():
         if section not in saved:
             continue
         for name, value in values.items():
-            old = saved[section].get(name, "<not recorded>")
+            unrecorded = (defaults or {}).get(section, {}).get(name, "<not recorded>")
+            old = saved[section].get(name, unrecorded)
             if old != value:
                 changes.append(f"{section}.{name}: the run has {old!r}, this command gives "
                                f"{value!r}")

@@ -35,6 +35,7 @@ class StageContext:
     baseline_limit: int | None = None  # baseline probes per capability in assessments (None: all)
     data_dir: Path | None = None  # shared evaluation sets (decontamination, suites)
     allow_contamination: bool = False
+    report_to: tuple[str, ...] = ()  # trackers besides TensorBoard (wandb, trackio)
     log: Callable[[str], None] = print
     # How a model path becomes a backend: load_backend, or a test's scripted backend.
     backend_loader: BackendLoader = load_backend

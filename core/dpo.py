@@ -8,13 +8,16 @@ disabled, so no second copy of the model is held.
 from __future__ import annotations
 
 import errno
+import importlib.util
 import math
+import netrc
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from core.errors import RunFailure
+from core.errors import RunFailure, UsageError
 from core.guards import TemplateGuard
 from core.io import write_json, write_jsonl
 from core.progress import Progress
@@ -42,6 +45,50 @@ class DPOSettings:
                 "lora_dropout": self.lora_dropout, "target_modules": list(LORA_TARGETS)}
 
 
+TRACKERS = ("wandb", "trackio")  # besides TensorBoard, which every run writes
+TRACKING_PROJECT = "bootstrap-curriculum"
+
+
+def check_trackers(names: tuple[str, ...]) -> None:
+    """Refuse (UsageError, every problem at once) trackers that cannot log: a package not
+    installed, or W&B online without credentials (before any model is loaded)."""
+    problems = []
+    for name in names:
+        if name not in TRACKERS:
+            problems.append(f"--report-to {name}: choose from {', '.join(TRACKERS)} "
+                            f"(TensorBoard is always written)")
+        elif importlib.util.find_spec(name) is None:
+            problems.append(f"--report-to {name}: the {name} package is not installed; "
+                            f"pip install -e '.[tracking]'")
+    if "wandb" in names and not wandb_can_log():
+        problems.append("--report-to wandb: no W&B credentials (WANDB_API_KEY or `wandb "
+                        "login`); or set WANDB_MODE=offline to log locally and `wandb sync` "
+                        "later")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def wandb_can_log() -> bool:
+    """Offline or disabled W&B needs nothing; online needs an API key or a `wandb login`."""
+    if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
+        return True
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def finish_trackers(report_to: tuple[str, ...]) -> None:
+    """Close the W&B run this training opened: the trainer's callback leaves it open (its Trackio
+    callback closes its own), and the next stage of `run` would log into this stage's run."""
+    if "wandb" in report_to:
+        import wandb
+
+        wandb.finish()
+
+
 def loss_terms(sft_weight: float) -> dict:
     """DPOConfig's loss: sigmoid DPO, plus the NLL on chosen responses when `sft_weight` > 0
     (RPO; TRL 1.16 removed `rpo_alpha`, this is its replacement)."""
@@ -60,9 +107,12 @@ def last_checkpoint(folder: Path) -> str | None:
 
 def train_dpo(backend, records: list[dict], settings: DPOSettings, work_dir: Path,
               adapter_dir: Path, guard: TemplateGuard,
-              dev_records: list[dict] | None = None) -> dict:
+              dev_records: list[dict] | None = None, report_to: tuple[str, ...] = (),
+              run_name: str | None = None) -> dict:
     """Train a LoRA with DPO; save the adapter to `adapter_dir`; return the per-step metrics,
-    and with `dev_records` the trained model's DPO metrics on them (`dev`, see `dev_metrics`)."""
+    and with `dev_records` the trained model's DPO metrics on them (`dev`, see `dev_metrics`).
+    TensorBoard logs go to work_dir/tensorboard; `report_to` adds W&B or Trackio under
+    `run_name`, in the project TRACKING_PROJECT (for W&B: unless WANDB_PROJECT is set)."""
     for i, record in enumerate(records):
         guard.check_record(record, f"pairs.jsonl line {i + 1}")
     for i, record in enumerate(dev_records or []):
@@ -87,7 +137,9 @@ def train_dpo(backend, records: list[dict], settings: DPOSettings, work_dir: Pat
         save_total_limit=2,
         seed=settings.seed,
         data_seed=settings.seed,
-        report_to="none",
+        report_to=list(report_to) or "none",
+        run_name=run_name,
+        project=TRACKING_PROJECT,
         use_cpu=on_cpu,
         bf16=not on_cpu and torch.cuda.is_bf16_supported(),
         gradient_checkpointing=not on_cpu,
@@ -99,6 +151,8 @@ def train_dpo(backend, records: list[dict], settings: DPOSettings, work_dir: Pat
         logging_nan_inf_filter=False,  # a NaN loss must reach stop_on_nonfinite_loss, not be masked
         **loss_terms(settings.sft_weight),
     )
+    if "wandb" in report_to:
+        os.environ.setdefault("WANDB_PROJECT", TRACKING_PROJECT)
     model, peft_config = backend.trainable_model(settings.lora(), settings.seed)
     def as_dataset(rows: list[dict]) -> Dataset:
         return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
@@ -118,6 +172,7 @@ def train_dpo(backend, records: list[dict], settings: DPOSettings, work_dir: Pat
             raise OSError(errno.ENOSPC, "No space left on device", str(work_dir)) from error
         raise
     writer.close()
+    finish_trackers(report_to)
     trainer.model.save_pretrained(str(adapter_dir))
     backend.tokenizer.save_pretrained(str(adapter_dir))
     steps = [entry for entry in trainer.state.log_history if "loss" in entry]

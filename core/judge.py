@@ -109,3 +109,9 @@ def judge_audit(judgments: list[dict], passes: Callable[[dict, int], bool | None
     return {"comparisons": len(judgments),
             "order_consistent": rate(len(consistent), len(judgments)),
             "agrees_with_checks": rate(agree, len(checkable))}
+
+
+def round_robin_prompts(ranked: int, audits: int = 1) -> int:
+    """Judge prompts per task, both orders: a round robin among `ranked` samples plus `audits`
+    extra comparisons."""
+    return 2 * (ranked * (ranked - 1) // 2 + audits)

@@ -76,7 +76,8 @@ def train_adapter(ctx: StageContext) -> None:
     check_free_space(ctx.path("train"), int(weights_bytes(ctx.model_path) * 0.15),
                      "training checkpoints")
     summary = train_dpo(ctx.backend(), records, settings, ctx.path("train"),
-                        ctx.path("adapter"), ctx.guard())
+                        ctx.path("adapter"), ctx.guard(), report_to=ctx.report_to,
+                        run_name=f"{ctx.run_dir.name}-stage{ctx.number}")
     for warning in summary["health"]["warnings"]:
         ctx.log(f"training warning: {warning}")
     ctx.release_backend()

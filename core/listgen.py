@@ -13,6 +13,7 @@ from typing import Callable
 from core.context import StageContext
 from core.generation import GenRequest
 from core.prompting import draw, seed_for
+from core.stage import Work
 
 
 @dataclass(frozen=True)
@@ -62,3 +63,13 @@ def list_request(seed: int, growth: ListGrowth, seeds: list[str], accepted: list
     rng.shuffle(items)
     return GenRequest(f"{growth.id_prefix}r{round_}-{i}", growth.prompt(items),
                       seed_for(seed, sampled, round_, i))
+
+
+def growth_work(step: str, ctx: StageContext, needed: int, oversample: float,
+                rounds: int) -> Work:
+    """A dry run's estimate of growing a list of `needed` items: its first round's requests
+    (later rounds ask only for the items still missing)."""
+    return Work(step, prompts=math.ceil(needed * oversample) if needed > 0 else 0,
+                new_tokens=ctx.profile.instruction_max_new_tokens,
+                note=f"list continuation for {needed} items, first round (up to {rounds} "
+                     f"rounds while items are missing)")

@@ -27,14 +27,16 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def local_model_dir(source: str, artifacts: Path | None = None) -> str:
+def local_model_dir(source: str, artifacts: Path | None = None, build: bool = True) -> str:
     """A path or HF id transformers can load for a profile's `source`; builds the built-in
-    models on first use."""
+    models on first use (with `build` False, only says where they go)."""
     artifacts = artifacts or PROJECT_ROOT / "artifacts"
     if source == "builtin:gemma-3-270m":
-        return str(ensure_gemma_270m(artifacts / "models" / "gemma-3-270m"))
+        target = artifacts / "models" / "gemma-3-270m"
+        return str(ensure_gemma_270m(target) if build else target)
     if source == "builtin:tiny-qwen2":
-        return str(ensure_tiny_qwen2(artifacts / "models"))
+        return str(ensure_tiny_qwen2(artifacts / "models") if build else
+                   tiny_qwen2_dir(artifacts / "models"))
     return source
 
 
@@ -99,16 +101,21 @@ def tiny_corpus() -> list[str]:
 TINY_PRETRAIN_STEPS = 800
 
 
+def tiny_qwen2_dir(models_dir: Path) -> Path:
+    """Where the tiny model of the current corpus lives (built or not)."""
+    digest = hashlib.sha256(json.dumps([TINY_PRETRAIN_STEPS, tiny_corpus()]).encode()).hexdigest()
+    return models_dir / f"tiny-qwen2-{digest[:12]}"
+
+
 def ensure_tiny_qwen2(models_dir: Path) -> Path:
     """Build the tiny Qwen2 model and tokenizer once per corpus version (deterministic, about
     20 s on CPU). The folder name carries a hash of the corpus, so editing the pools rebuilds."""
-    texts = tiny_corpus()
-    digest = hashlib.sha256(json.dumps([TINY_PRETRAIN_STEPS, texts]).encode()).hexdigest()[:12]
-    target = models_dir / f"tiny-qwen2-{digest}"
+    target = tiny_qwen2_dir(models_dir)
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tiny-build-"))
+    texts = tiny_corpus()
     tokenizer = _train_tiny_tokenizer(texts)
     model = _pretrain_tiny_model(tokenizer, texts, TINY_PRETRAIN_STEPS)
     model.save_pretrained(tmp)
@@ -170,10 +177,20 @@ def _pretrain_tiny_model(tokenizer, texts: list[str], steps: int):
     return model
 
 
+def weight_files(model_path: str) -> list[Path]:
+    """A local model's weight files (none for a Hub id)."""
+    path = Path(model_path)
+    return sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+
+
+def weights_stamp(model_path: str) -> dict[str, list[int]]:
+    """{file name: [bytes, mtime_ns]} of a local model's weight files: cheap to compare."""
+    return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in weight_files(model_path)}
+
+
 def weights_sha256(model_path: str) -> str | None:
     """Hash of a local model's weight files (None for a Hub id)."""
-    path = Path(model_path)
-    files = sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin"))
+    files = weight_files(model_path)
     if not files:
         return None
     digest = hashlib.sha256()

@@ -19,6 +19,8 @@ class ModelProfile:
         "help": "HF id, local path, or builtin:<name> for models the project builds itself"})
     description: str = field(metadata={"help": "what the profile is for"})
     backend: str = knob("hf", "hf (transformers + PEFT) or unsloth (CUDA only)")
+    engine: str = knob("hf", "generation engine: hf (the project's sampling loop) or vllm "
+                             "(vLLM in its own process; install: bash scripts/setup.sh --vllm)")
     load_in_4bit: bool = knob(False, "bitsandbytes 4-bit for generation and training (CUDA only)")
     dtype: str = knob("float32", "compute dtype; the merged model is saved in it (>= 16-bit)")
     needs_cuda: bool = knob(False, "refuse to run without a CUDA GPU")

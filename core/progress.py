@@ -2,8 +2,8 @@
 
 On a terminal a long step shows a tqdm bar. When output goes to a file (`nohup`, `tmux` with a
 pipe, a job scheduler) tqdm bars switch themselves off, so a slow step looks hung; there a
-background thread prints one line every `interval` seconds instead, whether or not an item has
-finished since (a CPU batch of long sequences can take minutes):
+background thread prints a line after `first_line` seconds and then every `interval` seconds,
+whether or not an item has finished since (a CPU batch of long sequences can take minutes):
 
     stage 1 responses: 48/256 items (18.8%), 0.41 items/s, ETA 8m27s
 """
@@ -15,6 +15,8 @@ import time
 from typing import TextIO
 
 LOG_INTERVAL = 30.0  # seconds between progress lines when output is not a terminal
+FIRST_LINE = 5.0  # the first line comes this soon, so the time spent before a step's progress
+                  # starts (loading a model) does not stretch the first gap beyond LOG_INTERVAL
 
 
 def duration(seconds: float) -> str:
@@ -32,8 +34,10 @@ class Progress:
     otherwise, and a last line when closed. Use as a context manager."""
 
     def __init__(self, total: int, desc: str, done: int = 0, unit: str = "item",
-                 interval: float = LOG_INTERVAL, stream: TextIO | None = None):
+                 interval: float = LOG_INTERVAL, stream: TextIO | None = None,
+                 first_line: float = FIRST_LINE):
         self.total, self.desc, self.unit, self.interval = total, desc, unit, interval
+        self.first_line = min(first_line, interval)
         self.stream = stream if stream is not None else sys.stderr
         self.done = self.start_done = done
         self.started = time.monotonic()
@@ -68,8 +72,10 @@ class Progress:
                 f"{self.unit}s/s{eta}")
 
     def _report(self) -> None:
-        while not self._stop.wait(self.interval):
+        wait = self.first_line
+        while not self._stop.wait(wait):
             self._print(self.line())
+            wait = self.interval
 
     def _print(self, text: str) -> None:
         print(text, file=self.stream, flush=True)
@@ -80,7 +86,7 @@ class Progress:
             return
         self._stop.set()
         self._thread.join()
-        if time.monotonic() - self.started >= self.interval:
+        if time.monotonic() - self.started >= self.first_line:
             self._print(self.line() + f", done in {duration(time.monotonic() - self.started)}")
 
     def __enter__(self) -> "Progress":

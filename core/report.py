@@ -37,38 +37,13 @@ def plot_dpo(per_step: list[dict], path: Path) -> bool:
 
 def stage_report(number: int, name: str, metrics: dict, examples: list[dict]) -> str:
     """Markdown for DIR/stage_N/report.md."""
-    a = metrics["assessment"]
-    before, after = a["before"]["summary"], a["after"]["summary"]
-    test = a["paired"]["mcnemar"]
     dpo, merge = metrics["dpo"], metrics["merge"]
     lines = [f"# Stage {number}: {name}", ""]
     if metrics.get("input_model"):
         sha = metrics["input_model"]["weights_sha256"]
         lines += [f"Input model: `{metrics['input_model']['path']}` ("
                   + (f"weights sha256 {sha[:16]}...)" if sha else "a Hub id: no local weights hash)"), ""]
-    lines += ["## Assessment (held-out, zero-shot, greedy; 95% Wilson intervals)", "",
-              "| metric | input model | merged model |", "|---|---|---|"]
-    for key in before:
-        lines.append(f"| {key.replace('_', '-')} | {fmt_rate(before[key])} | {fmt_rate(after[key])} |")
-    lines += [
-        "", f"Paired exact McNemar on {a['headline'].replace('_', '-')} outcomes "
-        f"({a['paired']['items']} items): {test['gained']} gained, {test['lost']} lost, "
-        f"p = {test['p_value']:.3g}.", "", "## Data", "",
-    ]
-    if funnel := metrics.get("funnel"):
-        reasons = "; ".join(f"{r}: {n}" for r, n in funnel["no_pair_reasons"].items()) or "none"
-        lines += [f"- funnel: {funnel['tasks']} tasks -> {funnel['pairs_chosen']} pairs chosen "
-                  f"-> {funnel['pairs_kept']} kept after decontamination "
-                  f"({funnel['removed_by_decontamination']} removed)",
-                  *(["- pairs by rule: " + ", ".join(f"{k} {v}" for k, v in
-                                                      funnel["pairs_by_rule"].items())]
-                    if funnel.get("pairs_by_rule") else []),
-                  f"- no pair, by reason (top {len(funnel['no_pair_reasons'])}): {reasons}"]
-    for key, value in metrics["data"].items():
-        if isinstance(value, dict):
-            value = ", ".join(f"{k}: {fmt_rate(v) if isinstance(v, dict) else v}"
-                              for k, v in value.items())
-        lines.append(f"- {key.replace('_', ' ')}: {value}")
+    lines += assessment_section(metrics["assessment"]) + data_section(metrics)
     lines += [
         "", "## DPO", "",
         f"- steps: {dpo['steps']}, train loss {dpo['train_loss']}",
@@ -86,6 +61,41 @@ def stage_report(number: int, name: str, metrics: dict, examples: list[dict]) ->
                   f"**Chosen**\n\n```\n{pair['chosen']}\n```",
                   f"**Rejected**\n\n```\n{pair['rejected']}\n```", ""]
     return "\n".join(lines) + "\n"
+
+
+def assessment_section(a: dict) -> list[str]:
+    """The held-out table (input vs merged model, 95% Wilson intervals) and the paired McNemar
+    test on the headline metric."""
+    before, after = a["before"]["summary"], a["after"]["summary"]
+    test = a["paired"]["mcnemar"]
+    lines = ["## Assessment (held-out, zero-shot, greedy; 95% Wilson intervals)", "",
+             "| metric | input model | merged model |", "|---|---|---|"]
+    for key in before:
+        lines.append(f"| {key.replace('_', '-')} | {fmt_rate(before[key])} | {fmt_rate(after[key])} |")
+    return lines + [
+        "", f"Paired exact McNemar on {a['headline'].replace('_', '-')} outcomes "
+        f"({a['paired']['items']} items): {test['gained']} gained, {test['lost']} lost, "
+        f"p = {test['p_value']:.3g}.", ""]
+
+
+def data_section(metrics: dict) -> list[str]:
+    """The pair funnel and the stage's data counts."""
+    lines = ["## Data", ""]
+    if funnel := metrics.get("funnel"):
+        reasons = "; ".join(f"{r}: {n}" for r, n in funnel["no_pair_reasons"].items()) or "none"
+        lines += [f"- funnel: {funnel['tasks']} tasks -> {funnel['pairs_chosen']} pairs chosen "
+                  f"-> {funnel['pairs_kept']} kept after decontamination "
+                  f"({funnel['removed_by_decontamination']} removed)",
+                  *(["- pairs by rule: " + ", ".join(f"{k} {v}" for k, v in
+                                                      funnel["pairs_by_rule"].items())]
+                    if funnel.get("pairs_by_rule") else []),
+                  f"- no pair, by reason (top {len(funnel['no_pair_reasons'])}): {reasons}"]
+    for key, value in metrics["data"].items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {fmt_rate(v) if isinstance(v, dict) else v}"
+                              for k, v in value.items())
+        lines.append(f"- {key.replace('_', ' ')}: {value}")
+    return lines
 
 
 def baseline_section(table: dict | None) -> list[str]:

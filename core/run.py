@@ -205,6 +205,26 @@ class StageSteps:
                     return name, problem
         return None
 
+    @property
+    def last_error_path(self) -> Path:
+        return self.stage_dir / "steps" / "last_error.json"
+
+    def record_failure(self, name: str, error: BaseException) -> None:
+        """steps/last_error.json: the step that stopped, why and when (removed when a step
+        next finishes)."""
+        message = str(error).splitlines()[0][:500] if str(error) else ""
+        try:
+            atomic_write_text(self.last_error_path, json.dumps(
+                {"step": name, "error": type(error).__name__, "message": message,
+                 "at": datetime.now(timezone.utc).isoformat()}) + "\n")
+        except OSError:
+            pass  # a full disk cannot take the record; the original error still propagates
+
+    def last_error(self) -> dict | None:
+        """What stopped the last attempt, when it did not finish its step."""
+        path = self.last_error_path
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
     def redo_from(self, name: str) -> None:
         """Forget step `name` and every later step (and the stage's DONE), so they run again."""
         for later in self.names[self.names.index(name):]:
@@ -230,7 +250,12 @@ class StageSteps:
             log(f"step {name}: running")
             before = file_states(self.stage_dir)
             started = time.time()
-            action()
+            try:
+                action()
+            except BaseException as error:  # Ctrl-C too: status shows where a run stopped
+                self.record_failure(name, error)
+                raise
+            self.last_error_path.unlink(missing_ok=True)
             seconds = round(time.time() - started, 2)
             after = file_states(self.stage_dir)
             written = sorted(rel for rel, state in after.items() if before.get(rel) != state)

@@ -101,8 +101,12 @@ def sample_row(logits: torch.Tensor, settings: SamplingSettings, generator: torc
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
-    ids = {tokenizer.eos_token_id}
-    configured = model.generation_config.eos_token_id
+    return eos_ids(tokenizer.eos_token_id, model.generation_config.eos_token_id)
+
+
+def eos_ids(eos_token_id: int | None, configured: int | list[int] | None) -> set[int]:
+    """The tokenizer's EOS and the generation config's EOS id(s): any of them ends a sequence."""
+    ids = {eos_token_id}
     if isinstance(configured, int):
         ids.add(configured)
     elif configured:

@@ -13,10 +13,14 @@ adds).
                   data_steps=(Step("instructions", make_instructions), ...),
                   protected=protected_sets, merge_probes=merge_probes,
                   assess_heldout=assess_heldout, headline="prompt_level",
-                  report_data=report_data)
+                  report_data=report_data, plan_work=plan_work)
+
+`plan_work` says, without loading a model, how much model work the stage's own steps will do
+at most (`--dry-run` prints it with the shared tail's part).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Protocol
@@ -42,6 +46,29 @@ class Step:
 
     name: str
     action: Callable[[StageContext, dict], None]
+
+
+@dataclass(frozen=True)
+class Work:
+    """The most model work one step will do: `prompts` generation requests of up to
+    `new_tokens` new tokens each, `scored` prompts whose next-token log-probabilities are read
+    (the A/B judge: nothing generated), `dpo_steps` optimizer steps. `note` says how."""
+
+    step: str
+    prompts: int = 0
+    new_tokens: int = 0
+    scored: int = 0
+    dpo_steps: int = 0
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class WorkPlan:
+    """What a dry run says about a stage before anything is loaded."""
+
+    work: tuple[Work, ...]  # the stage's own data steps
+    max_pairs: int  # the most preference pairs its pairs step can keep
+    heldout_prompts: int  # held-out generations per model in the assess step
 
 
 @dataclass(frozen=True)
@@ -72,6 +99,7 @@ class Stage:
     assess_heldout: HeldoutAssessment
     headline: str  # the held-out summary key the run report leads with
     report_data: Callable[[StageContext], dict]  # the stage's own numbers for metrics.json
+    plan_work: Callable[[StageContext], WorkPlan]  # the most work its data steps will do
     settings: type[StageSettings] = StageSettings
     load_pool: Callable[[], dict] = no_pool
 
@@ -109,3 +137,26 @@ def run_stage_steps(stage: Stage, ctx: StageContext) -> None:
     StageSteps(ctx.stage_dir, stage.step_names).run(
         [(name, actions[name]) for name in stage.step_names], ctx.log)
     atomic_write_text(ctx.path("DONE"), f"stage {ctx.number} complete\n")
+
+
+def planned_work(stage: Stage, ctx: StageContext) -> list[Work]:
+    """Every step's most work, in step order: the stage's own plan, then the shared tail's
+    (training from the most pairs the stage can keep, the assessment of both models)."""
+    from core.suites.baseline import probe_counts
+
+    plan = stage.plan_work(ctx)
+    p = ctx.profile
+    per_step = p.train_batch_size * p.grad_accum
+    generated, judging = probe_counts(ctx.baseline_limit)
+    own = {w.step: w for w in plan.work}
+    tail = {
+        "train": Work("train", dpo_steps=math.ceil(plan.max_pairs / per_step) * p.epochs,
+                      note=f"at most {plan.max_pairs} pairs, {per_step} per step, "
+                           f"{p.epochs} epoch(s)"),
+        # before and after: held-out + baseline; before only: the few-shot reference
+        "assess": Work("assess", prompts=2 * plan.heldout_prompts + 3 * generated,
+                       new_tokens=p.max_new_tokens, scored=3 * 2 * judging,
+                       note=f"{plan.heldout_prompts} held-out and {generated} baseline "
+                            f"prompts on both models, the few-shot reference on the input"),
+    }
+    return [own.get(name) or tail.get(name) or Work(name) for name in stage.step_names]

@@ -8,4 +8,6 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 .venv/bin/python -m pip install -q --upgrade pip
 # The local CPU build of torch first: a bare `torch` would pull several GB of CUDA wheels.
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q -e ".[dev,tracking]"
+# `bash scripts/setup.sh --vllm` (or VLLM=1) also creates .venv-vllm for `--engine vllm`.
+if [ "${1:-}" = "--vllm" ] || [ "${VLLM:-0}" = 1 ]; then bash scripts/setup_vllm.sh; fi

@@ -58,16 +58,16 @@ from core.context import StageContext
 from core.errors import RunFailure, TooLittleDataError
 from core.generation import GenRequest
 from core.io import read_jsonl, write_jsonl
-from core.listgen import ListGrowth, grow_list
+from core.listgen import ListGrowth, grow_list, growth_work
 from core.judge import judge_audit as core_judge_audit
-from core.judge import judge_many, judge_prefix
+from core.judge import judge_many, judge_prefix, round_robin_prompts
 from core.pairs import (first_of_each_text, group_by_task, judge_wins, shared_pair_problem,
                         write_pairs)
 from core.prompting import RESPONSE_STOPS, draw, house_prompt, seed_for
 from core.records import TASKS_FILE, Task, read_tasks, write_tasks
 from core.sampling import few_shot_requests, sample_to_file
 from core.split import split_smallest_ids
-from core.stage import Stage, StageSettings, Step, setting
+from core.stage import Stage, StageSettings, Step, Work, WorkPlan, setting
 from core.text import (NearDuplicateFilter, copies_exemplar, degenerate_reason, first_near_same,
                        looping_reason, normalize)
 
@@ -493,6 +493,20 @@ def judge_audit(judgments: list[dict], scored: list[dict]) -> dict:
     return core_judge_audit(judgments, lambda j, sample: passed[(j["task_id"], sample)])
 
 
+def plan_work(ctx: StageContext) -> WorkPlan:
+    """The most work stage 1's own steps do (for --dry-run; nothing is loaded)."""
+    s, p = ctx.settings, ctx.profile
+    judge = round_robin_prompts(s.max_judged_samples)
+    return WorkPlan(
+        work=(growth_work("instructions", ctx, ctx.limit + ctx.heldout, s.oversample,
+                          s.max_instruction_rounds),
+              Work("responses", prompts=ctx.limit * p.responses_per_task,
+                   new_tokens=p.max_new_tokens, note=f"{p.responses_per_task} per task"),
+              Work("scores", scored=ctx.limit * judge, note=f"at most {judge} judge prompts "
+                                                             f"per task")),
+        max_pairs=ctx.limit, heldout_prompts=ctx.heldout)
+
+
 STAGE = Stage(
     number=1,
     name="explicit-instructions",
@@ -506,4 +520,5 @@ STAGE = Stage(
     assess_heldout=assess_heldout,
     headline="prompt_level",
     report_data=report_data,
+    plan_work=plan_work,
 )

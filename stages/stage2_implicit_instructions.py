@@ -67,14 +67,14 @@ from core.errors import RunFailure, TooLittleDataError
 from core.generation import GenRequest
 from core.io import read_jsonl, write_jsonl
 from core.judge import judge_audit as core_judge_audit
-from core.judge import judge_many, judge_prefix, winning_sample
-from core.listgen import ListGrowth, grow_list
+from core.judge import judge_many, judge_prefix, round_robin_prompts, winning_sample
+from core.listgen import ListGrowth, grow_list, growth_work
 from core.pairs import (first_of_each_text, group_by_task, judge_wins, shared_pair_problem,
                         write_pairs)
 from core.records import TASKS_FILE, Task, earlier_tasks, read_tasks, write_tasks
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
 from core.split import in_fixed_heldout, split_smallest_ids
-from core.stage import Stage, StageSettings, Step, setting
+from core.stage import Stage, StageSettings, Step, Work, WorkPlan, setting
 from core.stats import rate
 from core.text import (NearDuplicateFilter, copies_exemplar, degenerate_reason, first_near_same,
                        normalize, rouge_l)
@@ -720,6 +720,25 @@ def report_data(ctx: StageContext) -> dict:
     }
 
 
+def plan_work(ctx: StageContext) -> WorkPlan:
+    """The most work stage 2's own steps do (for --dry-run; nothing is loaded). With the shared
+    data about half the questions are real ones, so the model writes the rest."""
+    s, p = ctx.settings, ctx.profile
+    written = ctx.limit + ctx.heldout
+    if ctx.data_dir is not None:
+        written -= ctx.limit // 2 + ctx.heldout // 2
+    samples = p.responses_per_task + s.zero_shot_samples
+    judge = round_robin_prompts(s.max_judged_samples)
+    return WorkPlan(
+        work=(growth_work("questions", ctx, written, s.oversample, s.max_question_rounds),
+              Work("responses", prompts=ctx.limit * samples, new_tokens=p.max_new_tokens,
+                   note=f"{p.responses_per_task} few-shot + {s.zero_shot_samples} zero-shot "
+                        f"per question"),
+              Work("scores", scored=ctx.limit * judge, note=f"at most {judge} judge prompts "
+                                                             f"per question")),
+        max_pairs=ctx.limit, heldout_prompts=ctx.heldout)
+
+
 STAGE = Stage(
     number=2,
     name="implicit-instructions",
@@ -733,4 +752,5 @@ STAGE = Stage(
     assess_heldout=assess_heldout,
     headline="answer_rate",
     report_data=report_data,
+    plan_work=plan_work,
 )

@@ -71,14 +71,14 @@ from core.errors import RunFailure, TooLittleDataError, UsageError
 from core.generation import GenRequest
 from core.guards import TemplateGuard
 from core.io import read_jsonl, write_jsonl
-from core.listgen import ListGrowth, grow_list
+from core.listgen import ListGrowth, grow_list, growth_work
 from core.judge import judge_audit as core_judge_audit
-from core.judge import judge_many, judge_prefix
+from core.judge import judge_many, judge_prefix, round_robin_prompts
 from core.pairs import first_of_each_text, group_by_task, judge_wins, shared_pair_problem, write_pairs
 from core.prompting import RESPONSE_STOPS, draw, house_prompt, seed_for
 from core.records import TASKS_FILE, Task, earlier_tasks, read_tasks, write_tasks
 from core.sampling import few_shot_requests, sample_to_file
-from core.stage import Stage, StageSettings, Step, setting
+from core.stage import Stage, StageSettings, Step, Work, WorkPlan, setting
 from core.stats import rate
 from core.text import (NearDuplicateFilter, copies_exemplar, degenerate_reason, first_near_same,
                        normalize, rouge_l)
@@ -744,6 +744,20 @@ def judge_audit(judgments: list[dict], scored: list[dict]) -> dict:
     return core_judge_audit(judgments, lambda j, sample: passed[(j["task_id"], sample)])
 
 
+def plan_work(ctx: StageContext) -> WorkPlan:
+    """The most work stage 3's own steps do (for --dry-run; nothing is loaded)."""
+    s, p = ctx.settings, ctx.profile
+    topics = min(s.topic_proposals, math.ceil((ctx.limit + ctx.heldout) / s.tasks_per_proposal))
+    judge = round_robin_prompts(s.max_judged_samples)
+    return WorkPlan(
+        work=(growth_work("topics", ctx, topics, s.oversample, s.max_topic_rounds),
+              Work("responses", prompts=ctx.limit * p.responses_per_task,
+                   new_tokens=p.max_new_tokens, note=f"{p.responses_per_task} per task"),
+              Work("scores", scored=ctx.limit * judge, note=f"at most {judge} judge prompts "
+                                                             f"per task")),
+        max_pairs=ctx.limit, heldout_prompts=ctx.heldout)
+
+
 STAGE = Stage(
     number=3,
     name="generation-tasks",
@@ -759,4 +773,5 @@ STAGE = Stage(
     assess_heldout=assess_heldout,
     headline="task_success",
     report_data=report_data,
+    plan_work=plan_work,
 )

@@ -74,7 +74,7 @@ from core.prompting import RESPONSE_STOPS, draw, house_prompt
 from core.records import TASKS_FILE, Task, earlier_records, earlier_tasks, read_tasks, write_tasks
 from core.sampling import few_shot_requests, sample_to_file
 from core.split import split_smallest_ids
-from core.stage import Stage, StageSettings, Step, setting
+from core.stage import Stage, StageSettings, Step, Work, WorkPlan, setting
 from core.stats import rate
 from core.text import (copies_exemplar, degenerate_reason, first_near_same, near_same, normalize,
                        rouge_l)
@@ -625,6 +625,19 @@ def report_data(ctx: StageContext) -> dict:
     }
 
 
+def plan_work(ctx: StageContext) -> WorkPlan:
+    """The most work stage 4's own steps do (for --dry-run; nothing is loaded): two judge tasks
+    (one per order) per labelled training pair; held-out pairs are assessed in both orders, and
+    so are the HH-RLHF held-out pairs when the shared data is there."""
+    p = ctx.profile
+    tasks = 2 * ctx.limit
+    heldout_sets = 2 if ctx.data_dir is not None else 1
+    return WorkPlan(
+        work=(Work("verdicts", prompts=tasks * p.responses_per_task, new_tokens=p.max_new_tokens,
+                   note=f"{p.responses_per_task} per judge task, 2 tasks per labelled pair"),),
+        max_pairs=tasks, heldout_prompts=2 * ctx.heldout * heldout_sets)
+
+
 STAGE = Stage(
     number=4,
     name="evaluation-tasks",
@@ -638,4 +651,5 @@ STAGE = Stage(
     assess_heldout=assess_heldout,
     headline="accuracy_both_orders",
     report_data=report_data,
+    plan_work=plan_work,
 )

@@ -65,12 +65,12 @@ from core.errors import RunFailure, TooLittleDataError
 from core.generation import GenRequest, generate_cached
 from core.io import read_jsonl, write_jsonl
 from core.judge import judge_audit as core_judge_audit
-from core.judge import judge_many, judge_prefix, winning_sample
+from core.judge import judge_many, judge_prefix, round_robin_prompts, winning_sample
 from core.pairs import group_by_task, shared_pair_problem, write_pairs
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
 from core.records import TASKS_FILE, Task, earlier_records, earlier_tasks, read_tasks, write_tasks
 from core.sampling import few_shot_requests, sample_to_file
-from core.stage import Stage, StageSettings, Step, setting
+from core.stage import Stage, StageSettings, Step, Work, WorkPlan, setting
 from core.stats import rate
 from core.suites.baseline import REVISION_TEXT
 from core.text import copies_exemplar, degenerate_reason, near_same, normalize, rouge_l
@@ -625,6 +625,22 @@ def judge_audit(judgments: list[dict]) -> dict:
     return core_judge_audit(judgments, lambda j, sample: sample == j["passer"])
 
 
+def plan_work(ctx: StageContext) -> WorkPlan:
+    """The most work stage 5's own steps do (for --dry-run; nothing is loaded). Drafts are
+    written only where stage 1 left too few failures: counted here as if it left none."""
+    s, p = ctx.settings, ctx.profile
+    drafts = math.ceil((ctx.limit + ctx.heldout) * s.draft_oversample)
+    judge = round_robin_prompts(0, s.max_judged_revisions)
+    return WorkPlan(
+        work=(Work("drafts", prompts=drafts, new_tokens=p.max_new_tokens,
+                   note="only the tasks earlier stages do not supply"),
+              Work("revisions", prompts=ctx.limit * p.responses_per_task,
+                   new_tokens=p.max_new_tokens, note=f"{p.responses_per_task} per task"),
+              Work("scores", scored=ctx.limit * judge, note=f"at most {judge} judge prompts "
+                                                             f"per task")),
+        max_pairs=ctx.limit, heldout_prompts=ctx.heldout)
+
+
 STAGE = Stage(
     number=5,
     name="revision-tasks",
@@ -639,4 +655,5 @@ STAGE = Stage(
     assess_heldout=assess_heldout,
     headline="revision_success",
     report_data=report_data,
+    plan_work=plan_work,
 )

@@ -91,7 +91,7 @@ from core.context import StageContext
 from core.errors import RunFailure, TooLittleDataError
 from core.generation import GenRequest
 from core.io import read_jsonl, write_jsonl
-from core.listgen import ListGrowth, grow_list
+from core.listgen import ListGrowth, grow_list, growth_work
 from core.pairs import write_pairs
 from core.records import TASKS_FILE, Task, earlier_tasks, read_tasks, write_tasks
 from core.judge import Verdict, judge_many, judge_prefix
@@ -99,7 +99,7 @@ from core.judge import judge_audit as core_judge_audit
 from core.prompting import (EXEMPLAR_END, RESPONSE_STOPS, draw, few_shot_prompt, house_prompt,
                             seed_for)
 from core.split import in_fixed_heldout
-from core.stage import Stage, StageSettings, Step, setting
+from core.stage import Stage, StageSettings, Step, Work, WorkPlan, setting
 from core.stats import rate
 from core.suites.baseline import is_refusal
 from core.text import NearDuplicateFilter, copies_exemplar, degenerate_reason, normalize, rouge_l
@@ -805,6 +805,22 @@ def judge_audit(judgments: list[dict]) -> dict:
                                   len(judgments))}
 
 
+def plan_work(ctx: StageContext) -> WorkPlan:
+    """The most work stage 6's own steps do (for --dry-run; nothing is loaded): prompts counted
+    as if the model wrote every one it may have to (no shared red-team sets, no stage 1)."""
+    s, p = ctx.settings, ctx.profile
+    attempts = ctx.limit * p.responses_per_task
+    per = f"{p.responses_per_task} per prompt"
+    return WorkPlan(
+        work=(growth_work("prompts", ctx, ctx.limit + ctx.heldout, s.oversample,
+                          s.max_prompt_rounds),
+              Work("answers", prompts=attempts, new_tokens=p.max_new_tokens, note=per),
+              Work("critiques", prompts=attempts, new_tokens=p.max_new_tokens, note=per),
+              Work("revisions", prompts=attempts, new_tokens=p.max_new_tokens, note=per),
+              Work("judgments", scored=2 * attempts, note="revision vs answer, both orders")),
+        max_pairs=ctx.limit, heldout_prompts=ctx.heldout)
+
+
 STAGE = Stage(
     number=6,
     name="constitutional-integration",
@@ -820,4 +836,5 @@ STAGE = Stage(
     assess_heldout=assess_heldout,
     headline="harmless_rate",
     report_data=report_data,
+    plan_work=plan_work,
 )

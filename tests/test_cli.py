@@ -195,6 +195,10 @@ def test_ctrl_c_keeps_work_and_prints_the_resume_command(tmp_path):
     assert "interrupted: finished work is kept" in stderr and "Traceback" not in stderr
     assert f"stage run 1 --model tiny-qwen2 --limit 8 --run-dir {run_dir}" in stderr
     assert (run_dir / "stage_1" / "steps" / "instructions.done").is_file()
+    status = cli("status", "--run-dir", str(run_dir))
+    assert status.returncode == 0
+    assert "stage 1 (explicit-instructions): not done" in status.stdout
+    assert "last attempt stopped in step " in status.stdout and "KeyboardInterrupt" in status.stdout
 
 
 DATA = ROOT.parent / "shared" / "data"

@@ -37,7 +37,7 @@ def run_dir(tmp_path_factory, tiny_dir) -> Path:
 
 
 def ended(run_dir: Path) -> dict[int, str]:
-    return {number: state for number, _, _, state in run_status(run_dir)}
+    return {row.number: row.state for row in run_status(run_dir)}
 
 
 def test_every_stage_ends_done_or_skipped(run_dir):

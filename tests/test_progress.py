@@ -22,10 +22,19 @@ def test_lines_come_on_a_timer_even_without_updates():
 
 def test_a_short_step_prints_nothing():
     stream = io.StringIO()
-    with Progress(3, "quick", interval=60, stream=stream) as progress:
+    with Progress(3, "quick", interval=60, first_line=10, stream=stream) as progress:
         progress.update(3)
     assert stream.getvalue() == ""
 
 
 def test_durations_read_like_a_clock():
     assert (duration(42), duration(185), duration(3720)) == ("42s", "3m05s", "1h02m")
+
+
+def test_the_first_line_comes_early_then_one_per_interval():
+    stream = io.StringIO()
+    with Progress(4, "stage 1 assess", interval=1.0, first_line=0.05, stream=stream):
+        time.sleep(0.5)
+        assert len(stream.getvalue().splitlines()) == 1  # early, not after a whole interval
+        time.sleep(1.0)
+    assert len(stream.getvalue().splitlines()) == 3  # first, one interval later, and the last

@@ -45,3 +45,14 @@ def test_generation_benchmark_prints_ratios(tiny_backend):
         ("ours", 1), ("ours", 4), ("transformers generate", 1), ("transformers generate", 4)]
     assert all(r["tokens"] == 16 for r in rows)  # every engine makes exactly 4 x 4 tokens
     assert rows[0]["speedup_vs_ours_batch_1"] == 1.0
+
+
+def test_the_report_of_a_stage_that_started_from_a_hub_id(stage1_reference):
+    from core.io import read_json
+    from core.report import stage_report
+
+    metrics = read_json(stage1_reference / "stage_1" / "metrics.json")
+    metrics["input_model"] = {**metrics["input_model"], "path": "Qwen/Qwen2.5-32B",
+                              "weights_sha256": None}  # a Hub id has no local weights to hash
+    report = stage_report(1, "explicit-instructions", metrics, [])
+    assert "Input model: `Qwen/Qwen2.5-32B` (a Hub id: no local weights hash)" in report

@@ -2,6 +2,7 @@
 after SIGKILL in the middle of generation and of training."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -28,11 +29,12 @@ def run_to_end(run_dir: Path) -> subprocess.CompletedProcess:
     return out
 
 
-def kill_when(run_dir: Path, ready) -> None:
-    """Start the stage and SIGKILL it as soon as `ready(stage_dir)` holds."""
-    proc = subprocess.Popen(command(run_dir), stdout=subprocess.DEVNULL,
+def kill_when(run_dir: Path, ready, number: int = 1) -> None:
+    """Start stage `number` and SIGKILL it as soon as `ready(stage_dir)` holds."""
+    args = command(run_dir) if number == 1 else stage_command(run_dir, number)
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    stage = run_dir / "stage_1"
+    stage = run_dir / f"stage_{number}"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if ready(stage):
@@ -43,9 +45,15 @@ def kill_when(run_dir: Path, ready) -> None:
     raise AssertionError(f"the run ended (rc={proc.poll()}) before the kill point was reached")
 
 
-def merged_weights(run_dir: Path) -> dict:
+def stage_command(run_dir: Path, number: int) -> list[str]:
+    """A later stage of the run, with the run's own settings."""
+    return [sys.executable, str(ROOT / "cli.py"), "stage", "run", str(number), "--run-dir",
+            str(run_dir)]
+
+
+def merged_weights(run_dir: Path, number: int = 1) -> dict:
     weights = {}
-    for shard in sorted((run_dir / "stage_1" / "merged").glob("*.safetensors")):
+    for shard in sorted((run_dir / f"stage_{number}" / "merged").glob("*.safetensors")):
         weights.update(load_file(str(shard)))
     return weights
 
@@ -146,12 +154,17 @@ def test_rerun_of_a_finished_stage_changes_nothing(reference):
     assert (reference / "stage_1" / "pairs.jsonl").read_bytes() == before
 
 
-def test_status_shows_steps(reference):
+def status(run_dir: Path) -> str:
     out = subprocess.run([sys.executable, str(ROOT / "cli.py"), "status", "--run-dir",
-                          str(reference)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0
-    assert "stage 1 (explicit-instructions): DONE" in out.stdout
-    assert out.stdout.count(" done") >= 8
+                          str(run_dir)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_status_shows_steps(reference):
+    out = status(reference)
+    assert "stage 1 (explicit-instructions): DONE" in out
+    assert len(re.findall(r"^  \w+ +done +in \d+ s$", out, re.MULTILINE)) == 9
 
 
 def test_resume_with_another_model_is_refused(reference):
@@ -175,33 +188,71 @@ def assert_same_as_reference(run_dir: Path, reference: Path) -> None:
         assert torch.equal(ours[name], theirs[name]), name
 
 
-def test_kill_during_generation_then_resume(tmp_path, reference):
+def test_killed_at_every_lifecycle_point_then_resumed(tmp_path, reference):
+    """One run SIGKILLed nine times, resumed after each kill: inside list growth, inside
+    response generation, at the start of scores, pairs and decontaminate, inside training
+    (after a checkpoint), at the start of merge, inside assess, at the start of report. Nothing is
+    generated twice, status shows how far each partial step got, and the result equals the
+    uninterrupted run's."""
     run_dir = tmp_path / "run"
-    cache = run_dir / "stage_1" / "cache" / "responses.jsonl"
-    kill_when(run_dir, lambda stage: _lines(cache) >= 3)
     stage = run_dir / "stage_1"
-    assert not (stage / "steps" / "responses.done").exists()
+    responses = stage / "cache" / "responses.jsonl"
+    checkpoints = stage / "train" / "checkpoints"
     expected = 8 * profile_by_name("tiny-qwen2").responses_per_task
-    partial = _lines(cache)
-    assert 3 <= partial < expected  # killed inside the step, with finished work on disk
-    run_to_end(run_dir)
-    keys = [json.loads(line)["key"] for line in cache.read_text().splitlines()]
-    assert len(keys) == len(set(keys)) == expected  # nothing generated twice
-    assert_same_as_reference(run_dir, reference)
-
-
-def test_kill_during_training_then_resume(tmp_path, reference):
-    run_dir = tmp_path / "run"
-    checkpoints = run_dir / "stage_1" / "train" / "checkpoints"
+    kill_when(run_dir, lambda stage: _lines(stage / "cache" / "instructions.jsonl") >= 2)
+    kill_when(run_dir, lambda stage: _lines(responses) >= 3)
+    partial = _lines(responses)
+    assert 3 <= partial < expected and not (stage / "steps" / "responses.done").exists()
+    assert f"responses     partial  {partial} generated items cached" in status(run_dir)
+    for step in ("responses", "scores", "pairs"):  # at the start of the next step
+        kill_when(run_dir, lambda stage, step=step: (stage / "steps" / f"{step}.done").exists())
     kill_when(run_dir, lambda stage: any(checkpoints.glob("checkpoint-*/trainer_state.json")))
-    assert not (run_dir / "stage_1" / "steps" / "train.done").exists()
-    assert (run_dir / "stage_1" / "steps" / "pairs.done").exists()
+    assert not (stage / "steps" / "train.done").exists()
+    assert re.search(r"train +partial +checkpoint at step \d+ of \d+", status(run_dir))
+    for ready in (lambda stage: (stage / "steps" / "train.done").exists(),
+                  lambda stage: _lines(stage / "cache" / "assess_before.jsonl") >= 2,
+                  lambda stage: (stage / "steps" / "assess.done").exists()):
+        kill_when(run_dir, ready)
+        assert not (stage / "DONE").exists()
     run_to_end(run_dir)
-    log = [json.loads(l) for l in (run_dir / "stage_1" / "train" / "dpo_log.jsonl").read_text().splitlines()]
-    ref_log = [json.loads(l) for l in
-               (reference / "stage_1" / "train" / "dpo_log.jsonl").read_text().splitlines()]
-    assert [e["step"] for e in log] == [e["step"] for e in ref_log]
+    keys = [json.loads(line)["key"] for line in responses.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == expected  # nothing generated twice
+    ref = reference / "stage_1"
+    for name in ("tasks.jsonl", "responses.jsonl", "scores.jsonl"):
+        assert (stage / name).read_bytes() == (ref / name).read_bytes(), name
+    steps = [[json.loads(line)["step"] for line in (d / "train" / "dpo_log.jsonl").read_text()
+              .splitlines()] for d in (stage, ref)]
+    assert steps[0] == steps[1]
+    ours, theirs = (json.loads((d / "assessment.json").read_text()) for d in (stage, ref))
+    for side in ("before", "after"):
+        assert ours[side]["items"] == theirs[side]["items"]
     assert_same_as_reference(run_dir, reference)
+
+
+def test_a_later_stage_killed_then_resumed_equals_an_uninterrupted_one(tmp_path, reference):
+    """Stage 2, chained from the trained stage 1, killed inside its response generation and
+    inside training, then resumed: its pairs and merged weights equal an uninterrupted stage 2."""
+    import shutil
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    for run_dir in (whole, killed):
+        shutil.copytree(reference, run_dir)
+    out = subprocess.run(stage_command(whole, 2), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    stage = killed / "stage_2"
+    kill_when(killed, lambda stage: _lines(stage / "cache" / "responses.jsonl") >= 3, number=2)
+    kill_when(killed, lambda stage: any(stage.glob("train/checkpoints/checkpoint-*/"
+                                                   "trainer_state.json")), number=2)
+    assert not (stage / "DONE").exists()
+    out = subprocess.run(stage_command(killed, 2), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((stage / "input.json").read_text())["path"] == str(killed / "stage_1" /
+                                                                         "merged")
+    for name in ("tasks.jsonl", "responses.jsonl", "pairs.jsonl"):
+        assert (stage / name).read_bytes() == (whole / "stage_2" / name).read_bytes(), name
+    ours, theirs = merged_weights(killed, 2), merged_weights(whole, 2)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
 
 
 def test_damaged_outputs_of_a_done_stage_are_redone_not_trusted(tmp_path, reference):

@@ -18,8 +18,8 @@ CONSTITUTION = PROJECT_ROOT / "constitution.yaml"
 
 
 def plan(run_dir, tiny_dir, number=1, **options):
-    return plan_stage_run(number, run_dir, str(tiny_dir), 4, 0, None, CONSTITUTION,
-                          log=lambda _: None, **options)
+    options.setdefault("log", lambda _: None)
+    return plan_stage_run(number, run_dir, str(tiny_dir), 4, 0, None, CONSTITUTION, **options)
 
 
 def toy_script() -> Script:
@@ -57,9 +57,9 @@ def test_a_toy_seventh_stage_runs_through_the_real_lifecycle(tmp_path, tiny_dir)
     assert "ends_with_period" in metrics["assessment"]["before"]["summary"]
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["settings"]["stage7"] == {"samples_per_request": 2, "temperature": 1.0}
-    rows = {number: (steps, state) for number, _, steps, state in run_status(run_dir, curriculum)}
-    assert rows[7][1] == "DONE" and [s for s, _ in rows[7][0]] == ["responses", "pairs",
-                                                                   *SHARED_TAIL]
+    rows = {row.number: row for row in run_status(run_dir, curriculum)}
+    assert rows[7].state == "DONE" and [s for s, _, _ in rows[7].steps] == ["responses", "pairs",
+                                                                            *SHARED_TAIL]
 
 
 def test_stage_steps_may_not_shadow_the_shared_tail():
@@ -68,7 +68,7 @@ def test_stage_steps_may_not_shadow_the_shared_tail():
         Stage(number=8, name="x", summary="x", data_steps=(step, Step("train", step.action)),
               protected=stage7_echo.protected_sets, merge_probes=stage7_echo.merge_probes,
               assess_heldout=stage7_echo.assess_heldout, headline="h",
-              report_data=stage7_echo.report_data)
+              report_data=stage7_echo.report_data, plan_work=stage7_echo.plan_work)
 
 
 def test_every_stage_declares_typed_settings_and_the_shared_tail():
@@ -137,3 +137,43 @@ def test_config_show_prints_values_and_help(tmp_path, tiny_dir):
     write_config(tmp_path, config)
     shown = "\n".join(describe_settings(tmp_path, None))
     assert "max_judged_samples: 2" in shown and f"# settings of {tmp_path}" in shown
+
+
+def test_a_stage_checks_its_own_settings_and_leaves_started_stages_records_alone(tmp_path,
+                                                                                 tiny_dir):
+    _, _, config = plan(tmp_path, tiny_dir)
+    config["settings"]["stage3"]["max_judged_samples"] = 5  # as if stage 3's default had changed
+    write_config(tmp_path, config)
+    _, _, resumed = plan(tmp_path, tiny_dir)  # stage 1 does not depend on stage 3's settings
+    assert resumed["settings"]["stage3"]["max_judged_samples"] == 3  # not started: today's
+    (tmp_path / "stage_3").mkdir()
+    _, _, resumed = plan(tmp_path, tiny_dir)
+    assert resumed["settings"]["stage3"]["max_judged_samples"] == 5  # started: as it was made
+    with pytest.raises(RunDirError, match=r"stage3\.max_judged_samples: the run has 5"):
+        plan(tmp_path, tiny_dir, number=3)
+
+
+def test_a_stages_input_model_must_stay_the_one_it_started_from(tmp_path, tiny_dir):
+    import os
+    import shutil
+
+    from app.pipeline import record_input
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_dir, model)
+    run_dir = tmp_path / "run"
+    _, ctx, _ = plan(run_dir, model)
+    record_input(ctx, "the run's model")
+    weights = next(model.glob("*.safetensors"))
+    os.utime(weights)  # touched (a copy, a restore): rehashed once, same weights, accepted
+    logged = []
+    _, ctx, _ = plan(run_dir, model, log=logged.append)
+    record_input(ctx, "the run's model")
+    assert any("checking their hash" in line for line in logged)
+    record_input(ctx, "the run's model")  # the new times are recorded: no second rehash
+    assert sum("checking their hash" in line for line in logged) == 1
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # other weights of the same size
+    weights.write_bytes(bytes(data))
+    with pytest.raises(RunDirError, match="is not the model this stage started from"):
+        record_input(ctx, "the run's model")

@@ -50,6 +50,14 @@ def load_probes(path: Path = PROBES_PATH) -> tuple[list[Probe], dict, str]:
     return probes, data["fewshot_exemplars"], hashlib.sha256(raw).hexdigest()
 
 
+def probe_counts(limit: int | None) -> tuple[int, int]:
+    """(generated probes, judging probes) in one baseline run with `limit` per capability."""
+    probes, _, _ = load_probes()
+    counts = {cap: sum(p.capability == cap for p in probes) for cap in CAPABILITIES}
+    kept = {cap: min(n, limit) if limit else n for cap, n in counts.items()}
+    return sum(n for cap, n in kept.items() if cap != "judging"), kept["judging"]
+
+
 def probe_text(capability: str, item: dict) -> str:
     """The request a model sees for a probe (before the house format wraps it)."""
     if capability == "explicit_constraints":

@@ -17,7 +17,7 @@ from core.io import read_jsonl, write_jsonl
 from core.pairs import write_pairs
 from core.prompting import RESPONSE_STOPS, house_prompt, seed_for
 from core.records import Task
-from core.stage import Stage, StageSettings, Step, setting
+from core.stage import Stage, StageSettings, Step, Work, WorkPlan, setting
 from core.stats import rate
 
 REQUESTS = ["Say hello to a friend.", "Describe the sea.", "Name a color.", "Describe a cat.",
@@ -82,6 +82,12 @@ def report_data(ctx: StageContext) -> dict:
     return {"responses": len(read_jsonl(ctx.path("responses.jsonl")))}
 
 
+def plan_work(ctx: StageContext) -> WorkPlan:
+    return WorkPlan(work=(Work("responses", prompts=len(REQUESTS) * ctx.settings.samples_per_request,
+                               new_tokens=ctx.profile.max_new_tokens),),
+                    max_pairs=len(REQUESTS), heldout_prompts=len(HELDOUT))
+
+
 STAGE = Stage(
     number=7,
     name="toy-echo",
@@ -93,4 +99,5 @@ STAGE = Stage(
     assess_heldout=assess_heldout,
     headline="ends_with_period",
     report_data=report_data,
+    plan_work=plan_work,
 )
