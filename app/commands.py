@@ -15,7 +15,7 @@ from core.models import PROJECT_ROOT, local_model_dir
 from app.pipeline import saved_sections, select_stage
 from core.report import fmt_rate
 from core.errors import UsageError
-from core.run import RunDirError, RunLock, read_config
+from core.run import RunDirError, RunLock, require_config
 from core.suites.runner import compare_results, run_suite
 from registry.models import resolve_model
 
@@ -84,9 +84,7 @@ def tune_stage(run_dir: Path, number: int, grid: tuple[str, ...], dev_share: flo
     from the stage's input model with the run's own settings; results in stage_N/tune/."""
     from core.tune import parse_grid, tune_dpo
 
-    config = read_config(run_dir)
-    if config is None:
-        raise RunDirError(f"{run_dir} has no config.yaml: not a run directory")
+    config = require_config(run_dir)
     if not 0 < dev_share < 1:
         raise UsageError(f"--dev-share must be between 0 and 1 (exclusive), got {dev_share}")
     points = parse_grid(grid)
@@ -111,9 +109,7 @@ def summary_rows(result: dict) -> list[tuple[str, str]]:
 
 def check_contamination(run_dir: Path, stage: int, probe: bool, log=print) -> dict:
     """Re-check a stage's training records; True in result["ok"] when nothing is found."""
-    config = read_config(run_dir)
-    if config is None:
-        raise RunDirError(f"{run_dir} has no config.yaml: not a run directory")
+    config = require_config(run_dir)
     stage_dir = run_dir / f"stage_{stage}"
     records_path = next((p for p in (stage_dir / "pairs.jsonl", stage_dir / "pairs_candidates.jsonl")
                          if p.is_file()), None)

@@ -32,7 +32,7 @@ from core.prompting import RESPONSE_STOPS, house_prompt
 from core.records import TASKS_FILE, read_tasks
 from core.report import (assessment_section, baseline_section, contamination_section,
                          data_section)
-from core.run import RunDirError, read_config
+from core.run import require_config
 from registry.models import HF_ID
 
 FORMATS = ("jsonl", "parquet")
@@ -162,10 +162,7 @@ def export_stage(run_dir: Path, number: int, out: Path, data_format: str = "json
 def read_stage(run_dir: Path, number: int) -> StageFacts:
     """The stage's facts; refuses a run directory without config.yaml, a skipped, unfinished
     or damaged stage."""
-    config = read_config(run_dir)
-    if config is None:
-        raise RunDirError(f"{run_dir} is not a run directory (it has no config.yaml); pass the "
-                          f"--run-dir a `stage run` or `run` command created")
+    config = require_config(run_dir)
     spec = select_stage(number)
     stage_dir = run_dir / f"stage_{number}"
     if (stage_dir / SKIPPED).is_file():

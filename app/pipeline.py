@@ -17,15 +17,15 @@ from core.backend import UnslothBackend, backend_class, import_unsloth, load_bac
 from core.config import RunSettings, apply_overrides, as_section, changed_settings
 from core.constitution import load_constitution
 from core.contamination import eval_set_summary
-from core.dpo import check_trackers
+from core.dpo import check_trackers, last_checkpoint
 from core.context import BackendLoader, StageContext
 from core.errors import TooLittleDataError, UsageError
 from core.io import read_json, write_json
 from core.models import PROJECT_ROOT, local_model_dir, weights_sha256, weights_stamp
 from core.report import write_run_report
 from core.run import (RunDirError, RunLock, StageSteps, check_resume, default_run_dir, git_commit,
-                      package_versions, read_config, write_config)
-from core.stage import Stage, run_stage_steps
+                      package_versions, read_config, require_config, write_config)
+from core.stage import Stage, planned_work, run_stage_steps
 from core.vllm_engine import check_engine, check_model
 from registry.models import ResolvedModel, resolve_model
 from registry.stages import STAGES
@@ -414,16 +414,14 @@ class StageStatus(NamedTuple):
 def run_status(run_dir: Path, curriculum: tuple[Stage, ...] = STAGES) -> list[StageStatus]:
     """Every stage's steps with their state and what is on disk of a partly done one (items
     generated, the training checkpoint), and the error that stopped the last attempt."""
-    if read_config(run_dir) is None:
-        raise RunDirError(f"{run_dir} is not a run directory (it has no config.yaml); pass the "
-                          f"--run-dir a `stage run` or `run` command created")
+    require_config(run_dir)
     rows = []
     for stage in curriculum:
         stage_dir = run_dir / f"stage_{stage.number}"
         steps = StageSteps(stage_dir, stage.step_names)
         states = []
         for name in stage.step_names:
-            state = steps.state(name, lambda n: _has_partial(stage_dir, n))
+            state = step_state(steps, name)
             states.append((name, state, step_detail(steps, name, state)))
         ended = [mark for mark in ("DONE", SKIPPED) if (stage_dir / mark).is_file()]
         rows.append(StageStatus(stage.number, stage.name, states,
@@ -439,11 +437,10 @@ def step_detail(steps: StageSteps, name: str, state: str) -> str:
     if state != "partial":
         return ""
     if name == "train":
-        newest = max((steps.stage_dir / "train" / "checkpoints").glob("checkpoint-*/trainer_state.json"),
-                     key=lambda p: int(p.parent.name.split("-")[1]), default=None)
+        newest = last_checkpoint(steps.stage_dir / "train" / "checkpoints")
         if newest is None:
             return ""
-        trainer = read_json(newest)
+        trainer = read_json(Path(newest) / "trainer_state.json")
         return f"checkpoint at step {trainer['global_step']} of {trainer['max_steps']}"
     caches = sorted((steps.stage_dir / "cache").glob(f"{name}*.jsonl"))
     items = sum(count_lines(path) for path in caches)
@@ -455,6 +452,11 @@ def count_lines(path: Path) -> int:
         return sum(1 for line in handle if line.strip())
 
 
+def step_state(steps: StageSteps, name: str) -> str:
+    """"done", "partial" (resumable work on disk) or "pending"."""
+    return steps.state(name, lambda n: _has_partial(steps.stage_dir, n))
+
+
 def _has_partial(stage_dir: Path, step: str) -> bool:
     """A step is partial when it left resumable work behind (a cache or checkpoints)."""
     if step == "train":
@@ -462,17 +464,20 @@ def _has_partial(stage_dir: Path, step: str) -> bool:
     return any((stage_dir / "cache").glob(f"{step}*.jsonl"))
 
 
+def stages_until(until: int | None, curriculum: tuple[Stage, ...] = STAGES) -> list[Stage]:
+    """The stages `run --until` covers, in order (all of them without `until`)."""
+    last = max(s.number for s in curriculum)
+    if until is not None and not 1 <= until <= last:
+        raise StageSelectionError(f"--until must name a stage from 1 to {last}, got {until}")
+    return [s for s in curriculum if s.number <= (until or last)]
+
+
 def run_curriculum(run_dir: Path | None = None, model: str | None = None,
                    limit: int | None = None, seed: int | None = None, until: int | None = None,
                    log=print, curriculum: tuple[Stage, ...] = STAGES, **options) -> Path:
     """Run every stage in order up to `until`, resuming whatever is done."""
     run_dir = (run_dir or default_run_dir(PROJECT_ROOT)).resolve()
-    last = max(s.number for s in curriculum)
-    if until is not None and not 1 <= until <= last:
-        raise StageSelectionError(f"--until must name a stage from 1 to {last}, got {until}")
-    for stage in curriculum:
-        if stage.number > (until or last):
-            break
+    for stage in stages_until(until, curriculum):
         stage_dir = run_dir / f"stage_{stage.number}"
         if (stage_dir / "DONE").is_file():
             StageSteps(stage_dir, stage.step_names).verify(log)
@@ -505,15 +510,13 @@ def dry_run_curriculum(run_dir: Path | None = None, model: str | None = None,
                        until: int | None = None, curriculum: tuple[Stage, ...] = STAGES,
                        **options) -> list[str]:
     """`run --dry-run`: each stage up to `until` as `dry_run_stage` shows it, and the totals."""
-    last = max(s.number for s in curriculum)
-    if until is not None and not 1 <= until <= last:
-        raise StageSelectionError(f"--until must name a stage from 1 to {last}, got {until}")
+    selected = stages_until(until, curriculum)
     run_dir = (run_dir or default_run_dir(PROJECT_ROOT)).resolve()
     lines, left_all = [f"dry run of {run_dir}: nothing is loaded or written", ""], []
-    for stage in curriculum[:[s.number for s in curriculum].index(until or last) + 1]:
+    for stage in selected:
         stage, ctx, _ = plan_stage_run(stage.number, run_dir, model, limit, seed, None,
-                                       PROJECT_ROOT / "constitution.yaml", curriculum=curriculum, log=lambda _: None,
-                                       dry_run=True, chained=True, **options)
+                                       PROJECT_ROOT / "constitution.yaml", curriculum=curriculum,
+                                       log=lambda _: None, dry_run=True, chained=True, **options)
         stage_lines, left = describe_plan(stage, ctx)
         lines += [*stage_lines, f"  still to do: {work_summary(left)}", ""]
         left_all += left
@@ -523,8 +526,6 @@ def dry_run_curriculum(run_dir: Path | None = None, model: str | None = None,
 def describe_plan(stage: Stage, ctx: StageContext) -> tuple[list[str], list]:
     """The dry-run table of one stage (step, state, most work, how it was counted), and the
     work of the steps not done yet."""
-    from core.stage import planned_work
-
     steps = StageSteps(ctx.stage_dir, stage.step_names)
     done = (ctx.stage_dir / "DONE").is_file()
     lines = [f"stage {stage.number} ({stage.name}){' - done already' if done else ''}",
@@ -534,7 +535,7 @@ def describe_plan(stage: Stage, ctx: StageContext) -> tuple[list[str], list]:
              f"{'judge prompts':>13} {'DPO steps':>9}  how counted"]
     work = planned_work(stage, ctx)
     for w in work:
-        state = steps.state(w.step, lambda n: _has_partial(ctx.stage_dir, n))
+        state = step_state(steps, w.step)
         counts = [f"{n:,}" if n else "-" for n in
                   (w.prompts, w.prompts * w.new_tokens, w.scored, w.dpo_steps)]
         lines.append(f"  {w.step:<13} {state:<8} {counts[0]:>8} {counts[1]:>13} "
@@ -557,9 +558,7 @@ def describe_settings(run_dir: Path | None, model: str | None,
     values when `run_dir` is given (its config.yaml), else the defaults for `model`."""
     from core.config import field_help
 
-    saved = read_config(run_dir) if run_dir else None
-    if run_dir and saved is None:
-        raise RunDirError(f"{run_dir} has no config.yaml: not a run directory")
+    saved = require_config(run_dir) if run_dir else None
     reference = saved["model"]["reference"] if saved else model
     profile = resolve_model(reference).profile
     sections, _, _ = resolve_settings(saved, profile, overrides, True, curriculum)

@@ -67,6 +67,15 @@ def read_config(run_dir: Path) -> dict | None:
     return yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
+def require_config(run_dir: Path) -> dict:
+    """The run's config; a folder without one is refused (RunDirError) as no run directory."""
+    config = read_config(run_dir)
+    if config is None:
+        raise RunDirError(f"{run_dir} is not a run directory (it has no config.yaml); pass the "
+                          f"--run-dir a `stage run` or `run` command created")
+    return config
+
+
 def check_resume(saved: dict, requested: dict) -> None:
     """Refuse to resume a run with different pinned settings; say how to proceed."""
     problems = []
