@@ -9,7 +9,7 @@ from typing import Callable
 import click
 
 from app.pipeline import DEFAULT_DATA_DIR, run_curriculum, run_stage, run_status
-from core.errors import CurriculumError, TooLittleDataError
+from core.errors import CurriculumError, TooLittleDataError, UsageError
 from core.models import PROJECT_ROOT
 from registry.stages import STAGES
 
@@ -313,7 +313,7 @@ def bench_generation_command(model: str, count: int, max_new_tokens: int, batch_
     from rich.table import Table
 
     from core.backend import load_backend
-    from core.bench import bench_generation
+    from core.bench import bench_generation, compute_limit
     from core.models import local_model_dir
     from core.vllm_engine import VLLM_VENV
     from registry.models import resolve_model
@@ -342,8 +342,45 @@ def bench_generation_command(model: str, count: int, max_new_tokens: int, batch_
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     Console().print(table)
+    limit = compute_limit(backend.model)
+    click.echo(f"compute limit: {limit['matmul_gflops']} GFLOP/s measured matmul rate / "
+               f"{limit['gflop_per_token']} GFLOP per token = {limit['tokens_per_s']} tokens/s")
     if vllm is not None:
         click.echo(f"vllm worker start-up (not in the rows): {vllm.startup_s:.0f} s")
+
+
+@bench.command("train")
+@click.option("--model", default="tiny-qwen2", show_default=True)
+@click.option("--pairs", "pairs_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="A stage's pairs.jsonl (e.g. runs/NAME/stage_1/pairs.jsonl).")
+@click.option("--steps", type=int, default=3, show_default=True)
+def bench_train_command(model: str, pairs_file: str, steps: int) -> None:
+    """DPO with the project's settings vs with the reference log-probs precomputed vs TRL's
+    defaults, on the same pairs: pairs/s and peak memory, each variant in its own process."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from core.bench import bench_train
+    from core.io import read_jsonl
+    from core.models import local_model_dir
+    from registry.models import resolve_model
+
+    try:
+        resolved = resolve_model(model)
+    except USER_ERRORS as error:
+        fail(error)
+    pairs = read_jsonl(Path(pairs_file))
+    if not pairs or steps < 1:
+        fail(UsageError(f"--pairs {pairs_file} holds no pairs or --steps {steps} < 1; pass a "
+                        f"stage's pairs.jsonl and a positive step count"))
+    rows = bench_train(local_model_dir(resolved.source), resolved.profile, pairs, steps)
+    table = Table(title=f"DPO on {resolved.profile.name}: {steps} steps, pairs from {pairs_file}")
+    columns = [c for c in rows[0] if any(row[c] is not None for row in rows)]  # no GPU: no GPU peak
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in columns))
+    Console().print(table)
 
 
 @main.group()

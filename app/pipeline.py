@@ -17,7 +17,7 @@ from core.backend import UnslothBackend, backend_class, import_unsloth, load_bac
 from core.config import RunSettings, apply_overrides, as_section, changed_settings
 from core.constitution import load_constitution
 from core.contamination import eval_set_summary
-from core.dpo import check_trackers, last_checkpoint
+from core.dpo import check_accelerate_config, check_trackers, last_checkpoint
 from core.context import BackendLoader, StageContext
 from core.errors import TooLittleDataError, UsageError
 from core.io import read_json, write_json
@@ -187,7 +187,7 @@ def plan_stage_run(number: int, run_dir: Path | None, model: str | None, limit: 
         settings = {k: saved["run"].get(k) if requested[k] is None else requested[k] for k in keys}
     else:
         settings = {k: requested[k] for k in keys}
-    resolved = resolve_model(settings["model"])
+    resolved = resolve_model(settings["model"], planning=dry_run)
     settings["model"] = settings["model"] or resolved.reference
     settings["seed"] = DEFAULT_SEED if settings["seed"] is None else settings["seed"]
     if settings["limit"] is None:
@@ -204,6 +204,7 @@ def plan_stage_run(number: int, run_dir: Path | None, model: str | None, limit: 
     sections, all_sets, changes = resolve_settings(saved, resolved.profile, overrides,
                                                    accept_changed, curriculum, compared)
     check_engine(sections["profile"])  # e.g. --engine vllm without .venv-vllm: refused here
+    check_accelerate_config(sections["profile"])
     model_path, origin = stage_input(number, run_dir, resolved,
                                      explicit=model is not None and not chained,
                                      curriculum=curriculum, dry_run=dry_run)

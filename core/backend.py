@@ -30,12 +30,15 @@ class HFBackend:
         tokenizer.padding_side = "left"
 
     @classmethod
-    def load(cls, path: str, profile: ModelProfile) -> "HFBackend":
+    def load(cls, path: str, profile: ModelProfile,
+             device_map: str | dict | None = "auto") -> "HFBackend":
+        """`device_map` applies on CUDA only: "auto" spreads one process's model over every GPU;
+        one process of a multi-process training run passes its own (core/train_worker.py)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         kwargs: dict = {"dtype": DTYPES[profile.dtype]}
         if torch.cuda.is_available():
-            kwargs["device_map"] = "auto"
+            kwargs["device_map"] = device_map
             if profile.load_in_4bit:
                 kwargs["quantization_config"] = _bnb_4bit_config(profile)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
@@ -57,6 +60,11 @@ class HFBackend:
     def next_token_logprobs(self, prompts: list[str]) -> torch.Tensor:
         """Log-probabilities of the next token after each prompt, shape [n, vocab] (float32)."""
         return next_token_logprobs(self.model, self.tokenizer, prompts)
+
+    def option_logprobs(self, prompts: list[str], token_ids: tuple[int, ...]) -> torch.Tensor:
+        """[n, len(token_ids)]: the next-token log-probability of each token after each prompt
+        (the A/B judge's comparison)."""
+        return self.next_token_logprobs(prompts)[:, list(token_ids)]
 
     def trainable_model(self, lora: dict, seed: int):
         """(model, peft_config) for TRL's DPOTrainer: TRL wraps the model with the adapter."""

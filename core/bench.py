@@ -2,7 +2,9 @@
 against transformers' own `generate`, on the same prompts, in one run."""
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -23,10 +25,49 @@ def _timed(action) -> tuple[float, int]:
     return time.perf_counter() - started, tokens
 
 
+def matmul_flops(model, size: int = 1024, repeats: int = 5) -> float:
+    """The machine's measured matrix-multiply rate (FLOP/s) in the model's dtype and on its
+    device, with torch's threads: what generation could reach if every FLOP ran at it."""
+    weight = next(model.parameters())
+    a = torch.randn(size, size, dtype=weight.dtype, device=weight.device)
+    b = torch.randn(size, size, dtype=weight.dtype, device=weight.device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first is a warm-up
+        started = time.perf_counter()
+        (a @ b).sum().item()
+        best = min(best, time.perf_counter() - started)
+    return 2 * size**3 / best
+
+
+def flops_per_token(model) -> int:
+    """Matrix-multiply FLOPs per generated token: 2 per weight the token passes through, which
+    is every parameter but the input embedding (a lookup), with a tied LM head counted as the
+    projection it is. Attention over the context (short here) is left out."""
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight
+    total = sum(p.numel() for p in model.parameters())  # a tied head is counted once
+    return 2 * (total - embedding.numel() + (head.numel() if head is embedding else 0))
+
+
+def peak_rss_gb(pid: int) -> float:
+    """Peak resident memory (VmHWM, Linux) of a process and its children, summed, in GB."""
+    import psutil
+
+    process = psutil.Process(pid)
+    total = 0
+    for member in [process, *process.children(recursive=True)]:
+        for line in Path(f"/proc/{member.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1]) * 1024
+    return round(total / 1e9, 2)
+
+
 def bench_generation(backend, count: int, max_new_tokens: int, batch_sizes: tuple[int, ...],
                      vllm=None) -> list[dict]:
-    """Rows of {engine, batch, seconds, tokens, tokens_per_s, speedup vs one-at-a-time, ratio to
-    our loop's best batch}. Stop strings are off, so a sequence ends at `max_new_tokens` or EOS
+    """Rows of {engine, batch, seconds, tokens, tokens_per_s, share of the compute limit (the
+    machine's measured matmul rate over the model's FLOPs per token), peak resident memory of
+    the generating processes (ours and transformers share one process: its peak so far),
+    speedup vs one-at-a-time, ratio to our loop's best batch}. Stop strings are off, so a sequence ends at `max_new_tokens` or EOS
     (tokens counts what was generated). `vllm`: a core.vllm_engine.VLLMBackend of the same model,
     benchmarked after its worker has started (its start-up is in `vllm.startup_s`)."""
     prompts = bench_prompts(count)
@@ -59,17 +100,103 @@ def bench_generation(backend, count: int, max_new_tokens: int, batch_sizes: tupl
                ("transformers generate", hf_generate)]
     if vllm is not None:
         engines.append(("vllm", lambda batch: sampled(vllm, batch)))
+    limit = matmul_flops(backend.model) / flops_per_token(backend.model)  # tokens/s
     rows = []
     for engine, run in engines:
         if engine == "vllm":  # starts the worker, after the other engines ran without it
             vllm.generate(prompts[:2], settings, seeds[:2])
         for batch in batch_sizes:
             seconds, tokens = _timed(lambda: run(batch))
+            pid = vllm.worker().process.pid if engine == "vllm" else os.getpid()
             rows.append({"engine": engine, "batch": batch, "seconds": round(seconds, 2),
-                         "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1)})
+                         "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
+                         "share_of_compute_limit": float(f"{tokens / seconds / limit:.3g}"),
+                         "peak_rss_gb": peak_rss_gb(pid)})
     base = next(r for r in rows if r["engine"] == "ours" and r["batch"] == batch_sizes[0])
     best = max(r["tokens_per_s"] for r in rows if r["engine"] == "ours")
     for row in rows:
         row["speedup_vs_ours_batch_%d" % batch_sizes[0]] = round(row["tokens_per_s"] / base["tokens_per_s"], 2)
         row["vs_ours_best"] = round(row["tokens_per_s"] / best, 2)
     return rows
+
+
+def compute_limit(model) -> dict:
+    """The numbers behind `share_of_compute_limit`, for the benchmark's footer."""
+    flops = matmul_flops(model)
+    per_token = flops_per_token(model)
+    return {"matmul_gflops": round(flops / 1e9, 1), "gflop_per_token": round(per_token / 1e9, 3),
+            "tokens_per_s": round(flops / per_token, 1)}
+
+
+# Training benchmark ------------------------------------------------------------------------------
+
+TRAIN_VARIANTS = ("project settings", "project + precomputed reference", "TRL defaults")
+
+
+def bench_train(model_path: str, profile, pairs: list[dict], steps: int) -> list[dict]:
+    """Each of TRAIN_VARIANTS trains `steps` optimizer steps of DPO with the profile's LoRA on the
+    same pairs, each in a fresh process (so its peak memory is its own). Rows of {variant, batch
+    (pairs per optimizer step), steps, seconds, pairs_per_s, peak_rss_gb, peak_gpu_gb, ratio to
+    the project's settings}."""
+    import dataclasses
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for variant in TRAIN_VARIANTS:
+        with context.Pool(1) as pool:
+            rows.append(pool.apply(train_variant, (variant, model_path,
+                                                   dataclasses.asdict(profile), pairs, steps)))
+    base = rows[0]["pairs_per_s"]
+    for row in rows:
+        row["vs_project"] = round(row["pairs_per_s"] / base, 2)
+    return rows
+
+
+def train_variant(variant: str, model_path: str, profile_fields: dict, pairs: list[dict],
+                  steps: int) -> dict:
+    """One row of `bench_train`, in the calling process. The precomputed variant's time includes
+    its pass over the reference model (TRL does it before the first step)."""
+    import tempfile
+
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    from core.backend import backend_class
+    from core.dpo import dpo_config
+    from core.lifecycle import dpo_settings_for
+    from core.profile import ModelProfile
+
+    profile = ModelProfile(**profile_fields)
+    settings = dpo_settings_for(profile, seed=0)
+    with tempfile.TemporaryDirectory() as work:
+        project = dict(max_steps=steps, save_strategy="no")
+        if variant == "TRL defaults":
+            from trl import DPOConfig
+
+            on_cpu = not torch.cuda.is_available()
+            args = DPOConfig(output_dir=work, max_steps=steps, save_strategy="no",
+                             report_to="none", use_cpu=on_cpu,
+                             bf16=not on_cpu and torch.cuda.is_bf16_supported())
+        elif variant == "project + precomputed reference":
+            args = dpo_config(settings, work, precompute_ref_log_probs=True, **project)
+        else:
+            args = dpo_config(settings, work, **project)
+        batch = args.per_device_train_batch_size * args.gradient_accumulation_steps
+        used = [{k: p[k] for k in ("prompt", "chosen", "rejected")}
+                for p in (pairs * (1 + steps * batch // max(len(pairs), 1)))[: steps * batch]]
+        backend = backend_class(profile).load(model_path, profile)
+        model, peft_config = backend.trainable_model(settings.lora(), settings.seed)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(used),
+                             processing_class=backend.tokenizer, peft_config=peft_config)
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+    return {"variant": variant, "batch": batch, "max_length": args.max_length,
+            "steps": trainer.state.global_step, "seconds": round(seconds, 1),
+            "pairs_per_s": float(f"{len(used) / seconds:.3g}"),
+            "peak_rss_gb": peak_rss_gb(os.getpid()),
+            "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)
+            if torch.cuda.is_available() else None}

@@ -7,19 +7,24 @@ disabled, so no second copy of the model is held.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import importlib.util
 import math
 import netrc
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from core.errors import RunFailure, UsageError
 from core.guards import TemplateGuard
-from core.io import write_json, write_jsonl
+from core.io import read_json, write_json, write_jsonl
+from core.models import PROJECT_ROOT
 from core.progress import Progress
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -105,26 +110,14 @@ def last_checkpoint(folder: Path) -> str | None:
     return str(max(done, key=lambda p: int(p.name.split("-")[1])))
 
 
-def train_dpo(backend, records: list[dict], settings: DPOSettings, work_dir: Path,
-              adapter_dir: Path, guard: TemplateGuard,
-              dev_records: list[dict] | None = None, report_to: tuple[str, ...] = (),
-              run_name: str | None = None) -> dict:
-    """Train a LoRA with DPO; save the adapter to `adapter_dir`; return the per-step metrics,
-    and with `dev_records` the trained model's DPO metrics on them (`dev`, see `dev_metrics`).
-    TensorBoard logs go to work_dir/tensorboard; `report_to` adds W&B or Trackio under
-    `run_name`, in the project TRACKING_PROJECT (for W&B: unless WANDB_PROJECT is set)."""
-    for i, record in enumerate(records):
-        guard.check_record(record, f"pairs.jsonl line {i + 1}")
-    for i, record in enumerate(dev_records or []):
-        guard.check_record(record, f"dev pair {i + 1}")
-    from datasets import Dataset
-    from torch.utils.tensorboard import SummaryWriter
-    from transformers.integrations import TensorBoardCallback
-    from trl import DPOConfig, DPOTrainer
+def dpo_config(settings: DPOSettings, output_dir: Path, report_to: tuple[str, ...] = (),
+               run_name: str | None = None, **overrides):
+    """TRL's DPOConfig for the project's DPO settings (`overrides` replace any field)."""
+    from trl import DPOConfig
 
     on_cpu = not torch.cuda.is_available()
-    args = DPOConfig(
-        output_dir=str(work_dir / "checkpoints"),
+    fields = dict(
+        output_dir=str(output_dir),
         learning_rate=settings.learning_rate,
         beta=settings.beta,
         num_train_epochs=settings.epochs,
@@ -151,6 +144,29 @@ def train_dpo(backend, records: list[dict], settings: DPOSettings, work_dir: Pat
         logging_nan_inf_filter=False,  # a NaN loss must reach stop_on_nonfinite_loss, not be masked
         **loss_terms(settings.sft_weight),
     )
+    return DPOConfig(**{**fields, **overrides})
+
+
+def train_dpo(backend, records: list[dict], settings: DPOSettings, work_dir: Path,
+              adapter_dir: Path, guard: TemplateGuard,
+              dev_records: list[dict] | None = None, report_to: tuple[str, ...] = (),
+              run_name: str | None = None) -> dict:
+    """Train a LoRA with DPO; save the adapter to `adapter_dir`; return the per-step metrics,
+    and with `dev_records` the trained model's DPO metrics on them (`dev`, see `dev_metrics`).
+    TensorBoard logs go to work_dir/tensorboard; `report_to` adds W&B or Trackio under
+    `run_name`, in the project TRACKING_PROJECT (for W&B: unless WANDB_PROJECT is set)."""
+    for i, record in enumerate(records):
+        guard.check_record(record, f"pairs.jsonl line {i + 1}")
+    for i, record in enumerate(dev_records or []):
+        guard.check_record(record, f"dev pair {i + 1}")
+    from accelerate import PartialState
+    from datasets import Dataset
+    from torch.utils.tensorboard import SummaryWriter
+    from transformers.integrations import TensorBoardCallback
+    from trl import DPOTrainer
+
+    args = dpo_config(settings, work_dir / "checkpoints", report_to=report_to,
+                      run_name=run_name)
     if "wandb" in report_to:
         os.environ.setdefault("WANDB_PROJECT", TRACKING_PROJECT)
     model, peft_config = backend.trainable_model(settings.lora(), settings.seed)
@@ -158,7 +174,8 @@ def train_dpo(backend, records: list[dict], settings: DPOSettings, work_dir: Pat
         return Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
 
     dataset = as_dataset(records)
-    writer = SummaryWriter(log_dir=str(work_dir / "tensorboard"))
+    main_process = PartialState().is_main_process  # under `accelerate launch`, rank 0 writes
+    writer = SummaryWriter(log_dir=str(work_dir / "tensorboard")) if main_process else None
     trainer = DPOTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=backend.tokenizer,
         peft_config=peft_config,
@@ -171,18 +188,68 @@ def train_dpo(backend, records: list[dict], settings: DPOSettings, work_dir: Pat
         if any(sign in str(error) for sign in DISK_FULL_SIGNS):
             raise OSError(errno.ENOSPC, "No space left on device", str(work_dir)) from error
         raise
-    writer.close()
     finish_trackers(report_to)
-    trainer.model.save_pretrained(str(adapter_dir))
-    backend.tokenizer.save_pretrained(str(adapter_dir))
+    # save_model gathers FSDP / ZeRO-3 shards and writes on rank 0 only: the adapter and the
+    # tokenizer, plus the trainer's pickled arguments, which an adapter does not need
+    trainer.save_model(str(adapter_dir))
     steps = [entry for entry in trainer.state.log_history if "loss" in entry]
-    write_jsonl(work_dir / "dpo_log.jsonl", steps)
     summary = summarize(steps, trainer.state.log_history, settings.beta)
+    summary["processes"] = trainer.accelerator.num_processes
     if dev_records:
         summary["dev"] = dev_metrics(trainer.evaluate(as_dataset(dev_records)), len(dev_records),
                                      settings.beta)
-    write_json(work_dir / "dpo_metrics.json", summary)
+    if main_process:
+        writer.close()
+        (adapter_dir / "training_args.bin").unlink(missing_ok=True)
+        write_jsonl(work_dir / "dpo_log.jsonl", steps)
+        write_json(work_dir / "dpo_metrics.json", summary)
     return summary
+
+
+def check_accelerate_config(profile) -> None:
+    """Refuse (UsageError) a profile.accelerate_config that cannot launch: a missing or
+    unreadable file, or the Unsloth backend (its open-source trainer is single-GPU)."""
+    if not profile.accelerate_config:
+        return
+    path = Path(profile.accelerate_config)
+    where = f"profile.accelerate_config={profile.accelerate_config}"
+    if not path.is_file():
+        raise UsageError(f"{where}: no such file; pass an accelerate config such as "
+                         f"configs/accelerate/ddp.yaml (or make one with `accelerate config`)")
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise UsageError(f"{where}: not valid YAML ({error})") from error
+    if not isinstance(config, dict) or "distributed_type" not in config:
+        raise UsageError(f"{where}: not an accelerate config (it has no distributed_type)")
+    if profile.backend == "unsloth":
+        raise UsageError(f"{where}: multi-process training runs on the transformers + PEFT "
+                         f"backend; add --set profile.backend=hf")
+
+
+def train_dpo_launched(accelerate_config: str, model_path: str, profile, pairs: Path,
+                       settings: DPOSettings, work_dir: Path, adapter_dir: Path,
+                       report_to: tuple[str, ...] = (), run_name: str | None = None) -> dict:
+    """`train_dpo` in the processes `accelerate_config` asks for (core/train_worker.py), with
+    its output in the terminal; returns rank 0's metrics. A failed launch is a RunFailure."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    job = work_dir / "launch_job.json"
+    write_json(job, {"model_path": model_path, "profile": dataclasses.asdict(profile),
+                     "settings": dataclasses.asdict(settings), "pairs": str(pairs.resolve()),
+                     "work_dir": str(work_dir.resolve()),
+                     "adapter_dir": str(adapter_dir.resolve()),
+                     "report_to": list(report_to), "run_name": run_name})
+    (work_dir / "dpo_metrics.json").unlink(missing_ok=True)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(Path(accelerate_config).resolve()), "--module", "core.train_worker", str(job)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))}
+    finished = subprocess.run(command, cwd=PROJECT_ROOT, env=env)
+    if finished.returncode != 0 or not (work_dir / "dpo_metrics.json").is_file():
+        raise RunFailure(f"training under `accelerate launch --config_file {accelerate_config}` "
+                         f"failed (exit code {finished.returncode}; its output is above); "
+                         f"rerun the same command to resume from the last checkpoint")
+    return read_json(work_dir / "dpo_metrics.json")
 
 
 def dev_metrics(evaluated: dict, n: int, beta: float) -> dict:

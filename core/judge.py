@@ -81,8 +81,8 @@ def judge_many(backend, guard, items: list[tuple[str, str, str, str]],
     margins: list[float] = []
     with Progress(len(prompts), f"{where} judge", unit="prompt") as progress:
         for start in range(0, len(prompts), batch_size):
-            logp = backend.next_token_logprobs(prompts[start : start + batch_size])
-            margins += (logp[:, a_id] - logp[:, b_id]).tolist()
+            logp = backend.option_logprobs(prompts[start : start + batch_size], (a_id, b_id))
+            margins += (logp[:, 0] - logp[:, 1]).tolist()
             progress.update(len(logp))
     verdicts = []
     for i in range(len(items)):

@@ -14,7 +14,7 @@ from typing import Callable
 
 from core import contamination
 from core.context import StageContext
-from core.dpo import DPOSettings, train_dpo
+from core.dpo import DPOSettings, train_dpo, train_dpo_launched
 from core.io import atomic_write_text, read_json, read_jsonl, write_json, write_jsonl
 from core.merge import merge_adapter
 from core.models import weights_sha256
@@ -75,9 +75,18 @@ def train_adapter(ctx: StageContext) -> None:
     # weights; up to three exist while the oldest is rotated out: 15% is a safe estimate
     check_free_space(ctx.path("train"), int(weights_bytes(ctx.model_path) * 0.15),
                      "training checkpoints")
-    summary = train_dpo(ctx.backend(), records, settings, ctx.path("train"),
-                        ctx.path("adapter"), ctx.guard(), report_to=ctx.report_to,
-                        run_name=f"{ctx.run_dir.name}-stage{ctx.number}")
+    run_name = f"{ctx.run_dir.name}-stage{ctx.number}"
+    if ctx.profile.accelerate_config:
+        ctx.release_backend()  # every launched process loads its own copy
+        for i, record in enumerate(records):  # refused here, before any process starts
+            ctx.guard().check_record(record, f"pairs.jsonl line {i + 1}")
+        summary = train_dpo_launched(ctx.profile.accelerate_config, ctx.model_path, ctx.profile,
+                                     ctx.path("pairs.jsonl"), settings, ctx.path("train"),
+                                     ctx.path("adapter"), ctx.report_to, run_name)
+    else:
+        summary = train_dpo(ctx.backend(), records, settings, ctx.path("train"),
+                            ctx.path("adapter"), ctx.guard(), report_to=ctx.report_to,
+                            run_name=run_name)
     for warning in summary["health"]["warnings"]:
         ctx.log(f"training warning: {warning}")
     ctx.release_backend()
@@ -89,6 +98,8 @@ def discard_foreign_checkpoints(ctx: StageContext, settings: DPOSettings) -> Non
     are removed so that training starts over instead of mixing two recipes."""
     record, checkpoints = ctx.path("train/settings.json"), ctx.path("train/checkpoints")
     current = dataclasses.asdict(settings)
+    if ctx.profile.accelerate_config:  # another process count is another batch size
+        current["accelerate_config"] = ctx.profile.accelerate_config
     if checkpoints.exists() and record.is_file() and read_json(record) != current:
         shutil.rmtree(checkpoints)
         ctx.log("train: checkpoints made with other DPO settings removed; training starts over")

@@ -99,11 +99,18 @@ def tiny_corpus() -> list[str]:
 
 
 TINY_PRETRAIN_STEPS = 800
+# 2 heads of 32 (1 key-value head): vLLM's CPU attention has kernels for head sizes 32 to 512
+# only; 2,048 positions: the few-shot prompts reach 1,100 tokens, and vLLM refuses a prompt
+# longer than the context (transformers runs past it)
+TINY_ARCHITECTURE = {"hidden_size": 64, "intermediate_size": 192, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 1,
+                     "max_position_embeddings": 2048}
 
 
 def tiny_qwen2_dir(models_dir: Path) -> Path:
-    """Where the tiny model of the current corpus lives (built or not)."""
-    digest = hashlib.sha256(json.dumps([TINY_PRETRAIN_STEPS, tiny_corpus()]).encode()).hexdigest()
+    """Where the tiny model of the current corpus and architecture lives (built or not)."""
+    digest = hashlib.sha256(json.dumps(
+        [TINY_PRETRAIN_STEPS, TINY_ARCHITECTURE, tiny_corpus()]).encode()).hexdigest()
     return models_dir / f"tiny-qwen2-{digest[:12]}"
 
 
@@ -151,9 +158,8 @@ def _pretrain_tiny_model(tokenizer, texts: list[str], steps: int):
     torch.manual_seed(0)
     eos = tokenizer.eos_token_id
     config = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=192, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        tie_word_embeddings=True, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
+        vocab_size=len(tokenizer), **TINY_ARCHITECTURE, tie_word_embeddings=True,
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos,
     )
     model = Qwen2ForCausalLM(config)
     stream: list[int] = []

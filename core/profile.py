@@ -21,6 +21,12 @@ class ModelProfile:
     backend: str = knob("hf", "hf (transformers + PEFT) or unsloth (CUDA only)")
     engine: str = knob("hf", "generation engine: hf (the project's sampling loop) or vllm "
                              "(vLLM in its own process; install: bash scripts/setup.sh --vllm)")
+    tensor_parallel_size: int = knob(1, "GPUs one vLLM engine spans (tensor parallel; with "
+                                        "--engine vllm; beyond one node vLLM runs on a Ray "
+                                        "cluster, see docs/engines.md)")
+    vllm_quantization: str = knob("", "vLLM's on-the-fly weight quantization for generation "
+                                     "(e.g. fp8: 32B in 33 GB instead of 65 GB; with --engine "
+                                     "vllm on a GPU); empty: the profile's dtype")
     load_in_4bit: bool = knob(False, "bitsandbytes 4-bit for generation and training (CUDA only)")
     dtype: str = knob("float32", "compute dtype; the merged model is saved in it (>= 16-bit)")
     needs_cuda: bool = knob(False, "refuse to run without a CUDA GPU")
@@ -32,6 +38,10 @@ class ModelProfile:
     epochs: int = knob(1, "DPO epochs over a stage's pairs")
     sft_weight: float = knob(0.0, "weight of the NLL term on chosen responses added to the DPO "
                                   "loss (RPO); 0: plain DPO")
+    accelerate_config: str = knob("", "train under `accelerate launch --config_file FILE` in "
+                                      "several processes (DDP, FSDP or DeepSpeed ZeRO-3; see "
+                                      "configs/accelerate/ and docs/engines.md); empty: train "
+                                      "in the stage's own process")
     train_batch_size: int = knob(2, "DPO per-device batch size")
     grad_accum: int = knob(1, "gradient accumulation steps")
     max_length: int = knob(768, "DPO max tokens per prompt + response")

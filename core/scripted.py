@@ -100,6 +100,9 @@ class ScriptedBackend:
                 results[i] = completion
         return results
 
+    def option_logprobs(self, prompts: list[str], token_ids: tuple[int, ...]) -> torch.Tensor:
+        return self.next_token_logprobs(prompts)[:, list(token_ids)]
+
     def next_token_logprobs(self, prompts: list[str]) -> torch.Tensor:
         """The real model's next-token log-probabilities, except after prompts the script
         prefers a next token for: there that token leads every other by SCRIPTED_MARGIN."""

@@ -7,13 +7,16 @@ process, everything else through the transformers backend of the same model.
 - Prompts are tokenized and completions decoded here, with the project's tokenizer, and stop
   strings and EOS are applied to the decoded text exactly as core.sampler does; vLLM's own stop
   strings only end a sequence early.
-- `next_token_logprobs` (the A/B judge) and `trainable_model` (DPO) use a transformers backend
-  loaded on first use; training stops the worker first, so its memory is free.
+- `option_logprobs` (the A/B judge: the log-probabilities of a few next tokens) runs in the
+  worker too. `next_token_logprobs` (whole distributions, for the chat-template probe) and
+  `trainable_model` (DPO) use a transformers backend loaded on first use; training stops the
+  worker first, so its memory is free.
 - `source` is "vllm:<path>": cache keys of the two engines never meet (they draw different
   samples from the same seed).
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import re
@@ -24,6 +27,8 @@ import time
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
+
+import torch
 
 from core.errors import RunFailure, UsageError
 from core.models import PROJECT_ROOT
@@ -37,12 +42,22 @@ INSTALL = "bash scripts/setup.sh --vllm"
 MAX_MODEL_LEN = 4096  # tokens per sequence (prompt + completion), at most the model's own limit
 # On CPU, vLLM reads gpu_memory_utilization as the share of RAM it may take (0.92 by default
 # fails next to a training process) and sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB).
+# On a GPU it holds the GPU alone while it generates (the judge's model is freed first).
 CPU_MEMORY_SHARE = 0.3
-# vLLM binds its compute threads to CPUs and by default leaves one core out: here, all of them.
-WORKER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2",
-              "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, sorted(os.sched_getaffinity(0)))),
-              "LD_PRELOAD": str(VLLM_VENV / "lib" / "libiomp5.so"),
-              "TOKENIZERS_PARALLELISM": "false"}
+GPU_MEMORY_SHARE = 0.9
+
+
+def worker_env() -> dict[str, str]:
+    """The worker's environment. On CPU: vLLM binds its compute threads and by default leaves one
+    core out (here: all of them), sizes its KV cache in GiB, and wants intel-openmp preloaded."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if torch.cuda.is_available():
+        return env
+    return {**env, "VLLM_CPU_KVCACHE_SPACE": "2",
+            "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, sorted(os.sched_getaffinity(0)))),
+            "LD_PRELOAD": str(VLLM_VENV / "lib" / "libiomp5.so")}
+
+
 STOP_WAIT_S = 30
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # vllm-cpu's attention kernels
 
@@ -65,8 +80,10 @@ def check_head_size(config, path: str) -> None:
 
 
 def check_model(profile: ModelProfile, path: str) -> None:
-    """Refuse (UsageError) a local model the vllm engine cannot run, before a run starts."""
-    if profile.engine == "vllm" and (Path(path) / "config.json").is_file():
+    """Refuse (UsageError) a local model the vllm engine cannot run on this CPU, before a run
+    starts (vLLM's GPU kernels cover the head sizes the CPU build lacks)."""
+    if profile.engine == "vllm" and not torch.cuda.is_available() and \
+            (Path(path) / "config.json").is_file():
         from transformers import AutoConfig
 
         check_head_size(AutoConfig.from_pretrained(path).get_text_config(), path)
@@ -81,7 +98,7 @@ class VLLMWorker:
             self.process = subprocess.Popen(
                 [str(VLLM_VENV / "bin" / "python"), "-P", str(WORKER), json.dumps(config)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
-                env={**os.environ, **WORKER_ENV}, start_new_session=True)
+                env=worker_env(), start_new_session=True)
         self._stop = weakref.finalize(self, stop_worker, self.process, self.log_path)
         self.requests = 0
         self.startup_s = self.reply()["ready"]
@@ -155,7 +172,8 @@ class VLLMBackend:
         from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
         check_engine(profile)
-        check_head_size(AutoConfig.from_pretrained(path).get_text_config(), path)
+        if not torch.cuda.is_available():
+            check_head_size(AutoConfig.from_pretrained(path).get_text_config(), path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -176,7 +194,11 @@ class VLLMBackend:
             self._worker = VLLMWorker({
                 "model": self.path, "dtype": self.profile.dtype,
                 "max_model_len": min(MAX_MODEL_LEN, config.max_position_embeddings),
-                "gpu_memory_utilization": CPU_MEMORY_SHARE})
+                "gpu_memory_utilization": GPU_MEMORY_SHARE if torch.cuda.is_available()
+                else CPU_MEMORY_SHARE,
+                "chunked_prefill": torch.cuda.is_available(),
+                "tensor_parallel_size": self.profile.tensor_parallel_size,
+                "quantization": self.profile.vllm_quantization or None})
             self.startup_s = time.perf_counter() - started
         return self._worker
 
@@ -184,6 +206,10 @@ class VLLMBackend:
                  on_finish=None) -> list[Completion]:
         """One completion per prompt, seeded per request; `on_finish(i, completion)` fires as
         each sequence ends."""
+        if torch.cuda.is_available() and self._hf is not None:
+            self._hf = None  # on a GPU the worker needs the memory the judge's model holds
+            gc.collect()
+            torch.cuda.empty_cache()
         request = {"prompt_token_ids": [self.tokenizer(p)["input_ids"] for p in prompts],
                    "seeds": seeds, "temperature": settings.temperature, "top_p": settings.top_p,
                    "max_new_tokens": settings.max_new_tokens, "stop": list(settings.stop),
@@ -206,7 +232,24 @@ class VLLMBackend:
             self._hf = self.hf_class.load(self.path, self.profile)
         return self._hf
 
+    def option_logprobs(self, prompts: list[str], token_ids: tuple[int, ...]) -> torch.Tensor:
+        """[n, len(token_ids)]: the raw next-token log-probability of each token after each
+        prompt, from the worker (vLLM's `logprob_token_ids`; one step per prompt)."""
+        request = {"prompt_token_ids": [self.tokenizer(p)["input_ids"] for p in prompts],
+                   "score_token_ids": list(token_ids)}
+        scores: list[list[float] | None] = [None] * len(prompts)
+        try:
+            for reply in self.worker().run(request):
+                scores[reply["index"]] = reply["logprobs"]
+        except RunFailure:
+            self.close()
+            raise
+        return torch.tensor(scores, dtype=torch.float32)
+
     def next_token_logprobs(self, prompts: list[str]):
+        """Whole next-token distributions (the chat-template probe) from transformers."""
+        if torch.cuda.is_available():
+            self.close()  # on a GPU vLLM holds most of its memory: one engine at a time
         return self.hf().next_token_logprobs(prompts)
 
     def trainable_model(self, lora: dict, seed: int):

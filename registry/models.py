@@ -120,8 +120,10 @@ class ResolvedModel:
         return self.source.startswith("builtin:")
 
 
-def resolve_model(reference: str | None, has_cuda: bool | None = None) -> ResolvedModel:
-    """Map `--model` (or its absence) to a profile and a source; raise a clear error otherwise."""
+def resolve_model(reference: str | None, has_cuda: bool | None = None,
+                  planning: bool = False) -> ResolvedModel:
+    """Map `--model` (or its absence) to a profile and a source; raise a clear error otherwise.
+    `planning` (a dry run, which loads nothing) accepts a profile that needs CUDA without one."""
     has_cuda = cuda_available() if has_cuda is None else has_cuda
     if reference is None:
         name = DEFAULT_GPU_PROFILE if has_cuda else DEFAULT_CPU_PROFILE
@@ -129,7 +131,7 @@ def resolve_model(reference: str | None, has_cuda: bool | None = None) -> Resolv
         return ResolvedModel(profile_by_name(name), name, f"default profile because {why}")
     profile = profile_by_name(reference)
     if profile is not None:
-        if profile.needs_cuda and not has_cuda:
+        if profile.needs_cuda and not has_cuda and not planning:
             raise ModelResolutionError(
                 f"profile '{reference}' needs a CUDA GPU and none is available; on CPU use "
                 f"--model {DEFAULT_CPU_PROFILE} (or tiny-qwen2 for a quick check)"

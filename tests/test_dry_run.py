@@ -84,3 +84,22 @@ def test_a_dry_run_refuses_bad_options_like_a_real_run(tmp_path):
     out = cli("run", "--dry-run", "--run-dir", str(tmp_path / "run"), "--model", "tiny-qwen2",
               "--until", "9")
     assert out.returncode == 2 and "--until must name a stage" in out.stderr
+
+
+def test_a_gpu_profile_is_planned_without_a_gpu_and_still_refused_for_a_real_run(tmp_path):
+    """A dry run loads nothing, so it sizes a 32B run on a laptop; a real run still needs CUDA."""
+    from click.testing import CliRunner
+
+    from cli import main
+
+    run_dir = tmp_path / "run"
+    planned = CliRunner().invoke(main, ["stage", "run", "1", "--dry-run", "--model",
+                                        "qwen2.5-32b", "--limit", "1000", "--run-dir",
+                                        str(run_dir)])
+    assert planned.exit_code == 0, planned.output
+    assert "profile qwen2.5-32b" in planned.output
+    assert "4,000" in planned.output  # responses: 1,000 tasks x K 4
+    assert not run_dir.exists()
+    real = CliRunner().invoke(main, ["stage", "run", "1", "--model", "qwen2.5-32b", "--limit",
+                                     "4", "--run-dir", str(run_dir)])
+    assert real.exit_code == 2 and "needs a CUDA GPU" in real.output

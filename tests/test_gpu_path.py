@@ -30,7 +30,7 @@ def test_unsloth_is_never_imported_without_cuda():
 
 
 def test_unsloth_backend_shares_the_interface():
-    for method in ("load", "generate", "next_token_logprobs", "trainable_model"):
+    for method in ("load", "generate", "next_token_logprobs", "option_logprobs", "trainable_model"):
         assert callable(getattr(backends.UnslothBackend, method))
     assert backends.UnslothBackend.trainable_model is not backends.HFBackend.trainable_model
 

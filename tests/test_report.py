@@ -45,6 +45,20 @@ def test_generation_benchmark_prints_ratios(tiny_backend):
         ("ours", 1), ("ours", 4), ("transformers generate", 1), ("transformers generate", 4)]
     assert all(r["tokens"] == 16 for r in rows)  # every engine makes exactly 4 x 4 tokens
     assert rows[0]["speedup_vs_ours_batch_1"] == 1.0
+    assert all(0 < r["share_of_compute_limit"] < 1 for r in rows)  # below the matmul rate
+    assert all(r["peak_rss_gb"] > 0 for r in rows)
+
+
+def test_flops_per_token_counts_every_weight_a_token_passes_through(tiny_backend):
+    from core.bench import flops_per_token
+
+    model = tiny_backend.model
+    config = model.config
+    embedding = config.vocab_size * config.hidden_size
+    total = sum(p.numel() for p in model.parameters())
+    assert config.tie_word_embeddings  # the head is the embedding matrix, used as a projection
+    assert flops_per_token(model) == 2 * total
+    assert flops_per_token(model) > 2 * (total - embedding)
 
 
 def test_the_report_of_a_stage_that_started_from_a_hub_id(stage1_reference):
@@ -56,3 +70,20 @@ def test_the_report_of_a_stage_that_started_from_a_hub_id(stage1_reference):
                               "weights_sha256": None}  # a Hub id has no local weights to hash
     report = stage_report(1, "explicit-instructions", metrics, [])
     assert "Input model: `Qwen/Qwen2.5-32B` (a Hub id: no local weights hash)" in report
+
+
+def test_training_benchmark_runs_each_variant_in_its_own_process(stage1_reference):
+    from core.bench import TRAIN_VARIANTS, bench_train
+    from core.io import read_jsonl
+    from core.models import ensure_tiny_qwen2
+    from registry.models import profile_by_name
+
+    from conftest import ROOT
+
+    pairs = read_jsonl(stage1_reference / "stage_1" / "pairs.jsonl")
+    model = ensure_tiny_qwen2(ROOT / "artifacts" / "models")
+    rows = bench_train(str(model), profile_by_name("tiny-qwen2"), pairs, steps=1)
+    assert [r["variant"] for r in rows] == list(TRAIN_VARIANTS)
+    assert all(r["steps"] == 1 and r["pairs_per_s"] > 0 and r["peak_rss_gb"] > 0 for r in rows)
+    assert rows[-1]["batch"] == 8 and rows[-1]["max_length"] == 1024  # TRL's own defaults
+    assert rows[0]["batch"] == 1 and rows[0]["vs_project"] == 1.0  # the tiny profile's 1 x 1

@@ -281,17 +281,16 @@ def test_judge_veto_drops_a_pair_only_when_consistent():
 
 
 class ScriptedJudge:
-    """A backend whose next-token log-probabilities favour " A" or " B" as scripted."""
+    """A backend whose log-probabilities of " A" and " B" favour one of them as scripted."""
 
     def __init__(self, tokenizer, favour: list[str]):
         self.tokenizer, self.favour = tokenizer, list(favour)
 
-    def next_token_logprobs(self, prompts):
-        a_id, b_id = option_token_ids(self.tokenizer)
-        out = torch.full((len(prompts), len(self.tokenizer)), -10.0)
+    def option_logprobs(self, prompts, token_ids):
+        assert tuple(token_ids) == option_token_ids(self.tokenizer)
+        out = torch.full((len(prompts), 2), -10.0)
         for row in range(len(prompts)):
-            side = self.favour.pop(0)
-            out[row, a_id if side == "A" else b_id] = -0.1
+            out[row, 0 if self.favour.pop(0) == "A" else 1] = -0.1
         return out
 
 

@@ -201,18 +201,15 @@ def test_rejected_prefers_a_revision_that_keeps_content_but_misses_the_fix(guard
 
 
 class FakeJudge:
-    """Next-token log-probabilities scripted per judge prompt: (log p(A), log p(B))."""
+    """Option log-probabilities scripted per judge prompt: (log p(A), log p(B))."""
 
     def __init__(self, tokenizer, scripted):
         self.tokenizer = tokenizer
         self.scripted = list(scripted)
-        self.a, self.b = option_token_ids(tokenizer)
 
-    def next_token_logprobs(self, prompts):
-        out = torch.full((len(prompts), len(self.tokenizer)), -20.0)
-        for row in range(len(prompts)):
-            out[row, self.a], out[row, self.b] = self.scripted.pop(0)
-        return out
+    def option_logprobs(self, prompts, token_ids):
+        assert tuple(token_ids) == option_token_ids(self.tokenizer)
+        return torch.tensor([self.scripted.pop(0) for _ in prompts])
 
 
 @pytest.mark.parametrize("passer_first", [True, False])

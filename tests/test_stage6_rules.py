@@ -148,22 +148,21 @@ def test_drop_reason_summarises_every_attempt(guard):
 # the judge in both orders ----------------------------------------------------------------------------
 
 class FakeJudge:
-    """A backend whose next-token log-probabilities prefer ' A' or ' B' by a rule on the two
+    """A backend whose log-probabilities of ' A' and ' B' prefer one by a rule on the two
     responses of the last comparison in the prompt."""
 
     def __init__(self, tokenizer, prefer):
         self.tokenizer = tokenizer
         self.prefer = prefer  # (response_a, response_b) -> "A" | "B"
-        self.a_id, self.b_id = option_token_ids(tokenizer)
 
-    def next_token_logprobs(self, prompts):
-        out = torch.full((len(prompts), len(self.tokenizer)), -20.0)
+    def option_logprobs(self, prompts, token_ids):
+        assert tuple(token_ids) == option_token_ids(self.tokenizer)
+        out = torch.empty((len(prompts), 2))
         for i, prompt in enumerate(prompts):
             tail = prompt.rsplit("Response A:\n", 1)[1]
             a, rest = tail.split("\n\nResponse B:\n", 1)
             b = rest.split("\n\nWhich response", 1)[0]
-            good, bad = (self.a_id, self.b_id) if self.prefer(a, b) == "A" else (self.b_id, self.a_id)
-            out[i, good], out[i, bad] = -0.1, -2.5
+            out[i] = torch.tensor([-0.1, -2.5] if self.prefer(a, b) == "A" else [-2.5, -0.1])
         return out
 
 

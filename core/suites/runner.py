@@ -73,8 +73,8 @@ def judge_probes(backend, guard: TemplateGuard, probes: list, prefix: str,
         guard.check_prompt(prompt, f"judging probe {i}")
     picks = []
     for start in range(0, len(prompts), batch_size):
-        logp = backend.next_token_logprobs(prompts[start : start + batch_size])
-        picks += ["A" if a >= b else "B" for a, b in zip(logp[:, a_id].tolist(), logp[:, b_id].tolist())]
+        logp = backend.option_logprobs(prompts[start : start + batch_size], (a_id, b_id))
+        picks += ["A" if a >= b else "B" for a, b in logp.tolist()]
     items = []
     for k, p in enumerate(probes):
         first, second = picks[2 * k], picks[2 * k + 1]
