@@ -333,8 +333,9 @@ def bench_generation_command(model: str, count: int, max_new_tokens: int, batch_
             if with_vllm:
                 fail(error)
             click.echo(f"vllm left out: {error}")
+    limit = compute_limit(backend.model)
     with vllm or nullcontext():
-        rows = bench_generation(backend, count, max_new_tokens, sizes, vllm)
+        rows = bench_generation(backend, count, max_new_tokens, sizes, vllm, limit)
     table = Table(title=f"generation on {resolved.profile.name}: {count} prompts x "
                         f"{max_new_tokens} new tokens")
     for column in rows[0]:
@@ -342,7 +343,6 @@ def bench_generation_command(model: str, count: int, max_new_tokens: int, batch_
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     Console().print(table)
-    limit = compute_limit(backend.model)
     click.echo(f"compute limit: {limit['matmul_gflops']} GFLOP/s measured matmul rate / "
                f"{limit['gflop_per_token']} GFLOP per token = {limit['tokens_per_s']} tokens/s")
     if vllm is not None:

@@ -63,13 +63,14 @@ def peak_rss_gb(pid: int) -> float:
 
 
 def bench_generation(backend, count: int, max_new_tokens: int, batch_sizes: tuple[int, ...],
-                     vllm=None) -> list[dict]:
+                     vllm=None, limit: dict | None = None) -> list[dict]:
     """Rows of {engine, batch, seconds, tokens, tokens_per_s, share of the compute limit (the
     machine's measured matmul rate over the model's FLOPs per token), peak resident memory of
     the generating processes (ours and transformers share one process: its peak so far),
-    speedup vs one-at-a-time, ratio to our loop's best batch}. Stop strings are off, so a sequence ends at `max_new_tokens` or EOS
-    (tokens counts what was generated). `vllm`: a core.vllm_engine.VLLMBackend of the same model,
-    benchmarked after its worker has started (its start-up is in `vllm.startup_s`)."""
+    speedup vs one-at-a-time, ratio to our loop's best batch}. Stop strings are off, so a
+    sequence ends at `max_new_tokens` or EOS (tokens counts what was generated). `vllm`: a core.vllm_engine.VLLMBackend of the same model,
+    benchmarked after its worker has started (its start-up is in `vllm.startup_s`). `limit`:
+    `compute_limit(backend.model)`, measured here when not given."""
     prompts = bench_prompts(count)
     settings = SamplingSettings(0.7, 0.95, max_new_tokens, ())
     seeds = list(range(len(prompts)))
@@ -100,7 +101,7 @@ def bench_generation(backend, count: int, max_new_tokens: int, batch_sizes: tupl
                ("transformers generate", hf_generate)]
     if vllm is not None:
         engines.append(("vllm", lambda batch: sampled(vllm, batch)))
-    limit = matmul_flops(backend.model) / flops_per_token(backend.model)  # tokens/s
+    limit_tokens_per_s = (limit or compute_limit(backend.model))["tokens_per_s"]
     rows = []
     for engine, run in engines:
         if engine == "vllm":  # starts the worker, after the other engines ran without it
@@ -110,7 +111,8 @@ def bench_generation(backend, count: int, max_new_tokens: int, batch_sizes: tupl
             pid = vllm.worker().process.pid if engine == "vllm" else os.getpid()
             rows.append({"engine": engine, "batch": batch, "seconds": round(seconds, 2),
                          "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
-                         "share_of_compute_limit": float(f"{tokens / seconds / limit:.3g}"),
+                         "share_of_compute_limit": float(
+                             f"{tokens / seconds / limit_tokens_per_s:.3g}"),
                          "peak_rss_gb": peak_rss_gb(pid)})
     base = next(r for r in rows if r["engine"] == "ours" and r["batch"] == batch_sizes[0])
     best = max(r["tokens_per_s"] for r in rows if r["engine"] == "ours")
@@ -163,7 +165,7 @@ def train_variant(variant: str, model_path: str, profile_fields: dict, pairs: li
     from trl import DPOTrainer
 
     from core.backend import backend_class
-    from core.dpo import dpo_config
+    from core.dpo import device_fields, dpo_config
     from core.lifecycle import dpo_settings_for
     from core.profile import ModelProfile
 
@@ -174,10 +176,7 @@ def train_variant(variant: str, model_path: str, profile_fields: dict, pairs: li
         if variant == "TRL defaults":
             from trl import DPOConfig
 
-            on_cpu = not torch.cuda.is_available()
-            args = DPOConfig(output_dir=work, max_steps=steps, save_strategy="no",
-                             report_to="none", use_cpu=on_cpu,
-                             bf16=not on_cpu and torch.cuda.is_bf16_supported())
+            args = DPOConfig(output_dir=work, report_to="none", **project, **device_fields())
         elif variant == "project + precomputed reference":
             args = dpo_config(settings, work, precompute_ref_log_probs=True, **project)
         else:

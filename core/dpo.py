@@ -110,12 +110,17 @@ def last_checkpoint(folder: Path) -> str | None:
     return str(max(done, key=lambda p: int(p.name.split("-")[1])))
 
 
+def device_fields() -> dict:
+    """TrainingArguments' device fields: the CPU without CUDA, bfloat16 where the GPU has it."""
+    on_cpu = not torch.cuda.is_available()
+    return {"use_cpu": on_cpu, "bf16": not on_cpu and torch.cuda.is_bf16_supported()}
+
+
 def dpo_config(settings: DPOSettings, output_dir: Path, report_to: tuple[str, ...] = (),
                run_name: str | None = None, **overrides):
     """TRL's DPOConfig for the project's DPO settings (`overrides` replace any field)."""
     from trl import DPOConfig
 
-    on_cpu = not torch.cuda.is_available()
     fields = dict(
         output_dir=str(output_dir),
         learning_rate=settings.learning_rate,
@@ -133,9 +138,8 @@ def dpo_config(settings: DPOSettings, output_dir: Path, report_to: tuple[str, ..
         report_to=list(report_to) or "none",
         run_name=run_name,
         project=TRACKING_PROJECT,
-        use_cpu=on_cpu,
-        bf16=not on_cpu and torch.cuda.is_bf16_supported(),
-        gradient_checkpointing=not on_cpu,
+        **device_fields(),
+        gradient_checkpointing=torch.cuda.is_available(),
         lr_scheduler_type="linear",
         warmup_steps=0,
         dataloader_num_workers=0,

@@ -189,6 +189,8 @@ class VLLMBackend:
         if self._worker is None:
             from transformers import AutoConfig
 
+            if torch.cuda.is_available():
+                self.free_hf()  # one engine on the GPU at a time
             config = AutoConfig.from_pretrained(self.path).get_text_config()
             started = time.perf_counter()
             self._worker = VLLMWorker({
@@ -206,50 +208,52 @@ class VLLMBackend:
                  on_finish=None) -> list[Completion]:
         """One completion per prompt, seeded per request; `on_finish(i, completion)` fires as
         each sequence ends."""
-        if torch.cuda.is_available() and self._hf is not None:
-            self._hf = None  # on a GPU the worker needs the memory the judge's model holds
-            gc.collect()
-            torch.cuda.empty_cache()
-        request = {"prompt_token_ids": [self.tokenizer(p)["input_ids"] for p in prompts],
-                   "seeds": seeds, "temperature": settings.temperature, "top_p": settings.top_p,
-                   "max_new_tokens": settings.max_new_tokens, "stop": list(settings.stop),
-                   "stop_token_ids": sorted(self.eos)}
         results: list[Completion | None] = [None] * len(prompts)
-        try:
-            for reply in self.worker().run(request):
-                results[reply["index"]] = completion(self.tokenizer, reply["token_ids"],
-                                                     self.eos, settings.stop)
-                if on_finish:
-                    on_finish(reply["index"], results[reply["index"]])
-        except RunFailure:
-            self.close()  # a dead worker: the next call starts a new one
-            raise
+        for reply in self.replies(prompts, seeds=seeds, temperature=settings.temperature,
+                                  top_p=settings.top_p, max_new_tokens=settings.max_new_tokens,
+                                  stop=list(settings.stop), stop_token_ids=sorted(self.eos)):
+            results[reply["index"]] = completion(self.tokenizer, reply["token_ids"], self.eos,
+                                                 settings.stop)
+            if on_finish:
+                on_finish(reply["index"], results[reply["index"]])
         return results
+
+    def replies(self, prompts: list[str], **fields) -> Iterator[dict]:
+        """The worker's replies to one request on `prompts` (tokenized here); a dead worker is
+        closed before its RunFailure propagates, so the next call starts a new one."""
+        request = {"prompt_token_ids": [self.tokenizer(p)["input_ids"] for p in prompts], **fields}
+        try:
+            yield from self.worker().run(request)
+        except RunFailure:
+            self.close()
+            raise
 
     def hf(self):
         """The transformers backend of the same model, loaded on first use."""
         if self._hf is None:
+            if torch.cuda.is_available():
+                self.close()  # on a GPU vLLM holds most of its memory: one engine at a time
             self._hf = self.hf_class.load(self.path, self.profile)
         return self._hf
+
+    def free_hf(self) -> None:
+        """Drop the transformers copy (a later `hf()` loads it again)."""
+        if self._hf is not None:
+            self._hf = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def option_logprobs(self, prompts: list[str], token_ids: tuple[int, ...]) -> torch.Tensor:
         """[n, len(token_ids)]: the raw next-token log-probability of each token after each
         prompt, from the worker (vLLM's `logprob_token_ids`; one step per prompt)."""
-        request = {"prompt_token_ids": [self.tokenizer(p)["input_ids"] for p in prompts],
-                   "score_token_ids": list(token_ids)}
         scores: list[list[float] | None] = [None] * len(prompts)
-        try:
-            for reply in self.worker().run(request):
-                scores[reply["index"]] = reply["logprobs"]
-        except RunFailure:
-            self.close()
-            raise
+        for reply in self.replies(prompts, score_token_ids=list(token_ids)):
+            scores[reply["index"]] = reply["logprobs"]
         return torch.tensor(scores, dtype=torch.float32)
 
     def next_token_logprobs(self, prompts: list[str]):
         """Whole next-token distributions (the chat-template probe) from transformers."""
-        if torch.cuda.is_available():
-            self.close()  # on a GPU vLLM holds most of its memory: one engine at a time
         return self.hf().next_token_logprobs(prompts)
 
     def trainable_model(self, lora: dict, seed: int):
