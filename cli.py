@@ -187,6 +187,9 @@ def stage_run(number: int, run_dir: Path | None, model: str | None, limit: int |
               help="Run directory (default runs/<timestamp>); an existing one is resumed.")
 @click.option("--model", default=None, help="The base model (profile, HF id or local path).")
 @click.option("--limit", type=int, default=None, help="Training tasks per stage.")
+@click.option("--heldout", type=int, default=None,
+              help="Held-out assessment tasks per stage (default: a quarter of --limit, at "
+                   "least 8).")
 @click.option("--seed", type=int, default=None, help="Seed (default 0).")
 @click.option("--until", type=int, default=None, help="Last stage to run (default: all built).")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None)
@@ -200,8 +203,8 @@ def stage_run(number: int, run_dir: Path | None, model: str | None, limit: int |
 @REPORT_TO
 @ENGINE
 @DRY_RUN
-def run_all(run_dir: Path | None, model: str | None, limit: int | None, seed: int | None,
-            until: int | None, data_dir: Path | None, no_eval_sets: bool,
+def run_all(run_dir: Path | None, model: str | None, limit: int | None, heldout: int | None,
+            seed: int | None, until: int | None, data_dir: Path | None, no_eval_sets: bool,
             allow_contamination: bool, baseline_limit: int | None, skip_empty: bool,
             overrides: tuple[str, ...], accept_changed: bool, report_to: tuple[str, ...],
             engine: str | None, dry_run: bool) -> None:
@@ -210,14 +213,16 @@ def run_all(run_dir: Path | None, model: str | None, limit: int | None, seed: in
     if dry_run:
         from app.pipeline import dry_run_curriculum
 
-        show(lambda: dry_run_curriculum(run_dir, model, limit, seed, until, data_dir=data_dir,
+        show(lambda: dry_run_curriculum(run_dir, model, limit, seed, until, heldout=heldout,
+                                        data_dir=data_dir,
                                         no_eval_sets=no_eval_sets,
                                         allow_contamination=allow_contamination,
                                         baseline_limit=baseline_limit, overrides=overrides,
                                         accept_changed=accept_changed, report_to=report_to))
         return
     try:
-        done = run_curriculum(run_dir, model, limit, seed, until, data_dir=data_dir,
+        done = run_curriculum(run_dir, model, limit, seed, until, heldout=heldout,
+                              data_dir=data_dir,
                               no_eval_sets=no_eval_sets,
                               allow_contamination=allow_contamination,
                               baseline_limit=baseline_limit, skip_empty=skip_empty,

@@ -475,7 +475,8 @@ def stages_until(until: int | None, curriculum: tuple[Stage, ...] = STAGES) -> l
 
 def run_curriculum(run_dir: Path | None = None, model: str | None = None,
                    limit: int | None = None, seed: int | None = None, until: int | None = None,
-                   log=print, curriculum: tuple[Stage, ...] = STAGES, **options) -> Path:
+                   log=print, curriculum: tuple[Stage, ...] = STAGES,
+                   heldout: int | None = None, **options) -> Path:
     """Run every stage in order up to `until`, resuming whatever is done."""
     run_dir = (run_dir or default_run_dir(PROJECT_ROOT)).resolve()
     for stage in stages_until(until, curriculum):
@@ -487,7 +488,7 @@ def run_curriculum(run_dir: Path | None = None, model: str | None = None,
                 f" already")
             continue
         run_stage(stage.number, run_dir, model if stage.number == 1 else None, limit, seed,
-                  log=log, curriculum=curriculum, **options)
+                  heldout, log=log, curriculum=curriculum, **options)
     return run_dir
 
 
@@ -509,13 +510,13 @@ def dry_run_stage(number: int, run_dir: Path | None = None, model: str | None = 
 def dry_run_curriculum(run_dir: Path | None = None, model: str | None = None,
                        limit: int | None = None, seed: int | None = None,
                        until: int | None = None, curriculum: tuple[Stage, ...] = STAGES,
-                       **options) -> list[str]:
+                       heldout: int | None = None, **options) -> list[str]:
     """`run --dry-run`: each stage up to `until` as `dry_run_stage` shows it, and the totals."""
     selected = stages_until(until, curriculum)
     run_dir = (run_dir or default_run_dir(PROJECT_ROOT)).resolve()
     lines, left_all = [f"dry run of {run_dir}: nothing is loaded or written", ""], []
     for stage in selected:
-        stage, ctx, _ = plan_stage_run(stage.number, run_dir, model, limit, seed, None,
+        stage, ctx, _ = plan_stage_run(stage.number, run_dir, model, limit, seed, heldout,
                                        PROJECT_ROOT / "constitution.yaml", curriculum=curriculum,
                                        log=lambda _: None, dry_run=True, chained=True, **options)
         stage_lines, left = describe_plan(stage, ctx)

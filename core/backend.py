@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from core.profile import ModelProfile
-from core.sampler import Completion, SamplingSettings, sample_batch
+from core.sampler import SAMPLER_VERSION, Completion, SamplingSettings, sample_batch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -24,6 +24,7 @@ class HFBackend:
         self.model = model
         self.tokenizer = tokenizer
         self.source = source
+        self.cache_id = f"{source}#sampler-v{SAMPLER_VERSION}"  # names its draws in cache keys
         self.profile = profile
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token

@@ -13,10 +13,12 @@ from core.prompting import house_prompt
 
 
 def bench_prompts(count: int) -> list[str]:
+    """`count` baseline probes in the house format, longest first, as core.generation batches
+    a stage's requests (so a batch pads its prompts to similar lengths)."""
     from core.suites.baseline import load_probes
 
     probes = [p for p in load_probes()[0] if p.capability != "judging"]
-    return [house_prompt(p.text) for p in probes[:count]]
+    return sorted((house_prompt(p.text) for p in probes[:count]), key=len, reverse=True)
 
 
 def _timed(action) -> tuple[float, int]:
@@ -25,7 +27,7 @@ def _timed(action) -> tuple[float, int]:
     return time.perf_counter() - started, tokens
 
 
-def matmul_flops(model, size: int = 1024, repeats: int = 5) -> float:
+def matmul_flops(model, size: int = 2048, repeats: int = 5) -> float:
     """The machine's measured matrix-multiply rate (FLOP/s) in the model's dtype and on its
     device, with torch's threads: what generation could reach if every FLOP ran at it."""
     weight = next(model.parameters())

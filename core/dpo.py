@@ -159,10 +159,8 @@ def train_dpo(backend, records: list[dict], settings: DPOSettings, work_dir: Pat
     and with `dev_records` the trained model's DPO metrics on them (`dev`, see `dev_metrics`).
     TensorBoard logs go to work_dir/tensorboard; `report_to` adds W&B or Trackio under
     `run_name`, in the project TRACKING_PROJECT (for W&B: unless WANDB_PROJECT is set)."""
-    for i, record in enumerate(records):
-        guard.check_record(record, f"pairs.jsonl line {i + 1}")
-    for i, record in enumerate(dev_records or []):
-        guard.check_record(record, f"dev pair {i + 1}")
+    guard.check_records(records, "pairs.jsonl")
+    guard.check_records(dev_records or [], "dev pairs")
     from accelerate import PartialState
     from datasets import Dataset
     from torch.utils.tensorboard import SummaryWriter

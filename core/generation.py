@@ -62,7 +62,7 @@ def generate_all(backend, requests: list[GenRequest], settings: SamplingSettings
     """Generate every request not yet in the cache; return {request id: cached record}."""
     for request in requests:
         guard.check_prompt(request.prompt, f"{where} item {request.id}")
-    keyed = [(cache_key(backend.source, r.prompt, settings, r.seed), r) for r in requests]
+    keyed = [(cache_key(backend.cache_id, r.prompt, settings, r.seed), r) for r in requests]
     todo = [(key, r) for key, r in keyed if cache.get(key) is None]
     todo.sort(key=lambda kr: (-len(kr[1].prompt), kr[1].id))
     with Progress(len(requests), where, done=len(requests) - len(todo)) as progress:

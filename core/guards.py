@@ -104,6 +104,11 @@ class TemplateGuard:
                     _message(f"training record field '{field}'", where, findings, record[field])
                 )
 
+    def check_records(self, records: list[dict], name: str) -> None:
+        """`check_record` on each record, named as line N of `name` (1-based)."""
+        for i, record in enumerate(records):
+            self.check_record(record, f"{name} line {i + 1}")
+
 
 def _message(what: str, where: str, findings: list[Finding], text: str) -> str:
     first = findings[0]

@@ -78,8 +78,7 @@ def train_adapter(ctx: StageContext) -> None:
     run_name = f"{ctx.run_dir.name}-stage{ctx.number}"
     if ctx.profile.accelerate_config:
         ctx.release_backend()  # every launched process loads its own copy
-        for i, record in enumerate(records):  # refused here, before any process starts
-            ctx.guard().check_record(record, f"pairs.jsonl line {i + 1}")
+        ctx.guard().check_records(records, "pairs.jsonl")  # refused before any process starts
         summary = train_dpo_launched(ctx.profile.accelerate_config, ctx.model_path, ctx.profile,
                                      ctx.path("pairs.jsonl"), settings, ctx.path("train"),
                                      ctx.path("adapter"), ctx.report_to, run_name)

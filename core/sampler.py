@@ -53,8 +53,8 @@ def sample_batch(model, tokenizer, prompts: list[str], settings: SamplingSetting
                     past_key_values=past, use_cache=True, logits_to_keep=1)
         past = out.past_key_values
         active = [i for i in range(n) if results[i] is None]
-        picked = pick_tokens(out.logits[active, -1, :].float().cpu(), settings,
-                             [generators[i] for i in active])
+        logits = out.logits[:, -1, :] if len(active) == n else out.logits[active, -1, :]
+        picked = pick_tokens(logits.float().cpu(), settings, [generators[i] for i in active])
         next_ids = [tokenizer.pad_token_id] * n
         for i, token in zip(active, picked):
             next_ids[i] = token
@@ -75,29 +75,45 @@ def sample_batch(model, tokenizer, prompts: list[str], settings: SamplingSetting
 
 
 NUCLEUS_CANDIDATES = 1024
+# Bumped whenever the same seed may draw a different token: it is part of the generation cache
+# key (core/generation.py), so a resumed run never mixes completions of two samplers.
+SAMPLER_VERSION = 2
 
 
 def pick_tokens(logits: torch.Tensor, settings: SamplingSettings,
                 generators: list[torch.Generator]) -> list[int]:
     """One token per row: greedy at temperature 0; otherwise temperature + nucleus (top-p)
-    sampling, each row drawing from its own generator."""
+    sampling, each row drawing from its own generator, so a row's token does not depend on the
+    other rows of the batch.
+
+    The whole batch is normalised and its top NUCLEUS_CANDIDATES tokens found in two batched
+    calls; each row then draws among its nucleus only. A row whose nucleus is wider than the
+    candidates (or top_p >= 1) is sampled from its fully sorted vocabulary instead."""
     if settings.temperature <= 0:
         return logits.argmax(dim=-1).tolist()
-    return [sample_row(row, settings, generator) for row, generator in zip(logits, generators)]
+    scaled = logits.div(settings.temperature)
+    log_norm = torch.logsumexp(scaled, dim=-1, keepdim=True)
+    top_logits, top_ids = scaled.topk(min(NUCLEUS_CANDIDATES, scaled.shape[-1]), dim=-1)
+    top_probs = torch.exp(top_logits - log_norm)
+    picked = []
+    for i, generator in enumerate(generators):
+        probs, ids = top_probs[i], top_ids[i]
+        if settings.top_p >= 1.0 or float(probs.sum()) < settings.top_p:
+            probs, ids = torch.sort(torch.exp(scaled[i] - log_norm[i]), descending=True)
+        picked.append(draw_from_nucleus(probs, ids, settings.top_p, generator))
+    return picked
 
 
-def sample_row(logits: torch.Tensor, settings: SamplingSettings, generator: torch.Generator) -> int:
-    """Nucleus sampling over one row. The nucleus is found among the top NUCLEUS_CANDIDATES
-    tokens (a full sort only when the nucleus is wider), then sampled in vocabulary order, so the
-    result equals sorting the whole vocabulary."""
-    probs = torch.softmax(logits / settings.temperature, dim=-1)
-    if settings.top_p < 1.0:
-        top, order = probs.topk(min(NUCLEUS_CANDIDATES, probs.shape[-1]))
-        if float(top.sum()) < settings.top_p:
-            top, order = torch.sort(probs, descending=True)
-        keep = top.cumsum(-1) - top < settings.top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], top[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
+def draw_from_nucleus(probs: torch.Tensor, ids: torch.Tensor, top_p: float,
+                      generator: torch.Generator) -> int:
+    """Draw one id from the smallest prefix of `probs` (sorted descending) whose mass reaches
+    `top_p`. The kept ids are put back in vocabulary order before the draw, so the token a seed
+    draws does not depend on how ties were ordered by the sort."""
+    keep = probs.cumsum(-1) - probs < top_p
+    if top_p >= 1.0:
+        keep[:] = True  # a rounding cumsum must not drop the tail
+    kept_ids, order = ids[keep].sort()
+    return int(kept_ids[torch.multinomial(probs[keep][order], 1, generator=generator)])
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

@@ -11,7 +11,7 @@ assess) and answers from a script where the script has an answer:
 A test hands it to a stage through the public `backend_loader` parameter of
 `app.pipeline.run_stage` / `run_curriculum`, so the stage runs its real steps (sampling requests,
 caches, filters, the judge, pair rules) on scripted answers, with nothing written into caches and
-no private field set. Its `source` is prefixed with "scripted:", so its cache keys never collide
+no private field set. Its `source` and `cache_id` are prefixed with "scripted:", so its cache keys never collide
 with a real model's.
 """
 from __future__ import annotations
@@ -49,6 +49,7 @@ class ScriptedBackend:
         self.inner = inner
         self.script = script
         self.source = f"scripted:{inner.source}"
+        self.cache_id = f"scripted:{inner.cache_id}"
         self.scripted_completions = 0
         self.scripted_preferences = 0
 

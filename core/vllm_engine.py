@@ -11,8 +11,8 @@ process, everything else through the transformers backend of the same model.
   worker too. `next_token_logprobs` (whole distributions, for the chat-template probe) and
   `trainable_model` (DPO) use a transformers backend loaded on first use; training stops the
   worker first, so its memory is free.
-- `source` is "vllm:<path>": cache keys of the two engines never meet (they draw different
-  samples from the same seed).
+- `source` (and `cache_id`) is "vllm:<path>": cache keys of the two engines never meet (they
+  draw different samples from the same seed).
 """
 from __future__ import annotations
 
@@ -159,6 +159,7 @@ class VLLMBackend:
         self.path = path
         self.hf_class = hf_class  # the transformers backend class for judging and training
         self.source = f"vllm:{path}"
+        self.cache_id = self.source
         self.profile = profile
         self.tokenizer = tokenizer
         self.eos = eos

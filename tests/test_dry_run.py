@@ -65,11 +65,12 @@ def test_the_estimate_bounds_what_a_real_run_did(stage1_reference):
 def test_run_dry_run_plans_each_stage_on_the_model_the_one_before_will_make(tmp_path):
     run_dir = tmp_path / "run"
     out = cli("run", "--dry-run", "--run-dir", str(run_dir), "--model", "tiny-qwen2",
-              "--limit", "4", "--until", "3", "--baseline-limit", "1")
+              "--limit", "4", "--heldout", "100", "--until", "3", "--baseline-limit", "1")
     assert out.returncode == 0, out.stderr
     assert not run_dir.exists()
     for number in (1, 2, 3):
         assert f"stage {number} (" in out.stdout
+    assert out.stdout.count("4 training tasks, 100 held-out") == 3  # --heldout reaches every stage
     assert "stage 4 (" not in out.stdout
     assert f"{run_dir.resolve()}/stage_2/merged (stage 2's merged model, once it has run)" \
         in out.stdout

@@ -430,7 +430,7 @@ def test_earlier_stages_heldout_items_are_read_when_present(tmp_path):
 
 def test_assessment_summary_has_headline_and_every_check():
     class Backend:  # a stand-in that answers one held-out task well and one badly
-        source = "fake"
+        source = cache_id = "fake"
 
         def generate(self, prompts, settings, seeds, on_finish):
             from core.backend import Completion

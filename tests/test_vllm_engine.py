@@ -189,7 +189,7 @@ def test_cache_is_hit_and_never_shared_with_the_hf_loop(vllm_backend, tiny_dir, 
     first = generate_cached(vllm_backend, requests, SETTINGS, cache, guard, 4, "vllm")
 
     class NoGeneration:
-        source = vllm_backend.source
+        cache_id = vllm_backend.cache_id
 
         def generate(self, *args, **kwargs):
             raise AssertionError("a cached request was generated again")
