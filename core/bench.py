@@ -51,6 +51,12 @@ def flops_per_token(model) -> int:
     return 2 * (total - embedding.numel() + (head.numel() if head is embedding else 0))
 
 
+def flops_per_prompt_token(model) -> int:
+    """`flops_per_token` without the LM head: a prompt token passes every layer, but only the
+    last prompt position is projected onto the vocabulary (`logits_to_keep=1`; vLLM alike)."""
+    return flops_per_token(model) - 2 * model.get_output_embeddings().weight.numel()
+
+
 def peak_rss_gb(pid: int) -> float:
     """Peak resident memory (VmHWM, Linux) of a process and its children, summed, in GB."""
     import psutil
@@ -67,7 +73,8 @@ def peak_rss_gb(pid: int) -> float:
 def bench_generation(backend, count: int, max_new_tokens: int, batch_sizes: tuple[int, ...],
                      vllm=None, limit: dict | None = None) -> list[dict]:
     """Rows of {engine, batch, seconds, tokens, tokens_per_s, share of the compute limit (the
-    machine's measured matmul rate over the model's FLOPs per token), peak resident memory of
+    machine's measured matmul rate over the model's FLOPs per token), MFU (the FLOPs of the
+    prompt and generated tokens per second over that rate), peak resident memory of
     the generating processes (ours and transformers share one process: its peak so far),
     speedup vs one-at-a-time, ratio to our loop's best batch}. Stop strings are off, so a
     sequence ends at `max_new_tokens` or EOS (tokens counts what was generated). `vllm`: a core.vllm_engine.VLLMBackend of the same model,
@@ -103,7 +110,9 @@ def bench_generation(backend, count: int, max_new_tokens: int, batch_sizes: tupl
                ("transformers generate", hf_generate)]
     if vllm is not None:
         engines.append(("vllm", lambda batch: sampled(vllm, batch)))
-    limit_tokens_per_s = (limit or compute_limit(backend.model))["tokens_per_s"]
+    limit = limit or compute_limit(backend.model)
+    prompt_gflop = limit["gflop_per_prompt_token"] * sum(
+        len(ids) for ids in backend.tokenizer(prompts)["input_ids"])
     rows = []
     for engine, run in engines:
         if engine == "vllm":  # starts the worker, after the other engines ran without it
@@ -114,7 +123,9 @@ def bench_generation(backend, count: int, max_new_tokens: int, batch_sizes: tupl
             rows.append({"engine": engine, "batch": batch, "seconds": round(seconds, 2),
                          "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
                          "share_of_compute_limit": float(
-                             f"{tokens / seconds / limit_tokens_per_s:.3g}"),
+                             f"{tokens / seconds / limit['tokens_per_s']:.3g}"),
+                         "mfu": round_3(model_flops_utilization(tokens, prompt_gflop, seconds,
+                                                                limit)),
                          "peak_rss_gb": peak_rss_gb(pid)})
     base = next(r for r in rows if r["engine"] == "ours" and r["batch"] == batch_sizes[0])
     best = max(r["tokens_per_s"] for r in rows if r["engine"] == "ours")
@@ -124,17 +135,32 @@ def bench_generation(backend, count: int, max_new_tokens: int, batch_sizes: tupl
     return rows
 
 
+def round_3(value: float) -> float:
+    """`value` to three significant digits."""
+    return float(f"{value:.3g}")
+
+
+def model_flops_utilization(tokens: int, prompt_gflop: float, seconds: float,
+                            limit: dict) -> float:
+    """The model's FLOPs on the real (unpadded) prompt tokens and the generated tokens, per
+    second, over the measured matmul rate (PaLM's MFU; padding and attention not counted)."""
+    gflop = prompt_gflop + tokens * limit["gflop_per_token"]
+    return gflop / seconds / limit["matmul_gflops"]
+
+
 def compute_limit(model) -> dict:
     """The numbers behind `share_of_compute_limit`, for the benchmark's footer."""
     flops = matmul_flops(model)
     per_token = flops_per_token(model)
     return {"matmul_gflops": round(flops / 1e9, 1), "gflop_per_token": round(per_token / 1e9, 3),
+            "gflop_per_prompt_token": round(flops_per_prompt_token(model) / 1e9, 3),
             "tokens_per_s": round(flops / per_token, 1)}
 
 
 # Training benchmark ------------------------------------------------------------------------------
 
-TRAIN_VARIANTS = ("project settings", "project + precomputed reference", "TRL defaults")
+TRAIN_VARIANTS = ("project settings", "project + precomputed reference",
+                  "project, one micro-batch per step", "TRL defaults")
 
 
 def bench_train(model_path: str, profile, pairs: list[dict], steps: int) -> list[dict]:
@@ -181,6 +207,10 @@ def train_variant(variant: str, model_path: str, profile_fields: dict, pairs: li
             args = DPOConfig(output_dir=work, report_to="none", **project, **device_fields())
         elif variant == "project + precomputed reference":
             args = dpo_config(settings, work, precompute_ref_log_probs=True, **project)
+        elif variant == "project, one micro-batch per step":  # the same pairs per step, no accumulation
+            args = dpo_config(settings, work, gradient_accumulation_steps=1,
+                              per_device_train_batch_size=settings.batch_size * settings.grad_accum,
+                              **project)
         else:
             args = dpo_config(settings, work, **project)
         batch = args.per_device_train_batch_size * args.gradient_accumulation_steps

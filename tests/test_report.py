@@ -46,11 +46,13 @@ def test_generation_benchmark_prints_ratios(tiny_backend):
     assert all(r["tokens"] == 16 for r in rows)  # every engine makes exactly 4 x 4 tokens
     assert rows[0]["speedup_vs_ours_batch_1"] == 1.0
     assert all(0 < r["share_of_compute_limit"] < 1 for r in rows)  # below the matmul rate
+    # MFU also counts the prompt tokens' FLOPs, so it is above the generated tokens' share
+    assert all(r["share_of_compute_limit"] < r["mfu"] < 1 for r in rows)
     assert all(r["peak_rss_gb"] > 0 for r in rows)
 
 
 def test_flops_per_token_counts_every_weight_a_token_passes_through(tiny_backend):
-    from core.bench import flops_per_token
+    from core.bench import flops_per_prompt_token, flops_per_token
 
     model = tiny_backend.model
     config = model.config
@@ -59,6 +61,7 @@ def test_flops_per_token_counts_every_weight_a_token_passes_through(tiny_backend
     assert config.tie_word_embeddings  # the head is the embedding matrix, used as a projection
     assert flops_per_token(model) == 2 * total
     assert flops_per_token(model) > 2 * (total - embedding)
+    assert flops_per_prompt_token(model) == 2 * (total - embedding)  # no LM head on a prompt
 
 
 def test_the_report_of_a_stage_that_started_from_a_hub_id(stage1_reference):
@@ -87,3 +90,4 @@ def test_training_benchmark_runs_each_variant_in_its_own_process(stage1_referenc
     assert all(r["steps"] == 1 and r["pairs_per_s"] > 0 and r["peak_rss_gb"] > 0 for r in rows)
     assert rows[-1]["batch"] == 8 and rows[-1]["max_length"] == 1024  # TRL's own defaults
     assert rows[0]["batch"] == 1 and rows[0]["vs_project"] == 1.0  # the tiny profile's 1 x 1
+    assert rows[2]["batch"] == rows[0]["batch"]  # one micro-batch: the same pairs per step
