@@ -185,8 +185,9 @@ def bench_train(model_path: str, profile, pairs: list[dict], steps: int) -> list
 
 def train_variant(variant: str, model_path: str, profile_fields: dict, pairs: list[dict],
                   steps: int) -> dict:
-    """One row of `bench_train`, in the calling process. The precomputed variant's time includes
-    its pass over the reference model (TRL does it before the first step)."""
+    """One row of `bench_train`, in the calling process. Every variant's time runs from the
+    trainer's construction, so the precomputed variant's pass over the reference model (which
+    TRL makes in the constructor) is counted."""
     import tempfile
 
     from datasets import Dataset
@@ -218,11 +219,11 @@ def train_variant(variant: str, model_path: str, profile_fields: dict, pairs: li
                 for p in (pairs * (1 + steps * batch // max(len(pairs), 1)))[: steps * batch]]
         backend = backend_class(profile).load(model_path, profile)
         model, peft_config = backend.trainable_model(settings.lora(), settings.seed)
-        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(used),
-                             processing_class=backend.tokenizer, peft_config=peft_config)
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        started = time.perf_counter()
+        started = time.perf_counter()  # TRL precomputes reference log-probs in the constructor
+        trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(used),
+                             processing_class=backend.tokenizer, peft_config=peft_config)
         trainer.train()
         seconds = time.perf_counter() - started
     return {"variant": variant, "batch": batch, "max_length": args.max_length,
