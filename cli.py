@@ -348,8 +348,9 @@ def bench_generation_command(model: str, count: int, max_new_tokens: int, batch_
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     Console().print(table)
-    click.echo(f"compute limit: {limit['matmul_gflops']} GFLOP/s measured matmul rate / "
-               f"{limit['gflop_per_token']} GFLOP per token = {limit['tokens_per_s']} tokens/s")
+    click.echo(f"compute limit: {limit['matmul_gflops']:.1f} GFLOP/s measured matmul rate / "
+               f"{limit['gflop_per_token']:.3f} GFLOP per token = "
+               f"{limit['tokens_per_s']:.1f} tokens/s")
     if vllm is not None:
         click.echo(f"vllm worker start-up (not in the rows): {vllm.startup_s:.0f} s")
 

@@ -152,9 +152,9 @@ def compute_limit(model) -> dict:
     """The numbers behind `share_of_compute_limit`, for the benchmark's footer."""
     flops = matmul_flops(model)
     per_token = flops_per_token(model)
-    return {"matmul_gflops": round(flops / 1e9, 1), "gflop_per_token": round(per_token / 1e9, 3),
-            "gflop_per_prompt_token": round(flops_per_prompt_token(model) / 1e9, 3),
-            "tokens_per_s": round(flops / per_token, 1)}
+    return {"matmul_gflops": flops / 1e9, "gflop_per_token": per_token / 1e9,
+            "gflop_per_prompt_token": flops_per_prompt_token(model) / 1e9,
+            "tokens_per_s": flops / per_token}
 
 
 # Training benchmark ------------------------------------------------------------------------------

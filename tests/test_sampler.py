@@ -60,22 +60,3 @@ def test_temperature_zero_is_greedy():
     settings = SamplingSettings(temperature=0.0, top_p=1.0, max_new_tokens=1, stop=())
     assert pick_tokens(logits, settings, []) == [1500, 1500, 1500]
 
-
-def test_shared_kv_heads_give_the_same_logits_and_the_setting_is_restored(tiny_backend):
-    import os
-
-    from core.sampler import FORCE_GQA, shared_kv_heads_on_cpu
-
-    model, tokenizer = tiny_backend.model, tiny_backend.tokenizer
-    assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped
-    tokenizer.padding_side = "left"
-    enc = tokenizer(["A short prompt.", "A much longer prompt that forces left padding on the "
-                     "first one of the two."], return_tensors="pt", padding=True)
-    assert not enc["attention_mask"].all()  # a mask: transformers would copy the shared heads
-    with torch.no_grad():
-        copied = model(**enc).logits
-        with shared_kv_heads_on_cpu(torch.device("cpu")):
-            assert os.environ[FORCE_GQA] == "1"
-            shared = model(**enc).logits
-    assert FORCE_GQA not in os.environ
-    assert torch.allclose(copied, shared, atol=1e-5)
