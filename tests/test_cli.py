@@ -185,7 +185,9 @@ def test_ctrl_c_keeps_work_and_prints_the_resume_command(tmp_path):
     run_dir = tmp_path / "run"
     args = [sys.executable, str(ROOT / "cli.py"), "stage", "run", "1", "--model", "tiny-qwen2",
             "--limit", "8", "--run-dir", str(run_dir)]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # as from a shell: SIGINT not ignored, whatever an earlier test left in this process
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and not (run_dir / "stage_1" / "steps").is_dir():
         time.sleep(0.2)
