@@ -122,8 +122,8 @@ def bench_generation(backend, count: int, max_new_tokens: int, batch_sizes: tupl
             pid = vllm.worker().process.pid if engine == "vllm" else os.getpid()
             rows.append({"engine": engine, "batch": batch, "seconds": round(seconds, 2),
                          "tokens": tokens, "tokens_per_s": round(tokens / seconds, 1),
-                         "share_of_compute_limit": float(
-                             f"{tokens / seconds / limit['tokens_per_s']:.3g}"),
+                         "share_of_compute_limit": round_3(tokens / seconds
+                                                           / limit["tokens_per_s"]),
                          "mfu": round_3(model_flops_utilization(tokens, prompt_gflop, seconds,
                                                                 limit)),
                          "peak_rss_gb": peak_rss_gb(pid)})
@@ -228,7 +228,7 @@ def train_variant(variant: str, model_path: str, profile_fields: dict, pairs: li
         seconds = time.perf_counter() - started
     return {"variant": variant, "batch": batch, "max_length": args.max_length,
             "steps": trainer.state.global_step, "seconds": round(seconds, 1),
-            "pairs_per_s": float(f"{len(used) / seconds:.3g}"),
+            "pairs_per_s": round_3(len(used) / seconds),
             "peak_rss_gb": peak_rss_gb(os.getpid()),
             "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)
             if torch.cuda.is_available() else None}

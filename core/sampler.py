@@ -97,8 +97,12 @@ def pick_tokens(logits: torch.Tensor, settings: SamplingSettings,
     top_probs = torch.exp(top_logits - log_norm)
     picked = []
     for i, generator in enumerate(generators):
+        if settings.top_p >= 1.0:  # every token kept: draw over the vocabulary as it is
+            full = torch.exp(scaled[i] - log_norm[i])
+            picked.append(int(torch.multinomial(full, 1, generator=generator)))
+            continue
         probs, ids = top_probs[i], top_ids[i]
-        if settings.top_p >= 1.0 or float(probs.sum()) < settings.top_p:
+        if float(probs.sum()) < settings.top_p:
             probs, ids = torch.sort(torch.exp(scaled[i] - log_norm[i]), descending=True)
         picked.append(draw_from_nucleus(probs, ids, settings.top_p, generator))
     return picked
@@ -110,8 +114,6 @@ def draw_from_nucleus(probs: torch.Tensor, ids: torch.Tensor, top_p: float,
     `top_p`. The kept ids are put back in vocabulary order before the draw, so the token a seed
     draws does not depend on how ties were ordered by the sort."""
     keep = probs.cumsum(-1) - probs < top_p
-    if top_p >= 1.0:
-        keep[:] = True  # a rounding cumsum must not drop the tail
     kept_ids, order = ids[keep].sort()
     return int(kept_ids[torch.multinomial(probs[keep][order], 1, generator=generator)])
 

@@ -11,8 +11,8 @@ assess) and answers from a script where the script has an answer:
 A test hands it to a stage through the public `backend_loader` parameter of
 `app.pipeline.run_stage` / `run_curriculum`, so the stage runs its real steps (sampling requests,
 caches, filters, the judge, pair rules) on scripted answers, with nothing written into caches and
-no private field set. Its `source` and `cache_id` are prefixed with "scripted:", so its cache keys never collide
-with a real model's.
+no private field set. Its `source` and `cache_id` are prefixed with "scripted:", so its cache
+keys never collide with a real model's.
 """
 from __future__ import annotations
 

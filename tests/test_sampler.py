@@ -59,4 +59,3 @@ def test_temperature_zero_is_greedy():
     logits = peaked_logits().expand(3, -1)
     settings = SamplingSettings(temperature=0.0, top_p=1.0, max_new_tokens=1, stop=())
     assert pick_tokens(logits, settings, []) == [1500, 1500, 1500]
-
