@@ -11,6 +11,7 @@ import click
 from app.pipeline import DEFAULT_DATA_DIR, run_curriculum, run_stage, run_status
 from core.errors import CurriculumError, TooLittleDataError, UsageError
 from core.models import PROJECT_ROOT
+from registry.presets import preset_by_name, preset_names
 from registry.stages import STAGES
 
 USER_ERRORS = CurriculumError
@@ -58,6 +59,14 @@ def show(lines: Callable[[], list[str]]) -> None:
         fail(error)
     for line in computed:
         click.echo(line)
+
+
+def table_console():
+    """A rich console for result tables: a log file (no terminal) gets wide lines, so no
+    number is cut to fit 80 columns."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=240)
 
 
 @click.group()
@@ -112,6 +121,26 @@ def with_engine(overrides: tuple[str, ...], engine: str | None) -> tuple[str, ..
     return overrides + (f"profile.engine={engine}",) if engine else overrides
 
 
+PRESET = click.option(
+    "--preset", type=click.Choice(preset_names()), default=None,
+    help="A named set of options (registry/presets.py): `demo` runs the six stages on "
+         "gemma-3-270m sized for held-out sets of 100+ items. Options given here win; its "
+         "--set items come before yours.")
+
+
+def with_preset(name: str | None, model: str | None, limit: int | None, heldout: int | None,
+                baseline_limit: int | None, overrides: tuple[str, ...]):
+    """(model, limit, heldout, baseline_limit, overrides) with the preset filling what the
+    command line left out."""
+    if name is None:
+        return model, limit, heldout, baseline_limit, overrides
+    preset = preset_by_name(name)
+    return (model or preset.model, preset.limit if limit is None else limit,
+            preset.heldout if heldout is None else heldout,
+            preset.baseline_limit if baseline_limit is None else baseline_limit,
+            preset.overrides + overrides)
+
+
 BASELINE_LIMIT = click.option(
     "--baseline-limit", type=int, default=None,
     help="Baseline probes per capability in each stage's assessment (default: all; a smaller "
@@ -147,15 +176,17 @@ BASELINE_LIMIT = click.option(
                    "--accept-changed-settings).")
 @REPORT_TO
 @ENGINE
+@PRESET
 @DRY_RUN
 def stage_run(number: int, run_dir: Path | None, model: str | None, limit: int | None,
               heldout: int | None, seed: int | None, constitution_path: Path,
               data_dir: Path | None, no_eval_sets: bool, allow_contamination: bool,
               baseline_limit: int | None, skip_empty: bool, overrides: tuple[str, ...],
               accept_changed: bool, redo_from: str | None, report_to: tuple[str, ...],
-              engine: str | None, dry_run: bool) -> None:
+              engine: str | None, preset: str | None, dry_run: bool) -> None:
     """Run (or resume) stage NUMBER."""
-    overrides = with_engine(overrides, engine)
+    model, limit, heldout, baseline_limit, overrides = with_preset(
+        preset, model, limit, heldout, baseline_limit, with_engine(overrides, engine))
     if dry_run:
         from app.pipeline import dry_run_stage
 
@@ -202,14 +233,16 @@ def stage_run(number: int, run_dir: Path | None, model: str | None, limit: int |
 @ACCEPT_CHANGED
 @REPORT_TO
 @ENGINE
+@PRESET
 @DRY_RUN
 def run_all(run_dir: Path | None, model: str | None, limit: int | None, heldout: int | None,
             seed: int | None, until: int | None, data_dir: Path | None, no_eval_sets: bool,
             allow_contamination: bool, baseline_limit: int | None, skip_empty: bool,
             overrides: tuple[str, ...], accept_changed: bool, report_to: tuple[str, ...],
-            engine: str | None, dry_run: bool) -> None:
+            engine: str | None, preset: str | None, dry_run: bool) -> None:
     """Run the curriculum's stages in order, each learning from the previous merged model."""
-    overrides = with_engine(overrides, engine)
+    model, limit, heldout, baseline_limit, overrides = with_preset(
+        preset, model, limit, heldout, baseline_limit, with_engine(overrides, engine))
     if dry_run:
         from app.pipeline import dry_run_curriculum
 
@@ -280,7 +313,6 @@ def assess(model: str, suite: str, limit: int | None, out: Path | None, data_dir
         result = assess_model(model, suite, limit, out, data_dir, max_new_tokens, compare_to)
     except USER_ERRORS as error:
         fail(error)
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{suite} on {result['model']} ({result['seconds']} s)")
@@ -288,7 +320,7 @@ def assess(model: str, suite: str, limit: int | None, out: Path | None, data_dir
     table.add_column("rate [95% CI] (k/n)")
     for name, value in summary_rows(result):
         table.add_row(name, value)
-    Console().print(table)
+    table_console().print(table)
     for group, test in result.get("paired_vs", {}).get("tests", {}).items():
         click.echo(f"paired vs {result['paired_vs']['file']}: {group}: +{test['gained']} "
                    f"-{test['lost']} p={test['p_value']:.3g}")
@@ -314,7 +346,6 @@ def bench_generation_command(model: str, count: int, max_new_tokens: int, batch_
     from contextlib import nullcontext
     from dataclasses import replace
 
-    from rich.console import Console
     from rich.table import Table
 
     from core.backend import load_backend
@@ -347,7 +378,7 @@ def bench_generation_command(model: str, count: int, max_new_tokens: int, batch_
         table.add_column(column)
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
-    Console().print(table)
+    table_console().print(table)
     click.echo(f"compute limit: {limit['matmul_gflops']:.1f} GFLOP/s measured matmul rate / "
                f"{limit['gflop_per_token']:.3f} GFLOP per token = "
                f"{limit['tokens_per_s']:.1f} tokens/s")
@@ -363,7 +394,6 @@ def bench_generation_command(model: str, count: int, max_new_tokens: int, batch_
 def bench_train_command(model: str, pairs_file: str, steps: int) -> None:
     """DPO with the project's settings vs with the reference log-probs precomputed vs TRL's
     defaults, on the same pairs: pairs/s and peak memory, each variant in its own process."""
-    from rich.console import Console
     from rich.table import Table
 
     from core.bench import bench_train
@@ -386,7 +416,7 @@ def bench_train_command(model: str, pairs_file: str, steps: int) -> None:
         table.add_column(column)
     for row in rows:
         table.add_row(*(str(row[c]) for c in columns))
-    Console().print(table)
+    table_console().print(table)
 
 
 @main.group()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from core.profile import ModelProfile
-from core.sampler import SAMPLER_VERSION, Completion, SamplingSettings, sample_batch
+from core.sampler import PREFILL_ROWS, SAMPLER_VERSION, Completion, SamplingSettings, sample_batch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -19,6 +19,7 @@ class HFBackend:
     """transformers + PEFT."""
 
     name = "hf"
+    prefill_rows: int | None = PREFILL_ROWS  # prompts per group of the prompt pass
 
     def __init__(self, model, tokenizer, source: str, profile: ModelProfile):
         self.model = model
@@ -56,7 +57,8 @@ class HFBackend:
         """Sample one completion per prompt in one batch (see core.sampler.sample_batch);
         `on_finish(i, completion)` fires as each sequence ends."""
         self.tokenizer.padding_side = "left"
-        return sample_batch(self.model, self.tokenizer, prompts, settings, seeds, on_finish)
+        return sample_batch(self.model, self.tokenizer, prompts, settings, seeds, on_finish,
+                            self.prefill_rows)
 
     def next_token_logprobs(self, prompts: list[str]) -> torch.Tensor:
         """Log-probabilities of the next token after each prompt, shape [n, vocab] (float32)."""
@@ -79,6 +81,9 @@ class UnslothBackend(HFBackend):
     """Unsloth (CUDA only): fast 4-bit loading, generation and LoRA training."""
 
     name = "unsloth"
+    # Unsloth's patched inference forward keeps its own cache, which `core.sampler.prefill`
+    # cannot splice: its prompts run in one forward.
+    prefill_rows = None
 
     @classmethod
     def load(cls, path: str, profile: ModelProfile) -> "UnslothBackend":

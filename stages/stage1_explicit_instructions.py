@@ -13,7 +13,9 @@ zero-shot, in the house format. Steps (each resumable, each marked done only whe
                  instruction with its constraint sentences (what the house prompt shows), kind
                  "instruction", source "model", extra = {instruction (bare), constraints}.
 2. responses     K samples per training instruction from a few-shot completion prompt (3-4
-                 exemplars drawn at random from the pool, then the target).
+                 exemplars from the pool, then the target): one exemplar showing each kind
+                 of constraint the task carries (so the model has a format to imitate), the
+                 rest drawn at random, in random order.
 3. scores        Constraint checkers on every sample, and the chosen gate: a sample that loops
                  (a sentence or list item said twice) or parrots a constraint sentence may pass
                  "at least 60 words" but is never chosen; a log-probability A/B self-judge, asked in both orders, ranks samples
@@ -88,6 +90,9 @@ class Stage1Settings(StageSettings):
                                          "(3: 3 comparisons, 6 judge prompts)")
     hindsight: bool = setting(True, "relabel a task whose stated constraints give no pair with "
                                     "constraints chosen after sampling (hindsight relabelling)")
+    matched_exemplars: bool = setting(True, "each response prompt shows an exemplar of every "
+                                            "constraint kind its task carries (False: all "
+                                            "exemplars drawn at random)")
 
 
 def load_pool() -> dict:
@@ -201,12 +206,32 @@ def load_tasks(ctx: StageContext, split: str) -> list[Task]:
 def response_requests(ctx: StageContext, pool: dict, tasks: list[Task]) -> list[GenRequest]:
     """3-4 response exemplars (with their constraints spelled out), then the task."""
     exemplars = pool["response_exemplars"]
+    matched = ctx.settings.matched_exemplars
 
     def shots(task: Task, rng: random.Random) -> list[tuple[str, str]]:
+        drawn = (draw_matching_exemplars(exemplars, task.extra["constraints"], rng) if matched
+                 else draw(exemplars, rng, 3, 4))
         return [(instruction_with_constraints(e["instruction"], e.get("constraints") or []),
-                 e["response"]) for e in draw(exemplars, rng, 3, 4)]
+                 e["response"]) for e in drawn]
 
     return few_shot_requests(ctx.seed, tasks, ctx.profile.responses_per_task, "response", shots)
+
+
+def draw_matching_exemplars(exemplars: list[dict], constraints: list[dict],
+                            rng: random.Random) -> list[dict]:
+    """3-4 exemplars in random order: for each constraint kind of the task, one exemplar that
+    carries that kind (where the pool has one), then exemplars drawn at random."""
+    picked: list[dict] = []
+    for kind in dict.fromkeys(c["kind"] for c in constraints):
+        showing = [e for e in exemplars if e not in picked
+                   and kind in {c["kind"] for c in e.get("constraints") or []}]
+        if showing:
+            picked.append(rng.choice(showing))
+    rest = [e for e in exemplars if e not in picked]
+    count = rng.randint(3, 4)
+    picked += rng.sample(rest, max(0, min(len(rest), count - len(picked))))
+    rng.shuffle(picked)
+    return picked
 
 
 def make_responses(ctx: StageContext, pool: dict) -> None:

@@ -104,3 +104,32 @@ def test_a_gpu_profile_is_planned_without_a_gpu_and_still_refused_for_a_real_run
     real = CliRunner().invoke(main, ["stage", "run", "1", "--model", "qwen2.5-32b", "--limit",
                                      "4", "--run-dir", str(run_dir)])
     assert real.exit_code == 2 and "needs a CUDA GPU" in real.output
+
+
+def test_a_preset_fills_only_the_options_the_command_line_leaves_out(tmp_path):
+    from registry.presets import preset_by_name
+
+    demo = preset_by_name("demo")
+    out = cli("run", "--dry-run", "--preset", "demo", "--run-dir", str(tmp_path / "run"),
+              "--model", "tiny-qwen2", "--limit", "4", "--until", "1")
+    assert out.returncode == 0, out.stderr
+    assert f"4 training tasks, {demo.heldout} held-out" in out.stdout  # --limit won
+    assert "profile tiny-qwen2" in out.stdout  # --model won
+    out = cli("run", "--dry-run", "--preset", "demo", "--run-dir", str(tmp_path / "run"),
+              "--until", "1")
+    assert out.returncode == 0, out.stderr
+    assert f"{demo.limit} training tasks, {demo.heldout} held-out" in out.stdout
+    assert f"profile {demo.model}" in out.stdout
+
+
+def test_a_preset_s_settings_come_before_the_command_line_s():
+    from cli import with_preset
+    from registry.presets import preset_by_name
+
+    demo = preset_by_name("demo")
+    model, limit, heldout, baseline, overrides = with_preset(
+        "demo", None, None, 7, None, ("profile.learning_rate=1e-5",))
+    assert (model, limit, heldout, baseline) == (demo.model, demo.limit, 7, demo.baseline_limit)
+    assert overrides == (*demo.overrides, "profile.learning_rate=1e-5")  # the later item wins
+    out = cli("run", "--dry-run", "--preset", "nonesuch")
+    assert out.returncode == 2 and "nonesuch" in out.stderr

@@ -1,9 +1,11 @@
 """Batched generation: decoded stop strings, per-sequence seeds, and the on-disk cache."""
 import json
 
+import torch
+
 from core.backend import SamplingSettings
 from core.generation import GenerationCache, GenRequest, generate_all
-from core.sampler import stop_offset
+from core.sampler import sample_batch, stop_offset
 from core.guards import TemplateGuard
 from core.prompting import house_prompt
 
@@ -53,3 +55,43 @@ def test_cache_skips_finished_items_and_survives_a_torn_line(tiny_backend, tmp_p
     assert second == first
     lines = path.read_text().splitlines()
     assert len(lines) == 5 and all(json.loads(line)["key"] for line in lines)
+
+
+PROMPTS_OF_MANY_LENGTHS = [
+    "Hi.", "List three fruits and say which one is sweetest.", "Name a colour.",
+    "Explain how a kite flies in the wind, in a few sentences, for a child of seven.", "Why?",
+]
+
+
+def grouped_and_whole(model, tokenizer, settings):
+    seeds = list(range(len(PROMPTS_OF_MANY_LENGTHS)))
+    grouped = sample_batch(model, tokenizer, PROMPTS_OF_MANY_LENGTHS, settings, seeds,
+                           prefill_rows=2)
+    whole = sample_batch(model, tokenizer, PROMPTS_OF_MANY_LENGTHS, settings, seeds,
+                         prefill_rows=None)
+    return grouped, whole
+
+
+def test_prompt_pass_in_groups_decodes_as_one_forward(tiny_backend):
+    for settings in (SamplingSettings(0.0, 1.0, 12, ()), SamplingSettings(0.9, 0.95, 12, ())):
+        grouped, whole = grouped_and_whole(tiny_backend.model, tiny_backend.tokenizer, settings)
+        assert grouped == whole
+        assert len({c.text for c in grouped}) > 1
+
+
+def test_prompt_pass_in_groups_keeps_sliding_window_layers_exact(tiny_backend):
+    """A model with a sliding window shorter than the longest prompts: the spliced cache of a
+    window layer holds the window, the full layer the whole prompt, as one forward makes them."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    tokenizer = tiny_backend.tokenizer
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"], pad_token_id=tokenizer.pad_token_id)
+    model = Gemma3ForCausalLM(config).eval()
+    lengths = [len(tokenizer(p).input_ids) for p in PROMPTS_OF_MANY_LENGTHS]
+    assert min(lengths) < 6 < max(lengths)
+    grouped, whole = grouped_and_whole(model, tokenizer, SamplingSettings(0.0, 1.0, 10, ()))
+    assert grouped == whole

@@ -40,10 +40,12 @@ def test_results_of_different_suites_are_not_paired():
 def test_generation_benchmark_prints_ratios(tiny_backend):
     from core.bench import bench_generation
 
-    rows = bench_generation(tiny_backend, count=4, max_new_tokens=4, batch_sizes=(1, 4))
+    rows = bench_generation(tiny_backend, count=20, max_new_tokens=4, batch_sizes=(1, 20))
+    # the one-forward prompt pass differs from ours only above PREFILL_ROWS (16) prompts
     assert [(r["engine"], r["batch"]) for r in rows] == [
-        ("ours", 1), ("ours", 4), ("transformers generate", 1), ("transformers generate", 4)]
-    assert all(r["tokens"] == 16 for r in rows)  # every engine makes exactly 4 x 4 tokens
+        ("ours", 1), ("ours", 20), ("ours, prompts in one forward", 20),
+        ("transformers generate", 1), ("transformers generate", 20)]
+    assert all(r["tokens"] == 80 for r in rows)  # every engine makes exactly 20 x 4 tokens
     assert rows[0]["speedup_vs_ours_batch_1"] == 1.0
     assert all(0 < r["share_of_compute_limit"] < 1 for r in rows)  # below the matmul rate
     # MFU also counts the prompt tokens' FLOPs, so it is above the generated tokens' share

@@ -261,3 +261,27 @@ def test_tasks_file_round_trips(tmp_path):
 def test_list_prompt_is_a_numbered_continuation():
     prompt = s1.list_prompt(["A.", "B."])
     assert prompt.endswith("Task 2: B.\nTask 3:")
+
+
+def test_each_response_prompt_shows_an_exemplar_of_every_constraint_kind_its_task_carries():
+    import random
+
+    exemplars = s1.load_pool()["response_exemplars"]
+    constraints = [{"kind": "lowercase", "params": {}},
+                   {"kind": "postscript", "params": {"marker": "P.S."}}]
+
+    def kinds(exemplar):
+        return {c["kind"] for c in exemplar.get("constraints") or []}
+
+    drawn = [s1.draw_matching_exemplars(exemplars, constraints, random.Random(seed))
+             for seed in range(40)]
+    for shots in drawn:
+        assert 3 <= len(shots) <= 4 and len({id(e) for e in shots}) == len(shots)
+        assert any("lowercase" in kinds(e) for e in shots)
+        assert any("postscript" in kinds(e) for e in shots)
+    # the matched exemplars do not always stand in the same place, and the rest vary
+    assert len({tuple(exemplars.index(e) for e in shots) for shots in drawn}) > 20
+    # an unconstrained task (or a kind the pool never shows) gets 3-4 random exemplars
+    plain = s1.draw_matching_exemplars(exemplars, [{"kind": "nonesuch", "params": {}}],
+                                       random.Random(0))
+    assert 3 <= len(plain) <= 4
