@@ -94,7 +94,7 @@ def prefill(model, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: to
     forward no longer computes a short prompt's padding up to the longest prompt."""
     lengths = mask.sum(-1)
     if len(lengths) <= group_rows:
-        groups = (torch.arange(len(lengths)),)
+        groups = (torch.arange(len(lengths), device=mask.device),)
     else:
         groups = torch.argsort(lengths, descending=True, stable=True).split(group_rows)
     logits = None
