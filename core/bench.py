@@ -2,6 +2,7 @@
 against transformers' own `generate`, on the same prompts, in one run."""
 from __future__ import annotations
 
+import copy
 import os
 import time
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 
 from core.backend import SamplingSettings
-from core.sampler import PREFILL_ROWS, sample_batch
+from core.sampler import PREFILL_ROWS
 from core.prompting import house_prompt
 
 
@@ -71,6 +72,9 @@ def peak_rss_gb(pid: int) -> float:
     return round(total / 1e9, 2)
 
 
+ONE_FORWARD = "ours, prompts in one forward"  # the engine row of our loop without prompt groups
+
+
 def bench_generation(backend, count: int, max_new_tokens: int, batch_sizes: tuple[int, ...],
                      vllm=None, limit: dict | None = None) -> list[dict]:
     """Rows of {engine, batch, seconds, tokens, tokens_per_s, share of the compute limit (the
@@ -93,11 +97,6 @@ def bench_generation(backend, count: int, max_new_tokens: int, batch_sizes: tupl
             total += sum(c.tokens for c in out)
         return total
 
-    def one_prompt_forward(batch_prompts, batch_settings, batch_seeds):
-        """Our loop as it was before the prompt pass ran in groups: one padded forward."""
-        return sample_batch(backend.model, backend.tokenizer, batch_prompts, batch_settings,
-                            batch_seeds, prefill_rows=None)
-
     def hf_generate(batch: int) -> int:
         tok, total = backend.tokenizer, 0
         tok.padding_side = "left"
@@ -112,8 +111,10 @@ def bench_generation(backend, count: int, max_new_tokens: int, batch_sizes: tupl
         return total
 
     backend.generate(prompts[:2], settings, seeds[:2])  # warm-up: first-call allocations
+    one_forward = copy.copy(backend)  # our loop as it was: the prompts in one padded forward
+    one_forward.prefill_rows = None
     engines = [("ours", lambda batch: sampled(backend.generate, batch)),
-               ("ours, prompts in one forward", lambda batch: sampled(one_prompt_forward, batch)),
+               (ONE_FORWARD, lambda batch: sampled(one_forward.generate, batch)),
                ("transformers generate", hf_generate)]
     if vllm is not None:
         engines.append(("vllm", lambda batch: sampled(vllm.generate, batch)))
@@ -125,7 +126,7 @@ def bench_generation(backend, count: int, max_new_tokens: int, batch_sizes: tupl
         if engine == "vllm":  # starts the worker, after the other engines ran without it
             vllm.generate(prompts[:2], settings, seeds[:2])
         for batch in batch_sizes:
-            if engine == "ours, prompts in one forward" and batch <= PREFILL_ROWS:
+            if engine == ONE_FORWARD and batch <= PREFILL_ROWS:
                 continue  # the same computation as "ours" at this batch
             seconds, tokens = _timed(lambda: run(batch))
             pid = vllm.worker().process.pid if engine == "vllm" else os.getpid()
