@@ -213,6 +213,8 @@ class _Spec:
     describe: Callable[[Params], str]
     sample: Sampler
     grid: tuple[Params, ...] = ({},)  # parameter choices hindsight relabelling may state
+    # how every response meeting the constraint begins (None: no fixed beginning)
+    opening: Callable[[Params], str] | None = None
 
 
 _SPECS: dict[str, _Spec] = {
@@ -269,6 +271,7 @@ _SPECS: dict[str, _Spec] = {
         lambda r, p: r.lstrip().startswith(p["phrase"]),
         lambda p: f'Begin your response with the exact phrase "{p["phrase"]}".',
         *_phrases(START_PHRASES),
+        opening=lambda p: p["phrase"],
     ),
     "end_with": _Spec(
         {"phrase": "text"},
@@ -287,6 +290,7 @@ _SPECS: dict[str, _Spec] = {
             'each on its own line starting with "- ".'
         ),
         *_counts((2, 3, 4, 5)),
+        opening=lambda p: "-",
     ),
     "paragraph_count": _Spec(
         {"n": "count"},
@@ -302,6 +306,7 @@ _SPECS: dict[str, _Spec] = {
         lambda r, p: _is_json(r),
         lambda p: "Your entire response must be valid JSON: a single object or array.",
         _no_params,
+        opening=lambda p: "{",
     ),
     "no_commas": _Spec(
         {},
@@ -314,6 +319,7 @@ _SPECS: dict[str, _Spec] = {
         lambda r, p: _is_quoted(r),
         lambda p: "Wrap your entire response in double quotation marks.",
         _no_params,
+        opening=lambda p: '"',
     ),
     "title": _Spec(
         {},
@@ -323,6 +329,7 @@ _SPECS: dict[str, _Spec] = {
             "such as <<My Title>>."
         ),
         _no_params,
+        opening=lambda p: "<<",
     ),
     "postscript": _Spec(
         {},
@@ -338,6 +345,7 @@ _SPECS: dict[str, _Spec] = {
             'one per line, numbered "1.", "2." and so on.'
         ),
         *_counts((3, 4, 5)),
+        opening=lambda p: "1.",
     ),
 }
 
@@ -400,6 +408,12 @@ class Constraint:
             return False
         return _SPECS[self.kind].check(response, self.params)
 
+    def opening(self) -> str | None:
+        """The text every response meeting the constraint begins with ('<<' for a title,
+        the phrase of start_with), or None when a passing response may begin anyhow."""
+        spec = _SPECS[self.kind]
+        return spec.opening(self.params) if spec.opening else None
+
     def to_dict(self) -> dict:
         """JSON-serialisable form: {"kind": ..., "params": ...}."""
         params = {k: list(v) if isinstance(v, list) else v for k, v in self.params.items()}
@@ -444,6 +458,20 @@ def instruction_with_constraints(instruction: str, constraints: list[dict]) -> s
     """The instruction text with each constraint's sentence appended (as a model sees it)."""
     sentences = [constraint_from_dict(c).describe() for c in constraints]
     return " ".join([instruction.strip(), *sentences])
+
+
+# where two constraints each fix how a response begins, the first of these kinds decides
+OPENING_ORDER = ("start_with", "wrap_in_quotes", "json_format", "title", "numbered_steps",
+                 "bullet_count")
+
+
+def response_opening(constraints: list[dict]) -> str:
+    """How a response to an instruction with `constraints` may begin so that it can meet them
+    (a generation scaffold: "<<" for a title, the phrase of start_with); "" when none fixes it."""
+    built = sorted((constraint_from_dict(c) for c in constraints),
+                   key=lambda c: OPENING_ORDER.index(c.kind) if c.kind in OPENING_ORDER
+                   else len(OPENING_ORDER))
+    return next((opening for c in built if (opening := c.opening()) is not None), "")
 
 
 def hindsight_candidates(kinds_in_use: frozenset[str] = frozenset()) -> list[Constraint]:

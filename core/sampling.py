@@ -29,17 +29,30 @@ def few_shot_requests(seed: int, tasks: list[Task], k: int, kind: str,
     return requests
 
 
-def sample_records(tasks: list[Task], results: dict[str, dict], k: int) -> list[dict]:
-    """K samples per task as records in task order: {task_id, sample, text (stripped), finish}."""
-    return [{"task_id": task.id, "sample": j, "text": results[f"{task.id}-{j}"]["text"].strip(),
-             "finish": results[f"{task.id}-{j}"]["finish"]}
-            for task in tasks for j in range(k)]
+def sample_records(tasks: list[Task], results: dict[str, dict], k: int,
+                   openings: dict[str, str] | None = None) -> list[dict]:
+    """K samples per task as records in task order: {task_id, sample, text (stripped), finish},
+    plus {opening} for a request whose prompt ended with one (`openings`: request id ->
+    opening); its text is the opening followed by what the model wrote."""
+    openings = openings or {}
+    records = []
+    for task in tasks:
+        for j in range(k):
+            request_id = f"{task.id}-{j}"
+            opening = openings.get(request_id, "")
+            records.append({"task_id": task.id, "sample": j,
+                            "text": (opening + results[request_id]["text"]).strip(),
+                            "finish": results[request_id]["finish"],
+                            **({"opening": opening} if opening else {})})
+    return records
 
 
 def sample_to_file(ctx: StageContext, tasks: list[Task], requests: list[GenRequest],
-                   temperature: float, stops: tuple[str, ...], name: str) -> None:
-    """Generate `requests` (cached in cache/<name>.jsonl) and write <name>.jsonl."""
+                   temperature: float, stops: tuple[str, ...], name: str,
+                   openings: dict[str, str] | None = None) -> None:
+    """Generate `requests` (cached in cache/<name>.jsonl) and write <name>.jsonl. A request
+    named in `openings` has its opening at the end of its prompt (see `sample_records`)."""
     settings = ctx.sampling(temperature, ctx.profile.max_new_tokens, stops)
     results = ctx.generate(requests, settings, f"{name}.jsonl", f"stage {ctx.number} {name}")
     write_jsonl(ctx.path(f"{name}.jsonl"),
-                sample_records(tasks, results, ctx.profile.responses_per_task))
+                sample_records(tasks, results, ctx.profile.responses_per_task, openings))

@@ -15,7 +15,12 @@ zero-shot, in the house format. Steps (each resumable, each marked done only whe
 2. responses     K samples per training instruction from a few-shot completion prompt (3-4
                  exemplars from the pool, then the target): one exemplar showing each kind
                  of constraint the task carries (so the model has a format to imitate), the
-                 rest drawn at random, in random order.
+                 rest drawn at random, in random order. Where the task's constraints fix how
+                 a response begins ("<<" for a title, "1." for numbered steps, the phrase of
+                 start_with), the first `opened_samples` prompts end with that opening and
+                 the model writes on from it; the other samples begin as the model likes, so a
+                 task can pair an opened passer with an unopened failure. The opening is a
+                 generation scaffold like the exemplars: training prompts never show it.
 3. scores        Constraint checkers on every sample, and the chosen gate: a sample that loops
                  (a sentence or list item said twice) or parrots a constraint sentence may pass
                  "at least 60 words" but is never chosen; a log-probability A/B self-judge, asked in both orders, ranks samples
@@ -54,7 +59,7 @@ import yaml
 
 from core.assess import assess_instructions
 from core.constraints import (Constraint, constraint_from_dict, hindsight_candidates,
-                              instruction_with_constraints, sample_constraints)
+                              instruction_with_constraints, response_opening, sample_constraints)
 from core.contamination import Protected
 from core.context import StageContext
 from core.errors import RunFailure, TooLittleDataError
@@ -93,6 +98,9 @@ class Stage1Settings(StageSettings):
     matched_exemplars: bool = setting(True, "each response prompt shows an exemplar of every "
                                             "constraint kind its task carries (False: all "
                                             "exemplars drawn at random)")
+    opened_samples: int = setting(2, "of the K samples of a task whose constraints fix how a "
+                                     "response begins, how many start from that opening "
+                                     "(0: none)")
 
 
 def load_pool() -> dict:
@@ -214,7 +222,20 @@ def response_requests(ctx: StageContext, pool: dict, tasks: list[Task]) -> list[
         return [(instruction_with_constraints(e["instruction"], e.get("constraints") or []),
                  e["response"]) for e in drawn]
 
-    return few_shot_requests(ctx.seed, tasks, ctx.profile.responses_per_task, "response", shots)
+    requests = few_shot_requests(ctx.seed, tasks, ctx.profile.responses_per_task, "response",
+                                 shots)
+    openings = sample_openings(tasks, ctx.profile.responses_per_task,
+                               ctx.settings.opened_samples)
+    return [replace(r, prompt=r.prompt + openings[r.id]) if r.id in openings else r
+            for r in requests]
+
+
+def sample_openings(tasks: list[Task], k: int, opened: int) -> dict[str, str]:
+    """{request id: opening} for the first `opened` of the K samples of every task whose
+    constraints fix how a response begins (core.constraints.response_opening)."""
+    return {f"{task.id}-{j}": opening for task in tasks
+            if (opening := response_opening(task.extra["constraints"]))
+            for j in range(min(opened, k))}
 
 
 def draw_matching_exemplars(exemplars: list[dict], constraints: list[dict],
@@ -236,8 +257,9 @@ def draw_matching_exemplars(exemplars: list[dict], constraints: list[dict],
 
 def make_responses(ctx: StageContext, pool: dict) -> None:
     tasks = load_tasks(ctx, "train")
+    openings = sample_openings(tasks, ctx.profile.responses_per_task, ctx.settings.opened_samples)
     sample_to_file(ctx, tasks, response_requests(ctx, pool, tasks),
-                   ctx.profile.temperature_answer, RESPONSE_STOPS, "responses")
+                   ctx.profile.temperature_answer, RESPONSE_STOPS, "responses", openings)
 
 
 # 3. scores ---------------------------------------------------------------------------------------
@@ -502,14 +524,18 @@ def stated_rule_count(tasks: list[Task], scores: list[dict], judgments: list[dic
 
 def sample_funnel(scores: list[dict]) -> dict:
     """What the sample gates removed: unusable (by reason), usable, usable but flawed (by
-    flaw), and the usable samples that pass their task's stated constraints."""
+    flaw), the usable samples that pass their task's stated constraints, and how many samples
+    began from an opening and of those passed."""
     usable = [s for s in scores if s["unusable"] is None]
     unusable = Counter(s["unusable"] for s in scores if s["unusable"] is not None)
     return {"total": len(scores), "usable": len(usable),
             **{f"unusable ({reason})": n for reason, n in unusable.most_common()},
             **{f"usable but never chosen ({flaw})": n for flaw, n in
                Counter(s["flaw"] for s in usable if s["flaw"]).most_common()},
-            "usable and passing": sum(bool(s["passed"]) for s in usable)}
+            "usable and passing": sum(bool(s["passed"]) for s in usable),
+            "opened (began from the constraints' opening)": sum("opening" in s for s in scores),
+            "opened, usable and passing": sum(bool(s["passed"]) and "opening" in s
+                                              for s in usable)}
 
 
 def judge_audit(judgments: list[dict], scored: list[dict]) -> dict:

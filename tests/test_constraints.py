@@ -18,6 +18,7 @@ from core.constraints import (
     compatible,
     constraint_from_dict,
     count_sentences,
+    response_opening,
     sample_constraints,
 )
 
@@ -193,3 +194,46 @@ def test_sampling_rejects_impossible_counts() -> None:
         sample_constraints(random.Random(0), -1)
     with pytest.raises(ValueError, match="mutually compatible"):
         sample_constraints(random.Random(0), len(KINDS))
+
+
+# (kind, params, what a model might write after the opening) -> opening + text passes
+OPENED = [
+    ("start_with", {"phrase": "Here is my answer:"}, " yes, gladly."),
+    ("wrap_in_quotes", {}, 'Rain is water falling from clouds."'),
+    ("json_format", {}, '"rain": "water falling from clouds"}'),
+    ("title", {}, "Rain>>\n\nRain is water falling from clouds."),
+    ("numbered_steps", {"n": 2}, " Open the umbrella.\n2. Hold it up."),
+    ("bullet_count", {"n": 2}, " Umbrella\n- Coat"),
+]
+
+
+@pytest.mark.parametrize(("kind", "params", "rest"), OPENED)
+def test_an_opening_begins_a_passing_response(kind: str, params: dict, rest: str) -> None:
+    constraint = Constraint(kind, params)
+    opening = constraint.opening()
+    assert opening and constraint.check(opening + rest)
+    assert not constraint.check(rest)  # the opening is what makes it pass
+
+
+def test_kinds_without_a_fixed_beginning_have_no_opening() -> None:
+    assert {kind for kind in KINDS if Constraint(kind, sample_params(kind)).opening()} == \
+        {case[0] for case in OPENED}
+    assert response_opening([{"kind": "lowercase", "params": {}}]) == ""
+    assert response_opening([]) == ""
+
+
+def test_the_opening_of_two_constraints_follows_the_fixed_order() -> None:
+    title = {"kind": "title", "params": {}}
+    steps = {"kind": "numbered_steps", "params": {"n": 3}}
+    start = {"kind": "start_with", "params": {"phrase": "Sure thing."}}
+    assert response_opening([steps, title]) == response_opening([title, steps]) == "<<"
+    assert response_opening([title, start]) == "Sure thing."
+    assert response_opening([{"kind": "no_commas", "params": {}}, steps]) == "1."
+
+
+def sample_params(kind: str) -> dict:
+    rng = random.Random(0)
+    while True:
+        drawn = sample_constraints(rng, 1)[0]
+        if drawn.kind == kind:
+            return drawn.params

@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from core.records import read_tasks
+from stages import stage1_explicit_instructions as s1
 from registry.models import profile_by_name
 from conftest import stage1_command
 
@@ -114,6 +115,16 @@ def test_funnel_accounts_for_every_task_and_sample(reference):
     report = (stage / "report.md").read_text()
     assert f"funnel: {funnel['tasks']} tasks -> {funnel['pairs_chosen']} pairs chosen" in report
     assert "usable and passing" in report
+    # the samples that began from their constraints' opening: which ones, and their texts
+    config = yaml.safe_load((reference / "config.yaml").read_text())
+    responses = [json.loads(line) for line in (stage / "responses.jsonl").read_text().splitlines()]
+    opened = {f"{r['task_id']}-{r['sample']}": r for r in responses if "opening" in r}
+    expected = s1.sample_openings(read_tasks(stage / "tasks.jsonl", "train"),
+                                  config["settings"]["profile"]["responses_per_task"],
+                                  config["settings"]["stage1"]["opened_samples"])
+    assert {key: r["opening"] for key, r in opened.items()} == expected
+    assert all(r["text"].startswith(r["opening"].strip()) for r in opened.values())
+    assert samples["opened (began from the constraints' opening)"] == len(opened)
 
 
 def test_merged_model_loads_and_differs_from_base(reference, tiny_dir):

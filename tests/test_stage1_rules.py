@@ -285,3 +285,23 @@ def test_each_response_prompt_shows_an_exemplar_of_every_constraint_kind_its_tas
     plain = s1.draw_matching_exemplars(exemplars, [{"kind": "nonesuch", "params": {}}],
                                        random.Random(0))
     assert 3 <= len(plain) <= 4
+
+
+def test_the_first_samples_of_a_task_with_a_fixed_beginning_start_from_its_opening():
+    titled = Task(id="t2", stage=1, split="train", text="Write about rain.", kind="instruction",
+                  source="model", extra={"instruction": "Write about rain.",
+                                         "constraints": [{"kind": "title", "params": {}}]})
+    assert s1.sample_openings([task(LOWER), titled], k=4, opened=2) == {"t2-0": "<<",
+                                                                       "t2-1": "<<"}
+    assert s1.sample_openings([titled], k=4, opened=0) == {}
+    assert s1.sample_openings([titled], k=1, opened=2) == {"t2-0": "<<"}
+
+
+def test_an_opened_passer_is_chosen_over_an_unopened_failure():
+    titled = task([{"kind": "title", "params": {}}])
+    samples = scored(titled, ["<<Rain>>\n\nRain is water that falls from clouds onto the land.",
+                              "Rain is water that falls from clouds onto the fields and roads."])
+    pair, reason = s1.choose_pair(titled, samples, [])
+    assert reason == "ok" and pair["source"] == "checks"
+    assert pair["chosen"].startswith("<<Rain>>") and pair["rejected"].startswith("Rain is")
+    assert pair["prompt"] == s1.house_prompt(titled.text)  # the opening never reaches it
