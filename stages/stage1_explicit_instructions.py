@@ -22,10 +22,12 @@ zero-shot, in the house format. Steps (each resumable, each marked done only whe
                  task can pair an opened passer with an unopened failure. The opening is a
                  generation scaffold like the exemplars: training prompts never show it.
 3. scores        Constraint checkers on every sample, and the chosen gate: a sample that loops
-                 (a sentence or list item said twice) or parrots a constraint sentence may pass
-                 "at least 60 words" but is never chosen; a log-probability A/B self-judge, asked in both orders, ranks samples
-                 where the checkers cannot (several passers, or an instruction without
-                 constraints) and is audited against the checkers.
+                 (a sentence or list item said twice), parrots a constraint sentence, or began
+                 from an opening and fails the constraint it came from ("<<Title" unclosed)
+                 may pass "at least 60 words" but is never chosen; a log-probability A/B
+                 self-judge, asked in both orders, ranks samples where the checkers cannot
+                 (several passers, or an instruction without constraints) and is audited
+                 against the checkers.
 4. pairs         chosen = passes and clears the chosen gate, rejected = fails (the failure closest to
                  passing); for unconstrained instructions the judge's consistent winner and
                  loser. A task with no such pair is relabelled in hindsight: restated with the
@@ -280,23 +282,29 @@ def unusable_reason(text: str, guard, exemplars: list[str]) -> str | None:
     return None
 
 
-def score_sample(text: str, constraints: list[dict], guard, exemplars: list[str]) -> dict:
+def score_sample(text: str, constraints: list[dict], guard, exemplars: list[str],
+                 opening: str = "") -> dict:
+    """Checks, usability and chosen flaw of one sample (`opening`: what its prompt ended with)."""
     results = [constraint_from_dict(c).check(text) for c in constraints]
     unusable = unusable_reason(text, guard, exemplars)
     return {"constraint_results": results, "passed": bool(results) and all(results),
             "pass_fraction": sum(results) / len(results) if results else None,
-            "unusable": unusable, "flaw": chosen_flaw(text, constraints)}
+            "unusable": unusable, "flaw": chosen_flaw(text, constraints, opening)}
 
 
-def chosen_flaw(text: str, constraints: list[dict]) -> str | None:
-    """Why a usable sample must still never be chosen: it loops (core.text.looping_reason) or
+def chosen_flaw(text: str, constraints: list[dict], opening: str = "") -> str | None:
+    """Why a usable sample must still never be chosen: it loops (core.text.looping_reason),
     parrots a constraint sentence of its prompt ("To begin with. Begin your response with the
-    exact phrase ..."). Either can pass every check, and either is what DPO would teach."""
+    exact phrase ..."), or began from an opening and fails the constraint that gave it (an
+    unclosed "<<Title"). Each can pass other checks, hindsight relabelling could state those
+    alone, and each is what DPO would teach."""
     if reason := looping_reason(text):
         return reason
-    sentences = [constraint_from_dict(c).describe() for c in constraints]
-    if copies_exemplar(text, sentences, min_chars=30):
+    built = [constraint_from_dict(c) for c in constraints]
+    if copies_exemplar(text, [c.describe() for c in built], min_chars=30):
         return "echoes a constraint sentence"
+    if opening and not all(c.check(text) for c in built if c.opening() == opening):
+        return "fails the constraint its opening came from"
     return None
 
 
@@ -342,7 +350,7 @@ def make_scores(ctx: StageContext, pool: dict) -> None:
     tasks = {t.id: t for t in load_tasks(ctx, "train")}
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
     scored = [{**r, **score_sample(r["text"], tasks[r["task_id"]].extra["constraints"], guard,
-                                   exemplars)}
+                                   exemplars, r.get("opening", ""))}
               for r in read_jsonl(ctx.path("responses.jsonl"))]
     by_task = group_by_task(scored)
     jobs = [(task_id, a, b) for task_id, samples in by_task.items()

@@ -305,3 +305,22 @@ def test_an_opened_passer_is_chosen_over_an_unopened_failure():
     assert reason == "ok" and pair["source"] == "checks"
     assert pair["chosen"].startswith("<<Rain>>") and pair["rejected"].startswith("Rain is")
     assert pair["prompt"] == s1.house_prompt(titled.text)  # the opening never reaches it
+
+
+def test_hindsight_never_chooses_an_opened_sample_that_fails_its_openings_constraint():
+    titled = task([{"kind": "title", "params": {}}])
+    texts = ["<<Rain and clouds\n\nRain is water that falls from the clouds above us.",
+             "Rain is water. It falls. It falls from clouds. It wets the roads. It fills rivers. "
+             "It feeds plants.",
+             "Rain falls from clouds when their droplets grow heavy enough to drop to the ground."]
+    samples = [{"sample": i, "text": text, **s1.score_sample(
+        text, titled.extra["constraints"], NO_MARKUP, [POOL_EXEMPLAR], "<<" if i == 0 else "")}
+        for i, text in enumerate(texts)]
+    assert samples[0]["flaw"] == "fails the constraint its opening came from"
+    assert s1.score_sample(texts[0], titled.extra["constraints"], NO_MARKUP, [],
+                           "")["flaw"] is None  # the same text without an opening is fine
+    for seed in range(20):
+        pair = s1.hindsight_pair(titled, samples, [], seed)
+        assert pair is not None and pair["chosen_sample"] != 0
+    closed = "<<Rain>>\n\nRain is water that falls from the clouds above us."
+    assert s1.score_sample(closed, titled.extra["constraints"], NO_MARKUP, [], "<<")["flaw"] is None
