@@ -517,6 +517,7 @@ def report_data(ctx: StageContext) -> dict:
         "tasks_heldout": len(load_tasks(ctx, "heldout")),
         "responses": len(scores),
         "samples": sample_funnel(scores),
+        "constraints met by the samples, by kind": met_by_kind(train, scores),
         "pairs_dropped": len(read_jsonl(ctx.path("pairs_dropped.jsonl"))),
         "judge": judge_audit(judgments, scores),
     }
@@ -544,6 +545,23 @@ def sample_funnel(scores: list[dict]) -> dict:
             "opened (began from the constraints' opening)": sum("opening" in s for s in scores),
             "opened, usable and passing": sum(bool(s["passed"]) and "opening" in s
                                               for s in usable)}
+
+
+def met_by_kind(tasks: list[Task], scores: list[dict]) -> dict[str, str]:
+    """For each constraint kind, "met/stated" over the samples of tasks that state it, and the
+    same over the opened samples: where the few-shot model can and cannot write a format."""
+    kinds = {t.id: [c["kind"] for c in t.extra["constraints"]] for t in tasks}
+    stated, met, opened, opened_met = Counter(), Counter(), Counter(), Counter()
+    for sample in scores:
+        for kind, result in zip(kinds[sample["task_id"]], sample["constraint_results"]):
+            stated[kind] += 1
+            met[kind] += result
+            if "opening" in sample:
+                opened[kind] += 1
+                opened_met[kind] += result
+    return {kind: f"{met[kind]}/{stated[kind]}" + (
+        f" (opened {opened_met[kind]}/{opened[kind]})" if opened[kind] else "")
+        for kind in sorted(stated)}
 
 
 def judge_audit(judgments: list[dict], scored: list[dict]) -> dict:

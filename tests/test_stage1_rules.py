@@ -324,3 +324,11 @@ def test_hindsight_never_chooses_an_opened_sample_that_fails_its_openings_constr
         assert pair is not None and pair["chosen_sample"] != 0
     closed = "<<Rain>>\n\nRain is water that falls from the clouds above us."
     assert s1.score_sample(closed, titled.extra["constraints"], NO_MARKUP, [], "<<")["flaw"] is None
+
+
+def test_constraints_met_by_kind_counts_every_stated_constraint_of_every_sample():
+    two = task([{"kind": "title", "params": {}}, {"kind": "min_words", "params": {"n": 3}}])
+    samples = [{"task_id": "t1", "sample": 0, "constraint_results": [True, True], "opening": "<<"},
+               {"task_id": "t1", "sample": 1, "constraint_results": [False, True]}]
+    assert s1.met_by_kind([two], samples) == {"min_words": "2/2 (opened 1/1)",
+                                              "title": "1/2 (opened 1/1)"}
