@@ -191,11 +191,21 @@ def suite_cache(ctx: StageContext, suite: str, sha: str | None, label: str) -> P
 
 
 def paired_outcomes(before: list[dict], after: list[dict]) -> dict:
-    """Exact McNemar over held-out items scored in both (items whose `passed` is not None)."""
+    """Exact McNemar over held-out items scored in both (items whose `passed` is not None);
+    where the items record `degenerate`, also over every item's non-degenerate outcome."""
     b = {i["id"]: i["passed"] for i in before if i["passed"] is not None}
     a = {i["id"]: i["passed"] for i in after if i["passed"] is not None}
     ids = sorted(set(a) & set(b))
-    return {"mcnemar": mcnemar_exact([b[i] for i in ids], [a[i] for i in ids]), "items": len(ids)}
+    paired = {"mcnemar": mcnemar_exact([b[i] for i in ids], [a[i] for i in ids]),
+              "items": len(ids)}
+    if all("degenerate" in item for item in before + after):
+        clean_b = {i["id"]: i["degenerate"] is None for i in before}
+        clean_a = {i["id"]: i["degenerate"] is None for i in after}
+        both = sorted(set(clean_b) & set(clean_a))
+        paired["non_degenerate"] = {**mcnemar_exact([clean_b[i] for i in both],
+                                                    [clean_a[i] for i in both]),
+                                    "items": len(both)}
+    return paired
 
 
 def baseline_table(baseline: dict) -> dict:

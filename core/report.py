@@ -72,10 +72,13 @@ def assessment_section(a: dict) -> list[str]:
              "| metric | input model | merged model |", "|---|---|---|"]
     for key in before:
         lines.append(f"| {key.replace('_', '-')} | {fmt_rate(before[key])} | {fmt_rate(after[key])} |")
-    return lines + [
-        "", f"Paired exact McNemar on {a['headline'].replace('_', '-')} outcomes "
-        f"({a['paired']['items']} items): {test['gained']} gained, {test['lost']} lost, "
-        f"p = {test['p_value']:.3g}.", ""]
+    lines += ["", f"Paired exact McNemar on {a['headline'].replace('_', '-')} outcomes "
+              f"({a['paired']['items']} items): {test['gained']} gained, {test['lost']} lost, "
+              f"p = {test['p_value']:.3g}."]
+    if clean := a["paired"].get("non_degenerate"):
+        lines.append(f"On non-degenerate outcomes ({clean['items']} items): {clean['gained']} "
+                     f"gained, {clean['lost']} lost, p = {clean['p_value']:.3g}.")
+    return lines + [""]
 
 
 def data_section(metrics: dict) -> list[str]:

@@ -93,3 +93,25 @@ def test_training_benchmark_runs_each_variant_in_its_own_process(stage1_referenc
     assert rows[-1]["batch"] == 8 and rows[-1]["max_length"] == 1024  # TRL's own defaults
     assert rows[0]["batch"] == 1 and rows[0]["vs_project"] == 1.0  # the tiny profile's 1 x 1
     assert rows[2]["batch"] == rows[0]["batch"]  # one micro-batch: the same pairs per step
+
+
+def test_held_out_pairing_tests_the_headline_and_non_degenerate_outcomes():
+    from core.lifecycle import paired_outcomes
+    from core.report import assessment_section
+
+    def item(i, passed, degenerate):
+        return {"id": f"t{i}", "passed": passed, "degenerate": "loops" if degenerate else None}
+
+    before = [item(0, False, True), item(1, False, True), item(2, None, True), item(3, True, False)]
+    after = [item(0, True, False), item(1, False, False), item(2, None, False), item(3, True, True)]
+    paired = paired_outcomes(before, after)
+    assert paired["items"] == 3 and paired["mcnemar"]["gained"] == 1  # t2 has no constraints
+    clean = paired["non_degenerate"]
+    assert (clean["items"], clean["gained"], clean["lost"]) == (4, 3, 1)
+    summary = {"summary": {"prompt_level": rate(1, 3)}}
+    lines = assessment_section({"headline": "prompt_level", "before": summary, "after": summary,
+                                "paired": paired})
+    assert "On non-degenerate outcomes (4 items): 3 gained, 1 lost, p = 0.625." in lines
+    # items that do not record degeneracy get the headline test only
+    assert "non_degenerate" not in paired_outcomes([{"id": "a", "passed": True}],
+                                                   [{"id": "a", "passed": False}])

@@ -122,7 +122,7 @@ def test_funnel_accounts_for_every_task_and_sample(reference):
     expected = s1.sample_openings(read_tasks(stage / "tasks.jsonl", "train"),
                                   config["settings"]["profile"]["responses_per_task"],
                                   config["settings"]["stage1"]["opened_samples"])
-    assert {key: r["opening"] for key, r in opened.items()} == expected
+    assert expected and {key: r["opening"] for key, r in opened.items()} == expected
     assert all(r["text"].startswith(r["opening"].strip()) for r in opened.values())
     assert samples["opened (began from the constraints' opening)"] == len(opened)
 
