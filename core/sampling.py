@@ -5,8 +5,10 @@ seed, the task and k (never on batch composition or on which other tasks exist).
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Callable
 
+from core.constraints import response_opening
 from core.context import StageContext
 from core.generation import GenRequest
 from core.io import write_jsonl
@@ -27,6 +29,22 @@ def few_shot_requests(seed: int, tasks: list[Task], k: int, kind: str,
                                        few_shot_prompt(shots(task, rng), task.text),
                                        seed_for(seed, kind, task.id, j)))
     return requests
+
+
+def sample_openings(tasks: list[Task], k: int, opened: int,
+                    constraints_of: Callable[[Task], list[dict]]) -> dict[str, str]:
+    """{request id: opening} for the first `opened` of the K samples of every task whose
+    constraints (`constraints_of(task)`) fix how a passing response begins
+    (core.constraints.response_opening): a generation scaffold, like the exemplars."""
+    return {f"{task.id}-{j}": opening for task in tasks
+            if (opening := response_opening(constraints_of(task)))
+            for j in range(min(opened, k))}
+
+
+def with_openings(requests: list[GenRequest], openings: dict[str, str]) -> list[GenRequest]:
+    """The requests, each named in `openings` with its opening at the end of its prompt."""
+    return [replace(r, prompt=r.prompt + openings[r.id]) if r.id in openings else r
+            for r in requests]
 
 
 def sample_records(tasks: list[Task], results: dict[str, dict], k: int,

@@ -61,7 +61,7 @@ import yaml
 
 from core.assess import assess_instructions
 from core.constraints import (Constraint, constraint_from_dict, hindsight_candidates,
-                              instruction_with_constraints, response_opening, sample_constraints)
+                              instruction_with_constraints, sample_constraints)
 from core.contamination import Protected
 from core.context import StageContext
 from core.errors import RunFailure, TooLittleDataError
@@ -74,7 +74,7 @@ from core.pairs import (first_of_each_text, group_by_task, judge_wins, shared_pa
                         write_pairs)
 from core.prompting import RESPONSE_STOPS, draw, house_prompt, seed_for
 from core.records import TASKS_FILE, Task, read_tasks, write_tasks
-from core.sampling import few_shot_requests, sample_to_file
+from core.sampling import few_shot_requests, sample_openings, sample_to_file, with_openings
 from core.split import split_smallest_ids
 from core.stage import Stage, StageSettings, Step, Work, WorkPlan, setting
 from core.text import (NearDuplicateFilter, copies_exemplar, degenerate_reason, first_near_same,
@@ -226,18 +226,13 @@ def response_requests(ctx: StageContext, pool: dict, tasks: list[Task]) -> list[
 
     requests = few_shot_requests(ctx.seed, tasks, ctx.profile.responses_per_task, "response",
                                  shots)
-    openings = sample_openings(tasks, ctx.profile.responses_per_task,
-                               ctx.settings.opened_samples)
-    return [replace(r, prompt=r.prompt + openings[r.id]) if r.id in openings else r
-            for r in requests]
+    return with_openings(requests, response_openings(ctx, tasks))
 
 
-def sample_openings(tasks: list[Task], k: int, opened: int) -> dict[str, str]:
-    """{request id: opening} for the first `opened` of the K samples of every task whose
-    constraints fix how a response begins (core.constraints.response_opening)."""
-    return {f"{task.id}-{j}": opening for task in tasks
-            if (opening := response_opening(task.extra["constraints"]))
-            for j in range(min(opened, k))}
+def response_openings(ctx: StageContext, tasks: list[Task]) -> dict[str, str]:
+    """Which response requests start from their task's opening (core.sampling.sample_openings)."""
+    return sample_openings(tasks, ctx.profile.responses_per_task, ctx.settings.opened_samples,
+                           lambda task: task.extra["constraints"])
 
 
 def draw_matching_exemplars(exemplars: list[dict], constraints: list[dict],
@@ -259,9 +254,9 @@ def draw_matching_exemplars(exemplars: list[dict], constraints: list[dict],
 
 def make_responses(ctx: StageContext, pool: dict) -> None:
     tasks = load_tasks(ctx, "train")
-    openings = sample_openings(tasks, ctx.profile.responses_per_task, ctx.settings.opened_samples)
     sample_to_file(ctx, tasks, response_requests(ctx, pool, tasks),
-                   ctx.profile.temperature_answer, RESPONSE_STOPS, "responses", openings)
+                   ctx.profile.temperature_answer, RESPONSE_STOPS, "responses",
+                   response_openings(ctx, tasks))
 
 
 # 3. scores ---------------------------------------------------------------------------------------

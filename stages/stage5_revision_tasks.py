@@ -20,7 +20,10 @@ Steps (each resumable, each marked done only when complete):
                  as the house prompt shows it, kind "revision", source = stage1/pool/
                  model-draft, extra = request, draft, critique, checks, origin.
 3. revisions     K revisions per training task from a few-shot completion prompt (3-4 pool
-                 exemplars: request, draft, critique, revision; then the target).
+                 exemplars: request, draft, critique, revision; then the target). Where the
+                 task's checks fix how a passing revision begins ("<<" for a title, "1." for
+                 numbered steps), the first `opened_samples` prompts end with that opening,
+                 as in stage 1; the revision's text begins with it.
 4. scores        Checks on every revision: passes the named constraints; keeps the draft's
                  content (ROUGE-L >= 0.2); differs from the draft. A revision is unusable when
                  degenerate, when it starts with a meta-prefix ("Here is a revised ...",
@@ -69,7 +72,7 @@ from core.judge import judge_many, judge_prefix, round_robin_prompts, winning_sa
 from core.pairs import group_by_task, shared_pair_problem, write_pairs
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
 from core.records import TASKS_FILE, Task, earlier_records, earlier_tasks, read_tasks, write_tasks
-from core.sampling import few_shot_requests, sample_to_file
+from core.sampling import few_shot_requests, sample_openings, sample_to_file, with_openings
 from core.stage import Stage, StageSettings, Step, Work, WorkPlan, setting
 from core.stats import rate
 from core.suites.baseline import REVISION_TEXT
@@ -91,6 +94,9 @@ class Stage5Settings(StageSettings):
                                        "is found")
     max_judged_revisions: int = setting(3, "passing revisions per task the judge compares with "
                                            "the rejected one")
+    opened_samples: int = setting(2, "of the K revisions of a task whose checks fix how a "
+                                     "response begins, how many start from that opening "
+                                     "(0: none)")
 
 
 SOURCES = ("stage1", "model-draft", "pool")  # the order sources take turns in the split
@@ -385,16 +391,25 @@ def load_tasks(ctx: StageContext, split: str) -> list[Task]:
 # 3. revisions ------------------------------------------------------------------------------------
 
 def revision_requests(ctx: StageContext, pool: dict, tasks: list[Task]) -> list[GenRequest]:
-    return few_shot_requests(
+    requests = few_shot_requests(
         ctx.seed, tasks, ctx.profile.responses_per_task, "revision",
         lambda task, rng: [(exemplar_text(e), e["revision"])
                            for e in draw(pool["revision_exemplars"], rng)])
+    return with_openings(requests, revision_openings(ctx, tasks))
+
+
+def revision_openings(ctx: StageContext, tasks: list[Task]) -> dict[str, str]:
+    """Which revision requests start from the opening their task's checks fix ("<<" for a
+    title the critique asks for; core.sampling.sample_openings), as stage 1's responses do."""
+    return sample_openings(tasks, ctx.profile.responses_per_task, ctx.settings.opened_samples,
+                           lambda task: task.extra["checks"])
 
 
 def make_revisions(ctx: StageContext, pool: dict) -> None:
     tasks = load_tasks(ctx, "train")
     sample_to_file(ctx, tasks, revision_requests(ctx, pool, tasks),
-                   ctx.profile.temperature_answer, RESPONSE_STOPS, "revisions")
+                   ctx.profile.temperature_answer, RESPONSE_STOPS, "revisions",
+                   revision_openings(ctx, tasks))
 
 
 # 4. scores ---------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 from core.records import read_tasks
-from stages import stage1_explicit_instructions as s1
+from core.sampling import sample_openings
 from registry.models import profile_by_name
 from conftest import stage1_command
 
@@ -119,9 +119,10 @@ def test_funnel_accounts_for_every_task_and_sample(reference):
     config = yaml.safe_load((reference / "config.yaml").read_text())
     responses = [json.loads(line) for line in (stage / "responses.jsonl").read_text().splitlines()]
     opened = {f"{r['task_id']}-{r['sample']}": r for r in responses if "opening" in r}
-    expected = s1.sample_openings(read_tasks(stage / "tasks.jsonl", "train"),
-                                  config["settings"]["profile"]["responses_per_task"],
-                                  config["settings"]["stage1"]["opened_samples"])
+    expected = sample_openings(read_tasks(stage / "tasks.jsonl", "train"),
+                               config["settings"]["profile"]["responses_per_task"],
+                               config["settings"]["stage1"]["opened_samples"],
+                               lambda task: task.extra["constraints"])
     assert expected and {key: r["opening"] for key, r in opened.items()} == expected
     assert all(r["text"].startswith(r["opening"].strip()) for r in opened.values())
     assert samples["opened (began from the constraints' opening)"] == len(opened)

@@ -291,10 +291,20 @@ def test_the_first_samples_of_a_task_with_a_fixed_beginning_start_from_its_openi
     titled = Task(id="t2", stage=1, split="train", text="Write about rain.", kind="instruction",
                   source="model", extra={"instruction": "Write about rain.",
                                          "constraints": [{"kind": "title", "params": {}}]})
-    assert s1.sample_openings([task(LOWER), titled], k=4, opened=2) == {"t2-0": "<<",
-                                                                       "t2-1": "<<"}
-    assert s1.sample_openings([titled], k=4, opened=0) == {}
-    assert s1.sample_openings([titled], k=1, opened=2) == {"t2-0": "<<"}
+    from core.generation import GenRequest
+    from core.sampling import sample_openings, with_openings
+
+    def stated(task_):
+        return task_.extra["constraints"]
+
+    openings = sample_openings([task(LOWER), titled], 4, 2, stated)
+    assert openings == {"t2-0": "<<", "t2-1": "<<"}
+    assert sample_openings([titled], 4, 0, stated) == {}
+    assert sample_openings([titled], 1, 2, stated) == {"t2-0": "<<"}
+    requests = [GenRequest(f"{t}-{j}", "Instruction: ...\n\nResponse:\n", 0)
+                for t in ("t1", "t2") for j in range(4)]
+    prompts = [r.prompt for r in with_openings(requests, openings)]
+    assert [p.endswith("Response:\n<<") for p in prompts] == [False] * 4 + [True, True, False, False]
 
 
 def test_an_opened_passer_is_chosen_over_an_unopened_failure():

@@ -31,9 +31,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from core.constraints import response_opening
 from core.io import read_jsonl
 from core.models import weights_sha256
 from core.records import read_tasks
+from core.sampling import sample_openings
 from core.scripted import Script, ScriptedBackend
 from stages import stage5_revision_tasks as s5
 
@@ -160,6 +162,9 @@ class Author:
         if text is None or not s5.revision_checks(text, task)["passed"]:
             return None
         self.fixed.add(text.strip())
+        opening = response_opening(task.extra["checks"])
+        if opening and prompt.endswith(opening):  # an opened prompt: write on from it
+            return text[len(opening):] if text.startswith(opening) else None
         return text
 
     def prefer(self, prompt: str) -> str | None:
@@ -199,7 +204,7 @@ def test_stage1_ran_for_real_and_stage5_started_from_the_model(run_dir, tiny_dir
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["settings"]["stage5"] == {"keeps_content": 0.2, "max_tasks_per_request": 2,
                                             "draft_oversample": 1.5, "constraint_tries": 4,
-                                            "max_judged_revisions": 3}
+                                            "max_judged_revisions": 3, "opened_samples": 2}
 
 
 def test_stage_completes_with_pairs(run_dir):
@@ -227,6 +232,18 @@ def test_tasks_come_from_stage1_the_pool_and_model_drafts(run_dir):
         origin = samples[task.extra["origin"]]
         assert task.extra["request"] in STAGE1 and origin["text"] == task.extra["draft"]
         assert not origin["passed"]
+
+
+def test_the_first_revisions_of_a_task_whose_checks_fix_a_beginning_start_from_it(run_dir):
+    stage = run_dir / "stage_5"
+    revisions = lines(stage / "revisions.jsonl")
+    opened = {f"{r['task_id']}-{r['sample']}": r["opening"] for r in revisions if "opening" in r}
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())["settings"]
+    expected = sample_openings(read_tasks(stage / "tasks.jsonl", "train"),
+                               config["profile"]["responses_per_task"],
+                               config["stage5"]["opened_samples"], lambda task: task.extra["checks"])
+    assert expected and opened == expected
+    assert all(r["text"].startswith(r["opening"]) for r in revisions if "opening" in r)
 
 
 def test_pairs_pass_guards_and_prompts_are_zero_shot(run_dir, tiny_backend):
