@@ -303,18 +303,26 @@ def check_intact(number: int, run_dir: Path, curriculum: tuple[Stage, ...] = STA
 
 def record_input(ctx: StageContext, origin: str) -> None:
     """stage_N/input.json: which model generated this stage's data, with its weights hash and
-    the weight files' sizes and times. On resume the model must still be that one: its files
-    are rehashed only when a size or time changed (a 32B model's 65 GB take minutes)."""
+    the weight files' sizes and times, and the project commit of every process that worked on
+    the stage (`git_commits`: a stage resumed under newer code says so). On resume the model
+    must still be that one: its files are rehashed only when a size or time changed (a 32B
+    model's 65 GB take minutes)."""
     path = ctx.path("input.json")
+    commit = git_commit(PROJECT_ROOT)
     if not path.is_file():
         write_json(path, {"path": ctx.model_path, "origin": origin,
                           "weights_sha256": weights_sha256(ctx.model_path),
-                          "weights_files": weights_stamp(ctx.model_path)})
+                          "weights_files": weights_stamp(ctx.model_path),
+                          "git_commits": [commit]})
         return
     recorded = read_json(path)
     if recorded["path"] != ctx.model_path:
         raise RunDirError(f"stage {ctx.number} of this run was started from "
                           f"{recorded['path']}, not {ctx.model_path}; use a new --run-dir")
+    commits = recorded.get("git_commits", [])
+    if commit not in commits:
+        recorded = {**recorded, "git_commits": [*commits, commit]}
+        write_json(path, recorded)
     stamp = weights_stamp(ctx.model_path)
     if recorded["weights_sha256"] is None or recorded.get("weights_files") == stamp:
         return

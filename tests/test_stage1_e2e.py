@@ -90,6 +90,8 @@ def test_interface_files(reference):
     assert config["run"] == {"model": "tiny-qwen2", "seed": 0, "limit": 8, "heldout": 8,
                              "baseline_limit": None}
     assert config["versions"]["trl"] and config["versions"]["transformers"]
+    # the commit of each process that worked on the stage (one here)
+    assert json.loads((stage / "input.json").read_text())["git_commits"] == [config["git_commit"]]
     assert config["constitution"]["version"] == 1 and "git_commit" in config
     assert "Stage 1" in (stage / "report.md").read_text()
 
@@ -258,8 +260,9 @@ def test_a_later_stage_killed_then_resumed_equals_an_uninterrupted_one(tmp_path,
     assert not (stage / "DONE").exists()
     out = subprocess.run(stage_command(killed, 2), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads((stage / "input.json").read_text())["path"] == str(killed / "stage_1" /
-                                                                         "merged")
+    recorded = json.loads((stage / "input.json").read_text())
+    assert recorded["path"] == str(killed / "stage_1" / "merged")
+    assert len(recorded["git_commits"]) == 1  # three processes, one commit: recorded once
     for name in ("tasks.jsonl", "responses.jsonl", "pairs.jsonl"):
         assert (stage / name).read_bytes() == (whole / "stage_2" / name).read_bytes(), name
     ours, theirs = merged_weights(killed, 2), merged_weights(whole, 2)
