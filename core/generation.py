@@ -20,11 +20,14 @@ from core.sampler import Completion, SamplingSettings
 
 @dataclass(frozen=True)
 class GenRequest:
-    """One item to generate: `id` names it in outputs; `seed` makes its sampling reproducible."""
+    """One item to generate: `id` names it in outputs; `seed` makes its sampling reproducible;
+    `opening` is text the prompt ends with that begins the response (the completion goes on
+    from it; core.sampling.with_openings)."""
 
     id: str
     prompt: str
     seed: int
+    opening: str = ""
 
 
 def cache_key(model_id: str, prompt: str, settings: SamplingSettings, seed: int) -> str:

@@ -42,9 +42,10 @@ def sample_openings(tasks: list[Task], k: int, opened: int,
 
 
 def with_openings(requests: list[GenRequest], openings: dict[str, str]) -> list[GenRequest]:
-    """The requests, each named in `openings` with its opening at the end of its prompt."""
-    return [replace(r, prompt=r.prompt + openings[r.id]) if r.id in openings else r
-            for r in requests]
+    """The requests, each named in `openings` with its opening at the end of its prompt and
+    in its `opening`."""
+    return [replace(r, prompt=r.prompt + openings[r.id], opening=openings[r.id])
+            if r.id in openings else r for r in requests]
 
 
 def sample_records(tasks: list[Task], results: dict[str, dict], k: int,
@@ -66,11 +67,11 @@ def sample_records(tasks: list[Task], results: dict[str, dict], k: int,
 
 
 def sample_to_file(ctx: StageContext, tasks: list[Task], requests: list[GenRequest],
-                   temperature: float, stops: tuple[str, ...], name: str,
-                   openings: dict[str, str] | None = None) -> None:
-    """Generate `requests` (cached in cache/<name>.jsonl) and write <name>.jsonl. A request
-    named in `openings` has its opening at the end of its prompt (see `sample_records`)."""
+                   temperature: float, stops: tuple[str, ...], name: str) -> None:
+    """Generate `requests` (cached in cache/<name>.jsonl) and write <name>.jsonl; a request's
+    `opening` begins its sample's text (see `sample_records`)."""
     settings = ctx.sampling(temperature, ctx.profile.max_new_tokens, stops)
     results = ctx.generate(requests, settings, f"{name}.jsonl", f"stage {ctx.number} {name}")
+    openings = {r.id: r.opening for r in requests if r.opening}
     write_jsonl(ctx.path(f"{name}.jsonl"),
                 sample_records(tasks, results, ctx.profile.responses_per_task, openings))

@@ -224,15 +224,10 @@ def response_requests(ctx: StageContext, pool: dict, tasks: list[Task]) -> list[
         return [(instruction_with_constraints(e["instruction"], e.get("constraints") or []),
                  e["response"]) for e in drawn]
 
-    requests = few_shot_requests(ctx.seed, tasks, ctx.profile.responses_per_task, "response",
-                                 shots)
-    return with_openings(requests, response_openings(ctx, tasks))
-
-
-def response_openings(ctx: StageContext, tasks: list[Task]) -> dict[str, str]:
-    """Which response requests start from their task's opening (core.sampling.sample_openings)."""
-    return sample_openings(tasks, ctx.profile.responses_per_task, ctx.settings.opened_samples,
-                           lambda task: task.extra["constraints"])
+    k = ctx.profile.responses_per_task
+    openings = sample_openings(tasks, k, ctx.settings.opened_samples,
+                               lambda task: task.extra["constraints"])
+    return with_openings(few_shot_requests(ctx.seed, tasks, k, "response", shots), openings)
 
 
 def draw_matching_exemplars(exemplars: list[dict], constraints: list[dict],
@@ -255,8 +250,7 @@ def draw_matching_exemplars(exemplars: list[dict], constraints: list[dict],
 def make_responses(ctx: StageContext, pool: dict) -> None:
     tasks = load_tasks(ctx, "train")
     sample_to_file(ctx, tasks, response_requests(ctx, pool, tasks),
-                   ctx.profile.temperature_answer, RESPONSE_STOPS, "responses",
-                   response_openings(ctx, tasks))
+                   ctx.profile.temperature_answer, RESPONSE_STOPS, "responses")
 
 
 # 3. scores ---------------------------------------------------------------------------------------

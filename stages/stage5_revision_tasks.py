@@ -391,25 +391,23 @@ def load_tasks(ctx: StageContext, split: str) -> list[Task]:
 # 3. revisions ------------------------------------------------------------------------------------
 
 def revision_requests(ctx: StageContext, pool: dict, tasks: list[Task]) -> list[GenRequest]:
+    """K few-shot revision requests per task; the first `opened_samples` of a task whose checks
+    fix how a passing revision begins ("<<" for a title the critique asks for) end with that
+    opening, as stage 1's responses do."""
+    k = ctx.profile.responses_per_task
     requests = few_shot_requests(
-        ctx.seed, tasks, ctx.profile.responses_per_task, "revision",
+        ctx.seed, tasks, k, "revision",
         lambda task, rng: [(exemplar_text(e), e["revision"])
                            for e in draw(pool["revision_exemplars"], rng)])
-    return with_openings(requests, revision_openings(ctx, tasks))
-
-
-def revision_openings(ctx: StageContext, tasks: list[Task]) -> dict[str, str]:
-    """Which revision requests start from the opening their task's checks fix ("<<" for a
-    title the critique asks for; core.sampling.sample_openings), as stage 1's responses do."""
-    return sample_openings(tasks, ctx.profile.responses_per_task, ctx.settings.opened_samples,
-                           lambda task: task.extra["checks"])
+    openings = sample_openings(tasks, k, ctx.settings.opened_samples,
+                               lambda task: task.extra["checks"])
+    return with_openings(requests, openings)
 
 
 def make_revisions(ctx: StageContext, pool: dict) -> None:
     tasks = load_tasks(ctx, "train")
     sample_to_file(ctx, tasks, revision_requests(ctx, pool, tasks),
-                   ctx.profile.temperature_answer, RESPONSE_STOPS, "revisions",
-                   revision_openings(ctx, tasks))
+                   ctx.profile.temperature_answer, RESPONSE_STOPS, "revisions")
 
 
 # 4. scores ---------------------------------------------------------------------------------------

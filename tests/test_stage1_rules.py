@@ -303,8 +303,10 @@ def test_the_first_samples_of_a_task_with_a_fixed_beginning_start_from_its_openi
     assert sample_openings([titled], 1, 2, stated) == {"t2-0": "<<"}
     requests = [GenRequest(f"{t}-{j}", "Instruction: ...\n\nResponse:\n", 0)
                 for t in ("t1", "t2") for j in range(4)]
-    prompts = [r.prompt for r in with_openings(requests, openings)]
-    assert [p.endswith("Response:\n<<") for p in prompts] == [False] * 4 + [True, True, False, False]
+    opened = with_openings(requests, openings)
+    assert [r.prompt.endswith("Response:\n<<") for r in opened] == [False] * 4 + [True] * 2 + \
+        [False] * 2
+    assert [r.opening for r in opened] == [""] * 4 + ["<<"] * 2 + [""] * 2
 
 
 def test_an_opened_passer_is_chosen_over_an_unopened_failure():
