@@ -193,19 +193,22 @@ def suite_cache(ctx: StageContext, suite: str, sha: str | None, label: str) -> P
 def paired_outcomes(before: list[dict], after: list[dict]) -> dict:
     """Exact McNemar over held-out items scored in both (items whose `passed` is not None);
     where the items record `degenerate`, also over every item's non-degenerate outcome."""
-    b = {i["id"]: i["passed"] for i in before if i["passed"] is not None}
-    a = {i["id"]: i["passed"] for i in after if i["passed"] is not None}
-    ids = sorted(set(a) & set(b))
-    paired = {"mcnemar": mcnemar_exact([b[i] for i in ids], [a[i] for i in ids]),
-              "items": len(ids)}
+    test, items = mcnemar_by_id(before, after, lambda item: item["passed"])
+    paired = {"mcnemar": test, "items": items}
     if all("degenerate" in item for item in before + after):
-        clean_b = {i["id"]: i["degenerate"] is None for i in before}
-        clean_a = {i["id"]: i["degenerate"] is None for i in after}
-        both = sorted(set(clean_b) & set(clean_a))
-        paired["non_degenerate"] = {**mcnemar_exact([clean_b[i] for i in both],
-                                                    [clean_a[i] for i in both]),
-                                    "items": len(both)}
+        test, items = mcnemar_by_id(before, after, lambda item: item["degenerate"] is None)
+        paired["non_degenerate"] = {**test, "items": items}
     return paired
+
+
+def mcnemar_by_id(before: list[dict], after: list[dict],
+                  outcome: Callable[[dict], bool | None]) -> tuple[dict, int]:
+    """Exact McNemar on `outcome` over the items (by id) both lists score (outcome not None),
+    and how many those are."""
+    b = {i["id"]: o for i in before if (o := outcome(i)) is not None}
+    a = {i["id"]: o for i in after if (o := outcome(i)) is not None}
+    ids = sorted(set(a) & set(b))
+    return mcnemar_exact([b[i] for i in ids], [a[i] for i in ids]), len(ids)
 
 
 def baseline_table(baseline: dict) -> dict:
