@@ -319,23 +319,24 @@ def record_input(ctx: StageContext, origin: str) -> None:
     if recorded["path"] != ctx.model_path:
         raise RunDirError(f"stage {ctx.number} of this run was started from "
                           f"{recorded['path']}, not {ctx.model_path}; use a new --run-dir")
-    commits = recorded.get("git_commits", [])
-    if commit not in commits:
-        recorded = {**recorded, "git_commits": [*commits, commit]}
-        write_json(path, recorded)
+    updated = dict(recorded)
     stamp = weights_stamp(ctx.model_path)
-    if recorded["weights_sha256"] is None or recorded.get("weights_files") == stamp:
-        return
-    ctx.log(f"stage {ctx.number} input: the weight files of {ctx.model_path} changed size or "
-            f"time since the stage started; checking their hash")
-    found = weights_sha256(ctx.model_path)
-    if found != recorded["weights_sha256"]:
-        raise RunDirError(
-            f"stage {ctx.number}'s input model {ctx.model_path} is not the model this stage "
-            f"started from (weights sha256 {str(found)[:16]}..., recorded "
-            f"{recorded['weights_sha256'][:16]}...): the data already generated came from the "
-            f"recorded one. Restore that model, or start over with a new --run-dir")
-    write_json(path, {**recorded, "weights_files": stamp})
+    if recorded["weights_sha256"] is not None and recorded.get("weights_files") != stamp:
+        ctx.log(f"stage {ctx.number} input: the weight files of {ctx.model_path} changed size "
+                f"or time since the stage started; checking their hash")
+        found = weights_sha256(ctx.model_path)
+        if found != recorded["weights_sha256"]:
+            raise RunDirError(
+                f"stage {ctx.number}'s input model {ctx.model_path} is not the model this stage "
+                f"started from (weights sha256 {str(found)[:16]}..., recorded "
+                f"{recorded['weights_sha256'][:16]}...): the data already generated came from "
+                f"the recorded one. Restore that model, or start over with a new --run-dir")
+        updated["weights_files"] = stamp
+    # recorded only for a process that goes on to work on the stage (after the checks)
+    if commit not in (commits := recorded.get("git_commits", [])):
+        updated["git_commits"] = [*commits, commit]
+    if updated != recorded:
+        write_json(path, updated)
 
 
 def build_config(settings: dict, resolved: ResolvedModel, model_path: str,
