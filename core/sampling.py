@@ -8,7 +8,6 @@ import random
 from dataclasses import replace
 from typing import Callable
 
-from core.constraints import response_opening
 from core.context import StageContext
 from core.generation import GenRequest
 from core.io import write_jsonl
@@ -32,12 +31,11 @@ def few_shot_requests(seed: int, tasks: list[Task], k: int, kind: str,
 
 
 def sample_openings(tasks: list[Task], k: int, opened: int,
-                    constraints_of: Callable[[Task], list[dict]]) -> dict[str, str]:
-    """{request id: opening} for the first `opened` of the K samples of every task whose
-    constraints (`constraints_of(task)`) fix how a passing response begins
-    (core.constraints.response_opening): a generation scaffold, like the exemplars."""
-    return {f"{task.id}-{j}": opening for task in tasks
-            if (opening := response_opening(constraints_of(task)))
+                    opening_of: Callable[[Task], str]) -> dict[str, str]:
+    """{request id: opening} for the first `opened` of the K samples of every task with an
+    opening (`opening_of(task)`, "" for none): how a passing response to it begins, a
+    generation scaffold like the exemplars."""
+    return {f"{task.id}-{j}": opening for task in tasks if (opening := opening_of(task))
             for j in range(min(opened, k))}
 
 

@@ -61,7 +61,7 @@ import yaml
 
 from core.assess import assess_instructions
 from core.constraints import (Constraint, constraint_from_dict, hindsight_candidates,
-                              instruction_with_constraints, sample_constraints)
+                              instruction_with_constraints, response_opening, sample_constraints)
 from core.contamination import Protected
 from core.context import StageContext
 from core.errors import RunFailure, TooLittleDataError
@@ -226,7 +226,7 @@ def response_requests(ctx: StageContext, pool: dict, tasks: list[Task]) -> list[
 
     k = ctx.profile.responses_per_task
     openings = sample_openings(tasks, k, ctx.settings.opened_samples,
-                               lambda task: task.extra["constraints"])
+                               lambda task: response_opening(task.extra["constraints"]))
     return with_openings(few_shot_requests(ctx.seed, tasks, k, "response", shots), openings)
 
 

@@ -19,6 +19,11 @@ multiple-choice question about Z". Steps (each resumable, each marked done only 
                  source = where the topic came from ("pool" or "model"), extra = {"spec"}.
 3. responses     K samples per training task from a few-shot completion prompt: 3-4 pool
                  exemplars (task + ideal output, one of them of the task's kind), then the target.
+                 The first `opened_samples` prompts of a task whose answer is a numbered list
+                 (every kind but a one-item multiple-choice task) end with the opening "1." and
+                 the model writes on from it; the other samples begin as the model likes, so a
+                 task can pair an opened list with an unopened failure. The opening is a
+                 generation scaffold like the exemplars: training prompts never show it.
 4. scores        Four objective checks per sample (see `check_response`): count_ok, format_ok,
                  on_topic, distinct_items. A log-probability A/B self-judge, asked in both orders,
                  ranks the passers of a task and is audited once per task against the checks.
@@ -77,7 +82,7 @@ from core.judge import judge_many, judge_prefix, round_robin_prompts
 from core.pairs import first_of_each_text, group_by_task, judge_wins, shared_pair_problem, write_pairs
 from core.prompting import RESPONSE_STOPS, draw, house_prompt, seed_for
 from core.records import TASKS_FILE, Task, earlier_tasks, read_tasks, write_tasks
-from core.sampling import few_shot_requests, sample_to_file
+from core.sampling import few_shot_requests, sample_openings, sample_to_file, with_openings
 from core.stage import Stage, StageSettings, Step, Work, WorkPlan, setting
 from core.stats import rate
 from core.text import (NearDuplicateFilter, copies_exemplar, degenerate_reason, first_near_same,
@@ -114,6 +119,8 @@ class Stage3Settings(StageSettings):
                                          "(3: 3 comparisons, 6 judge prompts)")
     hindsight: bool = setting(True, "restate a task without a pair with the number of items a "
                                     "good sample wrote (hindsight relabelling of the count)")
+    opened_samples: int = setting(2, "of the K samples of a task whose answer is a numbered "
+                                     "list, how many start from its opening \"1.\" (0: none)")
 
 
 def item_counts(settings: Stage3Settings) -> dict[str, tuple[int, int]]:
@@ -329,9 +336,23 @@ def exemplar_shots(pool: dict, kind: str, rng: random.Random) -> list[tuple[str,
     return [(e["instruction"], e["response"]) for e in shots]
 
 
+LIST_OPENING = "1."
+
+
+def task_opening(task: Task) -> str:
+    """How a numbered answer to the task begins ("1."): every kind but a multiple-choice task
+    asking for one item, whose stem may begin anyhow ("" for none)."""
+    spec = task.extra["spec"]
+    return "" if spec["kind"] == "mcq" and spec["count"] == 1 else LIST_OPENING
+
+
 def response_requests(ctx: StageContext, pool: dict, tasks: list[Task]) -> list[GenRequest]:
-    return few_shot_requests(ctx.seed, tasks, ctx.profile.responses_per_task, "response",
-                             lambda task, rng: exemplar_shots(pool, task.kind, rng))
+    """K few-shot requests per task; the first `opened_samples` end with the task's opening."""
+    k = ctx.profile.responses_per_task
+    requests = few_shot_requests(ctx.seed, tasks, k, "response",
+                                 lambda task, rng: exemplar_shots(pool, task.kind, rng))
+    return with_openings(requests, sample_openings(tasks, k, ctx.settings.opened_samples,
+                                                   task_opening))
 
 
 def make_responses(ctx: StageContext, pool: dict) -> None:
@@ -723,6 +744,9 @@ def report_data(ctx: StageContext) -> dict:
         "tasks_heldout": len(load_tasks(ctx, "heldout")),
         "responses": len(scored),
         "sample_checks": sample_check_rates(scored),
+        "sample_checks_opened": sample_check_rates([s for s in scored if "opening" in s]),
+        "sample_checks_unopened": sample_check_rates([s for s in scored if "opening" not in s]),
+        "pairs_chosen_opened": chosen_opened(read_jsonl(ctx.path("pairs.jsonl")), scored),
         "pairs_dropped": len(read_jsonl(ctx.path("pairs_dropped.jsonl"))),
         "earlier_heldout_items_decontaminated": len(earlier_heldout(ctx)),
         "judge": judge_audit(read_jsonl(ctx.path("judgments.jsonl")), scored),
@@ -736,6 +760,12 @@ def sample_check_rates(scored: list[dict]) -> dict:
              "all_checks": rate(sum(s["passed"] for s in usable), len(usable))}
     rates.update({c: rate(sum(s["checks"][c] for s in usable), len(usable)) for c in CHECKS})
     return rates
+
+
+def chosen_opened(pairs: list[dict], scored: list[dict]) -> int:
+    """How many kept pairs chose a sample that began from the task's opening."""
+    opened = {(s["task_id"], s["sample"]) for s in scored if "opening" in s}
+    return sum((p["task_id"], p["chosen_sample"]) in opened for p in pairs)
 
 
 def judge_audit(judgments: list[dict], scored: list[dict]) -> dict:

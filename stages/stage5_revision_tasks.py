@@ -61,7 +61,7 @@ from pathlib import Path
 import yaml
 
 from core.assess import greedy
-from core.constraints import constraint_from_dict, sample_constraints
+from core.constraints import constraint_from_dict, response_opening, sample_constraints
 from core.contamination import Protected
 from core.context import StageContext
 from core.errors import RunFailure, TooLittleDataError
@@ -400,7 +400,7 @@ def revision_requests(ctx: StageContext, pool: dict, tasks: list[Task]) -> list[
         lambda task, rng: [(exemplar_text(e), e["revision"])
                            for e in draw(pool["revision_exemplars"], rng)])
     openings = sample_openings(tasks, k, ctx.settings.opened_samples,
-                               lambda task: task.extra["checks"])
+                               lambda task: response_opening(task.extra["checks"]))
     return with_openings(requests, openings)
 
 

@@ -14,6 +14,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from core.constraints import response_opening
 from core.records import read_tasks
 from core.sampling import sample_openings
 from registry.models import profile_by_name
@@ -124,7 +125,7 @@ def test_funnel_accounts_for_every_task_and_sample(reference):
     expected = sample_openings(read_tasks(stage / "tasks.jsonl", "train"),
                                config["settings"]["profile"]["responses_per_task"],
                                config["settings"]["stage1"]["opened_samples"],
-                               lambda task: task.extra["constraints"])
+                               lambda task: response_opening(task.extra["constraints"]))
     assert expected and {key: r["opening"] for key, r in opened.items()} == expected
     assert all(r["text"].startswith(r["opening"].strip()) for r in opened.values())
     assert samples["opened (began from the constraints' opening)"] == len(opened)

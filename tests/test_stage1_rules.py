@@ -3,7 +3,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.constraints import compatible
+from core.constraints import compatible, response_opening
 from core.errors import RunFailure
 from core.guards import TemplateGuard
 from core.records import TASKS_FILE, Task, read_tasks, write_tasks
@@ -295,7 +295,7 @@ def test_the_first_samples_of_a_task_with_a_fixed_beginning_start_from_its_openi
     from core.sampling import sample_openings, with_openings
 
     def stated(task_):
-        return task_.extra["constraints"]
+        return response_opening(task_.extra["constraints"])
 
     openings = sample_openings([task(LOWER), titled], 4, 2, stated)
     assert openings == {"t2-0": "<<", "t2-1": "<<"}

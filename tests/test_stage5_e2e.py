@@ -241,7 +241,8 @@ def test_the_first_revisions_of_a_task_whose_checks_fix_a_beginning_start_from_i
     config = yaml.safe_load((run_dir / "config.yaml").read_text())["settings"]
     expected = sample_openings(read_tasks(stage / "tasks.jsonl", "train"),
                                config["profile"]["responses_per_task"],
-                               config["stage5"]["opened_samples"], lambda task: task.extra["checks"])
+                               config["stage5"]["opened_samples"],
+                               lambda task: response_opening(task.extra["checks"]))
     assert expected and opened == expected
     assert all(r["text"].startswith(r["opening"]) for r in revisions if "opening" in r)
 
