@@ -96,6 +96,16 @@ def off_topic(kind: str, count: int) -> str:
     return "\n".join(f"- {q[:-1]}." for q in OFF_TOPIC[:count])
 
 
+MARKER = re.compile(r"^(?:[-*]|\d+[.)]) ")
+
+
+def numbered(kind: str, text: str) -> str:
+    """The same items as a numbered list: what a model writes on from the opening "1."."""
+    if kind == "mcq":
+        return "\n\n".join(f"{i}. {block}" for i, block in enumerate(text.split("\n\n"), 1))
+    return "\n".join(f"{i}. {MARKER.sub('', line)}" for i, line in enumerate(text.splitlines(), 1))
+
+
 def template_pattern(template: str) -> re.Pattern:
     """A pool template as a regex that reads a task's count, topic or examples back."""
     parts = re.split(r"(\{\w+\})", template)
@@ -144,10 +154,13 @@ class CapableModel:
     def complete(self, prompt: str) -> str | None:
         if prompt.startswith("Below is a list of topics") and re.search(r"Topic \d+:$", prompt):
             return next(self.proposals, None)
-        if "###" not in prompt or not prompt.endswith("\n\nResponse:\n"):
+        if "###" not in prompt or "\n\nResponse:\n" not in prompt:
             return None  # zero-shot prompts (assessment) and anything else: the tiny model
-        instruction = prompt.rsplit("Instruction: ", 1)[1][: -len("\n\nResponse:\n")]
+        instruction, _, opening = prompt.rsplit("Instruction: ", 1)[1].partition(
+            "\n\nResponse:\n")
         spec = read_task(instruction)
+        if opening not in ("", s3.LIST_OPENING):
+            return None
         if spec is None:
             return None  # e.g. the baseline suite's few-shot reference prompts
         nth = self.calls[instruction]
@@ -159,8 +172,10 @@ class CapableModel:
                 "extra": lambda: respond(kind, count, keyword, 0, extra=1),
                 "preferred": lambda: respond(kind, count, keyword, 1),
                 "off_topic": lambda: off_topic(kind, count)}[ANSWERS[nth]]()
+        if opening:
+            text = numbered(kind, text)
         self.written[text.strip()] = ANSWERS[nth]
-        return text
+        return text[len(opening):]  # an opened prompt: the model writes on from its opening
 
     def prefer(self, prompt: str) -> str | None:
         block = prompt.rsplit(JUDGE_END, 1)[-1]
@@ -255,6 +270,26 @@ def test_samples_are_scored_by_the_real_checks(stage):
                 assert sample["checks"] == EXPECTED_CHECKS[meant] and sample["unusable"] is None
             else:
                 assert not sample["passed"]  # the tiny model never passes every check
+
+
+def test_the_first_samples_of_a_numbered_task_start_from_its_opening(stage):
+    stage_dir, script = stage
+    responses = read_jsonl(stage_dir / "responses.jsonl")
+    tasks = read_tasks(stage_dir / "tasks.jsonl", "train")
+    opened = {f"{r['task_id']}-{r['sample']}": r["opening"] for r in responses if "opening" in r}
+    assert opened == {f"{t.id}-{j}": "1." for t in tasks for j in range(2)
+                      if not (t.kind == "mcq" and t.extra["spec"]["count"] == 1)}
+    # the scripted model wrote on from the opening: its opened lists pass what they were meant to
+    scored = {(s["task_id"], s["sample"]): s for s in read_jsonl(stage_dir / "scores.jsonl")}
+    written = [(scored[(r["task_id"], r["sample"])], script.written[r["text"]])
+               for r in responses if "opening" in r and r["text"] in script.written]
+    assert written and all(s["text"].startswith("1.") for s, _ in written)
+    assert all(s["checks"] == EXPECTED_CHECKS[meant] for s, meant in written)
+    data = json.loads((stage_dir / "metrics.json").read_text())["data"]
+    assert data["sample_checks_opened"]["usable"]["n"] == len(opened)
+    assert data["pairs_chosen_opened"] == sum(
+        (p["task_id"], p["chosen_sample"]) in {k for k, s in scored.items() if "opening" in s}
+        for p in read_jsonl(stage_dir / "pairs.jsonl"))
 
 
 def test_pairs_pass_the_template_guard(stage, tiny_backend):

@@ -229,6 +229,18 @@ def test_exemplar_shots_include_the_task_kind():
         assert sum("Answer:" in response for _, response in shots) >= 1
 
 
+def test_a_numbered_answer_opens_with_one_and_passes_only_when_written_on():
+    t = topic("volcanoes", examples="famous volcanoes", keywords=VOLCANO_KEYWORDS)
+    tasks = [s3.render_task(t, kind, random.Random(seed), POOL)
+             for kind in s3.KINDS for seed in range(12)]
+    single_mcq = [x for x in tasks if x.kind == "mcq" and x.extra["spec"]["count"] == 1]
+    assert single_mcq and all(s3.task_opening(x) == "" for x in single_mcq)
+    assert all(s3.task_opening(x) == "1." for x in tasks if x not in single_mcq)
+    # a list written on from the opening passes; the opening alone is no answer
+    assert all(passes("1. Why does lava glow?\n2. What is magma?", "questions", 2).values())
+    assert not passes(s3.LIST_OPENING, "questions", 2)["count_ok"]
+
+
 def test_topic_list_prompt_is_a_numbered_continuation():
     assert s3.topic_list_prompt(["tides", "owls"]).endswith("Topic 2: owls\nTopic 3:")
 
