@@ -12,6 +12,8 @@ from core.backend import HFBackend, SamplingSettings, load_backend
 from core.constitution import Constitution
 from core.generation import GenRequest, generate_cached
 from core.guards import TemplateGuard
+from core.io import read_json
+from core.models import weights_sha256
 from core.profile import ModelProfile
 
 BackendLoader = Callable[[str, ModelProfile], HFBackend]
@@ -48,6 +50,23 @@ class StageContext:
 
     def path(self, name: str) -> Path:
         return self.stage_dir / name
+
+    def weights_sha(self, label: str) -> str | None:
+        """The weights hash of the input ("before") or the merged ("after") model, as
+        input.json or merge.json records it; hashed here only when the stage ran without that
+        record (a 32B model's 65 GB take minutes to hash). None for a model without local
+        weights."""
+        record = self.path("input.json" if label == "before" else "merge.json")
+        if record.is_file() and "weights_sha256" in (recorded := read_json(record)):
+            return recorded["weights_sha256"]
+        return weights_sha256(self.model_path if label == "before" else str(self.path("merged")))
+
+    def heldout_cache(self, label: str) -> Path:
+        """Where the held-out assessment of the "before" or "after" model caches its
+        generations: named by the model's weights hash, so a merge that is redone never reuses
+        the outputs of the model it replaced."""
+        sha = self.weights_sha(label)
+        return self.path(f"cache/assess_{label}" + (f"-{sha[:16]}" if sha else "") + ".jsonl")
 
     def backend(self) -> HFBackend:
         if self._backend is None:

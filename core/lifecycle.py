@@ -151,7 +151,7 @@ def assess_models(ctx: StageContext, assess_heldout: AssessHeldout, headline: st
     p = ctx.profile
     for label, path in (("before", ctx.model_path), ("after", str(ctx.path("merged")))):
         backend = ctx.backend_loader(path, p)
-        sha = model_weights_sha(ctx, label, path)
+        sha = ctx.weights_sha(label)
         outcomes[label] = {**assess_heldout(backend, label), "model": path}
         baseline[label] = run_suite("baseline", backend, ctx.guard(),
                                     suite_cache(ctx, "baseline", sha, label),
@@ -169,16 +169,6 @@ def assess_models(ctx: StageContext, assess_heldout: AssessHeldout, headline: st
     baseline["paired"] = compare_results(baseline["before"], baseline["after"])
     write_json(ctx.path("baseline.json"), baseline)
     write_json(ctx.path("assessment.json"), outcomes)
-
-
-def model_weights_sha(ctx: StageContext, label: str, path: str) -> str | None:
-    """The weights hash already recorded for the input ("before": input.json) or the merged
-    model ("after": merge.json); hashed here only when the stage ran without that record (a
-    32B model's 65 GB take minutes to hash)."""
-    record = ctx.path("input.json" if label == "before" else "merge.json")
-    if record.is_file() and "weights_sha256" in (recorded := read_json(record)):
-        return recorded["weights_sha256"]
-    return weights_sha256(path)
 
 
 def suite_cache(ctx: StageContext, suite: str, sha: str | None, label: str) -> Path:

@@ -491,7 +491,7 @@ def assess_heldout(ctx: StageContext, backend, label: str) -> dict:
     items = [{"id": t.id, "prompt_instruction": t.text, "constraints": t.extra["constraints"]}
              for t in load_tasks(ctx, "heldout")]
     return assess_instructions(backend, ctx.guard(), items,
-                               ctx.path(f"cache/assess_{label}.jsonl"), p.max_new_tokens,
+                               ctx.heldout_cache(label), p.max_new_tokens,
                                p.gen_batch_size, f"stage 1 assess {label}")
 
 

@@ -696,7 +696,7 @@ def assess_heldout(ctx: StageContext, backend, label: str) -> dict:
     """Held-out questions, zero-shot and greedy: answer rate, on-topic and non-degenerate."""
     p = ctx.profile
     return assess_questions(backend, ctx.guard(), load_tasks(ctx, "heldout"),
-                            ctx.path(f"cache/assess_{label}.jsonl"), p.max_new_tokens,
+                            ctx.heldout_cache(label), p.max_new_tokens,
                             p.gen_batch_size, f"stage 2 assess {label}",
                             answer_checks(ctx.settings))
 

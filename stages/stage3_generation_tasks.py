@@ -728,7 +728,7 @@ def assess_heldout(ctx: StageContext, backend, label: str) -> dict:
     """Held-out tasks (unseen topics), zero-shot and greedy: task success and per-check rates."""
     p = ctx.profile
     return assess_generation(backend, ctx.guard(), load_tasks(ctx, "heldout"),
-                             ctx.path(f"cache/assess_{label}.jsonl"), p.max_new_tokens,
+                             ctx.heldout_cache(label), p.max_new_tokens,
                              p.gen_batch_size, f"stage 3 assess {label}", ctx.near_duplicate)
 
 

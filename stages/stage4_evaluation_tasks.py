@@ -591,7 +591,7 @@ def assess_heldout(ctx: StageContext, backend, label: str) -> dict:
     labelled, hh = load_labelled(ctx, "heldout"), load_hh_heldout(ctx)
     p = ctx.profile
     rows = judge_verdicts(backend, ctx.guard(), labelled + hh,
-                          ctx.path(f"cache/assess_{label}.jsonl"), p.max_new_tokens,
+                          ctx.heldout_cache(label), p.max_new_tokens,
                           p.gen_batch_size, f"stage 4 assess {label}", ctx.near_duplicate)
     own = [r for r in rows if r["source"] != HH_SOURCE]
     other = [r for r in rows if r["source"] == HH_SOURCE]

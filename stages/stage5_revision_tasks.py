@@ -605,7 +605,7 @@ def assess_heldout(ctx: StageContext, backend, label: str) -> dict:
     tasks = load_tasks(ctx, "heldout")
     requests = [GenRequest(t.id, house_prompt(t.text), 0) for t in tasks]
     results = generate_cached(backend, requests, greedy(p.max_new_tokens),
-                              ctx.path(f"cache/assess_{label}.jsonl"), ctx.guard(),
+                              ctx.heldout_cache(label), ctx.guard(),
                               p.gen_batch_size, f"stage 5 assess {label}")
     items = [assessed_item(t, results[t.id]["text"].strip(), ctx.settings.keeps_content)
              for t in tasks]

@@ -770,7 +770,7 @@ def assess_heldout(ctx: StageContext, backend, label: str) -> dict:
     """Held-out prompts, zero-shot and greedy, scored per kind (harmless_rate is the headline)."""
     p = ctx.profile
     return assess_prompts(backend, ctx.guard(), load_tasks(ctx, "heldout"),
-                          ctx.path(f"cache/assess_{label}.jsonl"), p.max_new_tokens,
+                          ctx.heldout_cache(label), p.max_new_tokens,
                           p.gen_batch_size, f"stage 6 assess {label}")
 
 

@@ -225,7 +225,7 @@ def test_killed_at_every_lifecycle_point_then_resumed(tmp_path, reference):
     assert not (stage / "steps" / "train.done").exists()
     assert re.search(r"train +partial +checkpoint at step \d+ of \d+", status(run_dir))
     for ready in (lambda stage: (stage / "steps" / "train.done").exists(),
-                  lambda stage: _lines(stage / "cache" / "assess_before.jsonl") >= 2,
+                  lambda stage: sum(_lines(p) for p in (stage / "cache").glob("assess_before*")) >= 2,
                   lambda stage: (stage / "steps" / "assess.done").exists()):
         kill_when(run_dir, ready)
         assert not (stage / "DONE").exists()
@@ -318,6 +318,16 @@ def test_redo_from_train_with_another_learning_rate(tmp_path, reference):
     assert (stage / "pairs.jsonl").read_bytes() == (reference / "stage_1" / "pairs.jsonl").read_bytes()
     ours, theirs = merged_weights(run_dir), merged_weights(reference)
     assert any(not torch.equal(ours[name], theirs[name]) for name in ours)
+    # the new merged model is assessed afresh: its greedy outputs are cached under its own
+    # weights hash, never read from the cache of the model it replaced
+    new_sha = json.loads((stage / "merge.json").read_text())["weights_sha256"]
+    old_sha = json.loads((reference / "stage_1" / "merge.json").read_text())["weights_sha256"]
+    assert new_sha != old_sha
+    cache = stage / "cache" / f"assess_after-{new_sha[:16]}.jsonl"
+    after = json.loads((stage / "assessment.json").read_text())["after"]["items"]
+    cached = [json.loads(line)["text"].strip() for line in cache.read_text().splitlines()]
+    assert sorted(i["response"] for i in after) == sorted(cached)
+    assert (stage / "cache" / f"assess_after-{old_sha[:16]}.jsonl").is_file()  # the old one's
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["settings"]["profile"]["learning_rate"] == 1e-3
     kinds = [o["override"] for o in config["overrides"]]

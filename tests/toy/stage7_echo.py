@@ -69,7 +69,7 @@ def merge_probes(ctx: StageContext) -> list[str]:
 
 
 def assess_heldout(ctx: StageContext, backend, label: str) -> dict:
-    texts = generate_greedy(backend, ctx.guard(), ctx.path(f"cache/assess_{label}.jsonl"),
+    texts = generate_greedy(backend, ctx.guard(), ctx.heldout_cache(label),
                             {f"h{i}": house_prompt(t) for i, t in enumerate(HELDOUT)}, 16,
                             ctx.profile.gen_batch_size, f"stage 7 assess {label}")
     items = [{"id": key, "response": text, "passed": ends_well(text)}
