@@ -22,8 +22,12 @@ multiple-choice question about Z". Steps (each resumable, each marked done only 
                  The first `opened_samples` prompts of a task whose answer is a numbered list
                  (every kind but a one-item multiple-choice task) end with the opening "1." and
                  the model writes on from it; the other samples begin as the model likes, so a
-                 task can pair an opened list with an unopened failure. The opening is a
-                 generation scaffold like the exemplars: training prompts never show it.
+                 task can pair an opened list with an unopened failure. An opened list of
+                 questions, examples or list items that stops after k < N well-numbered items
+                 is written on item by item (`item_by_item`): its prompt and text so far, then
+                 "k+1.", and the model continues, up to the N items asked for. Openings and
+                 numbers are generation scaffolds like the exemplars: every word of an item is
+                 the model's, every check still applies, and training prompts never show them.
 4. scores        Four objective checks per sample (see `check_response`): count_ok, format_ok,
                  on_topic, distinct_items. A log-probability A/B self-judge, asked in both orders,
                  ranks the passers of a task and is audited once per task against the checks.
@@ -121,6 +125,10 @@ class Stage3Settings(StageSettings):
                                     "good sample wrote (hindsight relabelling of the count)")
     opened_samples: int = setting(2, "of the K samples of a task whose answer is a numbered "
                                      "list, how many start from its opening \"1.\" (0: none)")
+    item_by_item: bool = setting(True, "write an opened list of questions, examples or list "
+                                       "items on item by item: an opened sample that stopped "
+                                       "after k < N well-numbered items gets \"k+1.\" and "
+                                       "writes on, up to the N items asked for")
 
 
 def item_counts(settings: Stage3Settings) -> dict[str, tuple[int, int]]:
@@ -357,8 +365,55 @@ def response_requests(ctx: StageContext, pool: dict, tasks: list[Task]) -> list[
 
 def make_responses(ctx: StageContext, pool: dict) -> None:
     tasks = load_tasks(ctx, "train")
-    sample_to_file(ctx, tasks, response_requests(ctx, pool, tasks),
-                   ctx.profile.temperature_answer, RESPONSE_STOPS, "responses")
+    requests = response_requests(ctx, pool, tasks)
+    sample_to_file(ctx, tasks, requests, ctx.profile.temperature_answer, RESPONSE_STOPS,
+                   "responses")
+    if ctx.settings.item_by_item:
+        samples = read_jsonl(ctx.path("responses.jsonl"))
+        write_jsonl(ctx.path("responses.jsonl"), write_items_on(ctx, tasks, requests, samples))
+
+
+def next_item(text: str, spec: dict) -> int | None:
+    """The number of the item an opened list sample should write next: k + 1 when its text is
+    exactly k < N items numbered 1..k of a questions, examples or list task; else None."""
+    if spec["kind"] == "mcq":
+        return None
+    items = [parse_item(line) for line in content_lines(text)]
+    numbered = [i.number for i in items if i.marked]
+    if len(numbered) != len(items) or numbered != list(range(1, len(items) + 1)):
+        return None
+    return len(items) + 1 if len(items) < spec["count"] else None
+
+
+def write_items_on(ctx: StageContext, tasks: list[Task], requests: list[GenRequest],
+                   samples: list[dict]) -> list[dict]:
+    """The samples, each opened list that stopped short of its count written on item by item:
+    its prompt and text so far, then the next number ("2."), and the model continues (cached
+    in cache/items.jsonl). A sample hitting the token limit is left as it is. `scaffolded`
+    counts the numbers given to a sample."""
+    specs = {t.id: t.extra["spec"] for t in tasks}
+    prompts = {r.id: r.prompt for r in requests}
+    settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
+                            RESPONSE_STOPS)
+    while True:
+        due = {}
+        for sample in samples:
+            key = f"{sample['task_id']}-{sample['sample']}"
+            if "opening" in sample and sample["finish"] != "length" and (
+                    number := next_item(sample["text"], specs[sample["task_id"]])):
+                text = sample["text"][len(sample["opening"]):]
+                due[key] = (sample, number, GenRequest(
+                    f"{key}+{number}", prompts[key] + text + f"\n{number}.",
+                    seed_for(ctx.seed, "item", key, number)))
+        if not due:
+            return samples
+        results = ctx.generate([request for _, _, request in due.values()], settings,
+                               "items.jsonl", "stage 3 items")
+        for sample, number, request in due.values():
+            result = results[request.id]
+            sample["text"] = f"{sample['text']}\n{number}.{result['text'].rstrip()}"
+            sample["finish"] = result["finish"]
+            sample["scaffolded"] = sample.get("scaffolded", 0) + 1
 
 
 # checks ------------------------------------------------------------------------------------------
@@ -746,6 +801,7 @@ def report_data(ctx: StageContext) -> dict:
         "sample_checks": sample_check_rates(scored),
         "sample_checks_opened": sample_check_rates([s for s in scored if "opening" in s]),
         "sample_checks_unopened": sample_check_rates([s for s in scored if "opening" not in s]),
+        "sample_checks_scaffolded": sample_check_rates([s for s in scored if "scaffolded" in s]),
         "pairs_chosen_opened": chosen_opened(read_jsonl(ctx.path("pairs.jsonl")), scored),
         "pairs_dropped": len(read_jsonl(ctx.path("pairs_dropped.jsonl"))),
         "earlier_heldout_items_decontaminated": len(earlier_heldout(ctx)),

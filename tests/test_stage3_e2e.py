@@ -13,7 +13,10 @@ nothing is written into the stage's caches or outputs and no stage function is r
   a task's K=8 prompts with two different responses that pass every check ("plain" and
   "preferred"), one with an item too many ("extra": fails count_ok only) and one off topic
   ("off_topic": fails on_topic only); the tiny model samples the other four. (The prompt does
-  not say which sample number it is, so the test knows the samples by their text.)
+  not say which sample number it is, so the test knows the samples by their text.) The first
+  two prompts of a numbered task end with the opening "1.": the script writes on from it as a
+  numbered list, the "plain" list one item per prompt (the stage then asks for "2.", "3." ...)
+  and the "extra" list in one go;
 - A/B judge prompts on those responses: the script favours the one that passes the checks, and
   between two passers the "preferred" one, in whichever order they are shown.
 
@@ -150,6 +153,7 @@ class CapableModel:
         self.proposals = iter(PROPOSALS)
         self.calls: Counter[str] = Counter()  # response prompts seen per target instruction
         self.written: dict[str, str] = {}  # response text (stripped) -> what it was meant to be
+        self.item_by_item: set[str] = set()  # opened lists written one item per prompt
 
     def complete(self, prompt: str) -> str | None:
         if prompt.startswith("Below is a list of topics") and re.search(r"Topic \d+:$", prompt):
@@ -160,7 +164,7 @@ class CapableModel:
             "\n\nResponse:\n")
         spec = read_task(instruction)
         if opening not in ("", s3.LIST_OPENING):
-            return None
+            return self.next_item(opening)  # a list written item by item: "1. ...\n2."
         if spec is None:
             return None  # e.g. the baseline suite's few-shot reference prompts
         nth = self.calls[instruction]
@@ -175,7 +179,15 @@ class CapableModel:
         if opening:
             text = numbered(kind, text)
         self.written[text.strip()] = ANSWERS[nth]
+        if opening and kind != "mcq" and ANSWERS[nth] != "extra":
+            self.item_by_item.add(text)  # stops after its first item; the stage asks for more
+            return text.split("\n", 1)[0][len(opening):]
         return text[len(opening):]  # an opened prompt: the model writes on from its opening
+
+    def next_item(self, so_far: str) -> str | None:
+        """The next item of a list this script writes item by item (`so_far` ends "k.")."""
+        text = next((t for t in self.item_by_item if t.startswith(so_far)), None)
+        return None if text is None else text[len(so_far):].split("\n", 1)[0]
 
     def prefer(self, prompt: str) -> str | None:
         block = prompt.rsplit(JUDGE_END, 1)[-1]
@@ -285,6 +297,13 @@ def test_the_first_samples_of_a_numbered_task_start_from_its_opening(stage):
                for r in responses if "opening" in r and r["text"] in script.written]
     assert written and all(s["text"].startswith("1.") for s, _ in written)
     assert all(s["checks"] == EXPECTED_CHECKS[meant] for s, meant in written)
+    # a list written one item per prompt got the next number until it had the count asked for;
+    # one that overshot in one go ("extra") was left as it was
+    specs = {t.id: t.extra["spec"] for t in tasks}
+    stepped = [s for s, _ in written if s["text"] in script.item_by_item]
+    assert stepped and all(s["scaffolded"] == specs[s["task_id"]]["count"] - 1 for s in stepped)
+    assert all("scaffolded" not in s for s, meant in written if meant == "extra")
+    assert (stage_dir / "cache" / "items.jsonl").is_file()
     data = json.loads((stage_dir / "metrics.json").read_text())["data"]
     assert data["sample_checks_opened"]["usable"]["n"] == len(opened)
     assert data["pairs_chosen_opened"] == sum(

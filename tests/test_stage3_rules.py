@@ -241,6 +241,17 @@ def test_a_numbered_answer_opens_with_one_and_passes_only_when_written_on():
     assert not passes(s3.LIST_OPENING, "questions", 2)["count_ok"]
 
 
+def test_next_item_of_a_list_written_item_by_item():
+    three = spec("questions", 3)
+    assert s3.next_item("1. Why does lava glow?", three) == 2
+    assert s3.next_item("1. Why does lava glow?\n2. What is magma?", three) == 3
+    assert s3.next_item("1. A?\n2. B?\n3. C?", three) is None  # the count is reached
+    assert s3.next_item("1. A?\n3. C?", three) is None  # numbering broken: no scaffold
+    assert s3.next_item("1. A?\nLava is hot.", three) is None  # prose after the item
+    assert s3.next_item("1. A?\n2.", three) is None  # an empty item
+    assert s3.next_item("1. Which gas?", spec("mcq", 2)) is None  # items are not one line
+
+
 def test_topic_list_prompt_is_a_numbered_continuation():
     assert s3.topic_list_prompt(["tides", "owls"]).endswith("Topic 2: owls\nTopic 3:")
 
