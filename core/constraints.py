@@ -481,3 +481,25 @@ def hindsight_candidates(kinds_in_use: frozenset[str] = frozenset()) -> list[Con
     return [Constraint(kind, params) for kind in KINDS
             if all(compatible(kind, other) for other in kinds_in_use)
             for params in _SPECS[kind].grid]
+
+
+def hindsight_constraints(chosen: str, others: list[str], stated: list[Constraint],
+                          rng: random.Random, max_constraints: int = 3,
+                          unmet_by: tuple[str, ...] = ()) -> list[Constraint] | None:
+    """The constraints a task restated in hindsight names: the stated ones `chosen` meets, when
+    another text fails one of them; otherwise those plus one catalogue constraint (a kind drawn
+    uniformly, then its parameters) that `chosen` meets and another text fails. None when there
+    is none. A catalogue constraint must also be failed by every text of `unmet_by` (a revision's
+    draft: a critique names only what the draft gets wrong)."""
+    kept = [c for c in stated if c.check(chosen)]
+    if kept and any(not all(c.check(text) for c in kept) for text in others):
+        return kept
+    if len(kept) >= max_constraints:
+        return None
+    options = [c for c in hindsight_candidates(frozenset(c.kind for c in kept))
+               if c.check(chosen) and any(not c.check(text) for text in others)
+               and not any(c.check(text) for text in unmet_by)]
+    if not options:
+        return None
+    kind = rng.choice(sorted({c.kind for c in options}))
+    return kept + [rng.choice([c for c in options if c.kind == kind])]

@@ -60,7 +60,7 @@ from pathlib import Path
 import yaml
 
 from core.assess import assess_instructions
-from core.constraints import (Constraint, constraint_from_dict, hindsight_candidates,
+from core.constraints import (constraint_from_dict, hindsight_constraints,
                               instruction_with_constraints, response_opening, sample_constraints)
 from core.contamination import Protected
 from core.context import StageContext
@@ -429,24 +429,6 @@ def hindsight_pair(task: Task, samples: list[dict], judgments: list[dict],
         return {**_pair(task_as_relabelled, chosen, rejected, "hindsight"),
                 "stated_constraints": task.extra["constraints"]}
     return None
-
-
-def hindsight_constraints(chosen: str, others: list[str], stated: list[Constraint],
-                          rng: random.Random, max_constraints: int = 3) -> list[Constraint] | None:
-    """The constraints a relabelled task states: the stated ones `chosen` meets, when another
-    text fails one of them; otherwise those plus one catalogue constraint (a kind drawn
-    uniformly, then its parameters) that `chosen` meets and another text fails."""
-    kept = [c for c in stated if c.check(chosen)]
-    if kept and any(not all(c.check(text) for c in kept) for text in others):
-        return kept
-    if len(kept) >= max_constraints:
-        return None
-    options = [c for c in hindsight_candidates(frozenset(c.kind for c in kept))
-               if c.check(chosen) and any(not c.check(text) for text in others)]
-    if not options:
-        return None
-    kind = rng.choice(sorted({c.kind for c in options}))
-    return kept + [rng.choice([c for c in options if c.kind == kind])]
 
 
 def _pair(task: Task, chosen: dict, rejected: dict, source: str) -> dict:

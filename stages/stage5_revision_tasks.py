@@ -32,9 +32,17 @@ Steps (each resumable, each marked done only when complete):
                  stage 4's merged model when chained), asked in both orders, compares up to 3
                  passing revisions with the task's rejected revision: which better fixes the
                  critique while keeping the content.
+                 A task none of whose usable revisions passes is restated in hindsight
+                 (`hindsight`; Zhang et al. 2023): when a revision keeps the draft's content,
+                 changes it and meets requirements the draft fails while another revision does
+                 not (the stated checks it meets, else one catalogue constraint), the critique
+                 is rewritten to name those (hindsight_tasks.jsonl), the revisions are checked
+                 against it, and the judge compares them under it, as for a stated task.
 5. pairs         chosen = a revision that passes every check AND wins the judgment in both
                  orders; rejected = a failing revision, preferring one that keeps the content but
-                 misses the fix. Ties, judge-prefers-failure, identical, unusable and
+                 misses the fix. A task without such a pair takes its hindsight restatement's
+                 pair, by the same rule (rule "hindsight"; the training prompt then carries the
+                 restated critique). Ties, judge-prefers-failure, identical, unusable and
                  exemplar-copying pairs are dropped. The training prompt is the zero-shot house
                  prompt: exemplars never reach it.
 6. decontaminate Template state and EOS agreement; 13-gram overlap with evaluation sets and the
@@ -61,7 +69,8 @@ from pathlib import Path
 import yaml
 
 from core.assess import greedy
-from core.constraints import constraint_from_dict, response_opening, sample_constraints
+from core.constraints import (constraint_from_dict, hindsight_constraints, response_opening,
+                              sample_constraints)
 from core.contamination import Protected
 from core.context import StageContext
 from core.errors import RunFailure, TooLittleDataError
@@ -97,8 +106,12 @@ class Stage5Settings(StageSettings):
     opened_samples: int = setting(2, "of the K revisions of a task whose checks fix how a "
                                      "response begins, how many start from that opening "
                                      "(0: none)")
+    hindsight: bool = setting(True, "restate a task none of whose revisions passes with a "
+                                    "critique naming what a good revision did fix (hindsight "
+                                    "relabelling); judged like a stated task")
 
 
+HINDSIGHT_FILE = "hindsight_tasks.jsonl"  # training tasks restated in hindsight (scores step)
 SOURCES = ("stage1", "model-draft", "pool")  # the order sources take turns in the split
 JUDGE_CRITERION = "The better revision fixes what the critique names and keeps the draft's content."
 
@@ -480,18 +493,65 @@ def judgment_records(jobs: list[tuple[str, int, int, int]], verdicts: list) -> l
 def make_scores(ctx: StageContext, pool: dict) -> None:
     tasks = {t.id: t for t in load_tasks(ctx, "train")}
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
+    settings = ctx.settings
     scored = [{**r, **score_revision(r["text"], tasks[r["task_id"]], guard, exemplars,
-                                     ctx.settings.keeps_content)}
+                                     settings.keeps_content)}
               for r in read_jsonl(ctx.path("revisions.jsonl"))]
     by_task = group_by_task(scored)
-    jobs = [job for task_id, samples in by_task.items()
-            for job in judge_jobs(task_id, samples, ctx.seed, ctx.settings.max_judged_revisions)]
-    items = [(judge_shots(ctx, pool, t, x, y), judge_instruction(tasks[t].text),
-              by_task[t][x]["text"], by_task[t][y]["text"]) for t, x, y, _ in jobs]
+    restated = [r for task_id, samples in by_task.items() if settings.hindsight
+                and (r := hindsight_task(tasks[task_id], samples, ctx.seed))]
+    judged = {**{t: (tasks[t], samples) for t, samples in by_task.items()},
+              **{f"{r.id}@hindsight": (r, rescored(by_task[r.id], r, settings.keeps_content))
+                 for r in restated}}
+    jobs = [job for key, (_, samples) in judged.items()
+            for job in judge_jobs(key, samples, ctx.seed, settings.max_judged_revisions)]
+    items = [(judge_shots(ctx, pool, key, x, y), judge_instruction(judged[key][0].text),
+              judged[key][1][x]["text"], judged[key][1][y]["text"]) for key, x, y, _ in jobs]
     verdicts = judge_many(ctx.backend(), guard, items, ctx.profile.judge_batch_size,
                           "stage 5 scores") if items else []
     write_jsonl(ctx.path("judgments.jsonl"), judgment_records(jobs, verdicts))
+    write_tasks(ctx.path(HINDSIGHT_FILE), restated)
     write_jsonl(ctx.path("scores.jsonl"), scored)
+
+
+def hindsight_task(task: Task, samples: list[dict], seed: int) -> Task | None:
+    """Hindsight relabelling of the critique (Zhang et al. 2023) for a task none of whose usable
+    revisions passes: the first revision that keeps the draft's content and changes it, and
+    meets requirements the draft fails while another revision does not, makes the task restated
+    with a critique naming those (`core.constraints.hindsight_constraints`: the stated checks it
+    meets, else one catalogue constraint). Revisions meeting most stated checks come first.
+    None when no revision qualifies."""
+    usable = distinct_usable(samples)
+    if any(s["passed"] for s in usable):
+        return None
+    stated = [constraint_from_dict(c) for c in task.extra["checks"]]
+    rng = random.Random(seed_for(seed, "hindsight", task.id))
+    ranked = sorted((s for s in usable if s["keeps_content"] and s["changed"]),
+                    key=lambda s: (-sum(s["constraint_results"]), s["sample"]))
+    for chosen in ranked:
+        others = [s["text"] for s in usable if s is not chosen]
+        labels = hindsight_constraints(chosen["text"], others, stated, rng,
+                                       unmet_by=(task.extra["draft"],))
+        if labels:
+            checks = [c.to_dict() for c in labels]
+            critique = critique_for(checks)
+            return replace(task, text=revision_text(task.extra["request"], task.extra["draft"],
+                                                    critique),
+                           extra={**task.extra, "checks": checks, "critique": critique,
+                                  "stated_checks": task.extra["checks"]})
+    return None
+
+
+def restated_tasks(ctx: StageContext) -> dict[str, Task]:
+    """{task id: the task restated in hindsight} (none from a scores step made before
+    hindsight existed)."""
+    path = ctx.path(HINDSIGHT_FILE)
+    return {t.id: t for t in read_tasks(path)} if path.is_file() else {}
+
+
+def rescored(samples: list[dict], task: Task, keeps_content: float) -> list[dict]:
+    """The samples with their checks against `task` (a task restated in hindsight)."""
+    return [{**s, **revision_checks(s["text"], task, keeps_content)} for s in samples]
 
 
 # 5. pairs ----------------------------------------------------------------------------------------
@@ -541,10 +601,24 @@ def make_pairs(ctx: StageContext, pool: dict) -> None:
     judgments = read_jsonl(ctx.path("judgments.jsonl"))
     guard, exemplars = ctx.guard(), exemplar_texts(pool)
     scored_by, judged_by = group_by_task(scored), group_by_task(judgments)
-    write_pairs(ctx, load_tasks(ctx, "train"),
-                lambda task: choose_pair(task, scored_by.get(task.id, []),
-                                         judged_by.get(task.id, [])),
-                lambda pair, task: pair_problem(pair, task, guard, exemplars), "tasks",
+    restated = restated_tasks(ctx)
+
+    def choose(task: Task) -> tuple[dict | None, str]:
+        pair, reason = choose_pair(task, scored_by.get(task.id, []), judged_by.get(task.id, []))
+        if pair is not None or task.id not in restated:
+            return pair, reason
+        again = restated[task.id]
+        pair, why = choose_pair(again, rescored(scored_by[task.id], again,
+                                                ctx.settings.keeps_content),
+                                judged_by.get(f"{task.id}@hindsight", []))
+        if pair is None:
+            return None, f"restated in hindsight, then: {why}"
+        return {**pair, "rule": "hindsight", "stated_checks": task.extra["checks"]}, "ok"
+
+    write_pairs(ctx, load_tasks(ctx, "train"), choose,
+                lambda pair, task: pair_problem(pair, restated.get(task.id, task)
+                                                if pair.get("rule") == "hindsight" else task,
+                                                guard, exemplars), "tasks",
                 no_pairs_hint(scored, judgments))
 
 
@@ -629,6 +703,9 @@ def report_data(ctx: StageContext) -> dict:
         "pairs_dropped": len(dropped),
         "pairs_dropped_reasons": dict(Counter(d["reason"] for d in dropped)),
         "judge": judge_audit(read_jsonl(ctx.path("judgments.jsonl"))),
+        "restated_in_hindsight": len(restated_tasks(ctx)),
+        "pairs_by_rule": dict(Counter(p.get("rule", "stated")
+                                      for p in read_jsonl(ctx.path("pairs.jsonl")))),
     }
 
 

@@ -18,6 +18,7 @@ from core.constraints import (
     compatible,
     constraint_from_dict,
     count_sentences,
+    hindsight_constraints,
     response_opening,
     sample_constraints,
 )
@@ -237,3 +238,18 @@ def sample_params(kind: str) -> dict:
         drawn = sample_constraints(rng, 1)[0]
         if drawn.kind == kind:
             return drawn.params
+
+
+def test_hindsight_never_names_what_an_unmet_by_text_already_does():
+    chosen = "rain falls softly on the quiet town."
+    other = "RAIN, WIND AND HAIL BATTER THE COAST ALL NIGHT, AND THE RIVERS RISE FAST."
+    rng = random.Random(0)
+    labels = hindsight_constraints(chosen, [other], [], rng)
+    assert labels and all(c.check(chosen) for c in labels)
+    assert not all(c.check(other) for c in labels)
+    # a draft meeting everything the chosen text meets leaves nothing to name
+    assert hindsight_constraints(chosen, [other], [], random.Random(0), unmet_by=(chosen,)) is None
+    draft = "Rain falls softly, on the quiet town."
+    for seed in range(20):
+        labels = hindsight_constraints(chosen, [other], [], random.Random(seed), unmet_by=(draft,))
+        assert labels and not any(c.check(draft) for c in labels)

@@ -396,6 +396,64 @@ def test_no_pairs_is_a_clear_error(tmp_path, tiny_dir, guard):
     assert dropped == [{"task_id": t.id, "reason": "judge tie (orders disagree)"}]
 
 
+def test_hindsight_restates_the_critique_with_what_a_good_revision_fixed(guard):
+    t = task(LOWER)  # neither revision is lowercase, and they differ in other ways
+    samples = samples_for(t, guard, [MISSED, FIXED])
+    assert not any(s["passed"] for s in samples)
+    restated = s5.hindsight_task(t, samples, seed=0)
+    checks = [constraint_from_dict(c) for c in restated.extra["checks"]]
+    assert restated.id == t.id and restated.extra["stated_checks"] == LOWER
+    # one revision fixes the restated critique, the other does not; the draft fails it
+    assert sorted(s5.revision_checks(text, restated)["passed"] for text in (MISSED, FIXED)) == [
+        False, True]
+    assert not any(c.check(DRAFT) for c in checks)  # a critique names only what the draft lacks
+    assert restated.extra["critique"] == s5.critique_for(restated.extra["checks"])
+    assert restated.text == s5.revision_text("Describe what happens to rain.", DRAFT,
+                                             restated.extra["critique"])
+    assert s5.hindsight_task(t, samples, seed=0) == restated  # seeded
+    # a task with a passing revision keeps its critique
+    assert s5.hindsight_task(task(), samples_for(task(), guard, [MISSED, FIXED]), 0) is None
+
+
+def test_a_hindsight_pair_is_judged_under_its_restated_critique(tmp_path, tiny_dir, guard):
+    from core.constitution import load_constitution
+    from core.context import StageContext
+    from core.io import read_jsonl
+    from core.models import PROJECT_ROOT
+    from registry.models import profile_by_name
+
+    ctx = StageContext(run_dir=tmp_path, number=5, model_path=str(tiny_dir), origin="test",
+                       profile=profile_by_name("tiny-qwen2"), seed=0, limit=1, heldout=1,
+                       constitution=load_constitution(PROJECT_ROOT / "constitution.yaml"),
+                       settings=s5.Stage5Settings(), log=lambda _: None)
+    t = task(LOWER)
+    samples = samples_for(t, guard, [MISSED, FIXED])
+    restated = s5.hindsight_task(t, samples, seed=0)
+    write_tasks(ctx.path(TASKS_FILE), [t])
+    write_tasks(ctx.path(s5.HINDSIGHT_FILE), [restated])
+    write_jsonl(ctx.path("scores.jsonl"), samples)
+    key = f"{t.id}@hindsight"
+    jobs = s5.judge_jobs(key, s5.rescored(samples, restated, 0.2), seed=0)
+    assert sorted(jobs[0][1:3]) == [0, 1] and len(jobs) == 1  # the passer against the other
+    _, x, y, passer = jobs[0]
+    write_jsonl(ctx.path("judgments.jsonl"),
+                [{**judgment(x, y, "x" if x == passer else "y"), "task_id": key,
+                  "passer": passer}])
+    s5.make_pairs(ctx, s5.load_pool())
+    [pair] = read_jsonl(ctx.path("pairs_candidates.jsonl"))
+    assert pair["rule"] == "hindsight" and pair["stated_checks"] == LOWER
+    assert pair["chosen"] == samples[passer]["text"] and pair["rejected"] == samples[1 - passer]["text"]
+    assert pair["prompt"] == house_prompt(restated.text) and pair["checks"] == restated.extra["checks"]
+    # the same verdict given under the stated critique does not count for the restated task
+    write_jsonl(ctx.path("judgments.jsonl"),
+                [{**judgment(x, y, "x" if x == passer else "y"), "task_id": t.id,
+                  "passer": passer}])
+    with pytest.raises(NoPairsError):
+        s5.make_pairs(ctx, s5.load_pool())
+    dropped = read_jsonl(ctx.path("pairs_dropped.jsonl"))
+    assert dropped == [{"task_id": t.id, "reason": "restated in hindsight, then: not judged"}]
+
+
 def test_exemplar_texts_leave_out_critiques():
     pool = s5.load_pool()
     texts = s5.exemplar_texts(pool)
