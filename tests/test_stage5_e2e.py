@@ -204,7 +204,8 @@ def test_stage1_ran_for_real_and_stage5_started_from_the_model(run_dir, tiny_dir
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["settings"]["stage5"] == {"keeps_content": 0.2, "max_tasks_per_request": 2,
                                             "draft_oversample": 1.5, "constraint_tries": 4,
-                                            "max_judged_revisions": 3, "opened_samples": 2}
+                                            "max_judged_revisions": 3, "opened_samples": 2,
+                                            "hindsight": True}
 
 
 def test_stage_completes_with_pairs(run_dir):
