@@ -22,11 +22,12 @@ multiple-choice question about Z". Steps (each resumable, each marked done only 
                  The first `opened_samples` prompts of a task whose answer is a numbered list
                  (every kind but a one-item multiple-choice task) end with the opening "1." and
                  the model writes on from it; the other samples begin as the model likes, so a
-                 task can pair an opened list with an unopened failure. An opened list of
-                 questions, examples or list items that stops after k < N well-numbered items
-                 is written on item by item (`item_by_item`): its prompt and text so far, then
-                 "k+1.", and the model continues, up to the N items asked for. Openings and
-                 numbers are generation scaffolds like the exemplars: every word of an item is
+                 task can pair an opened list with an unopened failure. Those first samples are
+                 then written on line by line where they stop short of the form
+                 (`item_by_item`): the prompt and the text so far, then "k+1." after k < N
+                 numbered items, or in a multiple-choice item the next option label ("B."),
+                 "Answer:" after four options, and the model continues. Openings, numbers and
+                 labels are generation scaffolds like the exemplars: every word of an item is
                  the model's, every check still applies, and training prompts never show them.
 4. scores        Four objective checks per sample (see `check_response`): count_ok, format_ok,
                  on_topic, distinct_items. A log-probability A/B self-judge, asked in both orders,
@@ -125,10 +126,10 @@ class Stage3Settings(StageSettings):
                                     "good sample wrote (hindsight relabelling of the count)")
     opened_samples: int = setting(2, "of the K samples of a task whose answer is a numbered "
                                      "list, how many start from its opening \"1.\" (0: none)")
-    item_by_item: bool = setting(True, "write an opened list of questions, examples or list "
-                                       "items on item by item: an opened sample that stopped "
-                                       "after k < N well-numbered items gets \"k+1.\" and "
-                                       "writes on, up to the N items asked for")
+    item_by_item: bool = setting(True, "write the first opened_samples samples of a task on "
+                                       "line by line where they stop short of the form: after "
+                                       "k < N numbered list items \"k+1.\"; in a multiple-"
+                                       "choice item the next option label, then \"Answer:\"")
 
 
 def item_counts(settings: Stage3Settings) -> dict[str, tuple[int, int]]:
@@ -373,45 +374,66 @@ def make_responses(ctx: StageContext, pool: dict) -> None:
         write_jsonl(ctx.path("responses.jsonl"), write_items_on(ctx, tasks, requests, samples))
 
 
-def next_item(text: str, spec: dict) -> int | None:
-    """The number of the item an opened list sample should write next: k + 1 when its text is
-    exactly k < N items numbered 1..k of a questions, examples or list task; else None."""
+def next_line(text: str, spec: dict) -> str | None:
+    """What a scaffolded sample is given to write on from, or None when it is complete or off
+    the form: "\nk+1." after k < N well-numbered list items; for a multiple-choice task the next
+    option label ("\nA." ... "\nD."), "\nAnswer:" after four options, and "\n\nk+1." after k
+    < N complete items."""
     if spec["kind"] == "mcq":
-        return None
+        return next_mcq_line(content_lines(text), spec["count"])
     items = [parse_item(line) for line in content_lines(text)]
     numbered = [i.number for i in items if i.marked]
     if len(numbered) != len(items) or numbered != list(range(1, len(items) + 1)):
         return None
-    return len(items) + 1 if len(items) < spec["count"] else None
+    return f"\n{len(items) + 1}." if len(items) < spec["count"] else None
+
+
+def next_mcq_line(lines: list[str], count: int) -> str | None:
+    """`next_line` for multiple-choice items: each a one-line stem, options A-D, an answer."""
+    done, options = 0, None  # options: labels so far of the item being written (None: none)
+    for line in lines:
+        option, answer = OPTION.match(line), ANSWER.match(line)
+        if options is None and not (option or answer):
+            options = []  # a stem
+        elif option and options is not None and len(options) < 4 \
+                and option["label"].upper() == "ABCD"[len(options)]:
+            options.append(option["label"].upper())
+        elif answer and options == list("ABCD") and answer["label"] in "ABCD":
+            done, options = done + 1, None
+        else:
+            return None
+    if options is None:
+        return f"\n\n{done + 1}." if 0 < done < count else None
+    return f"\n{'ABCD'[len(options)]}." if len(options) < 4 else "\nAnswer:"
 
 
 def write_items_on(ctx: StageContext, tasks: list[Task], requests: list[GenRequest],
                    samples: list[dict]) -> list[dict]:
-    """The samples, each opened list that stopped short of its count written on item by item:
-    its prompt and text so far, then the next number ("2."), and the model continues (cached
-    in cache/items.jsonl). A sample hitting the token limit is left as it is. `scaffolded`
-    counts the numbers given to a sample."""
+    """The samples, the first `opened_samples` of each task written on line by line where they
+    stopped short of the form (`next_line`): the prompt and the text so far, then the next
+    number or label, and the model continues (cached in cache/items.jsonl). A sample hitting
+    the token limit is left as it is. `scaffolded` counts the lines given to a sample."""
     specs = {t.id: t.extra["spec"] for t in tasks}
     prompts = {r.id: r.prompt for r in requests}
     settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
                             RESPONSE_STOPS)
     while True:
-        due = {}
+        due = []
         for sample in samples:
             key = f"{sample['task_id']}-{sample['sample']}"
-            if "opening" in sample and sample["finish"] != "length" and (
-                    number := next_item(sample["text"], specs[sample["task_id"]])):
-                text = sample["text"][len(sample["opening"]):]
-                due[key] = (sample, number, GenRequest(
-                    f"{key}+{number}", prompts[key] + text + f"\n{number}.",
-                    seed_for(ctx.seed, "item", key, number)))
+            if sample["sample"] < ctx.settings.opened_samples and sample["finish"] != "length" \
+                    and (line := next_line(sample["text"], specs[sample["task_id"]])):
+                written = sample["text"][len(sample.get("opening", "")):]
+                step = sample.get("scaffolded", 0) + 1
+                due.append((sample, line, GenRequest(f"{key}+{step}", prompts[key] + written + line,
+                                                     seed_for(ctx.seed, "item", key, step))))
         if not due:
             return samples
-        results = ctx.generate([request for _, _, request in due.values()], settings,
-                               "items.jsonl", "stage 3 items")
-        for sample, number, request in due.values():
+        results = ctx.generate([request for _, _, request in due], settings, "items.jsonl",
+                               "stage 3 items")
+        for sample, line, request in due:
             result = results[request.id]
-            sample["text"] = f"{sample['text']}\n{number}.{result['text'].rstrip()}"
+            sample["text"] = f"{sample['text']}{line}{result['text'].rstrip()}"
             sample["finish"] = result["finish"]
             sample["scaffolded"] = sample.get("scaffolded", 0) + 1
 

@@ -241,15 +241,31 @@ def test_a_numbered_answer_opens_with_one_and_passes_only_when_written_on():
     assert not passes(s3.LIST_OPENING, "questions", 2)["count_ok"]
 
 
-def test_next_item_of_a_list_written_item_by_item():
+def test_next_line_of_a_list_written_item_by_item():
     three = spec("questions", 3)
-    assert s3.next_item("1. Why does lava glow?", three) == 2
-    assert s3.next_item("1. Why does lava glow?\n2. What is magma?", three) == 3
-    assert s3.next_item("1. A?\n2. B?\n3. C?", three) is None  # the count is reached
-    assert s3.next_item("1. A?\n3. C?", three) is None  # numbering broken: no scaffold
-    assert s3.next_item("1. A?\nLava is hot.", three) is None  # prose after the item
-    assert s3.next_item("1. A?\n2.", three) is None  # an empty item
-    assert s3.next_item("1. Which gas?", spec("mcq", 2)) is None  # items are not one line
+    assert s3.next_line("1. Why does lava glow?", three) == "\n2."
+    assert s3.next_line("1. Why does lava glow?\n2. What is magma?", three) == "\n3."
+    assert s3.next_line("1. A?\n2. B?\n3. C?", three) is None  # the count is reached
+    assert s3.next_line("1. A?\n3. C?", three) is None  # numbering broken: no scaffold
+    assert s3.next_line("1. A?\nLava is hot.", three) is None  # prose after the item
+    assert s3.next_line("1. A?\n2.", three) is None  # an empty item
+
+
+def test_next_line_of_a_multiple_choice_item_written_line_by_line():
+    one, two = spec("mcq", 1), spec("mcq", 2)
+    stem = "Which gas do volcanoes release most?"
+    lines = [stem, "A. Water vapour", "B. Helium", "C. Neon", "D. Argon", "Answer: A"]
+    expected = ["\nA.", "\nB.", "\nC.", "\nD.", "\nAnswer:", None]
+    for k, want in enumerate(expected, start=1):
+        assert s3.next_line("\n".join(lines[:k]), one) == want
+    item = "\n".join(lines)
+    assert s3.next_line("1. " + item, two) == "\n\n2."  # the next item of two
+    assert s3.next_line("1. " + item + "\n\n2. " + item.replace("most", "least"), two) is None
+    assert all(s3.check_response(item, one).values())  # what the scaffold completes passes
+    assert s3.next_line(stem + "\nB. Helium", one) is None  # a label out of order
+    assert s3.next_line(stem + "\nThe gas is hot.", one) is None  # a second stem line
+    assert s3.next_line(item.replace("Answer: A", "Answer: E"), one) is None  # no such option
+    assert s3.next_line("", one) is None
 
 
 def test_topic_list_prompt_is_a_numbered_continuation():
