@@ -182,12 +182,18 @@ def suite_cache(ctx: StageContext, suite: str, sha: str | None, label: str) -> P
 
 def paired_outcomes(before: list[dict], after: list[dict]) -> dict:
     """Exact McNemar over held-out items scored in both (items whose `passed` is not None);
-    where the items record `degenerate`, also over every item's non-degenerate outcome."""
+    where the items record `degenerate`, also over every item's non-degenerate outcome; where
+    they record a `checks` dict (stage 3), also over each check's outcome."""
     test, items = mcnemar_by_id(before, after, lambda item: item["passed"])
     paired = {"mcnemar": test, "items": items}
     if all("degenerate" in item for item in before + after):
         test, items = mcnemar_by_id(before, after, lambda item: item["degenerate"] is None)
         paired["non_degenerate"] = {**test, "items": items}
+    if before and all(isinstance(item.get("checks"), dict) for item in before + after):
+        paired["checks"] = {}
+        for name in before[0]["checks"]:
+            test, items = mcnemar_by_id(before, after, lambda item, name=name: item["checks"][name])
+            paired["checks"][name] = {**test, "items": items}
     return paired
 
 

@@ -78,6 +78,9 @@ def assessment_section(a: dict) -> list[str]:
     if clean := a["paired"].get("non_degenerate"):
         lines.append(f"On non-degenerate outcomes ({clean['items']} items): {clean['gained']} "
                      f"gained, {clean['lost']} lost, p = {clean['p_value']:.3g}.")
+    for name, check in a["paired"].get("checks", {}).items():
+        lines.append(f"- {name.replace('_', '-')}: {check['gained']} gained, {check['lost']} "
+                     f"lost, p = {check['p_value']:.3g}")
     return lines + [""]
 
 

@@ -112,6 +112,15 @@ def test_held_out_pairing_tests_the_headline_and_non_degenerate_outcomes():
     lines = assessment_section({"headline": "prompt_level", "before": summary, "after": summary,
                                 "paired": paired})
     assert "On non-degenerate outcomes (4 items): 3 gained, 1 lost, p = 0.625." in lines
+    # items with per-check outcomes (stage 3) get a test per check
+    checked = [[{"id": f"t{i}", "passed": ok, "checks": {"count_ok": ok, "on_topic": not ok}}
+                for i, ok in enumerate(side)] for side in ([False] * 6, [True] * 5 + [False])]
+    paired = paired_outcomes(*checked)
+    assert {k: (v["gained"], v["lost"], v["items"]) for k, v in paired["checks"].items()} == {
+        "count_ok": (5, 0, 6), "on_topic": (0, 5, 6)}
+    lines = assessment_section({"headline": "task_success", "before": summary, "after": summary,
+                                "paired": paired})
+    assert "- count-ok: 5 gained, 0 lost, p = 0.0625" in lines
     # items that do not record degeneracy get the headline test only
     assert "non_degenerate" not in paired_outcomes([{"id": "a", "passed": True}],
                                                    [{"id": "a", "passed": False}])
