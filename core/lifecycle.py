@@ -19,6 +19,7 @@ from core.io import atomic_write_text, read_json, read_jsonl, write_json, write_
 from core.merge import merge_adapter
 from core.models import weights_sha256
 from core.profile import ModelProfile
+from core.run import file_sha256
 from core.errors import NoPairsError, RunFailure
 from core.stats import mcnemar_exact
 
@@ -70,7 +71,7 @@ def train_adapter(ctx: StageContext) -> None:
     settings; checkpoints of other settings are discarded, never resumed)."""
     records = read_jsonl(ctx.path("pairs.jsonl"))
     settings = dpo_settings(ctx)
-    discard_foreign_checkpoints(ctx, settings)
+    discard_foreign_checkpoints(ctx, settings, file_sha256(ctx.path("pairs.jsonl")))
     # a LoRA checkpoint (adapter, Adam moments, RNG) of a model is a few percent of its
     # weights; up to three exist while the oldest is rotated out: 15% is a safe estimate
     check_free_space(ctx.path("train"), int(weights_bytes(ctx.model_path) * 0.15),
@@ -91,17 +92,19 @@ def train_adapter(ctx: StageContext) -> None:
     ctx.release_backend()
 
 
-def discard_foreign_checkpoints(ctx: StageContext, settings: DPOSettings) -> None:
-    """train/settings.json records the DPO settings the checkpoints were made with; when they
-    differ from `settings` (a changed setting accepted on resume, a redo), the old checkpoints
-    are removed so that training starts over instead of mixing two recipes."""
+def discard_foreign_checkpoints(ctx: StageContext, settings: DPOSettings, pairs_sha: str) -> None:
+    """train/settings.json records the DPO settings and the pairs file (`pairs_sha`) the
+    checkpoints were made with; when either differs (a changed setting accepted on resume, a
+    redo that made other pairs), the old checkpoints are removed so that training starts over
+    instead of mixing two recipes or two data sets."""
     record, checkpoints = ctx.path("train/settings.json"), ctx.path("train/checkpoints")
-    current = dataclasses.asdict(settings)
+    current = {**dataclasses.asdict(settings), "pairs_sha256": pairs_sha}
     if ctx.profile.accelerate_config:  # another process count is another batch size
         current["accelerate_config"] = ctx.profile.accelerate_config
     if checkpoints.exists() and record.is_file() and read_json(record) != current:
         shutil.rmtree(checkpoints)
-        ctx.log("train: checkpoints made with other DPO settings removed; training starts over")
+        ctx.log("train: checkpoints made with other DPO settings or other pairs removed; "
+                "training starts over")
     write_json(record, current)
 
 

@@ -313,7 +313,7 @@ def test_redo_from_train_with_another_learning_rate(tmp_path, reference):
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step pairs: done (skipped)" in out.stdout and "step train: running" in out.stdout
-    assert "checkpoints made with other DPO settings removed" in out.stdout
+    assert "checkpoints made with other DPO settings or other pairs removed" in out.stdout
     stage = run_dir / "stage_1"
     assert (stage / "pairs.jsonl").read_bytes() == (reference / "stage_1" / "pairs.jsonl").read_bytes()
     ours, theirs = merged_weights(run_dir), merged_weights(reference)
@@ -332,6 +332,27 @@ def test_redo_from_train_with_another_learning_rate(tmp_path, reference):
     assert config["settings"]["profile"]["learning_rate"] == 1e-3
     kinds = [o["override"] for o in config["overrides"]]
     assert kinds == ["accept_changed_settings", "redo_from"]
+
+
+def test_a_redo_that_makes_other_pairs_trains_from_scratch(tmp_path, reference):
+    """A finished stage keeps its last training checkpoint; pairs made again (here without
+    openings) must not resume it: that would train the new pairs on top of the old ones."""
+    import hashlib
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir)
+    stage = run_dir / "stage_1"
+    assert any((stage / "train" / "checkpoints").glob("checkpoint-*"))
+    out = subprocess.run(command(run_dir, "--redo-from", "responses", "--set",
+                                 "stage1.opened_samples=0", "--accept-changed-settings"),
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    pairs = (stage / "pairs.jsonl").read_bytes()
+    assert pairs != (reference / "stage_1" / "pairs.jsonl").read_bytes()
+    assert "checkpoints made with other DPO settings or other pairs removed" in out.stdout
+    recorded = json.loads((stage / "train" / "settings.json").read_text())
+    assert recorded["pairs_sha256"] == hashlib.sha256(pairs).hexdigest()
 
 
 def test_a_run_without_evaluation_sets_says_so_and_its_check_is_incomplete(tmp_path):
