@@ -18,11 +18,12 @@ Shots = Callable[[Task, random.Random], list[tuple[str, str]]]  # (task, rng) ->
 
 
 def few_shot_requests(seed: int, tasks: list[Task], k: int, kind: str,
-                      shots: Shots) -> list[GenRequest]:
-    """K completion requests per task: drawn exemplars, then the task's text."""
+                      shots: Shots, first: int = 0) -> list[GenRequest]:
+    """K completion requests per task, samples first .. first+K-1: drawn exemplars, then the
+    task's text."""
     requests = []
     for task in tasks:
-        for j in range(k):
+        for j in range(first, first + k):
             rng = random.Random(seed_for(seed, f"{kind}-exemplars", task.id, j))
             requests.append(GenRequest(f"{task.id}-{j}",
                                        few_shot_prompt(shots(task, rng), task.text),
@@ -31,12 +32,12 @@ def few_shot_requests(seed: int, tasks: list[Task], k: int, kind: str,
 
 
 def sample_openings(tasks: list[Task], k: int, opened: int,
-                    opening_of: Callable[[Task], str]) -> dict[str, str]:
-    """{request id: opening} for the first `opened` of the K samples of every task with an
-    opening (`opening_of(task)`, "" for none): how a passing response to it begins, a
-    generation scaffold like the exemplars."""
+                    opening_of: Callable[[Task], str], first: int = 0) -> dict[str, str]:
+    """{request id: opening} for the first `opened` of the K samples (numbered from `first`)
+    of every task with an opening (`opening_of(task)`, "" for none): how a passing response
+    to it begins, a generation scaffold like the exemplars."""
     return {f"{task.id}-{j}": opening for task in tasks if (opening := opening_of(task))
-            for j in range(min(opened, k))}
+            for j in range(first, first + min(opened, k))}
 
 
 def with_openings(requests: list[GenRequest], openings: dict[str, str]) -> list[GenRequest]:
@@ -47,14 +48,15 @@ def with_openings(requests: list[GenRequest], openings: dict[str, str]) -> list[
 
 
 def sample_records(tasks: list[Task], results: dict[str, dict], k: int,
-                   openings: dict[str, str] | None = None) -> list[dict]:
-    """K samples per task as records in task order: {task_id, sample, text (stripped), finish},
+                   openings: dict[str, str] | None = None, first: int = 0) -> list[dict]:
+    """K samples per task (numbered from `first`) as records in task order: {task_id, sample,
+    text (stripped), finish},
     plus {opening} for a request whose prompt ended with one (`openings`: request id ->
     opening); its text is the opening followed by what the model wrote."""
     openings = openings or {}
     records = []
     for task in tasks:
-        for j in range(k):
+        for j in range(first, first + k):
             request_id = f"{task.id}-{j}"
             opening = openings.get(request_id, "")
             records.append({"task_id": task.id, "sample": j,
@@ -64,12 +66,20 @@ def sample_records(tasks: list[Task], results: dict[str, dict], k: int,
     return records
 
 
-def sample_to_file(ctx: StageContext, tasks: list[Task], requests: list[GenRequest],
-                   temperature: float, stops: tuple[str, ...], name: str) -> None:
-    """Generate `requests` (cached in cache/<name>.jsonl) and write <name>.jsonl; a request's
-    `opening` begins its sample's text (see `sample_records`)."""
+def generate_samples(ctx: StageContext, tasks: list[Task], requests: list[GenRequest],
+                     temperature: float, stops: tuple[str, ...], name: str,
+                     first: int = 0) -> list[dict]:
+    """Generate `requests` (K per task, samples first .. first+K-1; cached in
+    cache/<name>.jsonl) and return their records; a request's `opening` begins its sample's
+    text (see `sample_records`)."""
     settings = ctx.sampling(temperature, ctx.profile.max_new_tokens, stops)
     results = ctx.generate(requests, settings, f"{name}.jsonl", f"stage {ctx.number} {name}")
     openings = {r.id: r.opening for r in requests if r.opening}
+    return sample_records(tasks, results, ctx.profile.responses_per_task, openings, first)
+
+
+def sample_to_file(ctx: StageContext, tasks: list[Task], requests: list[GenRequest],
+                   temperature: float, stops: tuple[str, ...], name: str) -> None:
+    """Generate `requests` (see `generate_samples`) and write their records to <name>.jsonl."""
     write_jsonl(ctx.path(f"{name}.jsonl"),
-                sample_records(tasks, results, ctx.profile.responses_per_task, openings))
+                generate_samples(ctx, tasks, requests, temperature, stops, name))

@@ -29,6 +29,10 @@ multiple-choice question about Z". Steps (each resumable, each marked done only 
                  "Answer:" after four options, and the model continues. Openings, numbers and
                  labels are generation scaffolds like the exemplars: every word of an item is
                  the model's, every check still applies, and training prompts never show them.
+                 A task whose samples hold no usable one passing every check, or none failing
+                 (what the pair rule needs), draws another round of K the same way (samples
+                 K .. 2K-1, their first `opened_samples` opened), up to `sample_rounds` rounds:
+                 difficulty-aware sampling, more samples where a task is hard.
 4. scores        Four objective checks per sample (see `check_response`): count_ok, format_ok,
                  on_topic, distinct_items. A log-probability A/B self-judge, asked in both orders,
                  ranks the passers of a task and is audited once per task against the checks.
@@ -87,7 +91,7 @@ from core.judge import judge_many, judge_prefix, round_robin_prompts
 from core.pairs import first_of_each_text, group_by_task, judge_wins, shared_pair_problem, write_pairs
 from core.prompting import RESPONSE_STOPS, draw, house_prompt, seed_for
 from core.records import TASKS_FILE, Task, earlier_tasks, read_tasks, write_tasks
-from core.sampling import few_shot_requests, sample_openings, sample_to_file, with_openings
+from core.sampling import few_shot_requests, generate_samples, sample_openings, with_openings
 from core.stage import Stage, StageSettings, Step, Work, WorkPlan, setting
 from core.stats import rate
 from core.text import (NearDuplicateFilter, copies_exemplar, degenerate_reason, first_near_same,
@@ -124,6 +128,10 @@ class Stage3Settings(StageSettings):
                                          "(3: 3 comparisons, 6 judge prompts)")
     hindsight: bool = setting(True, "restate a task without a pair with the number of items a "
                                     "good sample wrote (hindsight relabelling of the count)")
+    sample_rounds: int = setting(2, "rounds of K samples a task may draw: a task whose samples "
+                                    "so far hold no usable sample passing every check, or none "
+                                    "failing, draws K more (difficulty-aware sampling); 1: one "
+                                    "round")
     opened_samples: int = setting(2, "of the K samples of a task whose answer is a numbered "
                                      "list, how many start from its opening \"1.\" (0: none)")
     item_by_item: bool = setting(True, "write the first opened_samples samples of a task on "
@@ -355,23 +363,59 @@ def task_opening(task: Task) -> str:
     return "" if spec["kind"] == "mcq" and spec["count"] == 1 else LIST_OPENING
 
 
-def response_requests(ctx: StageContext, pool: dict, tasks: list[Task]) -> list[GenRequest]:
-    """K few-shot requests per task; the first `opened_samples` end with the task's opening."""
+def response_requests(ctx: StageContext, pool: dict, tasks: list[Task],
+                      first: int = 0) -> list[GenRequest]:
+    """K few-shot requests per task (samples first .. first+K-1); the first `opened_samples`
+    of them end with the task's opening."""
     k = ctx.profile.responses_per_task
     requests = few_shot_requests(ctx.seed, tasks, k, "response",
-                                 lambda task, rng: exemplar_shots(pool, task.kind, rng))
+                                 lambda task, rng: exemplar_shots(pool, task.kind, rng), first)
     return with_openings(requests, sample_openings(tasks, k, ctx.settings.opened_samples,
-                                                   task_opening))
+                                                   task_opening, first))
 
 
 def make_responses(ctx: StageContext, pool: dict) -> None:
+    """K samples per training task (written on item by item); a task whose samples give no
+    pair yet draws K more, up to `sample_rounds` rounds."""
+    if ctx.settings.sample_rounds < 1:
+        raise UsageError(f"stage3.sample_rounds must be at least 1, got "
+                         f"{ctx.settings.sample_rounds}")
     tasks = load_tasks(ctx, "train")
-    requests = response_requests(ctx, pool, tasks)
-    sample_to_file(ctx, tasks, requests, ctx.profile.temperature_answer, RESPONSE_STOPS,
-                   "responses")
-    if ctx.settings.item_by_item:
-        samples = read_jsonl(ctx.path("responses.jsonl"))
-        write_jsonl(ctx.path("responses.jsonl"), write_items_on(ctx, tasks, requests, samples))
+    k = ctx.profile.responses_per_task
+    guard, exemplars = ctx.guard(), exemplar_texts(pool)
+    samples: list[dict] = []
+    due = tasks
+    for round_ in range(ctx.settings.sample_rounds):
+        if round_:
+            ctx.log(f"responses: {len(due)} tasks without a pair draw {k} more samples "
+                    f"(round {round_ + 1})")
+        samples += sample_round(ctx, pool, due, round_ * k)
+        by_task = group_by_task(samples)
+        due = [t for t in due if not pair_material(t, by_task[t.id], guard, exemplars,
+                                                   ctx.near_duplicate)]
+        if not due:
+            break
+    order = {t.id: i for i, t in enumerate(tasks)}
+    samples.sort(key=lambda s: (order[s["task_id"]], s["sample"]))
+    write_jsonl(ctx.path("responses.jsonl"), samples)
+
+
+def sample_round(ctx: StageContext, pool: dict, tasks: list[Task], first: int) -> list[dict]:
+    """Samples first .. first+K-1 of each task, written on item by item where set."""
+    requests = response_requests(ctx, pool, tasks, first)
+    samples = generate_samples(ctx, tasks, requests, ctx.profile.temperature_answer,
+                               RESPONSE_STOPS, "responses", first)
+    return write_items_on(ctx, tasks, requests, samples) if ctx.settings.item_by_item else samples
+
+
+def pair_material(task: Task, samples: list[dict], guard: TemplateGuard, exemplars: list[str],
+                  threshold: float = 0.7) -> bool:
+    """True when the samples hold what the stated pair rule needs: a usable sample passing
+    every check and a usable one failing."""
+    scored = [score_sample(s["text"], task.extra["spec"], guard, exemplars, threshold)
+              for s in samples]
+    usable = [s["passed"] for s in scored if s["unusable"] is None]
+    return any(usable) and not all(usable)
 
 
 def next_line(text: str, spec: dict) -> str | None:
@@ -409,19 +453,20 @@ def next_mcq_line(lines: list[str], count: int) -> str | None:
 
 def write_items_on(ctx: StageContext, tasks: list[Task], requests: list[GenRequest],
                    samples: list[dict]) -> list[dict]:
-    """The samples, the first `opened_samples` of each task written on line by line where they
+    """The samples, the first `opened_samples` of each task's K written on line by line where they
     stopped short of the form (`next_line`): the prompt and the text so far, then the next
     number or label, and the model continues (cached in cache/items.jsonl). A sample hitting
     the token limit is left as it is. `scaffolded` counts the lines given to a sample."""
     specs = {t.id: t.extra["spec"] for t in tasks}
     prompts = {r.id: r.prompt for r in requests}
+    k = ctx.profile.responses_per_task
     settings = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
                             RESPONSE_STOPS)
     while True:
         due = []
         for sample in samples:
             key = f"{sample['task_id']}-{sample['sample']}"
-            if sample["sample"] < ctx.settings.opened_samples and sample["finish"] != "length" \
+            if sample["sample"] % k < ctx.settings.opened_samples and sample["finish"] != "length" \
                     and (line := next_line(sample["text"], specs[sample["task_id"]])):
                 written = sample["text"][len(sample.get("opening", "")):]
                 step = sample.get("scaffolded", 0) + 1
@@ -810,6 +855,7 @@ def assess_heldout(ctx: StageContext, backend, label: str) -> dict:
 
 
 def report_data(ctx: StageContext) -> dict:
+    k = ctx.profile.responses_per_task
     topics = read_jsonl(ctx.path("topics.jsonl"))
     audit = read_jsonl(ctx.path("topics_audit.jsonl"))
     scored = read_jsonl(ctx.path("scores.jsonl"))
@@ -825,6 +871,9 @@ def report_data(ctx: StageContext) -> dict:
         "sample_checks_unopened": sample_check_rates([s for s in scored if "opening" not in s]),
         "sample_checks_scaffolded": sample_check_rates([s for s in scored if "scaffolded" in s]),
         "pairs_chosen_opened": chosen_opened(read_jsonl(ctx.path("pairs.jsonl")), scored),
+        "tasks_resampled": len({s["task_id"] for s in scored if s["sample"] >= k}),
+        "pairs_chosen_resampled": sum(p["chosen_sample"] >= k
+                                      for p in read_jsonl(ctx.path("pairs.jsonl"))),
         "pairs_dropped": len(read_jsonl(ctx.path("pairs_dropped.jsonl"))),
         "earlier_heldout_items_decontaminated": len(earlier_heldout(ctx)),
         "judge": judge_audit(read_jsonl(ctx.path("judgments.jsonl")), scored),
@@ -859,8 +908,9 @@ def plan_work(ctx: StageContext) -> WorkPlan:
     judge = round_robin_prompts(s.max_judged_samples)
     return WorkPlan(
         work=(growth_work("topics", ctx, topics, s.oversample, s.max_topic_rounds),
-              Work("responses", prompts=ctx.limit * p.responses_per_task,
-                   new_tokens=p.max_new_tokens, note=f"{p.responses_per_task} per task"),
+              Work("responses", prompts=ctx.limit * p.responses_per_task * s.sample_rounds,
+                   new_tokens=p.max_new_tokens, note=f"{p.responses_per_task} per task, up to "
+                                                     f"{s.sample_rounds} rounds"),
               Work("scores", scored=ctx.limit * judge, note=f"at most {judge} judge prompts "
                                                              f"per task")),
         max_pairs=ctx.limit, heldout_prompts=ctx.heldout)

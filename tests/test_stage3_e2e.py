@@ -17,6 +17,9 @@ nothing is written into the stage's caches or outputs and no stage function is r
   two prompts of a numbered task end with the opening "1.": the script writes on from it as a
   numbered list, the "plain" list one item per prompt (the stage then asks for "2.", "3." ...)
   and the "extra" list in one go;
+  Questions tasks are the hard ones: the script leaves the whole first round of their K
+  prompts to the tiny model, so they have no pair after it and draw a second round of K, whose
+  first four the script answers as above;
 - A/B judge prompts on those responses: the script favours the one that passes the checks, and
   between two passers the "preferred" one, in whichever order they are shown.
 
@@ -140,6 +143,8 @@ def read_task(instruction: str) -> dict | None:
 
 
 ANSWERS = ("plain", "extra", "preferred", "off_topic")  # a task's first four response prompts
+K = 8  # the tiny-qwen2 profile's samples per task and round
+HARD = "questions"  # the kind whose first round the script leaves to the tiny model
 EXPECTED_CHECKS = {"plain": dict.fromkeys(s3.CHECKS, True),
                    "preferred": dict.fromkeys(s3.CHECKS, True),
                    "extra": {**dict.fromkeys(s3.CHECKS, True), "count_ok": False},
@@ -167,9 +172,9 @@ class CapableModel:
             return self.next_item(opening)  # a list written item by item: "1. ...\n2."
         if spec is None:
             return None  # e.g. the baseline suite's few-shot reference prompts
-        nth = self.calls[instruction]
+        nth = self.calls[instruction] - (K if spec["kind"] == HARD else 0)
         self.calls[instruction] += 1
-        if nth >= len(ANSWERS):
+        if not 0 <= nth < len(ANSWERS):
             return None
         kind, count, keyword = spec["kind"], spec["count"], spec["keywords"][0]
         text = {"plain": lambda: respond(kind, count, keyword, 0),
@@ -225,7 +230,7 @@ def test_stage_completes_with_pairs_chosen_by_checks_and_judge(stage):
     pairs = read_jsonl(stage_dir / "pairs.jsonl")
     train = read_tasks(stage_dir / "tasks.jsonl", "train")
     assert len(pairs) == len(train) == LIMIT  # every training task yields its pair
-    assert all(script.calls[t.text] == 8 for t in train)  # K=8 few-shot samples
+    assert all(script.calls[t.text] == (2 * K if t.kind == HARD else K) for t in train)
     scored = {(s["task_id"], s["sample"]): s for s in read_jsonl(stage_dir / "scores.jsonl")}
     for pair in pairs:
         assert script.written[pair["chosen"]] == "preferred"  # the judge's pick among passers
@@ -272,11 +277,13 @@ def test_topic_filter_ran_on_the_proposals(stage):
 def test_samples_are_scored_by_the_real_checks(stage):
     stage_dir, script = stage
     scored = read_jsonl(stage_dir / "scores.jsonl")
-    assert len(scored) == LIMIT * 8  # tiny-qwen2 profile: 8 samples per task
+    hard = {t.id for t in read_tasks(stage_dir / "tasks.jsonl", "train") if t.kind == HARD}
+    assert hard and len(scored) == (LIMIT + len(hard)) * K  # one round, two for the hard tasks
     for task_id in {s["task_id"] for s in scored}:
         samples = [s for s in scored if s["task_id"] == task_id]
         written = [script.written.get(s["text"]) for s in samples]
-        assert sorted(w for w in written if w) == sorted(ANSWERS) and written.count(None) == 4
+        assert sorted(w for w in written if w) == sorted(ANSWERS)
+        assert written.count(None) == len(samples) - len(ANSWERS)
         for sample, meant in zip(samples, written):
             if meant:
                 assert sample["checks"] == EXPECTED_CHECKS[meant] and sample["unusable"] is None
@@ -289,7 +296,8 @@ def test_the_first_samples_of_a_numbered_task_start_from_its_opening(stage):
     responses = read_jsonl(stage_dir / "responses.jsonl")
     tasks = read_tasks(stage_dir / "tasks.jsonl", "train")
     opened = {f"{r['task_id']}-{r['sample']}": r["opening"] for r in responses if "opening" in r}
-    assert opened == {f"{t.id}-{j}": "1." for t in tasks for j in range(2)
+    assert opened == {f"{t.id}-{j}": "1." for t in tasks
+                      for j in ([0, 1, K, K + 1] if t.kind == HARD else [0, 1])
                       if not (t.kind == "mcq" and t.extra["spec"]["count"] == 1)}
     # the scripted model wrote on from the opening: its opened lists pass what they were meant to
     scored = {(s["task_id"], s["sample"]): s for s in read_jsonl(stage_dir / "scores.jsonl")}
@@ -309,6 +317,21 @@ def test_the_first_samples_of_a_numbered_task_start_from_its_opening(stage):
     assert data["pairs_chosen_opened"] == sum(
         (p["task_id"], p["chosen_sample"]) in {k for k, s in scored.items() if "opening" in s}
         for p in read_jsonl(stage_dir / "pairs.jsonl"))
+
+
+def test_a_task_without_a_pair_after_one_round_draws_another(stage):
+    stage_dir, script = stage
+    train = read_tasks(stage_dir / "tasks.jsonl", "train")
+    responses = read_jsonl(stage_dir / "responses.jsonl")
+    for task in train:
+        numbers = [r["sample"] for r in responses if r["task_id"] == task.id]
+        assert numbers == list(range(2 * K if task.kind == HARD else K))
+    pairs = {p["task_id"]: p for p in read_jsonl(stage_dir / "pairs.jsonl")}
+    hard = [t for t in train if t.kind == HARD]
+    # the first round (the tiny model's) had no passer: the pair comes from the second
+    assert all(pairs[t.id]["chosen_sample"] >= K for t in hard)
+    data = json.loads((stage_dir / "metrics.json").read_text())["data"]
+    assert data["tasks_resampled"] == data["pairs_chosen_resampled"] == len(hard)
 
 
 def test_pairs_pass_the_template_guard(stage, tiny_backend):

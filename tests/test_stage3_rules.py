@@ -488,3 +488,21 @@ def test_assessment_summary_has_headline_and_every_check():
     assert set(out["summary"]) == {"task_success", *s3.CHECKS}
     assert out["summary"]["task_success"]["k"] == 1 and out["summary"]["task_success"]["n"] == 2
     assert [i["passed"] for i in out["items"]] == [True, False]
+
+
+def test_pair_material_is_what_the_stated_rule_needs():
+    """A task draws another round of samples exactly when the stated rule finds no pair."""
+    guard = TemplateGuard()
+
+    def material(texts, exemplars=()):
+        samples = [{"text": t} for t in texts]
+        return s3.pair_material(TASK, samples, guard, list(exemplars))
+
+    assert material([GOOD, "Lava."])
+    assert not material(["Lava.", "Ash."])  # no passer
+    assert not material([GOOD, GOOD_2])  # no failure
+    # a failure that copies an exemplar is unusable: it cannot be the rejected side
+    assert not material([GOOD, "Lava flows down the hill."], ["Lava flows down the hill."])
+    for texts in (["Lava.", "Ash."], [GOOD, GOOD_2], [GOOD, "Lava."]):
+        pair, _ = s3.choose_pair(TASK, [sample(i, t) for i, t in enumerate(texts)], [])
+        assert (pair is not None) == material(texts)
