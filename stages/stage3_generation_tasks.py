@@ -128,7 +128,7 @@ class Stage3Settings(StageSettings):
                                          "(3: 3 comparisons, 6 judge prompts)")
     hindsight: bool = setting(True, "restate a task without a pair with the number of items a "
                                     "good sample wrote (hindsight relabelling of the count)")
-    sample_rounds: int = setting(2, "rounds of K samples a task may draw: a task whose samples "
+    sample_rounds: int = setting(3, "rounds of K samples a task may draw: a task whose samples "
                                     "so far hold no usable sample passing every check, or none "
                                     "failing, draws K more (difficulty-aware sampling); 1: one "
                                     "round")
