@@ -50,9 +50,9 @@ def with_openings(requests: list[GenRequest], openings: dict[str, str]) -> list[
 def sample_records(tasks: list[Task], results: dict[str, dict], k: int,
                    openings: dict[str, str] | None = None, first: int = 0) -> list[dict]:
     """K samples per task (numbered from `first`) as records in task order: {task_id, sample,
-    text (stripped), finish},
-    plus {opening} for a request whose prompt ended with one (`openings`: request id ->
-    opening); its text is the opening followed by what the model wrote."""
+    text (stripped), finish}, plus {opening} for a request whose prompt ended with one
+    (`openings`: request id -> opening); its text is the opening followed by what the model
+    wrote."""
     openings = openings or {}
     records = []
     for task in tasks:

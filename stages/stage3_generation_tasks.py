@@ -859,6 +859,7 @@ def report_data(ctx: StageContext) -> dict:
     topics = read_jsonl(ctx.path("topics.jsonl"))
     audit = read_jsonl(ctx.path("topics_audit.jsonl"))
     scored = read_jsonl(ctx.path("scores.jsonl"))
+    pairs = read_jsonl(ctx.path("pairs.jsonl"))
     return {
         "topics": {"pool": sum(t["source"] == "pool" for t in topics),
                    "model_proposed": sum(t["source"] == "model" for t in topics),
@@ -870,10 +871,9 @@ def report_data(ctx: StageContext) -> dict:
         "sample_checks_opened": sample_check_rates([s for s in scored if "opening" in s]),
         "sample_checks_unopened": sample_check_rates([s for s in scored if "opening" not in s]),
         "sample_checks_scaffolded": sample_check_rates([s for s in scored if "scaffolded" in s]),
-        "pairs_chosen_opened": chosen_opened(read_jsonl(ctx.path("pairs.jsonl")), scored),
+        "pairs_chosen_opened": chosen_opened(pairs, scored),
         "tasks_resampled": len({s["task_id"] for s in scored if s["sample"] >= k}),
-        "pairs_chosen_resampled": sum(p["chosen_sample"] >= k
-                                      for p in read_jsonl(ctx.path("pairs.jsonl"))),
+        "pairs_chosen_resampled": sum(p["chosen_sample"] >= k for p in pairs),
         "pairs_dropped": len(read_jsonl(ctx.path("pairs_dropped.jsonl"))),
         "earlier_heldout_items_decontaminated": len(earlier_heldout(ctx)),
         "judge": judge_audit(read_jsonl(ctx.path("judgments.jsonl")), scored),
