@@ -455,6 +455,34 @@ def check_contamination_command(run_dir: Path, stage: int, probe: bool) -> None:
     click.echo(f"contamination check passed (evaluation sets in {result['eval_sets']})")
 
 
+@check.command("retention")
+@click.option("--run-dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              required=True)
+def check_retention_command(run_dir: Path) -> None:
+    """Each finished stage's held-out tasks on every later stage's merged model, paired with
+    the stage's own result; exits 1 when a metric falls more than 5 points."""
+    from app.retention import check_retention
+    from core.report import fmt_rate
+
+    try:
+        result = check_retention(run_dir)
+    except USER_ERRORS as error:
+        fail(error)
+    except KeyboardInterrupt:
+        interrupted()
+    for r in result["rows"]:
+        own = r["vs_own_after"]
+        click.echo(f"stage {r['stage']} {r['metric']} {r['model']}: {fmt_rate(r['own_after'])} -> "
+                   f"{fmt_rate(r['later'])} ({r['change_points']:+.1f} points; +{own['gained']} "
+                   f"-{own['lost']}, p={own['p_value']:.3g})")
+    falls = [r for r in result["rows"] if r["falls_more_than_drop"]]
+    click.echo(f"written: {run_dir / 'retention.json'} and the run report")
+    if falls:
+        click.echo(f"{len(falls)} held-out metric(s) fall more than {result['drop_points']:g} "
+                   f"points on a later model", err=True)
+        sys.exit(1)
+
+
 @main.command()
 @click.option("--run-dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
               required=True)

@@ -16,8 +16,10 @@ from app.pipeline import saved_sections, select_stage
 from core.report import fmt_rate
 from core.errors import UsageError
 from core.run import RunDirError, RunLock, require_config
+from core.stage import Stage
 from core.suites.runner import compare_results, run_suite
 from registry.models import resolve_model
+from registry.stages import STAGES
 
 
 def assess_model(model: str, suite: str, limit: int | None, out: Path | None,
@@ -58,7 +60,8 @@ def default_out(name: str, path: str, suite: str) -> Path:
     return PROJECT_ROOT / "artifacts" / "assess" / f"{slug}-{digest}-{suite}.json"
 
 
-def stage_context(run_dir: Path, config: dict, stage: int) -> StageContext:
+def stage_context(run_dir: Path, config: dict, stage: int,
+                  curriculum: tuple[Stage, ...] = STAGES, log=print) -> StageContext:
     """The context a stage of this run was given (its input model, saved settings, data dir)."""
     from core.constitution import load_constitution
 
@@ -66,8 +69,8 @@ def stage_context(run_dir: Path, config: dict, stage: int) -> StageContext:
     input_record = stage_dir / "input.json"
     model_path = read_json(input_record)["path"] if input_record.is_file() else config["model"]["path"]
     run = config["run"]
-    sections = saved_sections(config)
-    select_stage(stage)
+    sections = saved_sections(config, curriculum)
+    select_stage(stage, curriculum)
     return StageContext(run_dir=run_dir, number=stage, model_path=model_path, origin="recorded",
                         profile=sections["profile"], seed=run["seed"], limit=run["limit"],
                         heldout=run["heldout"],
@@ -75,7 +78,7 @@ def stage_context(run_dir: Path, config: dict, stage: int) -> StageContext:
                         data_dir=Path(config["data_dir"]) if config.get("data_dir") else None,
                         baseline_limit=run.get("baseline_limit"),
                         settings=sections[f"stage{stage}"],
-                        near_duplicate=sections["run"].near_duplicate)
+                        near_duplicate=sections["run"].near_duplicate, log=log)
 
 
 def tune_stage(run_dir: Path, number: int, grid: tuple[str, ...], dev_share: float,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -17,6 +18,16 @@ from core.models import weights_sha256
 from core.profile import ModelProfile
 
 BackendLoader = Callable[[str, ModelProfile], HFBackend]
+LATER_MODEL = re.compile(r"after stage (\d+)")
+
+
+def later_stage_number(label: str) -> int:
+    """K in the label "after stage K"; a ValueError names the labels that exist."""
+    match = LATER_MODEL.fullmatch(label)
+    if match is None:
+        raise ValueError(f"unknown model label {label!r}: use 'before', 'after' or "
+                         f"'after stage K'")
+    return int(match.group(1))
 
 
 @dataclass
@@ -51,22 +62,38 @@ class StageContext:
     def path(self, name: str) -> Path:
         return self.stage_dir / name
 
+    def labelled_model(self, label: str) -> tuple[Path, str]:
+        """(record, weights path) of the model a label names: "before" is the stage's input
+        (input.json), "after" its merged model (merge.json), "after stage K" a later stage's
+        merged model (stage_K/merge.json), which the retention check assesses on this stage's
+        held-out tasks."""
+        if label == "before":
+            return self.path("input.json"), self.model_path
+        if label == "after":
+            return self.path("merge.json"), str(self.path("merged"))
+        later = later_stage_number(label)
+        if later <= self.number:
+            raise ValueError(f"{label!r} names stage {later}, which is not after stage "
+                             f"{self.number}")
+        return (self.run_dir / f"stage_{later}" / "merge.json",
+                str(self.run_dir / f"stage_{later}" / "merged"))
+
     def weights_sha(self, label: str) -> str | None:
-        """The weights hash of the input ("before") or the merged ("after") model, as
-        input.json or merge.json records it; hashed here only when the stage ran without that
-        record (a 32B model's 65 GB take minutes to hash). None for a model without local
-        weights."""
-        record = self.path("input.json" if label == "before" else "merge.json")
+        """The weights hash of the model `label` names (see `labelled_model`), as its record
+        holds it; hashed here only when the stage ran without that record (a 32B model's 65 GB
+        take minutes to hash). None for a model without local weights."""
+        record, weights = self.labelled_model(label)
         if record.is_file() and "weights_sha256" in (recorded := read_json(record)):
             return recorded["weights_sha256"]
-        return weights_sha256(self.model_path if label == "before" else str(self.path("merged")))
+        return weights_sha256(weights)
 
     def heldout_cache(self, label: str) -> Path:
-        """Where the held-out assessment of the "before" or "after" model caches its
-        generations: named by the model's weights hash, so a merge that is redone never reuses
-        the outputs of the model it replaced."""
+        """Where the held-out assessment of the model `label` names caches its generations:
+        named by the model's weights hash, so a merge that is redone never reuses the outputs
+        of the model it replaced."""
         sha = self.weights_sha(label)
-        return self.path(f"cache/assess_{label}" + (f"-{sha[:16]}" if sha else "") + ".jsonl")
+        name = label.replace(" ", "_")
+        return self.path(f"cache/assess_{name}" + (f"-{sha[:16]}" if sha else "") + ".jsonl")
 
     def backend(self) -> HFBackend:
         if self._backend is None:

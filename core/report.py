@@ -138,79 +138,127 @@ def contamination_section(summary: dict | None) -> list[str]:
     ]
 
 
-def write_run_report(run_dir: Path) -> None:
-    """DIR/report.md: links to each stage report and the capability table across stages."""
-    import json
+RETENTION_FILE = "retention.json"  # written by `check retention` (app/retention.py)
 
-    from core.io import atomic_write_text
+
+def write_run_report(run_dir: Path) -> None:
+    """DIR/report.md: links to each stage report, the capability table across stages (with
+    every retention result that still matches the run's models) and its plot."""
+    from core.io import atomic_write_text, read_json
 
     stages = sorted(run_dir.glob("stage_*/metrics.json"), key=lambda p: int(p.parent.name[6:]))
-    skipped = {int(p.parent.name[6:]): json.loads(p.read_text())
-               for p in run_dir.glob("stage_*/SKIPPED")}
+    skipped = {int(p.parent.name[6:]): read_json(p) for p in run_dir.glob("stage_*/SKIPPED")}
     if not stages:
         return
-    metrics = {int(p.parent.name[6:]): json.loads(p.read_text()) for p in stages}
-    columns = ["base"] + [f"after stage {n}" for n in metrics]
-    rows = capability_rows(metrics)
+    metrics = {int(p.parent.name[6:]): read_json(p) for p in stages}
+    columns = ["base"] + [f"after stage {n}" for n in metrics] + ["few-shot reference (base)"]
+    retained, stale = current_retention(run_dir)
+    rows = capability_rows(metrics, retained)
     lines = [f"# Run report: {run_dir.name}", "", "## Stages", ""]
     entries = {n: f"- [stage {n}: {m['name']}](stage_{n}/report.md)" for n, m in metrics.items()}
     entries |= {n: f"- stage {n}: skipped, nothing trained ({s['reason']})"
                 for n, s in skipped.items()}
     lines += [entries[n] for n in sorted(entries)]
     lines += ["", "## Capability table (95% Wilson intervals)", "",
-              "| capability | " + " | ".join(columns) + " | few-shot reference (base) |",
-              "|---|" + "---|" * (len(columns) + 1)]
+              "| capability | " + " | ".join(columns) + " |",
+              "|---|" + "---|" * len(columns)]
     for name, cells in rows.items():
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(fmt_rate(c) if c else "-" for c in cells) + " |")
+    lines += retention_section(retained, stale)
     if plot_capabilities(rows, columns, run_dir / "capabilities.png"):
         lines += ["", "![capabilities](capabilities.png)"]
     atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
 
 
-def capability_rows(metrics: dict[int, dict]) -> dict[str, list[str]]:
-    """Rows = every stage's own held-out metric plus every baseline capability."""
+def current_retention(run_dir: Path) -> tuple[list[dict], int]:
+    """The retention rows whose two models are still the run's (a stage redone since the check
+    makes its rows stale), and how many rows were stale."""
+    from core.io import read_json
+
+    path = run_dir / RETENTION_FILE
+    if not path.is_file():
+        return [], 0
+
+    def merged_sha(number: int) -> str | None:
+        record = run_dir / f"stage_{number}" / "merge.json"
+        return read_json(record).get("weights_sha256") if record.is_file() else None
+
+    rows = read_json(path)["rows"]
+    current = [r for r in rows if merged_sha(r["later_stage"]) == r["model_weights_sha256"]
+               and merged_sha(r["stage"]) == r["stage_weights_sha256"]]
+    return current, len(rows) - len(current)
+
+
+def capability_rows(metrics: dict[int, dict],
+                    retained: list[dict] = ()) -> dict[str, list[dict | None]]:
+    """Rows = every stage's own held-out metric plus every baseline capability; cells are rate
+    dicts (None: not measured) for the base, each stage's output and the few-shot reference."""
     first = metrics[min(metrics)]
-    rows: dict[str, list[str]] = {}
+    rows: dict[str, list[dict | None]] = {}
     for n, m in metrics.items():
         a = m["assessment"]
         key = a["headline"]
         # Stage n's held-out set is measured on its input (the last trained stage's column, or
-        # the base model's) and on its output.
+        # the base model's) and on its output; `check retention` adds the later stages' models.
         previous = max((k for k in metrics if k < n), default=0)
-        cells = {previous: fmt_rate(a["before"]["summary"][key]),
-                 n: fmt_rate(a["after"]["summary"][key])}
+        cells = {previous: a["before"]["summary"][key], n: a["after"]["summary"][key]}
+        cells |= {r["later_stage"]: r["later"] for r in retained if r["stage"] == n}
         rows[f"stage {n} held-out {key.replace('_', '-')}"] = [
-            cells.get(column, "-") for column in [0, *metrics]] + ["-"]
+            cells.get(column) for column in [0, *metrics]] + [None]
     for cap, row in first["baseline"].items():
-        rows[cap] = [fmt_rate(row["before"])] + [
-            fmt_rate(m["baseline"][cap]["after"]) for m in metrics.values()] + [
-            fmt_rate(row["fewshot_reference"])]
+        rows[cap] = [row["before"]] + [m["baseline"][cap]["after"] for m in metrics.values()] + [
+            row["fewshot_reference"]]
     return rows
 
 
-def plot_capabilities(rows: dict[str, list[str]], columns: list[str], path: Path) -> bool:
-    """A grouped bar chart of the rates in the capability table."""
-    import re
+def retention_section(rows: list[dict], stale: int) -> list[str]:
+    """Each stage's held-out result on the later models, against the stage's own."""
+    if not rows and not stale:
+        return []
+    lines = ["", "## Retention (`python cli.py check retention`)", "",
+             "Each stage's held-out tasks on every later stage's merged model, paired item by "
+             "item with the stage's own result (exact McNemar).", "",
+             "| stage metric | model | stage's own | later | change (points) | "
+             "vs own: gained / lost, p | vs stage's input: gained / lost, p |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        own, before = r["vs_own_after"], r["vs_before"]
+        flag = " **falls more than 5 points**" if r["falls_more_than_drop"] else ""
+        lines.append(
+            f"| stage {r['stage']} {r['metric'].replace('_', '-')} | {r['model']} | "
+            f"{fmt_rate(r['own_after'])} | {fmt_rate(r['later'])} | "
+            f"{r['change_points']:+.1f}{flag} | +{own['gained']} / -{own['lost']}, "
+            f"p = {own['p_value']:.3g} | +{before['gained']} / -{before['lost']}, "
+            f"p = {before['p_value']:.3g} |")
+    if stale:
+        lines += ["", f"{stale} earlier retention result(s) left out: a stage was redone since "
+                      f"the check; run it again."]
+    return lines
 
+
+def plot_capabilities(rows: dict[str, list[dict | None]], columns: list[str],
+                      path: Path) -> bool:
+    """A grouped bar chart of the rates in the capability table, with their 95% intervals."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def value(cell: str) -> float:
-        match = re.match(r"([\d.]+)%", cell)
-        return float(match.group(1)) / 100 if match else float("nan")
-
     names = list(rows)
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(names)), 3.6))
     width = 0.8 / len(columns)
     for j, column in enumerate(columns):
-        ax.bar([i + j * width for i in range(len(names))], [value(rows[n][j]) for n in names],
-               width, label=column)
+        cells = [rows[n][j] if rows[n][j] and rows[n][j]["rate"] is not None else None
+                 for n in names]
+        heights = [c["rate"] if c else float("nan") for c in cells]
+        errors = [[c["rate"] - c["ci95"][0] if c else 0 for c in cells],
+                  [c["ci95"][1] - c["rate"] if c else 0 for c in cells]]
+        ax.bar([i + j * width for i in range(len(names))], heights, width, label=column,
+               yerr=errors, capsize=1.5, error_kw={"elinewidth": 0.6})
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(names))], names, rotation=30,
                   ha="right", fontsize=7)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("rate")
+    ax.set_ylabel("rate (95% Wilson interval)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -36,8 +36,10 @@ SHARED_TAIL = ("decontaminate", "train", "merge", "assess", "report")
 
 class HeldoutAssessment(Protocol):
     def __call__(self, ctx: StageContext, backend: Any, label: str) -> dict:
-        """{"summary": {...}, "items": [{"id", "passed", ...}]} for the "before" or "after"
-        model on the stage's held-out tasks (zero-shot, greedy)."""
+        """{"summary": {...}, "items": [{"id", "passed", ...}]} for the model `label` names
+        ("before", "after", or "after stage K" when `check retention` assesses a later
+        stage's model) on the stage's held-out tasks (zero-shot, greedy); generations are
+        cached in `ctx.heldout_cache(label)`."""
 
 
 @dataclass(frozen=True)

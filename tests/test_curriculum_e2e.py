@@ -131,6 +131,53 @@ def test_resuming_a_finished_run_changes_nothing(run_dir, tiny_dir):
     assert after == before
 
 
+def test_retention_assesses_each_stage_on_every_later_model(run_dir, tmp_path):
+    from app.retention import check_retention
+    from core.stats import mcnemar_exact
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, symlinks=True)
+    done = [n for n, s in ended(copy).items() if s == "DONE"]
+    result = check_retention(copy, log=lambda _: None)
+    assert [(r["stage"], r["later_stage"]) for r in result["rows"]] == [
+        (a, b) for b in done for a in done if a < b]
+    for row in result["rows"]:
+        stage, later = copy / f"stage_{row['stage']}", copy / f"stage_{row['later_stage']}"
+        sha = json.loads((later / "merge.json").read_text())["weights_sha256"]
+        assert row["model_weights_sha256"] == sha
+        own = json.loads((stage / "assessment.json").read_text())["after"]["items"]
+        cache = stage / "cache" / f"assess_after_stage_{row['later_stage']}-{sha[:16]}.jsonl"
+        assert len(read_jsonl(cache)) == len(own) == len(row["later_items"])
+        passed = {i["id"]: i["passed"] for i in row["later_items"]}
+        scored = [i["id"] for i in own if i["passed"] is not None and passed[i["id"]] is not None]
+        expected = mcnemar_exact([next(o["passed"] for o in own if o["id"] == k) for k in scored],
+                                 [passed[k] for k in scored])
+        assert {k: row["vs_own_after"][k] for k in expected} == expected
+        assert row["later"]["k"] == sum(v is True for v in passed.values())
+    report = (copy / "report.md").read_text()
+    metric = result["rows"][0]["metric"].replace("_", "-")
+    assert "## Retention" in report and f"| stage 1 {metric} | after stage 2 |" in report
+    stamps = {p: p.stat().st_mtime_ns for p in copy.glob("stage_*/cache/assess_after_stage_*")}
+    again = check_retention(copy, log=lambda _: None)  # cached: nothing generated again
+    assert again["rows"] == result["rows"]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_retention_needs_two_finished_stages(run_dir, tmp_path):
+    from click.testing import CliRunner
+
+    import cli
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, symlinks=True)
+    for number, state in ended(copy).items():
+        if state == "DONE" and number > 1:
+            (copy / f"stage_{number}" / "DONE").unlink()
+    out = CliRunner().invoke(cli.main, ["check", "retention", "--run-dir", str(copy)])
+    assert out.exit_code == 2 and "has 1 finished stage(s)" in out.output
+    assert not (copy / "retention.json").exists()
+
+
 def test_without_skip_empty_an_empty_stage_stops_with_a_clear_error(run_dir, tmp_path):
     skipped = [n for n, s in ended(run_dir).items() if s == "SKIPPED"]
     assert skipped, "the tiny model now keeps pairs in every stage: test --skip-empty elsewhere"

@@ -18,12 +18,43 @@ def stage_metrics(before: int, after: int) -> dict:
 def test_heldout_rows_fill_only_the_columns_they_measure():
     rows = capability_rows({1: stage_metrics(1, 2), 2: stage_metrics(3, 4), 3: stage_metrics(5, 6)})
     # columns: base, after 1, after 2, after 3, few-shot reference
-    assert rows["stage 1 held-out score"][:4] == ["10.0% [1.8%, 40.4%] (1/10)",
-                                                  "20.0% [5.7%, 51.0%] (2/10)", "-", "-"]
+    assert rows["stage 1 held-out score"] == [rate(1, 10), rate(2, 10), None, None, None]
     third = rows["stage 3 held-out score"]
-    assert third[0] == third[1] == "-"  # not measured on the base or after stage 1
-    assert third[2].endswith("(5/10)") and third[3].endswith("(6/10)")
-    assert rows["judging"][-1].endswith("(5/10)")
+    assert third[0] is third[1] is None  # not measured on the base or after stage 1
+    assert third[2] == rate(5, 10) and third[3] == rate(6, 10)
+    assert rows["judging"][-1] == rate(5, 10)
+
+
+def retention_row(stage: int, later: int, k: int, shas: tuple[str, str]) -> dict:
+    test = {"gained": 0, "lost": 2, "p_value": 0.5, "items": 10}
+    return {"stage": stage, "name": "s", "metric": "score", "model": f"after stage {later}",
+            "later_stage": later, "stage_weights_sha256": shas[0],
+            "model_weights_sha256": shas[1], "before": rate(1, 10), "own_after": rate(2, 10),
+            "later": rate(k, 10), "change_points": 10.0 * (k - 2), "vs_own_after": test,
+            "vs_before": test, "falls_more_than_drop": k < 2}
+
+
+def test_retention_fills_the_later_columns_and_a_redone_stage_makes_its_rows_stale(tmp_path):
+    from core.io import write_json
+    from core.report import write_run_report
+
+    for n, (before, after) in {1: (1, 2), 2: (3, 4), 3: (5, 6)}.items():
+        write_json(tmp_path / f"stage_{n}" / "metrics.json",
+                   {"name": f"s{n}", **stage_metrics(before, after)})
+        write_json(tmp_path / f"stage_{n}" / "merge.json", {"weights_sha256": f"sha{n}"})
+    write_json(tmp_path / "retention.json", {"rows": [
+        retention_row(1, 2, 0, ("sha1", "sha2")), retention_row(1, 3, 3, ("sha1", "sha3")),
+        retention_row(2, 3, 9, ("sha2", "old sha3"))]})  # stage 3 was redone since
+    write_run_report(tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| stage 1 held-out"))
+    assert [cell.strip()[-6:] for cell in row.split("|")[2:-1]] == [
+        "(1/10)", "(2/10)", "(0/10)", "(3/10)", "-"]
+    second = next(line for line in report.splitlines() if line.startswith("| stage 2 held-out"))
+    assert "(9/10)" not in second  # the stale row is not shown
+    assert "1 earlier retention result(s) left out" in report
+    assert "| stage 1 score | after stage 2 |" in report and "**falls more than 5 points**" in report
+    assert (tmp_path / "capabilities.png").stat().st_size > 0
 
 
 def test_default_assessment_outputs_do_not_collide(tmp_path):
@@ -124,3 +155,11 @@ def test_held_out_pairing_tests_the_headline_and_non_degenerate_outcomes():
     # items that do not record degeneracy get the headline test only
     assert "non_degenerate" not in paired_outcomes([{"id": "a", "passed": True}],
                                                    [{"id": "a", "passed": False}])
+
+
+def test_a_later_model_label_names_its_stage_and_a_typo_is_refused():
+    from core.context import later_stage_number
+
+    assert later_stage_number("after stage 6") == 6
+    with pytest.raises(ValueError, match="use 'before', 'after' or 'after stage K'"):
+        later_stage_number("after stage six")
