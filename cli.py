@@ -458,14 +458,17 @@ def check_contamination_command(run_dir: Path, stage: int, probe: bool) -> None:
 @check.command("retention")
 @click.option("--run-dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
               required=True)
-def check_retention_command(run_dir: Path) -> None:
+@click.option("--after-stage", "after_stages", type=int, multiple=True, metavar="K",
+              help="Assess only on stage K's merged model (repeatable; default: every later "
+                   "finished stage).")
+def check_retention_command(run_dir: Path, after_stages: tuple[int, ...]) -> None:
     """Each finished stage's held-out tasks on every later stage's merged model, paired with
     the stage's own result; exits 1 when a metric falls more than 5 points."""
     from app.retention import check_retention
     from core.report import fmt_rate
 
     try:
-        result = check_retention(run_dir)
+        result = check_retention(run_dir, after_stages=after_stages)
     except USER_ERRORS as error:
         fail(error)
     except KeyboardInterrupt:

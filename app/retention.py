@@ -33,9 +33,11 @@ def finished_stages(run_dir: Path, curriculum: tuple[Stage, ...]) -> list[Stage]
 
 
 def check_retention(run_dir: Path, log=print, backend_loader: BackendLoader = load_backend,
-                    curriculum: tuple[Stage, ...] = STAGES) -> dict:
-    """Assess each finished stage's held-out tasks on every later finished stage's merged model;
-    write retention.json and refresh the run report. Returns what retention.json holds."""
+                    curriculum: tuple[Stage, ...] = STAGES,
+                    after_stages: tuple[int, ...] = ()) -> dict:
+    """Assess each finished stage's held-out tasks on every later finished stage's merged model
+    (or only on the models of `after_stages`); write retention.json (earlier results for other
+    models are kept) and refresh the run report. Returns what retention.json holds."""
     run_dir = run_dir.resolve()
     config = require_config(run_dir)
     done = finished_stages(run_dir, curriculum)
@@ -44,11 +46,18 @@ def check_retention(run_dir: Path, log=print, backend_loader: BackendLoader = lo
             f"{run_dir} has {len(done)} finished stage(s); retention compares a stage's held-out "
             f"result with a later stage's model, so it needs two (run `python cli.py run "
             f"--run-dir {run_dir}` further first)")
+    later_models = [s for s in done[1:] if not after_stages or s.number in after_stages]
+    unknown = sorted(set(after_stages) - {s.number for s in done[1:]})
+    if unknown:
+        raise UsageError(
+            f"--after-stage {', '.join(map(str, unknown))}: a later model must be a finished "
+            f"stage after the first; finished stages in {run_dir}: "
+            f"{', '.join(str(s.number) for s in done)}")
     contexts = {s.number: stage_context(run_dir, config, s.number, curriculum, log)
                 for s in done[:-1]}
     rows = []
     with RunLock(run_dir / ".lock"):
-        for later in done[1:]:
+        for later in later_models:
             merged = str(run_dir / f"stage_{later.number}" / "merged")
             log(f"retention: loading stage {later.number}'s merged model")
             backend = backend_loader(merged, contexts[done[0].number].profile)
@@ -56,9 +65,13 @@ def check_retention(run_dir: Path, log=print, backend_loader: BackendLoader = lo
                 rows.append(retention_row(earlier, contexts[earlier.number], backend,
                                           later.number))
             del backend
+        path = run_dir / RETENTION_FILE
+        made = {(r["stage"], r["later_stage"]) for r in rows}
+        kept = [r for r in read_json(path)["rows"] if (r["stage"], r["later_stage"]) not in made] \
+            if path.is_file() else []
         result = {"at": datetime.now(timezone.utc).isoformat(), "drop_points": DROP_POINTS,
-                  "rows": rows}
-        write_json(run_dir / RETENTION_FILE, result)
+                  "rows": sorted(kept + rows, key=lambda r: (r["later_stage"], r["stage"]))}
+        write_json(path, result)
         write_run_report(run_dir)
     return result
 

@@ -158,7 +158,7 @@ def test_retention_assesses_each_stage_on_every_later_model(run_dir, tmp_path):
     metric = result["rows"][0]["metric"].replace("_", "-")
     assert "## Retention" in report and f"| stage 1 {metric} | after stage 2 |" in report
     stamps = {p: p.stat().st_mtime_ns for p in copy.glob("stage_*/cache/assess_after_stage_*")}
-    again = check_retention(copy, log=lambda _: None)  # cached: nothing generated again
+    again = check_retention(copy, log=lambda _: None, after_stages=(done[-1],))  # cached
     assert again["rows"] == result["rows"]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
 
@@ -170,6 +170,9 @@ def test_retention_needs_two_finished_stages(run_dir, tmp_path):
 
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy, symlinks=True)
+    out = CliRunner().invoke(cli.main, ["check", "retention", "--run-dir", str(copy),
+                                        "--after-stage", "1"])
+    assert out.exit_code == 2 and "must be a finished stage after the first" in out.output
     for number, state in ended(copy).items():
         if state == "DONE" and number > 1:
             (copy / f"stage_{number}" / "DONE").unlink()
