@@ -843,6 +843,11 @@ def assess_generation(backend, guard: TemplateGuard, tasks: list[Task], cache_pa
                       "checks": checks, "passed": all(checks.values())})
     summary = {"task_success": rate(sum(i["passed"] for i in items), len(items))}
     summary.update({c: rate(sum(i["checks"][c] for i in items), len(items)) for c in CHECKS})
+    # A one-sentence answer has no two items to repeat, so distinct_items is vacuously true for
+    # a model that writes no list; among lists of the asked length it measures repetition.
+    counted = [i for i in items if i["checks"]["count_ok"]]
+    summary["distinct_items_when_count_ok"] = rate(
+        sum(i["checks"]["distinct_items"] for i in counted), len(counted))
     return {"summary": summary, "items": items}
 
 

@@ -392,7 +392,7 @@ def test_metrics(stage):
     assert assessment["headline"] == "task_success"
     for side in ("before", "after"):
         summary = assessment[side]["summary"]
-        assert set(summary) == {"task_success", *s3.CHECKS}
+        assert set(summary) == {"task_success", *s3.CHECKS, "distinct_items_when_count_ok"}
         assert summary["task_success"]["n"] == HELDOUT
     data = metrics["data"]
     assert data["tasks_train"] == LIMIT and data["tasks_heldout"] == HELDOUT

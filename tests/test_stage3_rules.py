@@ -10,6 +10,7 @@ from core.guards import TemplateGuard
 from core.judge import consistent_winner, winning_sample
 from core.prompting import house_prompt
 from core.records import Task
+from core.stats import rate
 from core.text import NearDuplicateFilter
 from stages import stage3_generation_tasks as s3
 
@@ -485,8 +486,11 @@ def test_assessment_summary_has_headline_and_every_check():
     with tempfile.TemporaryDirectory() as tmp:
         out = s3.assess_generation(Backend(), TemplateGuard(), tasks, Path(tmp) / "c.jsonl",
                                    16, 4, "test")
-    assert set(out["summary"]) == {"task_success", *s3.CHECKS}
+    assert set(out["summary"]) == {"task_success", *s3.CHECKS, "distinct_items_when_count_ok"}
     assert out["summary"]["task_success"]["k"] == 1 and out["summary"]["task_success"]["n"] == 2
+    # "Owls." has no two items to repeat: distinct, but not a list of the asked length
+    assert out["summary"]["distinct_items"]["k"] == 2
+    assert out["summary"]["distinct_items_when_count_ok"] == rate(1, 1)
     assert [i["passed"] for i in out["items"]] == [True, False]
 
 
