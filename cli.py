@@ -474,9 +474,9 @@ def check_retention_command(run_dir: Path, after_stages: tuple[int, ...]) -> Non
     except KeyboardInterrupt:
         interrupted()
     for r in result["rows"]:
-        own = r["vs_own_after"]
+        own = r["vs_own_after"]["mcnemar"]
         click.echo(f"stage {r['stage']} {r['metric']} {r['model']}: {fmt_rate(r['own_after'])} -> "
-                   f"{fmt_rate(r['later'])} ({r['change_points']:+.1f} points; +{own['gained']} "
+                   f"{fmt_rate(r['later'])} ({r['change_points']} points; +{own['gained']} "
                    f"-{own['lost']}, p={own['p_value']:.3g})")
     falls = [r for r in result["rows"] if r["falls_more_than_drop"]]
     click.echo(f"written: {run_dir / 'retention.json'} and the run report")

@@ -16,10 +16,10 @@ from pathlib import Path
 
 from app.commands import stage_context
 from core.backend import load_backend
-from core.context import BackendLoader
+from core.context import BackendLoader, StageContext
 from core.errors import UsageError
 from core.io import read_json, write_json
-from core.lifecycle import mcnemar_by_id
+from core.lifecycle import paired_outcomes
 from core.report import RETENTION_FILE, write_run_report
 from core.run import RunLock, require_config
 from core.stage import Stage
@@ -76,30 +76,26 @@ def check_retention(run_dir: Path, log=print, backend_loader: BackendLoader = lo
     return result
 
 
-def retention_row(stage: Stage, ctx, backend, later: int) -> dict:
+def retention_row(stage: Stage, ctx: StageContext, backend, later: int) -> dict:
     """Stage `stage`'s held-out tasks on stage `later`'s merged model, paired with the stage's
-    own before and after outcomes."""
+    own before and after outcomes (the headline, and non-degenerate outcomes and per-check
+    outcomes where the stage's items record them)."""
     label = f"after stage {later}"
     own = read_json(ctx.path("assessment.json"))
     result = stage.assess_heldout(ctx, backend, label)
     key = own["headline"]
     now, mine = result["summary"][key], own["after"]["summary"][key]
-
-    def passed(item: dict) -> bool | None:
-        return item["passed"]
-
-    vs_after, paired_after = mcnemar_by_id(own["after"]["items"], result["items"], passed)
-    vs_before, paired_before = mcnemar_by_id(own["before"]["items"], result["items"], passed)
     change = None if now["rate"] is None or mine["rate"] is None else \
         round(100 * (now["rate"] - mine["rate"]), 1)
+    outcome_fields = ("id", "passed", "degenerate", "checks")
     return {"stage": stage.number, "name": stage.name, "metric": key, "model": label,
             "later_stage": later,
             "model_weights_sha256": ctx.weights_sha(label),
             "stage_weights_sha256": ctx.weights_sha("after"),
             "before": own["before"]["summary"][key], "own_after": mine, "later": now,
             "change_points": change,
-            "vs_own_after": {**vs_after, "items": paired_after},
-            "vs_before": {**vs_before, "items": paired_before},
             "falls_more_than_drop": change is not None and change < -DROP_POINTS,
-            "later_items": [{"id": i["id"], "passed": i["passed"]} for i in result["items"]]}
-
+            "vs_own_after": paired_outcomes(own["after"]["items"], result["items"]),
+            "vs_before": paired_outcomes(own["before"]["items"], result["items"]),
+            "later_summary": result["summary"],
+            "later_items": [{k: i[k] for k in outcome_fields if k in i} for i in result["items"]]}

@@ -222,14 +222,14 @@ def retention_section(rows: list[dict], stale: int) -> list[str]:
              "vs own: gained / lost, p | vs stage's input: gained / lost, p |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        own, before = r["vs_own_after"], r["vs_before"]
+        own, before = r["vs_own_after"]["mcnemar"], r["vs_before"]["mcnemar"]
         flag = " **falls more than 5 points**" if r["falls_more_than_drop"] else ""
+        change = "n/a" if r["change_points"] is None else f"{r['change_points']:+.1f}"
         lines.append(
             f"| stage {r['stage']} {r['metric'].replace('_', '-')} | {r['model']} | "
-            f"{fmt_rate(r['own_after'])} | {fmt_rate(r['later'])} | "
-            f"{r['change_points']:+.1f}{flag} | +{own['gained']} / -{own['lost']}, "
-            f"p = {own['p_value']:.3g} | +{before['gained']} / -{before['lost']}, "
-            f"p = {before['p_value']:.3g} |")
+            f"{fmt_rate(r['own_after'])} | {fmt_rate(r['later'])} | {change}{flag} | "
+            f"+{own['gained']} / -{own['lost']}, p = {own['p_value']:.3g} | "
+            f"+{before['gained']} / -{before['lost']}, p = {before['p_value']:.3g} |")
     if stale:
         lines += ["", f"{stale} earlier retention result(s) left out: a stage was redone since "
                       f"the check; run it again."]

@@ -26,7 +26,7 @@ def test_heldout_rows_fill_only_the_columns_they_measure():
 
 
 def retention_row(stage: int, later: int, k: int, shas: tuple[str, str]) -> dict:
-    test = {"gained": 0, "lost": 2, "p_value": 0.5, "items": 10}
+    test = {"mcnemar": {"gained": 0, "lost": 2, "p_value": 0.5}, "items": 10}
     return {"stage": stage, "name": "s", "metric": "score", "model": f"after stage {later}",
             "later_stage": later, "stage_weights_sha256": shas[0],
             "model_weights_sha256": shas[1], "before": rate(1, 10), "own_after": rate(2, 10),
