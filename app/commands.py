@@ -11,7 +11,7 @@ from core.contamination import (ContaminationError, chat_template_probe, check_r
 from core.context import StageContext
 from core.guards import TemplateGuard
 from core.io import read_json, read_jsonl, write_json
-from core.models import PROJECT_ROOT, local_model_dir
+from core.models import PROJECT_ROOT, local_model_dir, weights_stamp
 from app.pipeline import saved_sections, select_stage
 from core.report import fmt_rate
 from core.errors import UsageError
@@ -33,7 +33,7 @@ def assess_model(model: str, suite: str, limit: int | None, out: Path | None,
     guard = TemplateGuard(backend.tokenizer)
     tokens = max_new_tokens or (256 if suite == "ifeval" else resolved.profile.max_new_tokens)
     out = out or default_out(resolved.profile.name, path, suite)
-    cache = out.parent / "cache" / f"{suite}.jsonl"
+    cache = suite_cache_path(out, suite, path)
     result = run_suite(suite, backend, guard, cache, limit, tokens,
                        resolved.profile.gen_batch_size, data_dir)
     if compare_to:
@@ -42,6 +42,18 @@ def assess_model(model: str, suite: str, limit: int | None, out: Path | None,
     write_json(out, result)
     result["out"] = str(out)
     return result
+
+
+def suite_cache_path(out: Path, suite: str, path: str) -> Path:
+    """OUT_DIR/cache/SUITE-TAG.jsonl, TAG from the weight files' sizes and modification times:
+    the cache keys hold the model's path, so a model rewritten at the same path (a merge redone
+    with --redo-from) would otherwise be assessed from the old weights' outputs."""
+    import hashlib
+
+    stamp = weights_stamp(path)
+    tag = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16] \
+        if stamp else "no-local-weights"
+    return out.parent / "cache" / f"{suite}-{tag}.jsonl"
 
 
 def _stage_model(model: str) -> str:

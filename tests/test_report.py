@@ -1,7 +1,7 @@
 """Reports, the benchmark command and result comparison, on synthetic or tiny inputs."""
 import pytest
 
-from app.commands import default_out
+from app.commands import default_out, suite_cache_path
 from core.report import capability_rows
 from core.stats import rate
 from core.suites.runner import SuiteMismatchError, compare_results
@@ -61,6 +61,23 @@ def test_default_assessment_outputs_do_not_collide(tmp_path):
     a = default_out("path:merged", str(tmp_path / "run_a" / "merged"), "baseline")
     b = default_out("path:merged", str(tmp_path / "run_b" / "merged"), "baseline")
     assert a != b and a.name.endswith("-baseline.json")
+
+
+def test_a_model_rewritten_at_the_same_path_gets_a_new_suite_cache(tmp_path):
+    import os
+
+    model = tmp_path / "run" / "stage_1" / "merged"
+    model.mkdir(parents=True)
+    weights = model / "model.safetensors"
+    weights.write_bytes(b"old weights")
+    out = tmp_path / "assess" / "merged-ifeval.json"
+    first = suite_cache_path(out, "ifeval", str(model))
+    assert first == suite_cache_path(out, "ifeval", str(model))  # same weights, same cache
+    weights.write_bytes(b"new weights")  # a redone merge writes the file again
+    os.utime(weights, ns=(1, weights.stat().st_mtime_ns + 1))
+    second = suite_cache_path(out, "ifeval", str(model))
+    assert second != first and second.parent == first.parent == out.parent / "cache"
+    assert suite_cache_path(out, "ifeval", "Qwen/Qwen2.5-32B").name == "ifeval-no-local-weights.jsonl"
 
 
 def test_results_of_different_suites_are_not_paired():
