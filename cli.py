@@ -465,7 +465,7 @@ def check_retention_command(run_dir: Path, after_stages: tuple[int, ...]) -> Non
     """Each finished stage's held-out tasks on every later stage's merged model, paired with
     the stage's own result; exits 1 when a metric falls more than 5 points."""
     from app.retention import check_retention
-    from core.report import fmt_rate
+    from core.report import RETENTION_FILE, fmt_rate
 
     try:
         result = check_retention(run_dir, after_stages=after_stages)
@@ -479,7 +479,7 @@ def check_retention_command(run_dir: Path, after_stages: tuple[int, ...]) -> Non
                    f"{fmt_rate(r['later'])} ({r['change_points']} points; +{own['gained']} "
                    f"-{own['lost']}, p={own['p_value']:.3g})")
     falls = [r for r in result["rows"] if r["falls_more_than_drop"]]
-    click.echo(f"written: {run_dir / 'retention.json'} and the run report")
+    click.echo(f"written: {run_dir / RETENTION_FILE} and the run report")
     if falls:
         click.echo(f"{len(falls)} held-out metric(s) fall more than {result['drop_points']:g} "
                    f"points on a later model", err=True)

@@ -6,8 +6,8 @@ every finished stage's held-out tasks again on each later stage's merged model (
 greedy, the stage's own scoring) and pairs the outcomes item by item with the stage's own
 "after" outcomes (exact McNemar). A metric more than `DROP_POINTS` below the stage's own
 result is flagged. Results go to runs/NAME/retention.json and into the run report's capability
-table; generations are cached per stage and per model weights, so a rerun loads no model twice
-for nothing.
+table; generations are cached per stage and per model weights, so a rerun loads the models
+again but generates nothing again.
 """
 from __future__ import annotations
 

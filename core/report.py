@@ -152,7 +152,7 @@ def write_run_report(run_dir: Path) -> None:
         return
     metrics = {int(p.parent.name[6:]): read_json(p) for p in stages}
     columns = ["base"] + [f"after stage {n}" for n in metrics] + ["few-shot reference (base)"]
-    retained, stale = current_retention(run_dir)
+    retained, stale, drop_points = current_retention(run_dir)
     rows = capability_rows(metrics, retained)
     lines = [f"# Run report: {run_dir.name}", "", "## Stages", ""]
     entries = {n: f"- [stage {n}: {m['name']}](stage_{n}/report.md)" for n, m in metrics.items()}
@@ -164,29 +164,27 @@ def write_run_report(run_dir: Path) -> None:
               "|---|" + "---|" * len(columns)]
     for name, cells in rows.items():
         lines.append(f"| {name} | " + " | ".join(fmt_rate(c) if c else "-" for c in cells) + " |")
-    lines += retention_section(retained, stale)
+    lines += retention_section(retained, stale, drop_points)
     if plot_capabilities(rows, columns, run_dir / "capabilities.png"):
         lines += ["", "![capabilities](capabilities.png)"]
     atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
 
 
-def current_retention(run_dir: Path) -> tuple[list[dict], int]:
+def current_retention(run_dir: Path) -> tuple[list[dict], int, float | None]:
     """The retention rows whose two models are still the run's (a stage redone since the check
-    makes its rows stale), and how many rows were stale."""
+    makes its rows stale), how many rows were stale, and the fall (points) the check flags."""
     from core.io import read_json
 
     path = run_dir / RETENTION_FILE
     if not path.is_file():
-        return [], 0
-
-    def merged_sha(number: int) -> str | None:
-        record = run_dir / f"stage_{number}" / "merge.json"
-        return read_json(record).get("weights_sha256") if record.is_file() else None
-
-    rows = read_json(path)["rows"]
-    current = [r for r in rows if merged_sha(r["later_stage"]) == r["model_weights_sha256"]
-               and merged_sha(r["stage"]) == r["stage_weights_sha256"]]
-    return current, len(rows) - len(current)
+        return [], 0, None
+    merged_sha = {int(p.parent.name[6:]): read_json(p).get("weights_sha256")
+                  for p in run_dir.glob("stage_*/merge.json")}
+    retention = read_json(path)
+    rows = retention["rows"]
+    current = [r for r in rows if merged_sha.get(r["later_stage"]) == r["model_weights_sha256"]
+               and merged_sha.get(r["stage"]) == r["stage_weights_sha256"]]
+    return current, len(rows) - len(current), retention["drop_points"]
 
 
 def capability_rows(metrics: dict[int, dict],
@@ -211,7 +209,7 @@ def capability_rows(metrics: dict[int, dict],
     return rows
 
 
-def retention_section(rows: list[dict], stale: int) -> list[str]:
+def retention_section(rows: list[dict], stale: int, drop_points: float | None) -> list[str]:
     """Each stage's held-out result on the later models, against the stage's own."""
     if not rows and not stale:
         return []
@@ -223,7 +221,7 @@ def retention_section(rows: list[dict], stale: int) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         own, before = r["vs_own_after"]["mcnemar"], r["vs_before"]["mcnemar"]
-        flag = " **falls more than 5 points**" if r["falls_more_than_drop"] else ""
+        flag = f" **falls more than {drop_points:g} points**" if r["falls_more_than_drop"] else ""
         change = "n/a" if r["change_points"] is None else f"{r['change_points']:+.1f}"
         lines.append(
             f"| stage {r['stage']} {r['metric'].replace('_', '-')} | {r['model']} | "

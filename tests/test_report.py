@@ -42,7 +42,7 @@ def test_retention_fills_the_later_columns_and_a_redone_stage_makes_its_rows_sta
         write_json(tmp_path / f"stage_{n}" / "metrics.json",
                    {"name": f"s{n}", **stage_metrics(before, after)})
         write_json(tmp_path / f"stage_{n}" / "merge.json", {"weights_sha256": f"sha{n}"})
-    write_json(tmp_path / "retention.json", {"rows": [
+    write_json(tmp_path / "retention.json", {"drop_points": 5.0, "rows": [
         retention_row(1, 2, 0, ("sha1", "sha2")), retention_row(1, 3, 3, ("sha1", "sha3")),
         retention_row(2, 3, 9, ("sha2", "old sha3"))]})  # stage 3 was redone since
     write_run_report(tmp_path)
