@@ -306,7 +306,8 @@ def record_input(ctx: StageContext, origin: str) -> None:
     the weight files' sizes and times, and the project commit of every process that worked on
     the stage (`git_commits`: a stage resumed under newer code says so). On resume the model
     must still be that one: its files are rehashed only when a size or time changed (a 32B
-    model's 65 GB take minutes)."""
+    model's 65 GB take minutes). A run directory moved or copied elsewhere resumes: a model at
+    another path is accepted when its weights hash is the recorded one."""
     path = ctx.path("input.json")
     commit = git_commit(PROJECT_ROOT)
     if not path.is_file():
@@ -316,12 +317,18 @@ def record_input(ctx: StageContext, origin: str) -> None:
                           "git_commits": [commit]})
         return
     recorded = read_json(path)
-    if recorded["path"] != ctx.model_path:
-        raise RunDirError(f"stage {ctx.number} of this run was started from "
-                          f"{recorded['path']}, not {ctx.model_path}; use a new --run-dir")
     updated = dict(recorded)
+    if recorded["path"] != ctx.model_path:
+        if recorded["weights_sha256"] is None or \
+                weights_sha256(ctx.model_path) != recorded["weights_sha256"]:
+            raise RunDirError(f"stage {ctx.number} of this run was started from "
+                              f"{recorded['path']}, not {ctx.model_path}; use a new --run-dir")
+        # a run directory copied or moved: its models moved with it, the weights are the same
+        ctx.log(f"stage {ctx.number} input: {recorded['path']} is now {ctx.model_path}, with "
+                f"the same weights (the run directory moved); recorded")
+        updated.update(path=ctx.model_path, weights_files=weights_stamp(ctx.model_path))
     stamp = weights_stamp(ctx.model_path)
-    if recorded["weights_sha256"] is not None and recorded.get("weights_files") != stamp:
+    if recorded["weights_sha256"] is not None and updated.get("weights_files") != stamp:
         ctx.log(f"stage {ctx.number} input: the weight files of {ctx.model_path} changed size "
                 f"or time since the stage started; checking their hash")
         found = weights_sha256(ctx.model_path)

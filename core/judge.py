@@ -98,17 +98,30 @@ def winning_sample(judgment: dict) -> int | None:
 
 
 def judge_audit(judgments: list[dict], passes: Callable[[dict, int], bool | None]) -> dict:
-    """How often the judge was order-consistent, and, where the checks tell a comparison's two
-    samples apart (`passes(judgment, sample)` is True for one and False for the other; None when
-    the checks cannot tell), how often its consistent verdict picked the one that passes."""
+    """How the judge behaved. `order_consistent`: comparisons both orders decided alike.
+    `agrees_with_checks`: where the checks tell a comparison's two samples apart
+    (`passes(judgment, sample)` True for one and False for the other; None when the checks cannot
+    tell), how often its consistent verdict picked the one that passes. `first_shown`: of the
+    orders asked (two per comparison), how often the response shown first won: 0.5 is no position
+    bias. `averaged_agrees_with_checks`: on the checkable comparisons, how often the
+    order-averaged margin (position bias cancelled) favours the one that passes: 0.5 is a judge
+    that cannot tell them apart. The last two are diagnostics, not used to choose pairs."""
     consistent = [j for j in judgments if winning_sample(j) is not None]
-    checkable = [j for j in consistent
-                 if None not in (passes(j, j["x"]), passes(j, j["y"]))
-                 and passes(j, j["x"]) != passes(j, j["y"])]
-    agree = sum(1 for j in checkable if passes(j, winning_sample(j)))
+
+    def checkable(j: dict) -> bool:
+        verdicts = passes(j, j["x"]), passes(j, j["y"])
+        return None not in verdicts and verdicts[0] != verdicts[1]
+
+    agree = sum(1 for j in consistent if checkable(j) and passes(j, winning_sample(j)))
+    told_apart = [j for j in judgments if checkable(j)]
+    averaged = sum(1 for j in told_apart
+                   if passes(j, j["x"] if j["margin_xy"] + j["margin_yx"] > 0 else j["y"]))
+    first = sum((j["margin_xy"] > 0) + (j["margin_yx"] < 0) for j in judgments)
     return {"comparisons": len(judgments),
             "order_consistent": rate(len(consistent), len(judgments)),
-            "agrees_with_checks": rate(agree, len(checkable))}
+            "agrees_with_checks": rate(agree, sum(map(checkable, consistent))),
+            "first_shown": rate(first, 2 * len(judgments)),
+            "averaged_agrees_with_checks": rate(averaged, len(told_apart))}
 
 
 def round_robin_prompts(ranked: int, audits: int = 1) -> int:

@@ -7,6 +7,8 @@ exemplars and held-out texts, its merge probes, how to assess its held-out tasks
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import random
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -21,6 +23,8 @@ from core.models import weights_sha256
 from core.profile import ModelProfile
 from core.run import file_sha256
 from core.errors import NoPairsError, RunFailure
+from core.prompting import seed_for
+from core.records import earlier_records
 from core.stats import mcnemar_exact
 
 AssessHeldout = Callable[[object, str], dict]  # (backend, "before"|"after") -> {"summary", "items"}
@@ -33,24 +37,71 @@ def probe_questions() -> list[str]:
     return [p.text for p in load_probes()[0] if p.capability == "bare_questions"][:8]
 
 
+REPLAY_FILE = "replay.jsonl"  # earlier stages' pairs replayed in this stage's training
+
+
 def decontaminate_pairs(ctx: StageContext, protected: contamination.Protected) -> None:
-    """pairs_candidates.jsonl -> pairs.jsonl: template failures stop the stage (unless
-    overridden); 13-gram overlaps with evaluation sets and exemplar copies are removed and listed
-    in contamination.tsv."""
+    """pairs_candidates.jsonl -> pairs.jsonl, and the earlier stages' pairs replayed in training
+    -> replay.jsonl: template failures stop the stage (unless overridden); 13-gram overlaps with
+    evaluation sets (this stage's held-out tasks among them) and exemplar copies are removed and
+    listed in contamination.tsv."""
     candidates = read_jsonl(ctx.path("pairs_candidates.jsonl"))
+    replayed = replay_candidates(ctx, len(candidates))
     index = contamination.evaluation_index(protected.data_dir, protected.heldout)
     tokenizer, generation_config = ctx.input_tokenizer_and_generation_config()
     template = contamination.template_state(tokenizer, generation_config)
     clean, findings, summary = contamination.decontaminate(
-        candidates, index, protected.exemplars, ctx.guard(), template, ctx.allow_contamination)
-    contamination.write_findings_tsv(ctx.path("contamination.tsv"), findings, candidates)
+        candidates + replayed, index, protected.exemplars, ctx.guard(), template,
+        ctx.allow_contamination)
+    contamination.write_findings_tsv(ctx.path("contamination.tsv"), findings,
+                                     candidates + replayed)
+    own = [r for r in clean if "replayed_from" not in r]
+    replay = [r for r in clean if "replayed_from" in r]
+    summary["replay"] = {"candidates": len(replayed), "kept": len(replay),
+                         "removed": len(replayed) - len(replay),
+                         "by_stage": {str(k): v for k, v in sorted(
+                             Counter(r["replayed_from"] for r in replay).items())}}
     summary["template_probe"] = contamination.chat_template_probe(ctx.backend(), probe_questions())
     write_json(ctx.path("contamination.json"), summary)
-    if not clean:
+    if not own:
         raise NoPairsError(f"stage {ctx.number}: decontamination removed every pair (see "
                            f"{ctx.path('contamination.tsv')})")
-    write_jsonl(ctx.path("pairs.jsonl"), clean)
-    ctx.log(f"decontaminate: {summary['removed']} of {summary['records']} pairs removed")
+    write_jsonl(ctx.path(REPLAY_FILE), replay)
+    write_jsonl(ctx.path("pairs.jsonl"), own)
+    ctx.log(f"decontaminate: {summary['removed']} of {summary['records']} pairs removed"
+            + (f" ({len(replayed)} of them replayed from earlier stages, {len(replay)} kept)"
+               if replayed else ""))
+
+
+def replay_candidates(ctx: StageContext, own: int) -> list[dict]:
+    """Rehearsal against forgetting: `profile.replay_share` x `own` of the pairs this run's
+    earlier stages kept, taken from each earlier stage in turn (each stage's pairs in a seeded
+    order), marked `replayed_from`. Empty for stage 1, a share of 0, or a stage run on its own."""
+    share = ctx.profile.replay_share
+    if share < 0:
+        raise RunFailure(f"profile.replay_share is {share}; it must be 0 (no replay) or more, "
+                         f"e.g. --set profile.replay_share=0.5")
+    want = round(share * own)
+    queues = []
+    for number in range(1, ctx.number):
+        records = earlier_records(ctx.run_dir, number, "pairs.jsonl", ctx.number) or []
+        order = random.Random(seed_for(ctx.seed, "replay", ctx.number, number))
+        queues.append([{**r, "replayed_from": number}
+                       for r in order.sample(records, len(records))])
+    taken: list[dict] = []
+    for i in range(max(map(len, queues), default=0)):
+        taken += [queue[i] for queue in queues if i < len(queue)]
+    return taken[:want]
+
+
+def training_records(ctx: StageContext) -> tuple[list[dict], str]:
+    """(the stage's pairs and the replayed ones, a hash of both files): what DPO trains on."""
+    own, replay_path = read_jsonl(ctx.path("pairs.jsonl")), ctx.path(REPLAY_FILE)
+    replay = read_jsonl(replay_path) if replay_path.is_file() else []  # none before replay
+    digest = file_sha256(ctx.path("pairs.jsonl"))
+    if replay:
+        digest = hashlib.sha256((digest + file_sha256(replay_path)).encode()).hexdigest()
+    return own + replay, digest
 
 
 def dpo_settings(ctx: StageContext) -> DPOSettings:
@@ -67,11 +118,11 @@ def dpo_settings_for(p: ModelProfile, seed: int) -> DPOSettings:
 
 
 def train_adapter(ctx: StageContext) -> None:
-    """DPO on pairs.jsonl into adapter/ (resumes from train/checkpoints made with the same
-    settings; checkpoints of other settings are discarded, never resumed)."""
-    records = read_jsonl(ctx.path("pairs.jsonl"))
+    """DPO on pairs.jsonl and replay.jsonl into adapter/ (resumes from train/checkpoints made
+    with the same settings and pairs; other checkpoints are discarded, never resumed)."""
+    records, pairs_sha = training_records(ctx)
     settings = dpo_settings(ctx)
-    discard_foreign_checkpoints(ctx, settings, file_sha256(ctx.path("pairs.jsonl")))
+    discard_foreign_checkpoints(ctx, settings, pairs_sha)
     # a LoRA checkpoint (adapter, Adam moments, RNG) of a model is a few percent of its
     # weights; up to three exist while the oldest is rotated out: 15% is a safe estimate
     check_free_space(ctx.path("train"), int(weights_bytes(ctx.model_path) * 0.15),
@@ -80,8 +131,10 @@ def train_adapter(ctx: StageContext) -> None:
     if ctx.profile.accelerate_config:
         ctx.release_backend()  # every launched process loads its own copy
         ctx.guard().check_records(records, "pairs.jsonl")  # refused before any process starts
+        training_file = ctx.path("train/train_pairs.jsonl")
+        write_jsonl(training_file, records)
         summary = train_dpo_launched(ctx.profile.accelerate_config, ctx.model_path, ctx.profile,
-                                     ctx.path("pairs.jsonl"), settings, ctx.path("train"),
+                                     training_file, settings, ctx.path("train"),
                                      ctx.path("adapter"), ctx.report_to, run_name)
     else:
         summary = train_dpo(ctx.backend(), records, settings, ctx.path("train"),
@@ -224,12 +277,14 @@ def write_stage_report(ctx: StageContext, name: str, data: dict) -> None:
 
     pairs = read_jsonl(ctx.path("pairs.jsonl"))
     contamination_result = read_json(ctx.path("contamination.json"))
+    replay = contamination_result.get("replay")  # absent in runs made before replay
     metrics = {
         "stage": ctx.number,
         "name": name,
         "input_model": read_json(ctx.path("input.json")) if ctx.path("input.json").is_file() else None,
-        "data": {**data, "pairs": len(pairs)},
-        "funnel": pair_funnel(ctx, len(pairs), contamination_result["removed"]),
+        "data": {**data, "pairs": len(pairs), "replayed_pairs": replay["kept"] if replay else 0},
+        "funnel": pair_funnel(ctx, len(pairs), contamination_result["removed"]
+                              - (replay["removed"] if replay else 0)),
         "dpo": read_json(ctx.path("train/dpo_metrics.json")),
         "merge": read_json(ctx.path("merge.json"))["parity"],
         "assessment": read_json(ctx.path("assessment.json")),

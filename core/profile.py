@@ -38,6 +38,9 @@ class ModelProfile:
     epochs: int = knob(1, "DPO epochs over a stage's pairs")
     sft_weight: float = knob(0.0, "weight of the NLL term on chosen responses added to the DPO "
                                   "loss (RPO); 0: plain DPO")
+    replay_share: float = knob(0.0, "rehearsal: earlier stages' kept pairs (this run's) added to a "
+                                    "stage's DPO training, as a share of its own pairs, taken "
+                                    "from each earlier stage in turn; 0: none")
     accelerate_config: str = knob("", "train under `accelerate launch --config_file FILE` in "
                                       "several processes (DDP, FSDP or DeepSpeed ZeRO-3; see "
                                       "configs/accelerate/ and docs/engines.md); empty: train "

@@ -118,6 +118,15 @@ def baseline_section(table: dict | None) -> list[str]:
     return lines + [""]
 
 
+def replay_lines(replay: dict | None) -> list[str]:
+    """The rehearsal line: earlier stages' pairs replayed in training (none: no line)."""
+    if not replay or not replay["candidates"]:
+        return []
+    by_stage = ", ".join(f"stage {k}: {n}" for k, n in replay["by_stage"].items())
+    return [f"- replayed from earlier stages (profile.replay_share): {replay['candidates']} "
+            f"candidates, {replay['kept']} trained on ({by_stage}); counted in the line above"]
+
+
 def contamination_section(summary: dict | None) -> list[str]:
     if not summary:
         return []
@@ -129,6 +138,7 @@ def contamination_section(summary: dict | None) -> list[str]:
         f"(13-gram data overlap: {summary['findings']['data']}, exemplar copies: "
         f"{summary['findings']['exemplar']}, chat markup: {summary['findings']['template']}); "
         f"details in contamination.tsv",
+        *replay_lines(summary.get("replay")),
         f"- evaluation sets indexed ({summary['n']}-grams): {sets}",
         f"- EOS consistent across tokenizer and generation config: "
         f"{summary['template']['eos']['consistent']}",

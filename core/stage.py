@@ -149,12 +149,16 @@ def planned_work(stage: Stage, ctx: StageContext) -> list[Work]:
     plan = stage.plan_work(ctx)
     p = ctx.profile
     per_step = p.train_batch_size * p.grad_accum
+    # with rehearsal, up to replay_share x its own pairs from earlier stages (stage 1 has none)
+    trained = plan.max_pairs + (round(p.replay_share * plan.max_pairs) if ctx.number > 1 else 0)
     generated, judging = probe_counts(ctx.baseline_limit)
     own = {w.step: w for w in plan.work}
     tail = {
-        "train": Work("train", dpo_steps=math.ceil(plan.max_pairs / per_step) * p.epochs,
-                      note=f"at most {plan.max_pairs} pairs, {per_step} per step, "
-                           f"{p.epochs} epoch(s)"),
+        "train": Work("train", dpo_steps=math.ceil(trained / per_step) * p.epochs,
+                      note=f"at most {plan.max_pairs} pairs"
+                           + (f" and {trained - plan.max_pairs} replayed"
+                              if trained > plan.max_pairs else "")
+                           + f", {per_step} per step, {p.epochs} epoch(s)"),
         # before and after: held-out + baseline; before only: the few-shot reference
         "assess": Work("assess", prompts=2 * plan.heldout_prompts + 3 * generated,
                        new_tokens=p.max_new_tokens, scored=3 * 2 * judging,

@@ -795,9 +795,11 @@ def report_data(ctx: StageContext) -> dict:
 
 
 def judge_audit(judgments: list[dict]) -> dict:
-    """How often the judge was order-consistent and how often it preferred the revision. No
-    check tells a revision from its original, so `agrees_with_checks` has no cases (n = 0)."""
-    as_xy = [{"x": "revision", "y": "original",
+    """How often the judge was order-consistent, picked the first-shown answer, and preferred
+    the revision. No check tells a revision from its original, so `agrees_with_checks` and
+    `averaged_agrees_with_checks` have no cases (n = 0)."""
+    as_xy = [{"x": "revision", "y": "original", "margin_xy": j["margin_xy"],
+              "margin_yx": j["margin_yx"],
               "winner": {"revision": "x", "original": "y"}.get(j["winner"], "tie")}
              for j in judgments]
     return {**core_judge_audit(as_xy, lambda judgment, sample: None),

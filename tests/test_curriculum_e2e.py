@@ -192,3 +192,31 @@ def test_without_skip_empty_an_empty_stage_stops_with_a_clear_error(run_dir, tmp
     with pytest.raises(NoPairsError, match=f"stage {first} produced no preference pairs"):
         run_stage(first, copy, log=lambda _: None)
     assert not (copy / f"stage_{first}" / "SKIPPED").exists()
+
+
+def test_replay_trains_a_stage_on_earlier_stages_pairs_too(run_dir, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, symlinks=True)
+    stage = copy / "stage_2"
+    before = {name: json.loads((stage / name).read_text())
+              for name in ("merge.json", "train/settings.json")}
+    run_stage(2, copy, log=lambda _: None, overrides=("profile.replay_share=1.0",),
+              accept_changed=True, redo_from="decontaminate")
+    own, replay = read_jsonl(stage / "pairs.jsonl"), read_jsonl(stage / "replay.jsonl")
+    earlier = [(p["prompt"], p["chosen"], p["rejected"])
+               for p in read_jsonl(copy / "stage_1" / "pairs.jsonl")]
+    candidates = len(read_jsonl(stage / "pairs_candidates.jsonl"))
+    assert 0 < len(replay) <= min(candidates, len(earlier))
+    assert all(r["replayed_from"] == 1 and (r["prompt"], r["chosen"], r["rejected"]) in earlier
+               for r in replay)
+    summary = json.loads((stage / "contamination.json").read_text())["replay"]
+    assert summary["kept"] == len(replay) and summary["by_stage"] == {"1": len(replay)}
+    metrics = json.loads((stage / "metrics.json").read_text())
+    assert metrics["data"]["replayed_pairs"] == len(replay)
+    assert metrics["data"]["pairs"] == len(own)
+    assert "replayed from earlier stages" in (stage / "report.md").read_text()
+    # the training data changed, so did the checkpoints' key and the merged weights
+    assert json.loads((stage / "train/settings.json").read_text())["pairs_sha256"] != \
+        before["train/settings.json"]["pairs_sha256"]
+    assert json.loads((stage / "merge.json").read_text())["weights_sha256"] != \
+        before["merge.json"]["weights_sha256"]

@@ -148,7 +148,8 @@ def test_interface_files(stage, tiny_dir):
     assert data["tasks_train"] == LIMIT
     assert {"questions_by_source", "responses", "sample_answer_rate", "sample_failures",
             "pairs_dropped", "judge"} <= set(data)
-    assert set(data["judge"]) == {"comparisons", "order_consistent", "agrees_with_checks"}
+    assert set(data["judge"]) == {"comparisons", "order_consistent", "agrees_with_checks",
+                          "first_shown", "averaged_agrees_with_checks"}
     # the scripted judge follows the answer checks, in both orders
     assert data["judge"]["order_consistent"]["rate"] == 1.0
     assert data["judge"]["agrees_with_checks"]["rate"] == 1.0

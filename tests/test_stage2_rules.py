@@ -358,10 +358,29 @@ def test_judge_audit_compares_only_where_the_checks_differ():
     judgments = [rank(0, 1, "x"), {**rank(0, 2, "x"), "kind": "check"},
                  {**rank(1, 2, "tie"), "kind": "check"}]
     audit = s2.judge_audit(judgments, scored)
-    assert set(audit) == {"comparisons", "order_consistent", "agrees_with_checks"}
+    assert set(audit) == {"comparisons", "order_consistent", "agrees_with_checks", "first_shown",
+                          "averaged_agrees_with_checks"}
     assert audit["comparisons"] == 3
     assert audit["order_consistent"]["k"] == 2
     assert audit["agrees_with_checks"]["k"] == audit["agrees_with_checks"]["n"] == 1
+
+
+def test_judge_audit_reads_position_bias_and_the_averaged_margin():
+    scored = [{"task_id": "t1", "sample": 0, "answers": True},
+              {"task_id": "t1", "sample": 1, "answers": False}]
+    # always the first-shown, by more when the answering sample is first: a tie every time, but
+    # the averaged margin still favours the answer
+    biased = [{**rank(0, 1, "tie", xy=3.0, yx=-1.0), "kind": "check"},
+              {**rank(1, 0, "tie", xy=1.0, yx=-3.0), "kind": "check"}]
+    audit = s2.judge_audit(biased, scored)
+    assert audit["order_consistent"]["k"] == 0 and audit["agrees_with_checks"]["n"] == 0
+    assert (audit["first_shown"]["k"], audit["first_shown"]["n"]) == (4, 4)
+    assert audit["averaged_agrees_with_checks"]["k"] == audit["averaged_agrees_with_checks"]["n"] == 2
+    fair = [{**rank(0, 1, "y", xy=-2.0, yx=-2.0), "kind": "check"}]  # prefers the non-answer
+    audit = s2.judge_audit(fair, scored)
+    assert audit["first_shown"]["k"] == 1 and audit["first_shown"]["n"] == 2
+    assert audit["averaged_agrees_with_checks"]["k"] == 0
+    assert audit["agrees_with_checks"]["k"] == 0 and audit["agrees_with_checks"]["n"] == 1
 
 
 def test_assessment_summary_rates():

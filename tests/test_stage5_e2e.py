@@ -289,6 +289,7 @@ def test_merged_model_loads_and_metrics(run_dir, tiny_dir):
         assert {"revision_success", "fixes_critique", "keeps_content"} <= set(summary)
         assert summary["revision_success"]["n"] == HELDOUT
     judge = metrics["data"]["judge"]
-    assert set(judge) == {"comparisons", "order_consistent", "agrees_with_checks"}
+    assert set(judge) == {"comparisons", "order_consistent", "agrees_with_checks",
+                          "first_shown", "averaged_agrees_with_checks"}
     assert judge["comparisons"] > 0 and judge["agrees_with_checks"]["k"] > 0
     assert "Stage 5" in (stage / "report.md").read_text()

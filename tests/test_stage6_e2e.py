@@ -254,6 +254,7 @@ def test_metrics(stage):
     assert data["pairs"] == len(read(stage / "pairs.jsonl"))
     assert "principles_in_pairs" in data
     assert set(data["judge"]) == {"comparisons", "order_consistent", "agrees_with_checks",
+                                  "first_shown", "averaged_agrees_with_checks",
                                   "revision_wins"}
     assert data["judge"]["comparisons"] == len(read(stage / "judgments.jsonl"))
     assert data["judge"]["order_consistent"]["rate"] == 1.0

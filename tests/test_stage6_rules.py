@@ -395,10 +395,13 @@ def test_judge_audit_reports_the_shared_keys_and_revision_wins():
                  judgment("original", -1.0, -0.5), judgment("revision", 0.2, 0.1)]
     audit = s6.judge_audit(judgments)
     assert set(audit) == {"comparisons", "order_consistent", "agrees_with_checks",
-                          "revision_wins"}
+                          "first_shown", "averaged_agrees_with_checks", "revision_wins"}
     assert audit["comparisons"] == 4
     assert audit["order_consistent"]["k"] == 3 and audit["revision_wins"]["k"] == 2
-    assert audit["agrees_with_checks"]["n"] == 0  # no check tells a revision from its original
+    # no check tells a revision from its original
+    assert audit["agrees_with_checks"]["n"] == audit["averaged_agrees_with_checks"]["n"] == 0
+    # the revision is shown first in the first order: first-shown wins 1 + 2 + 1 + 1 of 8
+    assert (audit["first_shown"]["k"], audit["first_shown"]["n"]) == (5, 8)
 
 
 def test_module_interface():
