@@ -318,6 +318,7 @@ def record_input(ctx: StageContext, origin: str) -> None:
         return
     recorded = read_json(path)
     updated = dict(recorded)
+    stamp = weights_stamp(ctx.model_path)
     if recorded["path"] != ctx.model_path:
         if recorded["weights_sha256"] is None or \
                 weights_sha256(ctx.model_path) != recorded["weights_sha256"]:
@@ -326,8 +327,7 @@ def record_input(ctx: StageContext, origin: str) -> None:
         # a run directory copied or moved: its models moved with it, the weights are the same
         ctx.log(f"stage {ctx.number} input: {recorded['path']} is now {ctx.model_path}, with "
                 f"the same weights (the run directory moved); recorded")
-        updated.update(path=ctx.model_path, weights_files=weights_stamp(ctx.model_path))
-    stamp = weights_stamp(ctx.model_path)
+        updated.update(path=ctx.model_path, weights_files=stamp)
     if recorded["weights_sha256"] is not None and updated.get("weights_files") != stamp:
         ctx.log(f"stage {ctx.number} input: the weight files of {ctx.model_path} changed size "
                 f"or time since the stage started; checking their hash")

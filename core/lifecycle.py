@@ -25,6 +25,7 @@ from core.run import file_sha256
 from core.errors import NoPairsError, RunFailure
 from core.prompting import seed_for
 from core.records import earlier_records
+from core.split import in_turn
 from core.stats import mcnemar_exact
 
 AssessHeldout = Callable[[object, str], dict]  # (backend, "before"|"after") -> {"summary", "items"}
@@ -50,15 +51,13 @@ def decontaminate_pairs(ctx: StageContext, protected: contamination.Protected) -
     index = contamination.evaluation_index(protected.data_dir, protected.heldout)
     tokenizer, generation_config = ctx.input_tokenizer_and_generation_config()
     template = contamination.template_state(tokenizer, generation_config)
+    records = candidates + replayed
     clean, findings, summary = contamination.decontaminate(
-        candidates + replayed, index, protected.exemplars, ctx.guard(), template,
-        ctx.allow_contamination)
-    contamination.write_findings_tsv(ctx.path("contamination.tsv"), findings,
-                                     candidates + replayed)
+        records, index, protected.exemplars, ctx.guard(), template, ctx.allow_contamination)
+    contamination.write_findings_tsv(ctx.path("contamination.tsv"), findings, records)
     own = [r for r in clean if "replayed_from" not in r]
     replay = [r for r in clean if "replayed_from" in r]
     summary["replay"] = {"candidates": len(replayed), "kept": len(replay),
-                         "removed": len(replayed) - len(replay),
                          "by_stage": {str(k): v for k, v in sorted(
                              Counter(r["replayed_from"] for r in replay).items())}}
     summary["template_probe"] = contamination.chat_template_probe(ctx.backend(), probe_questions())
@@ -88,10 +87,7 @@ def replay_candidates(ctx: StageContext, own: int) -> list[dict]:
         order = random.Random(seed_for(ctx.seed, "replay", ctx.number, number))
         queues.append([{**r, "replayed_from": number}
                        for r in order.sample(records, len(records))])
-    taken: list[dict] = []
-    for i in range(max(map(len, queues), default=0)):
-        taken += [queue[i] for queue in queues if i < len(queue)]
-    return taken[:want]
+    return in_turn(queues)[:want]
 
 
 def training_records(ctx: StageContext) -> tuple[list[dict], str]:
@@ -283,8 +279,7 @@ def write_stage_report(ctx: StageContext, name: str, data: dict) -> None:
         "name": name,
         "input_model": read_json(ctx.path("input.json")) if ctx.path("input.json").is_file() else None,
         "data": {**data, "pairs": len(pairs), "replayed_pairs": replay["kept"] if replay else 0},
-        "funnel": pair_funnel(ctx, len(pairs), contamination_result["removed"]
-                              - (replay["removed"] if replay else 0)),
+        "funnel": pair_funnel(ctx, len(pairs)),
         "dpo": read_json(ctx.path("train/dpo_metrics.json")),
         "merge": read_json(ctx.path("merge.json"))["parity"],
         "assessment": read_json(ctx.path("assessment.json")),
@@ -296,15 +291,17 @@ def write_stage_report(ctx: StageContext, name: str, data: dict) -> None:
     atomic_write_text(ctx.path("report.md"), stage_report(ctx.number, name, metrics, pairs[:3]))
 
 
-def pair_funnel(ctx: StageContext, kept: int, removed: int, top: int = 5) -> dict:
+def pair_funnel(ctx: StageContext, kept: int, top: int = 5) -> dict:
     """Where a stage's pairs were lost after its data steps: tasks given to the pair rule, pairs
     it chose (and by which of its rules, where pairs name a `source`), the most common reasons
-    it chose none (pairs_dropped.jsonl), what decontamination removed, and the pairs trained on."""
+    it chose none (pairs_dropped.jsonl), what decontamination removed of them, and the stage's
+    own pairs trained on (`kept`; replayed ones are not counted)."""
     dropped = read_jsonl(ctx.path("pairs_dropped.jsonl"))
     candidates = read_jsonl(ctx.path("pairs_candidates.jsonl"))
     reasons = Counter(record["reason"] for record in dropped).most_common(top)
     sources = Counter(record["source"] for record in candidates if "source" in record)
     return {"tasks": len(dropped) + len(candidates), "pairs_chosen": len(candidates),
             "pairs_by_rule": dict(sorted(sources.items())),
-            "no_pair_reasons": dict(reasons), "removed_by_decontamination": removed,
+            "no_pair_reasons": dict(reasons),
+            "removed_by_decontamination": len(candidates) - kept,
             "pairs_kept": kept}

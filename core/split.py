@@ -9,6 +9,7 @@ in which items were made.
 from __future__ import annotations
 
 import hashlib
+from typing import Iterable
 
 
 def split_smallest_ids(tasks: list[dict], heldout: int) -> list[dict]:
@@ -23,3 +24,11 @@ def split_smallest_ids(tasks: list[dict], heldout: int) -> list[dict]:
 def in_fixed_heldout(key: str, share: float) -> bool:
     """Whether an item of a fixed data set is in its held-out part (`share` of all items)."""
     return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) / 16**8 < share
+
+
+def in_turn(lists: Iterable[list]) -> list:
+    """Interleave the lists: the first of each, then the second of each, and so on (every source
+    represented whatever the cut-off)."""
+    lists = list(lists)
+    return [item for i in range(max(map(len, lists), default=0)) for item in
+            (lst[i] for lst in lists if i < len(lst))]

@@ -83,6 +83,7 @@ from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, 
 from core.records import TASKS_FILE, Task, earlier_records, earlier_tasks, read_tasks, write_tasks
 from core.sampling import few_shot_requests, sample_openings, sample_to_file, with_openings
 from core.stage import Stage, StageSettings, Step, Work, WorkPlan, setting
+from core.split import in_turn
 from core.stats import rate
 from core.suites.baseline import REVISION_TEXT
 from core.text import copies_exemplar, degenerate_reason, near_same, normalize, rouge_l
@@ -340,23 +341,16 @@ def split_tasks(tasks: list[Task], limit: int, heldout: int, threshold: float = 
         groups.setdefault(request_key(task.extra["request"]), []).append(task)
     if len(groups) - heldout < 2:  # too few to honour --heldout: keep three quarters for training
         heldout = max(1, len(groups) // 4)
-    keys = in_turn({source: [k for k in sorted(groups) if groups[k][0].source == source]
-                    for source in SOURCES})
+    keys = in_turn([k for k in sorted(groups) if groups[k][0].source == source]
+                   for source in SOURCES)
     held = [groups[k][0] for k in keys[:heldout]]
     train = {source: [t for _, _, t in sorted(
                  (rank, t.id, t) for k in keys[heldout:] for rank, t in enumerate(groups[k])
                  if t.source == source and not near_heldout(t, held, threshold))]
              for source in SOURCES}
-    chosen = in_turn(train)[:limit]
+    chosen = in_turn(train.values())[:limit]
     return ([replace(t, split="heldout") for t in held]
             + [replace(t, split="train") for t in chosen])
-
-
-def in_turn(by_source: dict[str, list]) -> list:
-    """Interleave the lists: the first of each, then the second of each, and so on."""
-    lists = list(by_source.values())
-    return [item for i in range(max(map(len, lists), default=0)) for item in
-            (lst[i] for lst in lists if i < len(lst))]
 
 
 def near_heldout(task: Task, held: list[Task], threshold: float) -> bool:
