@@ -495,24 +495,37 @@ def check_retention_command(run_dir: Path, after_stages: tuple[int, ...]) -> Non
                    "none: the run's own settings only).")
 @click.option("--dev-share", type=float, default=0.25, show_default=True,
               help="Share of the stage's tasks whose pairs form the dev split.")
-def tune(run_dir: Path, number: int, grid: tuple[str, ...], dev_share: float) -> None:
+@click.option("--retention", is_flag=True,
+              help="Also merge each point and assess the earlier stages' dev items on it "
+                   "(what the recipe keeps of them; stage 2 has dev items).")
+def tune(run_dir: Path, number: int, grid: tuple[str, ...], dev_share: float,
+         retention: bool) -> None:
     """Tune the DPO recipe on a dev split of a stage's pairs (never on its held-out tasks)."""
     from app.commands import tune_stage
     from core.report import fmt_rate
 
     try:
-        result = tune_stage(run_dir, number, grid, dev_share)
+        result = tune_stage(run_dir, number, grid, dev_share, retention)
     except USER_ERRORS as error:
         fail(error)
+    except KeyboardInterrupt:
+        interrupted()
+    kept = list(result.get("retention_reference", {}))
     click.echo(f"{result['train_pairs']} training pairs, {result['dev_pairs']} dev pairs "
                f"(dev share {result['dev_share']})")
-    click.echo("| grid point | steps | train loss | dev ranked right | dev margin | "
-               "dev chosen dlogp | warnings |")
-    click.echo("|---|---|---|---|---|---|---|")
-    for p in result["points"]:
-        click.echo(f"| {p['label']} | {p['steps']} | {p['train_loss']:.3f} | "
-                   f"{fmt_rate(p['dev_ranked_right'])} | {p['dev_margin']:.3f} | "
-                   f"{p['dev_chosen_logratio']:.2f} | {len(p['warnings'])} |")
+    for name in kept:
+        click.echo(f"{name} on the input model (dev items): "
+                   f"{fmt_rate(result['retention_reference'][name])}")
+    click.echo("| grid point | steps | replayed | train loss | dev ranked right | dev margin | "
+               "dev chosen dlogp | warnings |" + "".join(f" {n} (dev) |" for n in kept))
+    click.echo("|---|---|---|---|---|---|---|---|" + "---|" * len(kept))
+    for p in result["points"]:  # a point tuned before replay was tunable has no replay_pairs
+        click.echo(f"| {p['label']} | {p['steps']} | {p.get('replay_pairs', 0)} | "
+                   f"{p['train_loss']:.3f} | {fmt_rate(p['dev_ranked_right'])} | "
+                   f"{p['dev_margin']:.3f} | {p['dev_chosen_logratio']:.2f} | "
+                   f"{len(p['warnings'])} |" + "".join(
+                       f" {fmt_rate(p['retention_dev'][n]['rate'])} "
+                       f"({p['retention_dev'][n]['change_points']:+g} points) |" for n in kept))
     click.echo(f"best on dev: {result['best']} (results in "
                f"{run_dir / f'stage_{number}' / 'tune' / 'results.json'})")
 

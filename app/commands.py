@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 from core.backend import load_backend
@@ -94,24 +95,57 @@ def stage_context(run_dir: Path, config: dict, stage: int,
 
 
 def tune_stage(run_dir: Path, number: int, grid: tuple[str, ...], dev_share: float,
-               log=print, backend_loader=load_backend) -> dict:
+               retention: bool = False, log=print, backend_loader=load_backend) -> dict:
     """`tune`: the DPO grid on a dev split of stage `number`'s pairs (core/tune.py), trained
-    from the stage's input model with the run's own settings; results in stage_N/tune/."""
-    from core.tune import parse_grid, tune_dpo
+    from the stage's input model with the run's own settings (and the earlier stages' pairs
+    the point's replay_share adds); with `retention`, each point is also measured on the
+    earlier stages' dev items. Results in stage_N/tune/."""
+    from core.config import apply_overrides
+    from core.lifecycle import decontaminated, replay_candidates
+    from core.tune import TuneJob, parse_grid, tune_dpo
 
     config = require_config(run_dir)
     if not 0 < dev_share < 1:
         raise UsageError(f"--dev-share must be between 0 and 1 (exclusive), got {dev_share}")
     points = parse_grid(grid)
+    stage = select_stage(number)
     ctx = stage_context(run_dir, config, number)
     if not (ctx.stage_dir / "steps" / "decontaminate.done").is_file():
         raise RunDirError(
             f"stage {number} of {run_dir} has no decontaminated pairs yet; run it through its "
             f"decontaminate step first (`python cli.py stage run {number} --run-dir {run_dir}`)")
+    records = read_jsonl(ctx.path("pairs.jsonl"))
+    shares = [apply_overrides({"profile": ctx.profile}, p.items)["profile"].replay_share
+              for p in points]
+    if min(shares) < 0:
+        raise UsageError(f"--grid: profile.replay_share must be 0 or more, got {min(shares)}")
     with RunLock(run_dir / ".lock"):
-        return tune_dpo(read_jsonl(ctx.path("pairs.jsonl")), ctx.profile, points, dev_share,
-                        ctx.seed, ctx.path("tune"),
-                        lambda profile: backend_loader(ctx.model_path, profile), ctx.guard(), log)
+        replay = decontaminated(ctx, stage.protected(ctx), replay_candidates(
+            ctx, len(records), max(shares)))[0] if max(shares) > 0 else []
+        job = TuneJob(records=records, replay=replay, model_path=ctx.model_path,
+                      profile=ctx.profile, seed=ctx.seed, guard=ctx.guard(),
+                      work_dir=ctx.path("tune"), load_backend=backend_loader,
+                      retention=retention_metrics(run_dir, config, number, log) if retention
+                      else (), merge_probes=tuple(stage.merge_probes(ctx)))
+        return tune_dpo(job, points, dev_share, log)
+
+
+def retention_metrics(run_dir: Path, config: dict, number: int, log=print) -> tuple:
+    """The dev items of every finished stage before `number` that has them (core.tune.DevMetric)."""
+    from core.tune import DevMetric
+
+    metrics = []
+    for earlier in STAGES[:number - 1]:
+        if earlier.assess_dev and (run_dir / f"stage_{earlier.number}" / "DONE").is_file():
+            ctx = stage_context(run_dir, config, earlier.number, log=log)
+            metrics.append(DevMetric(f"stage {earlier.number} {earlier.headline}",
+                                     earlier.headline, partial(earlier.assess_dev, ctx)))
+    if not metrics:
+        with_dev = ", ".join(str(s.number) for s in STAGES if s.assess_dev)
+        raise UsageError(
+            f"--retention: no finished stage before stage {number} of {run_dir} has dev items "
+            f"(stages with them: {with_dev}); tune a later stage, or leave out --retention")
+    return tuple(metrics)
 
 
 def summary_rows(result: dict) -> list[tuple[str, str]]:

@@ -47,13 +47,9 @@ def decontaminate_pairs(ctx: StageContext, protected: contamination.Protected) -
     evaluation sets (this stage's held-out tasks among them) and exemplar copies are removed and
     listed in contamination.tsv."""
     candidates = read_jsonl(ctx.path("pairs_candidates.jsonl"))
-    replayed = replay_candidates(ctx, len(candidates))
-    index = contamination.evaluation_index(protected.data_dir, protected.heldout)
-    tokenizer, generation_config = ctx.input_tokenizer_and_generation_config()
-    template = contamination.template_state(tokenizer, generation_config)
+    replayed = replay_candidates(ctx, len(candidates), ctx.profile.replay_share)
     records = candidates + replayed
-    clean, findings, summary = contamination.decontaminate(
-        records, index, protected.exemplars, ctx.guard(), template, ctx.allow_contamination)
+    clean, findings, summary = decontaminated(ctx, protected, records)
     contamination.write_findings_tsv(ctx.path("contamination.tsv"), findings, records)
     own = [r for r in clean if "replayed_from" not in r]
     replay = [r for r in clean if "replayed_from" in r]
@@ -72,11 +68,21 @@ def decontaminate_pairs(ctx: StageContext, protected: contamination.Protected) -
                if replayed else ""))
 
 
-def replay_candidates(ctx: StageContext, own: int) -> list[dict]:
-    """Rehearsal against forgetting: `profile.replay_share` x `own` of the pairs this run's
-    earlier stages kept, taken from each earlier stage in turn (each stage's pairs in a seeded
-    order), marked `replayed_from`. Empty for stage 1, a share of 0, or a stage run on its own."""
-    share = ctx.profile.replay_share
+def decontaminated(ctx: StageContext, protected: contamination.Protected,
+                   records: list[dict]) -> tuple[list[dict], list, dict]:
+    """(clean records, findings, summary): `records` checked against the stage's evaluation
+    texts, exemplars and template guard (core.contamination.decontaminate)."""
+    index = contamination.evaluation_index(protected.data_dir, protected.heldout)
+    tokenizer, generation_config = ctx.input_tokenizer_and_generation_config()
+    template = contamination.template_state(tokenizer, generation_config)
+    return contamination.decontaminate(records, index, protected.exemplars, ctx.guard(),
+                                       template, ctx.allow_contamination)
+
+
+def replay_candidates(ctx: StageContext, own: int, share: float) -> list[dict]:
+    """Rehearsal against forgetting: `share` x `own` of the pairs this run's earlier stages
+    kept, taken from each earlier stage in turn (each stage's pairs in a seeded order), marked
+    `replayed_from`. Empty for stage 1, a share of 0, or a stage run on its own."""
     if share < 0:
         raise RunFailure(f"profile.replay_share is {share}; it must be 0 (no replay) or more, "
                          f"e.g. --set profile.replay_share=0.5")

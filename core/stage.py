@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from core import lifecycle
@@ -40,6 +41,13 @@ class HeldoutAssessment(Protocol):
         ("before", "after", or "after stage K" when `check retention` assesses a later
         stage's model) on the stage's held-out tasks (zero-shot, greedy); generations are
         cached in `ctx.heldout_cache(label)`."""
+
+
+class DevAssessment(Protocol):
+    def __call__(self, ctx: StageContext, backend: Any, cache: Path) -> dict | None:
+        """Like HeldoutAssessment, on the stage's dev items instead: items never trained on
+        and never reported, on which `tune --retention` measures what a later stage's recipe
+        keeps of this stage (generations cached in `cache`). None: the run has none."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,7 @@ class Stage:
     plan_work: Callable[[StageContext], WorkPlan]  # the most work its data steps will do
     settings: type[StageSettings] = StageSettings
     load_pool: Callable[[], dict] = no_pool
+    assess_dev: DevAssessment | None = None  # dev items for `tune --retention` (stage 2 only)
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.data_steps]

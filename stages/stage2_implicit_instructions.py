@@ -101,6 +101,8 @@ class Stage2Settings(StageSettings):
                                          "\"36.\") are exempt from the topic check")
     topic_window_words: int = setting(60, "the topic check reads this many words from the "
                                           "start of a response")
+    dev_questions: int = setting(100, "real questions in the dev split (`tune --retention`): "
+                                      "training-part items this run did not train on")
 
 
 def load_pool() -> dict:
@@ -701,6 +703,31 @@ def assess_heldout(ctx: StageContext, backend, label: str) -> dict:
                             answer_checks(ctx.settings))
 
 
+def dev_questions(ctx: StageContext) -> list[Task]:
+    """The dev split, for tuning later stages against forgetting (`tune --retention`): up to
+    `dev_questions` real questions from the sets' training parts that this run did not take as
+    tasks and that are not near-duplicates of its questions (never trained on, never reported).
+    Empty without the shared data directory."""
+    filter_ = NearDuplicateFilter(ctx.near_duplicate)
+    tasks = load_tasks(ctx)
+    filter_.kept.extend(t.text for t in tasks)
+    real = load_real_questions(ctx.data_dir, ctx.settings.heldout_share)
+    picked = pick_real(real, "train", ctx.settings.dev_questions, filter_, ctx.guard(),
+                       {t.id for t in tasks}, ctx.seed, ctx.settings.max_question_words)
+    return [question_task(item) for item in picked]
+
+
+def assess_dev(ctx: StageContext, backend, cache: Path) -> dict | None:
+    """The dev questions on `backend`'s model, scored as the held-out ones (None: no dev
+    questions, the run has no shared data directory)."""
+    items = dev_questions(ctx)
+    if not items:
+        return None
+    p = ctx.profile
+    return assess_questions(backend, ctx.guard(), items, cache, p.max_new_tokens,
+                            p.gen_batch_size, "stage 2 dev", answer_checks(ctx.settings))
+
+
 def report_data(ctx: StageContext) -> dict:
     tasks = load_tasks(ctx)
     scored = read_jsonl(ctx.path("scores.jsonl"))
@@ -750,6 +777,7 @@ STAGE = Stage(
     protected=protected_sets,
     merge_probes=merge_probes,
     assess_heldout=assess_heldout,
+    assess_dev=assess_dev,
     headline="answer_rate",
     report_data=report_data,
     plan_work=plan_work,

@@ -8,6 +8,7 @@ The tiny model is a 2-layer model pre-trained for seconds: it yields pairs in st
 none in stages 3-6 (it cannot write numbered lists on a topic, verdicts with reasons, revisions
 that fix a critique, or critiques that win), so those stages end SKIPPED under --skip-empty. Runs
 on gemma-3-270m, where every stage keeps pairs, are in docs/results.md."""
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from app.commands import check_contamination
+from core.backend import load_backend
 from core.guards import TemplateGuard
 from core.io import read_jsonl
 from core.models import weights_sha256
@@ -220,3 +222,84 @@ def test_replay_trains_a_stage_on_earlier_stages_pairs_too(run_dir, tmp_path):
         before["train/settings.json"]["pairs_sha256"]
     assert json.loads((stage / "merge.json").read_text())["weights_sha256"] != \
         before["merge.json"]["weights_sha256"]
+
+
+def test_stage2_dev_questions_are_real_and_never_trained_or_held_out(run_dir):
+    from app.commands import stage_context
+    from core.run import require_config
+    from core.text import rouge_l
+    from stages.stage2_implicit_instructions import dev_questions, load_real_questions
+
+    ctx = stage_context(run_dir, require_config(run_dir), 2, log=lambda _: None)
+    dev = dev_questions(ctx)
+    tasks = read_jsonl(run_dir / "stage_2" / "tasks.jsonl")
+    real = {q["id"]: q for q in load_real_questions(ctx.data_dir, ctx.settings.heldout_share)}
+    assert len(dev) == ctx.settings.dev_questions == len({t.id for t in dev})
+    assert all(real[t.id]["split"] == "train" for t in dev)  # never a held-out item
+    assert not {t.id for t in dev} & {t["id"] for t in tasks}  # never a training task
+    assert all(rouge_l(t.text, task["text"]) <= ctx.near_duplicate for t in dev for task in tasks)
+    assert [t.id for t in dev_questions(ctx)] == [t.id for t in dev]  # fixed by the run
+
+
+def test_tune_measures_what_a_recipe_keeps_of_stage2_on_its_dev_items(run_dir, tmp_path):
+    """Stage 2's recipe tuned again from its input model (stage 3 keeps no pairs on the tiny
+    model): each point trains with its share of stage 1's pairs replayed, is merged, and stage
+    2's dev items are assessed on it, paired with the input model; a point is read back, not
+    retrained, and one trained without --retention gets it added from its adapter."""
+    from app.commands import retention_metrics, stage_context
+    from core.run import require_config
+    from core.tune import TuneJob, parse_grid, tune_dpo
+    from registry.stages import STAGES
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, symlinks=True)
+    config = require_config(copy)
+    ctx = stage_context(copy, config, 2, log=lambda _: None)
+    pairs = read_jsonl(copy / "stage_2" / "pairs.jsonl")
+    replay = read_jsonl(copy / "stage_1" / "pairs.jsonl")
+    metrics = retention_metrics(copy, config, 3, log=lambda _: None)
+    assert [m.name for m in metrics] == ["stage 2 answer_rate"]
+    job = TuneJob(records=pairs, replay=replay, model_path=ctx.model_path, profile=ctx.profile,
+                  seed=0, guard=ctx.guard(), work_dir=tmp_path / "tune",
+                  load_backend=load_backend, retention=metrics,
+                  merge_probes=tuple(STAGES[1].merge_probes(ctx)))
+    grid = parse_grid(["profile.replay_share=0,1"])
+    plain = dataclasses.replace(job, retention=())
+    first = tune_dpo(plain, grid[:1], 0.5, log=lambda _: None)
+    assert "retention_dev" not in first["points"][0]
+    result = tune_dpo(job, grid, 0.5, log=lambda _: None)
+    reference = result["retention_reference"]["stage 2 answer_rate"]
+    assert reference["n"] == ctx.settings.dev_questions
+    none, some = result["points"]
+    assert none["replay_pairs"] == 0
+    assert some["replay_pairs"] == min(len(replay), result["train_pairs"])
+    assert some["steps"] > none["steps"]
+    for point in (none, some):
+        kept = point["retention_dev"]["stage 2 answer_rate"]
+        assert kept["input_model"] == reference and kept["rate"]["n"] == reference["n"]
+        assert kept["vs_input_model"]["items"] == reference["n"]
+        assert kept["change_points"] == round(100 * (kept["rate"]["rate"] - reference["rate"]), 1)
+        assert not (tmp_path / "tune" / point["label"] / "merged").exists()
+        assert len(read_jsonl(tmp_path / "tune" / point["label"] /
+                              "dev-stage-2-answer-rate.jsonl")) == reference["n"]
+    assert none["steps"] == first["points"][0]["steps"]  # read back, retention added
+    assert result["best"] in {none["label"], some["label"]}
+    trained = {p: p.stat().st_mtime_ns for p in (tmp_path / "tune").glob("*/adapter/*")}
+    assert tune_dpo(job, grid, 0.5, log=lambda _: None)["points"] == result["points"]
+    assert {p: p.stat().st_mtime_ns for p in trained} == trained
+
+
+def test_tune_refuses_retention_without_dev_items_and_a_negative_replay_share(run_dir, tmp_path):
+    from click.testing import CliRunner
+
+    import cli
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, symlinks=True)
+    out = CliRunner().invoke(cli.main, ["tune", "--run-dir", str(copy), "--stage", "2",
+                                        "--retention"])
+    assert out.exit_code == 2 and "no finished stage before stage 2" in out.output
+    out = CliRunner().invoke(cli.main, ["tune", "--run-dir", str(copy), "--stage", "2",
+                                        "--grid", "profile.replay_share=1,-0.5"])
+    assert out.exit_code == 2 and "replay_share must be 0 or more, got -0.5" in out.output
+    assert not (copy / "stage_2" / "tune").exists()

@@ -1,5 +1,4 @@
 """The pair plumbing every stage shares (core/pairs.py), and a skipped stage in the chain."""
-import dataclasses
 import json
 
 import pytest
@@ -124,11 +123,6 @@ def test_a_skipped_stage_passes_its_input_on(tmp_path, tiny_dir):
     assert path == str(tiny_dir.resolve()) and "the run's model" in origin
 
 
-def replay_context(tmp_path, share: float) -> StageContext:
-    ctx = context(tmp_path)
-    return dataclasses.replace(ctx, profile=dataclasses.replace(ctx.profile, replay_share=share))
-
-
 def write_earlier_pairs(run_dir, number: int, count: int) -> list[dict]:
     records = [{**pair(f"Answer {number}.{i}.", f"Bad {number}.{i}."), "stage": number}
                for i in range(count)]
@@ -140,21 +134,21 @@ def write_earlier_pairs(run_dir, number: int, count: int) -> list[dict]:
 def test_replay_takes_earlier_stages_in_turn_and_marks_them(tmp_path):
     first = write_earlier_pairs(tmp_path, 1, 4)
     second = write_earlier_pairs(tmp_path, 2, 2)
-    replayed = replay_candidates(replay_context(tmp_path, 1.0), own=5)
+    replayed = replay_candidates(context(tmp_path), 5, 1.0)
     assert [r["replayed_from"] for r in replayed] == [1, 2, 1, 2, 1]
     for r in replayed:
         source = first if r["replayed_from"] == 1 else second
         assert {k: v for k, v in r.items() if k != "replayed_from"} in source
     assert len({r["chosen"] for r in replayed}) == 5  # no pair twice
-    assert replay_candidates(replay_context(tmp_path, 1.0), own=5) == replayed  # seeded
-    assert len(replay_candidates(replay_context(tmp_path, 0.5), own=5)) == 2  # round(2.5)
-    assert len(replay_candidates(replay_context(tmp_path, 10.0), own=5)) == 6  # all there are
-    assert replay_candidates(replay_context(tmp_path, 0.0), own=5) == []
+    assert replay_candidates(context(tmp_path), 5, 1.0) == replayed  # seeded
+    assert len(replay_candidates(context(tmp_path), 5, 0.5)) == 2  # round(2.5)
+    assert len(replay_candidates(context(tmp_path), 5, 10.0)) == 6  # all there are
+    assert replay_candidates(context(tmp_path), 5, 0.0) == []
 
 
 def test_replay_skips_stages_without_pairs_and_refuses_a_negative_share(tmp_path):
     write_earlier_pairs(tmp_path, 2, 3)  # stage 1 skipped: no pairs.jsonl, no DONE
-    assert {r["replayed_from"] for r in replay_candidates(replay_context(tmp_path, 1.0), 3)} \
+    assert {r["replayed_from"] for r in replay_candidates(context(tmp_path), 3, 1.0)} \
         == {2}
     with pytest.raises(RunFailure, match="replay_share is -0.5; it must be 0"):
-        replay_candidates(replay_context(tmp_path, -0.5), own=3)
+        replay_candidates(context(tmp_path), 3, -0.5)
