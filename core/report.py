@@ -151,16 +151,22 @@ def contamination_section(summary: dict | None) -> list[str]:
 RETENTION_FILE = "retention.json"  # written by `check retention` (app/retention.py)
 
 
+def stage_files(run_dir: Path, name: str) -> dict[int, Path]:
+    """{stage number: run_dir/stage_N/name} for every stage that has the file, in stage order."""
+    found = {int(p.parent.name.removeprefix("stage_")): p
+             for p in run_dir.glob(f"stage_*/{name}")}
+    return dict(sorted(found.items()))
+
+
 def write_run_report(run_dir: Path) -> None:
     """DIR/report.md: links to each stage report, the capability table across stages (with
     every retention result that still matches the run's models) and its plot."""
     from core.io import atomic_write_text, read_json
 
-    stages = sorted(run_dir.glob("stage_*/metrics.json"), key=lambda p: int(p.parent.name[6:]))
-    skipped = {int(p.parent.name[6:]): read_json(p) for p in run_dir.glob("stage_*/SKIPPED")}
-    if not stages:
+    metrics = {n: read_json(p) for n, p in stage_files(run_dir, "metrics.json").items()}
+    skipped = {n: read_json(p) for n, p in stage_files(run_dir, "SKIPPED").items()}
+    if not metrics:
         return
-    metrics = {int(p.parent.name[6:]): read_json(p) for p in stages}
     columns = ["base"] + [f"after stage {n}" for n in metrics] + ["few-shot reference (base)"]
     retained, stale, drop_points = current_retention(run_dir)
     rows = capability_rows(metrics, retained)
@@ -188,8 +194,8 @@ def current_retention(run_dir: Path) -> tuple[list[dict], int, float | None]:
     path = run_dir / RETENTION_FILE
     if not path.is_file():
         return [], 0, None
-    merged_sha = {int(p.parent.name[6:]): read_json(p).get("weights_sha256")
-                  for p in run_dir.glob("stage_*/merge.json")}
+    merged_sha = {n: read_json(p).get("weights_sha256")
+                  for n, p in stage_files(run_dir, "merge.json").items()}
     retention = read_json(path)
     rows = retention["rows"]
     current = [r for r in rows if merged_sha.get(r["later_stage"]) == r["model_weights_sha256"]

@@ -44,10 +44,10 @@ class HeldoutAssessment(Protocol):
 
 
 class DevAssessment(Protocol):
-    def __call__(self, ctx: StageContext, backend: Any, cache: Path) -> dict | None:
+    def __call__(self, ctx: StageContext, backend: Any, cache: Path) -> dict:
         """Like HeldoutAssessment, on the stage's dev items instead: items never trained on
         and never reported, on which `tune --retention` measures what a later stage's recipe
-        keeps of this stage (generations cached in `cache`). None: the run has none."""
+        keeps of this stage (generations cached in `cache`). UsageError: the run has none."""
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@ measured without touching any held-out split.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import re
 import shutil
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from core.guards import TemplateGuard
 from core.io import read_json, write_json
 from core.lifecycle import dpo_settings_for, paired_outcomes
 from core.merge import merge_adapter
+from core.models import weights_stamp
 from core.profile import ModelProfile
 from core.split import in_fixed_heldout
 from core.stats import rate
@@ -134,7 +137,11 @@ def dev_reference(job: TuneJob, log) -> dict[str, dict]:
     """Each retention metric on the stage's input model: what a point can keep at most."""
     log(f"tune: the earlier stages' dev items on the input model {job.model_path}")
     backend = job.load_backend(job.model_path, job.profile)
-    return {m.name: m.assess(backend, job.work_dir / "reference" / f"dev-{slug(m.name)}.jsonl")
+    # generation caches are keyed by model path: name this one by the weights too, so a
+    # stage redone at the same path is not measured from its old outputs
+    stamp = json.dumps(weights_stamp(job.model_path), sort_keys=True)
+    folder = job.work_dir / f"reference-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
+    return {m.name: m.assess(backend, folder / f"dev-{slug(m.name)}.jsonl")
             for m in job.retention}
 
 

@@ -63,7 +63,7 @@ import yaml
 from core.assess import generate_greedy
 from core.contamination import Protected
 from core.context import StageContext
-from core.errors import RunFailure, TooLittleDataError
+from core.errors import RunFailure, TooLittleDataError, UsageError
 from core.generation import GenRequest
 from core.io import read_jsonl, write_jsonl
 from core.judge import judge_audit as core_judge_audit
@@ -717,12 +717,14 @@ def dev_questions(ctx: StageContext) -> list[Task]:
     return [question_task(item) for item in picked]
 
 
-def assess_dev(ctx: StageContext, backend, cache: Path) -> dict | None:
-    """The dev questions on `backend`'s model, scored as the held-out ones (None: no dev
-    questions, the run has no shared data directory)."""
+def assess_dev(ctx: StageContext, backend, cache: Path) -> dict:
+    """The dev questions on `backend`'s model, scored as the held-out ones."""
     items = dev_questions(ctx)
     if not items:
-        return None
+        raise UsageError(f"stage 2 of {ctx.run_dir} has no dev questions: they are real "
+                         f"questions from the shared data directory, and this run has none "
+                         f"(made with --no-eval-sets, or its data dir {ctx.data_dir} lacks the "
+                         f"question sets); leave out --retention")
     p = ctx.profile
     return assess_questions(backend, ctx.guard(), items, cache, p.max_new_tokens,
                             p.gen_batch_size, "stage 2 dev", answer_checks(ctx.settings))

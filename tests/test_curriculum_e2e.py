@@ -21,7 +21,7 @@ from core.backend import load_backend
 from core.guards import TemplateGuard
 from core.io import read_jsonl
 from core.models import weights_sha256
-from core.errors import NoPairsError
+from core.errors import NoPairsError, UsageError
 from app.pipeline import run_curriculum, run_stage, run_status
 from core.prompting import house_prompt
 from core.run import RunDirError
@@ -228,7 +228,8 @@ def test_stage2_dev_questions_are_real_and_never_trained_or_held_out(run_dir):
     from app.commands import stage_context
     from core.run import require_config
     from core.text import rouge_l
-    from stages.stage2_implicit_instructions import dev_questions, load_real_questions
+    from stages.stage2_implicit_instructions import (assess_dev, dev_questions,
+                                                     load_real_questions)
 
     ctx = stage_context(run_dir, require_config(run_dir), 2, log=lambda _: None)
     dev = dev_questions(ctx)
@@ -239,6 +240,8 @@ def test_stage2_dev_questions_are_real_and_never_trained_or_held_out(run_dir):
     assert not {t.id for t in dev} & {t["id"] for t in tasks}  # never a training task
     assert all(rouge_l(t.text, task["text"]) <= ctx.near_duplicate for t in dev for task in tasks)
     assert [t.id for t in dev_questions(ctx)] == [t.id for t in dev]  # fixed by the run
+    with pytest.raises(UsageError, match="has no dev questions"):
+        assess_dev(dataclasses.replace(ctx, data_dir=None), None, run_dir / "unused.jsonl")
 
 
 def test_tune_measures_what_a_recipe_keeps_of_stage2_on_its_dev_items(run_dir, tmp_path):
