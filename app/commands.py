@@ -12,7 +12,7 @@ from core.contamination import (ContaminationError, chat_template_probe, check_r
 from core.context import StageContext
 from core.guards import TemplateGuard
 from core.io import read_json, read_jsonl, write_json
-from core.models import PROJECT_ROOT, local_model_dir, weights_stamp
+from core.models import PROJECT_ROOT, local_model_dir, weights_tag
 from app.pipeline import saved_sections, select_stage
 from core.report import fmt_rate
 from core.errors import UsageError
@@ -49,12 +49,7 @@ def suite_cache_path(out: Path, suite: str, path: str) -> Path:
     """OUT_DIR/cache/SUITE-TAG.jsonl, TAG from the weight files' sizes and modification times:
     the cache keys hold the model's path, so a model rewritten at the same path (a merge redone
     with --redo-from) would otherwise be assessed from the old weights' outputs."""
-    import hashlib
-
-    stamp = weights_stamp(path)
-    tag = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16] \
-        if stamp else "no-local-weights"
-    return out.parent / "cache" / f"{suite}-{tag}.jsonl"
+    return out.parent / "cache" / f"{suite}-{weights_tag(path)}.jsonl"
 
 
 def _stage_model(model: str) -> str:

@@ -194,6 +194,16 @@ def weights_stamp(model_path: str) -> dict[str, list[int]]:
     return {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in weight_files(model_path)}
 
 
+def weights_tag(model_path: str) -> str:
+    """A short name for the weight files as they are now (sizes and modification times), for
+    cache files whose keys hold only the model's path: a model rewritten at the same path gets
+    a new tag. "no-local-weights" for a Hub id."""
+    stamp = weights_stamp(model_path)
+    if not stamp:
+        return "no-local-weights"
+    return hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def weights_sha256(model_path: str) -> str | None:
     """Hash of a local model's weight files (None for a Hub id)."""
     files = weight_files(model_path)

@@ -17,9 +17,7 @@ measured without touching any held-out split.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import re
 import shutil
 from dataclasses import dataclass
@@ -33,7 +31,7 @@ from core.guards import TemplateGuard
 from core.io import read_json, write_json
 from core.lifecycle import dpo_settings_for, paired_outcomes
 from core.merge import merge_adapter
-from core.models import weights_stamp
+from core.models import weights_tag
 from core.profile import ModelProfile
 from core.split import in_fixed_heldout
 from core.stats import rate
@@ -139,8 +137,7 @@ def dev_reference(job: TuneJob, log) -> dict[str, dict]:
     backend = job.load_backend(job.model_path, job.profile)
     # generation caches are keyed by model path: name this one by the weights too, so a
     # stage redone at the same path is not measured from its old outputs
-    stamp = json.dumps(weights_stamp(job.model_path), sort_keys=True)
-    folder = job.work_dir / f"reference-{hashlib.sha256(stamp.encode()).hexdigest()[:16]}"
+    folder = job.work_dir / f"reference-{weights_tag(job.model_path)}"
     return {m.name: m.assess(backend, folder / f"dev-{slug(m.name)}.jsonl")
             for m in job.retention}
 
