@@ -7,8 +7,8 @@ marked done only when complete):
 1. questions     Bare questions from two sources. (a) Real question sets under ctx.data_dir, when
                  given: Self-Instruct seed tasks without an instance input, TruthfulQA questions
                  and MT-Bench first turns. Each set is split once, by a hash of the item id, into
-                 a train part and a held-out part (`heldout_share`, core.split.in_fixed_heldout);
-                 held-out parts never train.
+                 a train part and a held-out part (`heldout_share`; core.realsets: stage 5
+                 holds out the same parts); held-out parts never train.
                  (b) Model-written questions by few-shot *list continuation* of pool seeds plus
                  already-accepted questions; degenerate items, chat markup, list scaffolding and
                  near-duplicates (ROUGE-L above the run's near-duplicate threshold against
@@ -51,8 +51,6 @@ stage 2 knows, in `STAGE` at the bottom.
 """
 from __future__ import annotations
 
-import csv
-import hashlib
 import random
 import re
 from dataclasses import dataclass
@@ -71,9 +69,11 @@ from core.judge import judge_many, judge_prefix, round_robin_prompts, winning_sa
 from core.listgen import ListGrowth, grow_list, growth_work
 from core.pairs import (first_of_each_text, group_by_task, judge_wins, shared_pair_problem,
                         write_pairs)
+from core.realsets import (HELDOUT_SHARE, MAX_QUESTION_WORDS, load_real_questions, pick_real,
+                           short_hash)
 from core.records import TASKS_FILE, Task, earlier_tasks, read_tasks, write_tasks
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
-from core.split import in_fixed_heldout, split_smallest_ids
+from core.split import split_smallest_ids
 from core.stage import Stage, StageSettings, Step, Work, WorkPlan, setting
 from core.stats import rate
 from core.text import (NearDuplicateFilter, copies_exemplar, degenerate_reason, first_near_same,
@@ -89,9 +89,9 @@ class Stage2Settings(StageSettings):
                                           "reaching --limit + --heldout questions")
     oversample: float = setting(1.3, "questions requested per round, as a multiple of those "
                                      "still needed")
-    heldout_share: float = setting(0.3, "share of each real question set held out, by a hash "
+    heldout_share: float = setting(HELDOUT_SHARE, "share of each real question set held out, by a hash "
                                         "of the item id (the same items in every run)")
-    max_question_words: int = setting(60, "longest real question used, in words (longer items, "
+    max_question_words: int = setting(MAX_QUESTION_WORDS, "longest real question used, in words (longer items, "
                                           "e.g. MT-Bench passages, do not fit the training budget)")
     zero_shot_samples: int = setting(2, "zero-shot samples per training question, besides the "
                                         "few-shot ones (the natural source of rejected responses)")
@@ -121,62 +121,6 @@ def exemplar_texts(pool: dict) -> list[str]:
 
 
 # 1. questions ------------------------------------------------------------------------------------
-
-def short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
-
-
-def load_real_questions(data_dir: Path | None,
-                        heldout_share: float = Stage2Settings.heldout_share) -> list[dict]:
-    """Bare questions from the shared sets that exist under `data_dir`, each with its split: the
-    fixed held-out part of each set (`heldout_share` of its items, by a hash of the item id) is
-    independent of seed, limit and stage."""
-    if data_dir is None or not data_dir.is_dir():
-        return []
-    items = []
-    seeds = data_dir / "self-instruct" / "seed_tasks.jsonl"
-    if seeds.is_file():
-        for row in read_jsonl(seeds):
-            if all(not i["input"].strip() for i in row["instances"]):
-                items.append(("self-instruct", f"self-instruct:{row['id']}", row["instruction"]))
-    truthful = data_dir / "truthfulqa" / "TruthfulQA.csv"
-    if truthful.is_file():
-        with open(truthful, newline="", encoding="utf-8") as handle:
-            for row in csv.DictReader(handle):
-                question = row["Question"]
-                items.append(("truthfulqa", f"truthfulqa:{short_hash(normalize(question))}", question))
-    mt_bench = data_dir / "mt-bench" / "question.jsonl"
-    if mt_bench.is_file():
-        for row in read_jsonl(mt_bench):
-            items.append(("mt-bench", f"mt-bench:{row['question_id']}", row["turns"][0]))
-    return [{"id": item_id, "source": source, "question": question.strip(),
-             "split": "heldout" if in_fixed_heldout(item_id, heldout_share) else "train"}
-            for source, item_id, question in items]
-
-
-def pick_real(candidates: list[dict], split: str, count: int, filter_: NearDuplicateFilter,
-              guard, taken: set[str], seed: int,
-              max_words: int = Stage2Settings.max_question_words) -> list[dict]:
-    """Up to `count` real questions of `split`, round-robin over sources in a seeded order,
-    skipping long, marked-up and near-duplicate items (kept ones join the filter)."""
-    by_source: dict[str, list[dict]] = {}
-    for item in sorted(candidates, key=lambda i: seed_for(seed, "real-question", i["id"])):
-        if item["split"] == split and item["id"] not in taken:
-            by_source.setdefault(item["source"], []).append(item)
-    queues = [by_source[s] for s in sorted(by_source)]
-    picked: list[dict] = []
-    while len(picked) < count and any(queues):
-        for queue in queues:
-            if len(picked) >= count or not queue:
-                continue
-            item = queue.pop(0)
-            taken.add(item["id"])
-            text = item["question"]
-            if len(text.split()) <= max_words and guard.is_clean(text) \
-                    and filter_.offer(text):
-                picked.append(item)
-    return picked
-
 
 def list_prompt(items: list[str]) -> str:
     """A numbered list of bare questions the base model continues with one more item."""

@@ -4,21 +4,27 @@ The model learns, given a request, a draft response and a critique, to write a r
 fixes what the critique names and keeps the draft's content, zero-shot, in the house format.
 Steps (each resumable, each marked done only when complete):
 
-1. drafts        Only where earlier stages leave too few failures (always when the stage runs
-                 alone): the model drafts answers to pool requests from a few-shot completion
-                 prompt, and each draft gets a sampled constraint (core.constraints) it fails.
-2. tasks         Revision tasks from three sources: stage 1's samples that fail some of their
+1. drafts        The model drafts answers from a few-shot completion prompt, and each draft
+                 gets a sampled constraint (core.constraints) it fails. Training drafts answer
+                 pool requests, only where earlier stages leave too few failures (always when
+                 the stage runs alone). Held-out drafts (`real_heldout`, with the shared data
+                 sets) answer real questions from the sets' fixed held-out parts
+                 (core.realsets; the part stage 2 holds out too, never trained on by any stage),
+                 so the held-out set reaches --heldout whatever the pool's size.
+2. tasks         Revision tasks from four sources: stage 1's samples that fail some of their
                  constraints (the critique names the failed ones, phrased by
-                 Constraint.describe()), the pool's hand-written tasks, and the model's drafts.
+                 Constraint.describe()), the pool's hand-written tasks, the model's drafts of
+                 pool requests, and its drafts of the real held-out questions (held-out only).
                  Each task carries its machine check (the constraint dicts). Drafts that are
                  degenerate, carry markup or scaffolding, or copy an exemplar are dropped. The
-                 split is by a hash of the normalized request (one request, one side), the
-                 sources taking turns so each is represented; held-out takes one task per
-                 request; training tasks whose request nearly equals (or whose draft equals) a
+                 split is by a hash of the normalized request (one request, one side):
+                 held-out takes one task per request, the real held-out questions' drafts
+                 first, topped up from the other sources taking turns so each is represented
+                 (and only from them when the sets are absent); training tasks whose request nearly equals (or whose draft equals) a
                  held-out one are dropped, and leakage is checked. All tasks (train and
                  held-out) go to tasks.jsonl as core.records.Task: text = the revision request
                  as the house prompt shows it, kind "revision", source = stage1/pool/
-                 model-draft, extra = request, draft, critique, checks, origin.
+                 model-draft/set-draft, extra = request, draft, critique, checks, origin.
 3. revisions     K revisions per training task from a few-shot completion prompt (3-4 pool
                  exemplars: request, draft, critique, revision; then the target). Where the
                  task's checks fix how a passing revision begins ("<<" for a title, "1." for
@@ -80,13 +86,15 @@ from core.judge import judge_audit as core_judge_audit
 from core.judge import judge_many, judge_prefix, round_robin_prompts, winning_sample
 from core.pairs import group_by_task, shared_pair_problem, write_pairs
 from core.prompting import RESPONSE_STOPS, draw, few_shot_prompt, house_prompt, seed_for
+from core.realsets import HELDOUT_SHARE, load_real_questions, pick_real
 from core.records import TASKS_FILE, Task, earlier_records, earlier_tasks, read_tasks, write_tasks
 from core.sampling import few_shot_requests, sample_openings, sample_to_file, with_openings
 from core.stage import Stage, StageSettings, Step, Work, WorkPlan, setting
 from core.split import in_turn
 from core.stats import rate
 from core.suites.baseline import REVISION_TEXT
-from core.text import copies_exemplar, degenerate_reason, near_same, normalize, rouge_l
+from core.text import (NearDuplicateFilter, copies_exemplar, degenerate_reason, near_same,
+                       normalize, rouge_l)
 
 POOL_PATH = Path(__file__).with_name("pools") / "stage5.yaml"
 
@@ -107,6 +115,12 @@ class Stage5Settings(StageSettings):
     opened_samples: int = setting(2, "of the K revisions of a task whose checks fix how a "
                                      "response begins, how many start from that opening "
                                      "(0: none)")
+    real_heldout: bool = setting(True, "with the shared data sets, held-out tasks are drafts of "
+                                       "real questions from the sets' held-out parts (the "
+                                       "pool alone leaves fewer than 30 held-out requests)")
+    real_heldout_share: float = setting(HELDOUT_SHARE, "the sets' held-out part, by a hash "
+                                                       "of the item id: keep it equal to "
+                                                       "stage2.heldout_share")
     hindsight: bool = setting(True, "restate a task none of whose revisions passes with a "
                                     "critique naming what a good revision did fix (hindsight "
                                     "relabelling); judged like a stated task")
@@ -114,6 +128,7 @@ class Stage5Settings(StageSettings):
 
 HINDSIGHT_FILE = "hindsight_tasks.jsonl"  # training tasks restated in hindsight (scores step)
 SOURCES = ("stage1", "model-draft", "pool")  # the order sources take turns in the split
+HELDOUT_SOURCE = "set-draft"  # drafts of real held-out questions: held-out only, never trained
 JUDGE_CRITERION = "The better revision fixes what the critique names and keeps the draft's content."
 
 # Lines of prompt scaffolding a revision or draft must never contain.
@@ -288,30 +303,56 @@ def failing_constraint(draft: str, request: str, seed: int, tries: int = 4) -> l
     return None
 
 
-def make_drafts(ctx: StageContext, pool: dict) -> None:
-    """Model drafts for pool requests, as many as the earlier stages leave missing."""
+def heldout_requests(ctx: StageContext, pool: dict) -> list[str]:
+    """Real questions of the shared sets' held-out parts to draft for held-out tasks:
+    `draft_oversample` x --heldout of them (drafts that pass their sampled constraint, or are
+    degenerate, become no task), none near a pool request or exemplar. Empty without the sets
+    or with `real_heldout` off."""
     settings = ctx.settings
-    missing = ctx.limit + ctx.heldout - len(stage1_failures(ctx.run_dir,
-                                                            settings.max_tasks_per_request))
+    if not settings.real_heldout:
+        return []
+    filter_ = NearDuplicateFilter(ctx.near_duplicate)
+    filter_.kept.extend(list(pool["requests"]) + [t["request"] for t in pool["tasks"]]
+                        + [e["request"] for e in pool["revision_exemplars"]])
+    real = load_real_questions(ctx.data_dir, settings.real_heldout_share)
+    picked = pick_real(real, "heldout", math.ceil(ctx.heldout * settings.draft_oversample),
+                       filter_, ctx.guard(), set(), ctx.seed)
+    return [item["question"] for item in picked]
+
+
+def training_requests(ctx: StageContext, pool: dict, real_heldout: int) -> list[str]:
+    """Pool requests to draft, as many as the earlier stages leave missing (held-out tasks
+    count as missing too when no real held-out question supplies them)."""
+    settings = ctx.settings
+    missing = ctx.limit + max(0, ctx.heldout - real_heldout) - len(
+        stage1_failures(ctx.run_dir, settings.max_tasks_per_request))
     requests = list(pool["requests"])
     random.Random(seed_for(ctx.seed, "draft-requests")).shuffle(requests)
-    requests = requests[: max(0, math.ceil(missing * settings.draft_oversample))]
+    return requests[: max(0, math.ceil(missing * settings.draft_oversample))]
+
+
+def make_drafts(ctx: StageContext, pool: dict) -> None:
+    """Model drafts of pool requests (training) and of real held-out questions (held-out)."""
+    held = heldout_requests(ctx, pool)
+    train = training_requests(ctx, pool, len(held))
+    jobs = [(f"d{i}", r, "model-draft") for i, r in enumerate(train)] \
+        + [(f"h{i}", r, HELDOUT_SOURCE) for i, r in enumerate(held)]
     records = []
-    if requests:
+    if jobs:
         shots_pool = [(e["request"], e["draft"]) for e in pool["revision_exemplars"]]
-        gen = [GenRequest(f"d{i}", few_shot_prompt(
+        gen = [GenRequest(key, few_shot_prompt(
                    draw(shots_pool, random.Random(seed_for(ctx.seed, "draft-exemplars", r))), r),
-                   seed_for(ctx.seed, "draft", r)) for i, r in enumerate(requests)]
+                   seed_for(ctx.seed, "draft", r)) for key, r, _ in jobs]
         sampling = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
                                 RESPONSE_STOPS)
         results = ctx.generate(gen, sampling, "drafts.jsonl", "stage 5 drafts")
-        for request, item in zip(requests, gen):
-            draft = results[item.id]["text"].strip()
-            records.append({"request": request, "draft": draft,
+        for (key, request, source) in jobs:
+            draft = results[key]["text"].strip()
+            records.append({"request": request, "draft": draft, "source": source,
                             "checks": failing_constraint(draft, request, ctx.seed,
-                                                         settings.constraint_tries)})
+                                                         ctx.settings.constraint_tries)})
     write_jsonl(ctx.path("drafts.jsonl"), records)
-    ctx.log(f"drafts: {len(records)} written ({max(0, missing)} tasks missing after stage 1)")
+    ctx.log(f"drafts: {len(train)} of pool requests, {len(held)} of real held-out questions")
 
 
 # 2. tasks ----------------------------------------------------------------------------------------
@@ -322,7 +363,9 @@ def pool_tasks(pool: dict) -> list[Task]:
 
 
 def drafted_tasks(ctx: StageContext) -> list[Task]:
-    return [make_task(d["request"], d["draft"], d["checks"], "model-draft")
+    """Tasks of the drafts that fail a sampled constraint (drafts written before held-out
+    drafts existed carry no source: they are pool drafts)."""
+    return [make_task(d["request"], d["draft"], d["checks"], d.get("source", "model-draft"))
             for d in read_jsonl(ctx.path("drafts.jsonl")) if d["checks"]]
 
 
@@ -331,21 +374,24 @@ def request_key(request: str) -> str:
 
 
 def split_tasks(tasks: list[Task], limit: int, heldout: int, threshold: float = 0.7) -> list[Task]:
-    """Held-out: one task from each of `heldout` requests; training: the other requests' tasks
-    (minus near-duplicates, ROUGE-L > `threshold`, of a held-out request, or copies of a held-out
-    draft), at most `limit`. Both take the sources in turn (stage 1, model drafts, pool), each
-    source in hash order, so every source is represented whatever the limit. Stable under resume
-    and input order."""
+    """Held-out: one task from each of `heldout` requests, the real held-out questions' drafts
+    (HELDOUT_SOURCE) first, topped up from the other sources; training: the other requests'
+    tasks (minus near-duplicates, ROUGE-L > `threshold`, of a held-out request, or copies of a
+    held-out draft), at most `limit`, never a HELDOUT_SOURCE task. The other sources take turns
+    (stage 1, model drafts, pool), each in hash order, so every source is represented whatever
+    the limit. Stable under resume and input order."""
     groups: dict[str, list[Task]] = {}
     for task in sorted(tasks, key=lambda t: t.id):
         groups.setdefault(request_key(task.extra["request"]), []).append(task)
-    if len(groups) - heldout < 2:  # too few to honour --heldout: keep three quarters for training
-        heldout = max(1, len(groups) // 4)
+    reserved = [k for k in sorted(groups) if groups[k][0].source == HELDOUT_SOURCE][:heldout]
     keys = in_turn([k for k in sorted(groups) if groups[k][0].source == source]
                    for source in SOURCES)
-    held = [groups[k][0] for k in keys[:heldout]]
+    top_up = heldout - len(reserved)
+    if top_up and len(keys) - top_up < 2:  # too few to honour --heldout: train on three quarters
+        top_up = len(keys) // 4 if reserved else max(1, len(keys) // 4)
+    held = [groups[k][0] for k in reserved + keys[:top_up]]
     train = {source: [t for _, _, t in sorted(
-                 (rank, t.id, t) for k in keys[heldout:] for rank, t in enumerate(groups[k])
+                 (rank, t.id, t) for k in keys[top_up:] for rank, t in enumerate(groups[k])
                  if t.source == source and not near_heldout(t, held, threshold))]
              for source in SOURCES}
     chosen = in_turn(train.values())[:limit]
@@ -710,14 +756,19 @@ def judge_audit(judgments: list[dict]) -> dict:
 
 
 def plan_work(ctx: StageContext) -> WorkPlan:
-    """The most work stage 5's own steps do (for --dry-run; nothing is loaded). Drafts are
-    written only where stage 1 left too few failures: counted here as if it left none."""
+    """The most work stage 5's own steps do (for --dry-run; nothing is loaded). Pool drafts are
+    written only where stage 1 left too few failures: counted here as if it left none, and
+    at most one per pool request; held-out drafts as if the real sets supplied them all."""
     s, p = ctx.settings, ctx.profile
-    drafts = math.ceil((ctx.limit + ctx.heldout) * s.draft_oversample)
+    held = math.ceil(ctx.heldout * s.draft_oversample) if s.real_heldout else 0
+    pool_requests = len(load_pool()["requests"])
+    drafts = held + min(pool_requests, math.ceil(
+        (ctx.limit + (0 if held else ctx.heldout)) * s.draft_oversample))
     judge = round_robin_prompts(0, s.max_judged_revisions)
     return WorkPlan(
         work=(Work("drafts", prompts=drafts, new_tokens=p.max_new_tokens,
-                   note="only the tasks earlier stages do not supply"),
+                   note="pool requests earlier stages leave missing, real held-out "
+                        "questions"),
               Work("revisions", prompts=ctx.limit * p.responses_per_task,
                    new_tokens=p.max_new_tokens, note=f"{p.responses_per_task} per task"),
               Work("scores", scored=ctx.limit * judge, note=f"at most {judge} judge prompts "

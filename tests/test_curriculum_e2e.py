@@ -228,8 +228,8 @@ def test_stage2_dev_questions_are_real_and_never_trained_or_held_out(run_dir):
     from app.commands import stage_context
     from core.run import require_config
     from core.text import rouge_l
-    from stages.stage2_implicit_instructions import (assess_dev, dev_questions,
-                                                     load_real_questions)
+    from core.realsets import load_real_questions
+    from stages.stage2_implicit_instructions import assess_dev, dev_questions
 
     ctx = stage_context(run_dir, require_config(run_dir), 2, log=lambda _: None)
     dev = dev_questions(ctx)

@@ -33,7 +33,8 @@ import yaml
 
 from core.constraints import response_opening
 from core.io import read_jsonl
-from core.models import weights_sha256
+from core.models import PROJECT_ROOT, weights_sha256
+from core.realsets import load_real_questions
 from core.records import read_tasks
 from core.sampling import sample_openings
 from core.scripted import Script, ScriptedBackend
@@ -41,6 +42,8 @@ from stages import stage5_revision_tasks as s5
 
 pytestmark = pytest.mark.slow
 LIMIT, HELDOUT = 6, 4
+DATA_DIR = PROJECT_ROOT.parent / "shared" / "data"
+HAS_DATA = DATA_DIR.is_dir()
 
 # Stage 1's instructions (list items the script writes), each with the one response it gets: long
 # sentences with commas and capitals, which miss most constraints stage 1 attaches.
@@ -187,7 +190,7 @@ def run_dir(tmp_path_factory, tiny_dir) -> Path:
     options = dict(model=str(tiny_dir), limit=LIMIT, heldout=HELDOUT, seed=0,
                    log=lambda _: None, backend_loader=loader)
     run_stage(1, run_dir, skip_empty=True, **options)
-    run_stage(5, run_dir, skip_empty=False, **options)
+    run_stage(5, run_dir, skip_empty=False, data_dir=DATA_DIR if HAS_DATA else None, **options)
     return run_dir
 
 
@@ -205,6 +208,7 @@ def test_stage1_ran_for_real_and_stage5_started_from_the_model(run_dir, tiny_dir
     assert config["settings"]["stage5"] == {"keeps_content": 0.2, "max_tasks_per_request": 2,
                                             "draft_oversample": 1.5, "constraint_tries": 4,
                                             "max_judged_revisions": 3, "opened_samples": 2,
+                                            "real_heldout": True, "real_heldout_share": 0.3,
                                             "hindsight": True}
 
 
@@ -225,14 +229,34 @@ def test_tasks_come_from_stage1_the_pool_and_model_drafts(run_dir):
     assert sum(t.split == "train" for t in tasks) == LIMIT
     assert sum(t.split == "heldout" for t in tasks) == HELDOUT
     assert all(t.stage == 5 and t.kind == "revision" for t in tasks)
-    assert len(lines(stage / "drafts.jsonl")) > 0  # stage 1 left tasks missing
-    assert {t.source for t in tasks if t.split == "train"} == set(s5.SOURCES)
+    assert any(d["source"] == "model-draft"  # stage 1 left training tasks missing
+               for d in lines(stage / "drafts.jsonl"))
+    audit = lines(stage / "tasks_audit.jsonl")  # every source with a usable task trains
+    usable = {a["source"] for a in audit if a["dropped"] is None} - {s5.HELDOUT_SOURCE}
+    assert {"stage1", "pool"} <= usable
+    assert {t.source for t in tasks if t.split == "train"} == usable
     samples = {f"{s['task_id']}-{s['sample']}": s
                for s in read_jsonl(run_dir / "stage_1" / "scores.jsonl")}
     for task in (t for t in tasks if t.source == "stage1"):  # a failing stage 1 sample
         origin = samples[task.extra["origin"]]
         assert task.extra["request"] in STAGE1 and origin["text"] == task.extra["draft"]
         assert not origin["passed"]
+
+
+@pytest.mark.skipif(not HAS_DATA, reason="needs ../shared/data")
+def test_heldout_tasks_are_drafts_of_the_real_sets_heldout_questions(run_dir):
+    stage = run_dir / "stage_5"
+    real = {q["question"]: q["split"] for q in load_real_questions(DATA_DIR, 0.3)}
+    drafts = lines(stage / "drafts.jsonl")
+    held_drafts = [d for d in drafts if d["source"] == s5.HELDOUT_SOURCE]
+    assert len(held_drafts) == 6  # draft_oversample x --heldout, the model's own drafts
+    assert all(real[d["request"]] == "heldout" for d in held_drafts)
+    tasks = read_tasks(stage / "tasks.jsonl")
+    held = [t for t in tasks if t.split == "heldout"]
+    assert len(held) == HELDOUT and {t.source for t in held} == {s5.HELDOUT_SOURCE}
+    assert {t.extra["draft"] for t in held} <= {d["draft"] for d in held_drafts}
+    assert not any(t.source == s5.HELDOUT_SOURCE for t in tasks if t.split == "train")
+    assert not any(real.get(t.extra["request"]) == "heldout" for t in tasks if t.split == "train")
 
 
 def test_the_first_revisions_of_a_task_whose_checks_fix_a_beginning_start_from_it(run_dir):

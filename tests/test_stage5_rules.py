@@ -350,6 +350,61 @@ def test_split_gives_every_source_a_turn():
             == sorted(s5.SOURCES), side
 
 
+def real_drafts(n):
+    return [s5.make_task(f"Real question {w} about the {w}?", f"The {w}, the {w} and more.",
+                         NO_COMMAS, s5.HELDOUT_SOURCE)
+            for w in ["sun", "moon", "sea", "hill", "rock", "leaf"][:n]]
+
+
+def test_real_heldout_drafts_are_held_out_first_and_never_train():
+    tasks = many_tasks() + real_drafts(5)
+    split = s5.split_tasks(tasks, limit=20, heldout=3)
+    held = [t for t in split if t.split == "heldout"]
+    train = [t for t in split if t.split == "train"]
+    assert len(held) == 3 and {t.source for t in held} == {s5.HELDOUT_SOURCE}
+    assert len(train) == len(many_tasks()) and s5.HELDOUT_SOURCE not in {t.source for t in train}
+    assert s5.split_tasks(list(reversed(tasks)), limit=20, heldout=3) == split
+    # fewer real drafts than --heldout: the other sources top the held-out set up
+    split = s5.split_tasks(many_tasks() + real_drafts(2), limit=20, heldout=4)
+    held = [t for t in split if t.split == "heldout"]
+    assert len(held) == 4 and sum(t.source == s5.HELDOUT_SOURCE for t in held) == 2
+    assert not any(t.source == s5.HELDOUT_SOURCE for t in split if t.split == "train")
+    s5.check_leakage(split, 0.7)
+    # more requested than the other sources can spare: they keep three quarters for training
+    split = s5.split_tasks(many_tasks() + real_drafts(2), limit=20, heldout=30)
+    assert sum(t.split == "heldout" for t in split) == 2 + 10 // 4
+
+
+def test_heldout_requests_are_real_heldout_questions_far_from_the_pool(tmp_path, tiny_dir):
+    from core.constitution import load_constitution
+    from core.context import StageContext
+    from core.models import PROJECT_ROOT
+    from core.realsets import load_real_questions
+    from core.text import rouge_l
+    from registry.models import profile_by_name
+
+    data_dir = PROJECT_ROOT.parent / "shared" / "data"
+    if not data_dir.is_dir():
+        pytest.skip("needs ../shared/data")
+
+    def context(**settings):
+        return StageContext(run_dir=tmp_path, number=5, model_path=str(tiny_dir), origin="test",
+                            profile=profile_by_name("tiny-qwen2"), seed=0, limit=4, heldout=10,
+                            constitution=load_constitution(PROJECT_ROOT / "constitution.yaml"),
+                            settings=s5.Stage5Settings(**settings), log=lambda _: None,
+                            data_dir=data_dir)
+
+    pool = s5.load_pool()
+    requests = s5.heldout_requests(context(), pool)
+    split = {q["question"]: q["split"] for q in load_real_questions(data_dir, 0.3)}
+    assert len(requests) == 15 and len(set(requests)) == 15  # 1.5 x --heldout
+    assert all(split[r] == "heldout" for r in requests)
+    assert all(rouge_l(r, p) <= 0.7 for r in requests for p in pool["requests"])
+    assert s5.heldout_requests(context(), pool) == requests  # fixed by the seed
+    assert s5.heldout_requests(context(real_heldout=False), pool) == []
+    assert set(s5.heldout_requests(context(real_heldout_share=0.6), pool)) != set(requests)
+
+
 def test_training_requests_near_a_heldout_request_are_dropped():
     a = s5.make_task("Explain why the sky looks blue during the day.", "It scatters, light.",
                      NO_COMMAS, "pool")
