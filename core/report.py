@@ -181,9 +181,53 @@ def write_run_report(run_dir: Path) -> None:
     for name, cells in rows.items():
         lines.append(f"| {name} | " + " | ".join(fmt_rate(c) if c else "-" for c in cells) + " |")
     lines += retention_section(retained, stale, drop_points)
+    lines += compute_section(run_dir)
     if plot_capabilities(rows, columns, run_dir / "capabilities.png"):
         lines += ["", "![capabilities](capabilities.png)"]
     atomic_write_text(run_dir / "report.md", "\n".join(lines) + "\n")
+
+
+def step_seconds(stage_dir: Path) -> dict[str, float]:
+    """{step: wall seconds} from the stage's done markers: the attempt that finished each step
+    (an interrupted attempt's time is not counted; what it cached is reused)."""
+    import json
+
+    return {p.name.removesuffix(".done"): json.loads(p.read_text(encoding="utf-8"))["seconds"]
+            for p in sorted(stage_dir.glob("steps/*.done"))}
+
+
+COMPUTE_COLUMNS = ("data steps", "train", "merge", "assess", "decontaminate and report")
+
+
+def stage_compute(stage_dir: Path) -> dict[str, float]:
+    """Wall seconds of a stage's finished steps by COMPUTE_COLUMNS: its own data steps, then
+    the shared tail's steps."""
+    from core.stage import SHARED_TAIL
+
+    steps = step_seconds(stage_dir)
+    return dict(zip(COMPUTE_COLUMNS, (
+        sum(v for k, v in steps.items() if k not in SHARED_TAIL), steps.get("train", 0.0),
+        steps.get("merge", 0.0), steps.get("assess", 0.0),
+        steps.get("decontaminate", 0.0) + steps.get("report", 0.0))))
+
+
+def compute_section(run_dir: Path) -> list[str]:
+    """Wall minutes per stage (stage_compute) and in all."""
+    stages = {int(d.name.removeprefix("stage_")): stage_compute(d)
+              for d in run_dir.glob("stage_*") if step_seconds(d)}
+    if not stages:
+        return []
+    lines = ["", "## Compute (wall minutes, finished steps)", "",
+             "The attempt that finished each step, on whatever else the machine was running "
+             "at the time; time spent in interrupted attempts is not counted.", "",
+             "| stage | " + " | ".join(COMPUTE_COLUMNS) + " | total |",
+             "|---|" + "---|" * (len(COMPUTE_COLUMNS) + 1)]
+    for n, cells in sorted(stages.items()):
+        lines.append(f"| {n} | " + " | ".join(f"{c / 60:.1f}" for c in cells.values())
+                     + f" | {sum(cells.values()) / 60:.1f} |")
+    total = sum(sum(cells.values()) for cells in stages.values())
+    lines.append("| all |" + " |" * len(COMPUTE_COLUMNS) + f" {total / 60:.1f} |")
+    return lines
 
 
 def current_retention(run_dir: Path) -> tuple[list[dict], int, float | None]:

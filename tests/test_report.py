@@ -57,6 +57,39 @@ def test_retention_fills_the_later_columns_and_a_redone_stage_makes_its_rows_sta
     assert (tmp_path / "capabilities.png").stat().st_size > 0
 
 
+def test_the_run_report_sums_the_finished_steps_wall_time_per_stage(tmp_path):
+    import time
+
+    from core.io import write_json
+    from core.report import stage_compute, write_run_report
+    from core.run import StageSteps
+
+    def step(stage_dir, name: str, seconds: float):
+        def action():
+            time.sleep(seconds)
+            (stage_dir / f"{name}.out").write_text(name)
+        return name, action
+
+    plan = {1: {"instructions": 0.3, "responses": 0.2, "train": 0.4, "assess": 0.1},
+            2: {"questions": 0.1, "train": 0.2}}
+    for n, steps in plan.items():
+        stage_dir = tmp_path / f"stage_{n}"
+        stage_dir.mkdir()
+        write_json(stage_dir / "metrics.json", {"name": f"s{n}", **stage_metrics(1, 2)})
+        StageSteps(stage_dir, list(steps)).run(
+            [step(stage_dir, name, seconds) for name, seconds in steps.items()], lambda _: None)
+    first = stage_compute(tmp_path / "stage_1")
+    assert list(first) == ["data steps", "train", "merge", "assess", "decontaminate and report"]
+    assert 0.5 <= first["data steps"] < 0.9 and 0.4 <= first["train"] < 0.8  # own steps summed
+    assert first["merge"] == 0.0 and 0.1 <= first["assess"] < 0.5
+    assert stage_compute(tmp_path / "stage_3") == dict.fromkeys(first, 0.0)  # never ran
+    write_run_report(tmp_path)
+    section = (tmp_path / "report.md").read_text().split("## Compute", 1)[1]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    assert [r.split("|")[1].strip() for r in rows] == ["stage", "1", "2", "all"]
+    assert rows[-1].split("|")[-2].strip() == "0.0"  # minutes
+
+
 def test_default_assessment_outputs_do_not_collide(tmp_path):
     a = default_out("path:merged", str(tmp_path / "run_a" / "merged"), "baseline")
     b = default_out("path:merged", str(tmp_path / "run_b" / "merged"), "baseline")
