@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import RunFailure
-from core.io import DamagedFileError, read_jsonl, write_jsonl
+from core.io import DamagedFileError, read_json, read_jsonl, write_jsonl
 
 PAIR_TEXT_FIELDS = ("prompt", "chosen", "rejected", "task_id")
 TASKS_FILE = "tasks.jsonl"
@@ -143,6 +143,20 @@ def earlier_records(run_dir: Path, number: int, name: str, reader: int) -> list[
                 f"missing now; restore it, or rerun stage {number} in a new --run-dir")
         return None
     return read_records(path, f"stage {reader} reading stage {number}'s output")
+
+
+def earlier_json(run_dir: Path, number: int, name: str, reader: int) -> dict | None:
+    """The JSON object `stage_<number>/<name>` for stage `reader`; None when stage `number` has
+    not written it in `run_dir` and is not DONE (then a missing or damaged file is an error)."""
+    path = run_dir / f"stage_{number}" / name
+    if not path.is_file() and not (path.parent / "DONE").is_file():
+        return None
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as error:
+        raise MissingEarlierOutputError(
+            f"stage {reader} reads {path}, which stage {number} of this run wrote, and cannot "
+            f"({error}); restore it, or rerun stage {number} in a new --run-dir") from None
 
 
 def read_records(path: Path, who: object) -> list[dict]:

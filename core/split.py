@@ -21,6 +21,20 @@ def split_smallest_ids(tasks: list[dict], heldout: int) -> list[dict]:
     return [{**t, "split": "heldout" if t["id"] in held else "train"} for t in tasks]
 
 
+def top_up(reserved: int, others: int, heldout: int) -> int:
+    """How many of `others` items a held-out set takes besides `reserved` held-out-only ones
+    (outputs on another stage's held-out items, drafts of a set's held-out questions) to reach
+    `heldout`. Held-out-only items exist to spare the training material, so the top-up takes at
+    most a quarter of the others. With none reserved, the rule of split_smallest_ids: `heldout`
+    exactly, or a quarter (at least one) when fewer than two would be left to train."""
+    wanted = max(0, heldout - reserved)
+    if reserved:
+        return min(wanted, others // 4)
+    if wanted and others - wanted < 2:
+        return min(others, max(1, others // 4))
+    return wanted
+
+
 def in_fixed_heldout(key: str, share: float) -> bool:
     """Whether an item of a fixed data set is in its held-out part (`share` of all items)."""
     return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:8], 16) / 16**8 < share

@@ -9,11 +9,15 @@ complete):
                  are present (their tasks.jsonl and scores.jsonl; EARLIER_STAGES names each
                  stage's pass field), a sample that passes every check against one that fails,
                  under the task's text as the request; then the pool's own labelled
-                 pairs (so the stage runs alone). One pair per request; pairs whose zero-shot
-                 prompt would not fit the profile's `max_length` are dropped. Split by a hash of
-                 the normalized request: `ctx.heldout` held-out pairs, `ctx.limit` training
-                 pairs; training requests that nearly equal a held-out one are dropped, then
-                 leakage is checked. Each pair becomes two judge tasks (tasks.jsonl, kind
+                 pairs (so the stage runs alone); and, held-out only, pairs from the earlier
+                 stages' held-out assessments: where a stage's input and its trained model
+                 split on a held-out item's check, the passing output against the failing one
+                 (outputs on another stage's held-out items never train). One pair per
+                 request; pairs whose zero-shot prompt would not fit the profile's
+                 `max_length` are dropped. Split by a hash of the normalized request:
+                 `ctx.heldout` held-out pairs (the held-out-only ones first, core.split.top_up),
+                 `ctx.limit` training pairs; training requests that nearly equal a held-out one
+                 are dropped, then leakage is checked. Each pair becomes two judge tasks (tasks.jsonl, kind
                  "judge"), the better response shown first (label A) and second (label B). With
                  `ctx.data_dir`, single-turn HH-RLHF harmless *test* pairs are picked by hash as
                  an extra held-out set: assessment only, never training (the file is an
@@ -71,9 +75,10 @@ from core.generation import GenRequest
 from core.io import read_json, read_jsonl, write_jsonl
 from core.pairs import group_by_task, same_text, shared_pair_problem, write_pairs
 from core.prompting import RESPONSE_STOPS, draw, house_prompt
-from core.records import TASKS_FILE, Task, earlier_records, earlier_tasks, read_tasks, write_tasks
+from core.records import (TASKS_FILE, Task, earlier_json, earlier_records, earlier_tasks, read_tasks,
+                          write_tasks)
 from core.sampling import few_shot_requests, sample_to_file
-from core.split import split_smallest_ids
+from core.split import top_up
 from core.stage import Stage, StageSettings, Step, Work, WorkPlan, setting
 from core.stats import rate
 from core.text import (copies_exemplar, degenerate_reason, first_near_same, near_same, normalize,
@@ -194,6 +199,40 @@ def labelled_from_stage(run_dir: Path, stage: EarlierStage, guard) -> list[dict]
     return pairs
 
 
+def labelled_from_assessment(run_dir: Path, number: int, guard) -> list[dict]:
+    """Held-out-only labelled pairs from an earlier stage's held-out assessment: on each held-out
+    item where the stage's input and its trained model split on the check (`passed` True for one
+    and False for the other), the passing output against the failing one, under the item's task
+    text. None when the stage has not been assessed in this run."""
+    assessment = earlier_json(run_dir, number, "assessment.json", reader=4)
+    tasks = earlier_tasks(run_dir, number, reader=4)
+    if assessment is None or tasks is None:
+        return []
+    held = {t.id: t for t in tasks if t.split == "heldout"}
+    before = {item["id"]: item for item in assessment["before"]["items"]}
+    pairs = []
+    for after in assessment["after"]["items"]:
+        task, other = held.get(after["id"]), before.get(after["id"])
+        if task is None or other is None or {after["passed"], other["passed"]} != {True, False}:
+            continue
+        better, worse = (after, other) if after["passed"] else (other, after)
+        texts = better["response"], worse["response"]
+        if any(response_problem(t, guard) for t in texts) or same_text(texts[0]) == same_text(
+                texts[1]):
+            continue
+        pairs.append({"id": labelled_id(task.text), "source": f"stage_{number}_heldout",
+                      "key": task.text, "request": task.text, "better": texts[0],
+                      "worse": texts[1],
+                      "origin": {"task_id": task.id,
+                                 "better_model": "after" if after["passed"] else "before"}})
+    return pairs
+
+
+def heldout_only(pair: dict) -> bool:
+    """A pair made of outputs on an earlier stage's held-out item: never trained on."""
+    return pair["source"].endswith("_heldout")
+
+
 def labelled_from_pool(pool: dict) -> list[dict]:
     return [{"id": labelled_id(p["request"]), "source": "pool", "key": p["request"],
              "request": p["request"], "better": p["better"], "worse": p["worse"],
@@ -209,19 +248,22 @@ def prompt_tokens(tokenizer, pair: dict) -> int:
 
 def split_labelled(pairs: list[dict], limit: int, heldout: int,
                    threshold: float = 0.7) -> tuple[list[dict], list[dict]]:
-    """(kept pairs with "split", dropped): held-out = the `heldout` smallest ids
-    (core.split.split_smallest_ids), training = the next `limit` by id; training pairs that
-    nearly equal a held-out request (ROUGE-L > `threshold`) are dropped."""
-    order = sorted(split_smallest_ids(pairs, heldout), key=lambda p: p["id"])
-    held = [p for p in order if p["split"] == "heldout"]
+    """(kept pairs with "split", dropped): held-out = the held-out-only pairs with the smallest
+    ids, topped up to `heldout` with the other pairs' smallest ids (core.split.top_up);
+    training = the next `limit` of the others by id; training pairs that nearly equal a held-out
+    request (ROUGE-L > `threshold`) are dropped."""
+    reserved = sorted((p for p in pairs if heldout_only(p)), key=lambda p: p["id"])[:heldout]
+    others = sorted((p for p in pairs if not heldout_only(p)), key=lambda p: p["id"])
+    count = top_up(len(reserved), len(others), heldout)
+    held = [{**p, "split": "heldout"} for p in reserved + others[:count]]
     kept, dropped = [], []
-    for pair in (p for p in order if p["split"] == "train"):
+    for pair in others[count:]:
         if len(kept) == limit:
             break
         if any(near_same(pair["key"], h["key"], threshold) for h in held):
             dropped.append({"id": pair["id"], "reason": "near a held-out request"})
         else:
-            kept.append(pair)
+            kept.append({**pair, "split": "train"})
     return held + kept, dropped
 
 
@@ -286,6 +328,9 @@ def make_tasks(ctx: StageContext, pool: dict) -> None:
     guard = ctx.guard()
     tokenizer, _ = ctx.input_tokenizer_and_generation_config()
     candidates: dict[str, dict] = {}
+    for stage in EARLIER_STAGES:  # a held-out request is never a training pair's
+        for pair in labelled_from_assessment(ctx.run_dir, stage.number, guard):
+            candidates.setdefault(pair["id"], pair)
     for stage in EARLIER_STAGES:
         for pair in labelled_from_stage(ctx.run_dir, stage, guard):
             candidates.setdefault(pair["id"], pair)

@@ -90,7 +90,7 @@ from core.realsets import HELDOUT_SHARE, load_real_questions, pick_real
 from core.records import TASKS_FILE, Task, earlier_records, earlier_tasks, read_tasks, write_tasks
 from core.sampling import few_shot_requests, sample_openings, sample_to_file, with_openings
 from core.stage import Stage, StageSettings, Step, Work, WorkPlan, setting
-from core.split import in_turn
+from core.split import in_turn, top_up
 from core.stats import rate
 from core.suites.baseline import REVISION_TEXT
 from core.text import (NearDuplicateFilter, copies_exemplar, degenerate_reason, near_same,
@@ -386,12 +386,10 @@ def split_tasks(tasks: list[Task], limit: int, heldout: int, threshold: float = 
     reserved = [k for k in sorted(groups) if groups[k][0].source == HELDOUT_SOURCE][:heldout]
     keys = in_turn([k for k in sorted(groups) if groups[k][0].source == source]
                    for source in SOURCES)
-    top_up = heldout - len(reserved)
-    if top_up and len(keys) - top_up < 2:  # too few to honour --heldout: train on three quarters
-        top_up = len(keys) // 4 if reserved else max(1, len(keys) // 4)
-    held = [groups[k][0] for k in reserved + keys[:top_up]]
+    extra = top_up(len(reserved), len(keys), heldout)
+    held = [groups[k][0] for k in reserved + keys[:extra]]
     train = {source: [t for _, _, t in sorted(
-                 (rank, t.id, t) for k in keys[top_up:] for rank, t in enumerate(groups[k])
+                 (rank, t.id, t) for k in keys[extra:] for rank, t in enumerate(groups[k])
                  if t.source == source and not near_heldout(t, held, threshold))]
              for source in SOURCES}
     chosen = in_turn(train.values())[:limit]

@@ -95,3 +95,17 @@ def test_stop_offset_is_the_earliest_stop(text, stops):
 def test_a_sentence_said_twice_always_loops(sentence, times):
     text = " ".join([sentence.capitalize() + "."] * times)
     assert looping_reason(text) == "repeats a sentence"
+
+
+@FAST
+@given(reserved=st.integers(0, 300), others=st.integers(0, 300), heldout=st.integers(1, 300))
+def test_a_held_out_top_up_spares_training(reserved, others, heldout):
+    from core.split import split_smallest_ids, top_up
+
+    count = top_up(reserved, others, heldout)
+    assert 0 <= count <= others
+    if reserved:  # never beyond --heldout, never more than a quarter of the training material
+        assert reserved + count <= max(heldout, reserved) and count <= others // 4
+    elif others:  # nothing reserved: exactly the generated-items rule
+        tasks = [{"id": f"{i:04d}"} for i in range(others)]
+        assert count == sum(t["split"] == "heldout" for t in split_smallest_ids(tasks, heldout))

@@ -271,6 +271,7 @@ def test_tasks_step_mixes_stage1_and_pool_pairs(tmp_path, tiny_dir):
         {"task_id": t.id, "sample": 0, "text": "it falls softly from the sky.", "passed": True},
         {"task_id": t.id, "sample": 1, "text": "It Falls Softly From The Sky.", "passed": False})]
     write_stage1(tmp_path, tasks, samples)
+    write_assessed_stage2(tmp_path, done=False)  # (a DONE stage 2 would need its scores too)
     ctx = StageContext(run_dir=tmp_path, number=4, model_path=str(tiny_dir), origin="test",
                        profile=profile_by_name("tiny-qwen2"), seed=0, limit=100, heldout=5,
                        constitution=load_constitution(PROJECT_ROOT / "constitution.yaml"),
@@ -281,7 +282,10 @@ def test_tasks_step_mixes_stage1_and_pool_pairs(tmp_path, tiny_dir):
     dropped = ctx.path("tasks_dropped.jsonl").read_text().splitlines()  # prompts too long
     assert sum(p["source"] == "stage_1" for p in labelled) == 6
     assert sum(p["split"] == "heldout" for p in labelled) == 5
-    assert len(labelled) == 6 + len(s4.load_pool()["labelled_pairs"]) - len(dropped)
+    # stage 2's two labelled held-out outputs are held out, and first
+    assert [(p["source"], p["split"]) for p in labelled if p["source"] == "stage_2_heldout"] \
+        == [("stage_2_heldout", "heldout")] * 2
+    assert len(labelled) == 6 + 2 + len(s4.load_pool()["labelled_pairs"]) - len(dropped)
     assert len(judge) == 2 * len(labelled) and {t.extra["label"] for t in judge} == {"A", "B"}
     assert ctx.path("hh_heldout.jsonl").read_text() == ""  # no data_dir
     s4.check_leakage(labelled)
@@ -303,6 +307,69 @@ def test_split_is_stable_and_drops_training_pairs_near_a_heldout_one():
     s4.check_leakage(kept)
     with pytest.raises(RunFailure, match="leaks into training"):
         s4.check_leakage(kept + [{**kept[0], "id": "lx", "split": "train"}])
+
+
+def write_assessed_stage2(run_dir, done=True):
+    """A stage 2 that ran in `run_dir`: four held-out questions, one training question, and its
+    held-out assessment (input model "before", trained model "after")."""
+    from core.io import write_json
+
+    folder = run_dir / "stage_2"
+    folder.mkdir(parents=True)
+    questions = {"q1": "What is fog?", "q2": "Why is the sea salty?", "q3": "Who was Ada?",
+                 "q4": "What do bees eat?", "q5": "How do owls hunt?"}
+    write_tasks(folder / "tasks.jsonl", [
+        Task(id=i, stage=2, split="train" if i == "q5" else "heldout", text=q, kind="question",
+             source="truthfulqa") for i, q in questions.items()])
+    item = lambda i, text, passed: {"id": i, "response": text, "passed": passed}  # noqa: E731
+    write_json(folder / "assessment.json", {"headline": "answer_rate", "before": {"items": [
+        item("q1", "What is mist? What is rain?", False),
+        item("q2", "Rivers carry salt from rocks into the sea.", True),
+        item("q3", "Who was Bob?", False),
+        item("q4", "Bees eat nectar and pollen.", True),
+        item("q5", "What is an owl?", False)]}, "after": {"items": [
+        item("q1", "Fog is a cloud that touches the ground.", True),  # gained
+        item("q2", "Why is the sea blue?", False),  # lost
+        item("q3", "Who was Eve?", False),  # neither passes: no label
+        item("q4", "Bees eat nectar and pollen.", True),  # both pass: no label
+        item("q5", "Owls hunt at night by sound.", True)]}})  # a training question
+    if done:
+        (folder / "DONE").write_text("")
+
+
+def test_heldout_only_pairs_come_from_an_earlier_stage_s_heldout_assessment(tmp_path):
+    from core.records import MissingEarlierOutputError
+
+    write_assessed_stage2(tmp_path)
+    pairs = s4.labelled_from_assessment(tmp_path, 2, GUARD)
+    assert [(p["request"], p["better"], p["worse"], p["origin"]["better_model"])
+            for p in pairs] == [
+        ("What is fog?", "Fog is a cloud that touches the ground.",
+         "What is mist? What is rain?", "after"),
+        ("Why is the sea salty?", "Rivers carry salt from rocks into the sea.",
+         "Why is the sea blue?", "before")]
+    assert all(p["source"] == "stage_2_heldout" and s4.heldout_only(p) for p in pairs)
+    assert s4.labelled_from_assessment(tmp_path, 3, GUARD) == []  # stage 3 never ran here
+    (tmp_path / "stage_2" / "assessment.json").unlink()
+    with pytest.raises(MissingEarlierOutputError, match="assessment.json"):
+        s4.labelled_from_assessment(tmp_path, 2, GUARD)  # DONE, yet its assessment is gone
+
+
+def test_heldout_only_pairs_are_held_out_first_and_never_train():
+    keys = ["Name a planet.", "How do bees make honey?", "Write a haiku about snow.",
+            "What is 3 times 4?", "Give a tip for sleeping well.", "Describe a storm at sea.",
+            "Who painted the Mona Lisa?", "Explain what a lever does."]
+    others = [{**PAIR, "id": f"l{i}", "key": k} for i, k in enumerate(keys[:6])]
+    reserved = [{**PAIR, "id": f"l{i}", "key": k, "source": "stage_1_heldout"}
+                for i, k in enumerate(keys[6:], start=6)]
+    kept, _ = s4.split_labelled(others + reserved, limit=10, heldout=3)
+    held = [p for p in kept if p["split"] == "heldout"]
+    assert [p["id"] for p in held] == ["l6", "l7", "l0"]  # the reserved two, then one other
+    assert [p["id"] for p in kept if p["split"] == "train"] == ["l1", "l2", "l3", "l4", "l5"]
+    kept, _ = s4.split_labelled(others + reserved, limit=10, heldout=1)
+    assert [p["id"] for p in kept if p["split"] == "heldout"] == ["l6"]
+    assert not any(s4.heldout_only(p) for p in kept if p["split"] == "train")  # l7 unused
+    s4.check_leakage(kept)
 
 
 def test_hh_records_give_single_turn_pairs_only():
