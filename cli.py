@@ -486,6 +486,41 @@ def check_retention_command(run_dir: Path, after_stages: tuple[int, ...]) -> Non
         sys.exit(1)
 
 
+@check.command("judge")
+@click.option("--run-dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
+              required=True)
+@click.option("--model", "models", multiple=True, metavar="LABEL",
+              help="Only this model of the run: base or 'stage N' (repeatable; default: the "
+                   "base and every trained stage's merged model).")
+def check_judge_command(run_dir: Path, models: tuple[str, ...]) -> None:
+    """The self-judge of stages 1-3, 5 and 6 (few-shot A/B log-probabilities, both orders) on
+    stage 4's held-out labelled pairs, for each model of the run."""
+    from app.judge_check import JUDGE_CHECK_FILE, check_judge
+    from core.report import fmt_rate
+
+    try:
+        result = check_judge(run_dir, models)
+    except USER_ERRORS as error:
+        fail(error)
+    except KeyboardInterrupt:
+        interrupted()
+    from rich.table import Table
+
+    table = Table(title=f"the self-judge on {result['pairs']} held-out labelled pairs "
+                        f"({', '.join(result['pair_sources'])})")
+    for column in ("model", "right in both orders", "order-consistent", "first shown wins",
+                   "averaged margin right", "vs base (McNemar)"):
+        table.add_column(column)
+    for label, r in result["models"].items():
+        test = r.get("vs_base")
+        table.add_row(label, fmt_rate(r["right_both_orders"]), fmt_rate(r["order_consistent"]),
+                      fmt_rate(r["first_shown"]), fmt_rate(r["averaged_agrees_with_checks"]),
+                      f"+{test['gained']} / -{test['lost']}, p = {test['p_value']:.3g}"
+                      if test else "-")
+    table_console().print(table)
+    click.echo(f"written: {run_dir / JUDGE_CHECK_FILE}")
+
+
 @main.command()
 @click.option("--run-dir", type=click.Path(path_type=Path, exists=True, file_okay=False),
               required=True)

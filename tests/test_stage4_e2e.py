@@ -194,3 +194,47 @@ def test_metrics_and_assessment(stage):
     assert data["verdicts"]["samples"] == 48
     assert set(data["position_bias_gap"]) == {"before", "after"}
     assert "Stage 4: evaluation-tasks" in (stage / "report.md").read_text()
+
+
+def test_check_judge_asks_each_model_of_the_run_about_the_heldout_pairs(stage, tmp_path):
+    import shutil
+
+    from click.testing import CliRunner
+
+    import cli
+    from app.judge_check import JUDGE_CHECK_FILE, check_judge
+    from core.errors import UsageError
+    from core.judge import consistent_winner
+    from core.stats import mcnemar_exact
+
+    run_dir = stage.parent
+    result = check_judge(run_dir, log=lambda _: None)
+    held = [p for p in lines(stage / "labelled.jsonl") if p["split"] == "heldout"]
+    assert result["pairs"] == len(held) == 4
+    assert set(result["models"]) == {"base", "stage 4"}
+    for r in result["models"].values():
+        judgments = r["judgments"]
+        assert [j["id"] for j in judgments] == [p["id"] for p in held]
+        assert all(j["winner"] == consistent_winner(j["margin_xy"], j["margin_yx"])
+                   for j in judgments)
+        right = [j["winner"] == "x" for j in judgments]  # x is the better response
+        assert r["right_both_orders"] == {**r["right_both_orders"], "k": sum(right), "n": 4}
+        assert r["first_shown"]["n"] == 8 and r["order_consistent"]["n"] == 4
+    base, trained = (result["models"][m]["judgments"] for m in ("base", "stage 4"))
+    assert [j["margin_xy"] for j in base] != [j["margin_xy"] for j in trained]  # DPO moved it
+    assert result["models"]["stage 4"]["vs_base"] == mcnemar_exact(
+        [j["winner"] == "x" for j in base], [j["winner"] == "x" for j in trained])
+    assert json.loads((run_dir / JUDGE_CHECK_FILE).read_text()) == result
+    only = check_judge(run_dir, models=("stage 4",), log=lambda _: None)
+    assert list(only["models"]) == ["stage 4"]
+    assert only["models"]["stage 4"]["judgments"] == trained  # the same judge, the same margins
+    with pytest.raises(UsageError, match="not a model of"):
+        check_judge(run_dir, models=("stage 9",), log=lambda _: None)
+    outcome = CliRunner().invoke(cli.main, ["check", "judge", "--run-dir", str(run_dir),
+                                            "--model", "base"])
+    assert outcome.exit_code == 0 and "right in both orders" in outcome.output
+    bare = tmp_path / "run"  # a run whose stage 4 has not made its tasks
+    bare.mkdir()
+    shutil.copy(run_dir / "config.yaml", bare / "config.yaml")
+    outcome = CliRunner().invoke(cli.main, ["check", "judge", "--run-dir", str(bare)])
+    assert outcome.exit_code == 2 and "stage_4/labelled.jsonl is missing" in outcome.output
