@@ -89,10 +89,14 @@ class Stage2Settings(StageSettings):
                                           "reaching --limit + --heldout questions")
     oversample: float = setting(1.3, "questions requested per round, as a multiple of those "
                                      "still needed")
-    heldout_share: float = setting(HELDOUT_SHARE, "share of each real question set held out, by a hash "
-                                        "of the item id (the same items in every run)")
-    max_question_words: int = setting(MAX_QUESTION_WORDS, "longest real question used, in words (longer items, "
-                                          "e.g. MT-Bench passages, do not fit the training budget)")
+    heldout_share: float = setting(HELDOUT_SHARE, "share of each real question set held "
+                                                  "out, by a hash of the item id (the same "
+                                                  "items in every run; stage 5 holds out the "
+                                                  "same part)")
+    max_question_words: int = setting(MAX_QUESTION_WORDS, "longest real question used, in "
+                                                          "words (longer items, e.g. MT-Bench "
+                                                          "passages, do not fit the training "
+                                                          "budget)")
     zero_shot_samples: int = setting(2, "zero-shot samples per training question, besides the "
                                         "few-shot ones (the natural source of rejected responses)")
     max_judged_samples: int = setting(3, "passing samples per question the judge ranks "

@@ -17,8 +17,9 @@ complete):
                  `max_length` are dropped. Split by a hash of the normalized request:
                  `ctx.heldout` held-out pairs (the held-out-only ones first, core.split.top_up),
                  `ctx.limit` training pairs; training requests that nearly equal a held-out one
-                 are dropped, then leakage is checked. Each pair becomes two judge tasks (tasks.jsonl, kind
-                 "judge"), the better response shown first (label A) and second (label B). With
+                 are dropped, then leakage is checked. Each pair becomes two judge tasks
+                 (tasks.jsonl, kind "judge"), the better response shown first (label A) and
+                 second (label B). With
                  `ctx.data_dir`, single-turn HH-RLHF harmless *test* pairs are picked by hash as
                  an extra held-out set: assessment only, never training (the file is an
                  evaluation set and decontamination indexes it).
@@ -75,8 +76,8 @@ from core.generation import GenRequest
 from core.io import read_json, read_jsonl, write_jsonl
 from core.pairs import group_by_task, same_text, shared_pair_problem, write_pairs
 from core.prompting import RESPONSE_STOPS, draw, house_prompt
-from core.records import (TASKS_FILE, Task, earlier_json, earlier_records, earlier_tasks, read_tasks,
-                          write_tasks)
+from core.records import (TASKS_FILE, Task, earlier_json, earlier_records, earlier_tasks,
+                          read_tasks, write_tasks)
 from core.sampling import few_shot_requests, sample_to_file
 from core.split import top_up
 from core.stage import Stage, StageSettings, Step, Work, WorkPlan, setting
@@ -203,7 +204,7 @@ def labelled_from_assessment(run_dir: Path, number: int, guard) -> list[dict]:
     """Held-out-only labelled pairs from an earlier stage's held-out assessment: on each held-out
     item where the stage's input and its trained model split on the check (`passed` True for one
     and False for the other), the passing output against the failing one, under the item's task
-    text. None when the stage has not been assessed in this run."""
+    text. Empty when the stage has not been assessed in this run."""
     assessment = earlier_json(run_dir, number, "assessment.json", reader=4)
     tasks = earlier_tasks(run_dir, number, reader=4)
     if assessment is None or tasks is None:
@@ -217,8 +218,8 @@ def labelled_from_assessment(run_dir: Path, number: int, guard) -> list[dict]:
             continue
         better, worse = (after, other) if after["passed"] else (other, after)
         texts = better["response"], worse["response"]
-        if any(response_problem(t, guard) for t in texts) or same_text(texts[0]) == same_text(
-                texts[1]):
+        if any(response_problem(t, guard) for t in texts) \
+                or same_text(texts[0]) == same_text(texts[1]):
             continue
         pairs.append({"id": labelled_id(task.text), "source": f"stage_{number}_heldout",
                       "key": task.text, "request": task.text, "better": texts[0],

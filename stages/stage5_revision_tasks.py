@@ -20,8 +20,9 @@ Steps (each resumable, each marked done only when complete):
                  split is by a hash of the normalized request (one request, one side):
                  held-out takes one task per request, the real held-out questions' drafts
                  first, topped up from the other sources taking turns so each is represented
-                 (and only from them when the sets are absent); training tasks whose request nearly equals (or whose draft equals) a
-                 held-out one are dropped, and leakage is checked. All tasks (train and
+                 (at most a quarter of them: core.split.top_up); training tasks whose request
+                 nearly equals (or whose draft equals) a held-out one are dropped, and leakage
+                 is checked. All tasks (train and
                  held-out) go to tasks.jsonl as core.records.Task: text = the revision request
                  as the house prompt shows it, kind "revision", source = stage1/pool/
                  model-draft/set-draft, extra = request, draft, critique, checks, origin.
@@ -346,7 +347,7 @@ def make_drafts(ctx: StageContext, pool: dict) -> None:
         sampling = ctx.sampling(ctx.profile.temperature_answer, ctx.profile.max_new_tokens,
                                 RESPONSE_STOPS)
         results = ctx.generate(gen, sampling, "drafts.jsonl", "stage 5 drafts")
-        for (key, request, source) in jobs:
+        for key, request, source in jobs:
             draft = results[key]["text"].strip()
             records.append({"request": request, "draft": draft, "source": source,
                             "checks": failing_constraint(draft, request, ctx.seed,
