@@ -202,7 +202,7 @@ COMPUTE_COLUMNS = ("data steps", "train", "merge", "assess", "decontaminate and 
 def stage_compute(stage_dir: Path) -> dict[str, float]:
     """Wall seconds of a stage's finished steps by COMPUTE_COLUMNS: its own data steps, then
     the shared tail's steps."""
-    from core.stage import SHARED_TAIL
+    from core.run import SHARED_TAIL
 
     steps = step_seconds(stage_dir)
     return dict(zip(COMPUTE_COLUMNS, (

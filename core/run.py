@@ -175,6 +175,9 @@ def output_problem(stage_dir: Path, rel: str, recorded: dict) -> str | None:
     return None
 
 
+SHARED_TAIL = ("decontaminate", "train", "merge", "assess", "report")  # every stage's last steps
+
+
 class StageSteps:
     """Runs a stage's ordered steps, skipping those whose done marker exists and whose outputs
     still match it."""

@@ -30,9 +30,7 @@ from core import lifecycle
 from core.contamination import Protected
 from core.context import StageContext
 from core.io import atomic_write_text
-from core.run import StageSteps
-
-SHARED_TAIL = ("decontaminate", "train", "merge", "assess", "report")
+from core.run import SHARED_TAIL, StageSteps
 
 
 class HeldoutAssessment(Protocol):
