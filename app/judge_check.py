@@ -25,6 +25,7 @@ from core.guards import TemplateGuard
 from core.io import read_jsonl, write_json
 from core.judge import judge_audit, judge_many, judge_prefix
 from core.models import weights_sha256
+from core.report import stage_files
 from core.run import RunDirError, RunLock, require_config
 from core.stats import mcnemar_exact, rate
 from stages.stage4_evaluation_tasks import load_pool
@@ -58,9 +59,9 @@ def run_models(run_dir: Path, config: dict, only: tuple[str, ...]) -> dict[str, 
     """{label: path}: "base" (the run's model) and "stage N" for every stage with a merged
     model (DONE), or only those named in `only`."""
     models = {"base": config["model"]["path"]}
-    for stage_dir in sorted(run_dir.glob("stage_*"), key=lambda d: int(d.name[6:])):
-        if (stage_dir / "DONE").is_file() and (stage_dir / "merged" / "config.json").is_file():
-            models[f"stage {stage_dir.name[6:]}"] = str(stage_dir / "merged")
+    for n, done in stage_files(run_dir, "DONE").items():
+        if (done.parent / "merged" / "config.json").is_file():
+            models[f"stage {n}"] = str(done.parent / "merged")
     unknown = [label for label in only if label not in models]
     if unknown:
         raise UsageError(f"--model {', '.join(unknown)}: not a model of {run_dir} (its models: "

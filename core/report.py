@@ -213,8 +213,8 @@ def stage_compute(stage_dir: Path) -> dict[str, float]:
 
 def compute_section(run_dir: Path) -> list[str]:
     """Wall minutes per stage (stage_compute) and in all."""
-    stages = {int(d.name.removeprefix("stage_")): stage_compute(d)
-              for d in run_dir.glob("stage_*") if step_seconds(d)}
+    stages = {n: stage_compute(steps.parent) for n, steps in stage_files(run_dir, "steps").items()
+              if step_seconds(steps.parent)}
     if not stages:
         return []
     lines = ["", "## Compute (wall minutes, finished steps)", "",

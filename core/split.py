@@ -15,9 +15,7 @@ from typing import Iterable
 def split_smallest_ids(tasks: list[dict], heldout: int) -> list[dict]:
     """Each task with `split` set: "heldout" for the `heldout` smallest ids, else "train". When
     fewer than two training tasks would remain, a quarter (at least one) is held out instead."""
-    if len(tasks) - heldout < 2:
-        heldout = max(1, len(tasks) // 4)
-    held = {t["id"] for t in sorted(tasks, key=lambda t: t["id"])[:heldout]}
+    held = {t["id"] for t in sorted(tasks, key=lambda t: t["id"])[:top_up(0, len(tasks), heldout)]}
     return [{**t, "split": "heldout" if t["id"] in held else "train"} for t in tasks]
 
 
@@ -30,7 +28,7 @@ def top_up(reserved: int, others: int, heldout: int) -> int:
     wanted = max(0, heldout - reserved)
     if reserved:
         return min(wanted, others // 4)
-    if wanted and others - wanted < 2:
+    if others - wanted < 2:
         return min(others, max(1, others // 4))
     return wanted
 

@@ -98,7 +98,7 @@ def test_a_sentence_said_twice_always_loops(sentence, times):
 
 
 @FAST
-@given(reserved=st.integers(0, 300), others=st.integers(0, 300), heldout=st.integers(1, 300))
+@given(reserved=st.integers(0, 300), others=st.integers(0, 300), heldout=st.integers(0, 300))
 def test_a_held_out_top_up_spares_training(reserved, others, heldout):
     from core.split import split_smallest_ids, top_up
 
@@ -106,6 +106,7 @@ def test_a_held_out_top_up_spares_training(reserved, others, heldout):
     assert 0 <= count <= others
     if reserved:  # never beyond --heldout, never more than a quarter of the training material
         assert reserved + count <= max(heldout, reserved) and count <= others // 4
-    elif others:  # nothing reserved: exactly the generated-items rule
+    else:  # nothing reserved: --heldout, or a quarter (at least one) when < 2 would train
+        assert count == (heldout if others - heldout >= 2 else min(others, max(1, others // 4)))
         tasks = [{"id": f"{i:04d}"} for i in range(others)]
         assert count == sum(t["split"] == "heldout" for t in split_smallest_ids(tasks, heldout))
